@@ -1,0 +1,1 @@
+"""Framework plugins, one module per framework; each is imported only when chosen."""

@@ -1,0 +1,144 @@
+"""Drives a backend's program: times it, records the trajectory, catches divergence.
+
+Eager programs are stepped from here, so every framework gets the same recording
+and the same divergence check for free; the only host sync is one transfer of a
+chunk's losses every CHECK_EVERY steps, never one per step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from runner.protocol import (
+    Backend,
+    CompiledProgram,
+    EagerProgram,
+    MinimizeSpec,
+    Trajectory,
+)
+
+CHECK_EVERY = 1000
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Timings:
+    compile_s: float
+    run_s: float
+    steps_run: int
+
+    @property
+    def step_us(self) -> float:
+        return self.run_s / max(self.steps_run, 1) * 1e6
+
+
+@dataclass(frozen=True)
+class MinimizeOutcome:
+    trajectory: Trajectory
+    timings: Timings
+
+    @property
+    def diverged(self) -> bool:
+        return not np.isfinite(self.trajectory.final_loss)
+
+
+def run_minimize(
+    backend: Backend,
+    spec: MinimizeSpec,
+    on_phase: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
+) -> MinimizeOutcome:
+    """Prepare (timed as compile_s), then run (timed as run_s) one minimization."""
+    announce = on_phase or (lambda _phase: None)
+    announce("compile")
+    start = time.perf_counter()
+    program = backend.prepare(spec)
+    compile_s = time.perf_counter() - start
+    announce("run")
+    start = time.perf_counter()
+    if spec.mode == "graph":
+        trajectory = _run_compiled(program)  # type: ignore[arg-type]
+    else:
+        trajectory = _run_eager(program, spec, progress)  # type: ignore[arg-type]
+    run_s = time.perf_counter() - start
+    announce("done")
+    return MinimizeOutcome(trajectory, Timings(compile_s, run_s, trajectory.stopped_at))
+
+
+def _run_compiled(program: CompiledProgram) -> Trajectory:
+    return program.run()
+
+
+def _run_eager(program: EagerProgram, spec: MinimizeSpec, progress: Progress | None) -> Trajectory:
+    every = spec.record.every
+    rec_steps: list[int] = []
+    rec_x: list = []
+    rec_loss: list = []
+    rec_grad: list = []
+    chunk: list = []
+    chunk_start = 0
+    for i in range(spec.steps):
+        loss, x, grad = program.step(i % every == 0)
+        chunk.append(loss)
+        if i % every == 0:
+            rec_steps.append(i)
+            rec_x.append(x)
+            rec_loss.append(loss)
+            rec_grad.append(grad)
+        if len(chunk) == CHECK_EVERY or i + 1 == spec.steps:
+            bad = np.flatnonzero(~np.isfinite(program.to_numpy(chunk)))
+            if bad.size:
+                stop = chunk_start + int(bad[0])
+                keep = int(np.searchsorted(rec_steps, stop, side="left"))
+                return _eager_trajectory(
+                    program, rec_steps[:keep], rec_x[:keep], rec_loss[:keep], rec_grad[:keep],
+                    stop, final=_values_at(program, stop, chunk_start, chunk),
+                )
+            chunk_start = i + 1
+            chunk = []
+            if progress is not None:
+                progress(i + 1)
+    return _eager_trajectory(
+        program, rec_steps, rec_x, rec_loss, rec_grad, spec.steps, final=program.final()
+    )
+
+
+def _values_at(program: EagerProgram, stop: int, chunk_start: int, chunk: list) -> tuple:
+    """The state where divergence was met: the chunk's first non-finite loss.
+
+    x and grad are read after the loop, which may have gone on up to the chunk's end;
+    once the loss is non-finite they are too, and the recorded rows stop before `stop`.
+    """
+    loss = chunk[stop - chunk_start]
+    _, x, grad = program.final()
+    return loss, x, grad
+
+
+def _eager_trajectory(
+    program: EagerProgram,
+    steps: list[int],
+    xs: list,
+    losses: list,
+    grads: list,
+    stopped_at: int,
+    final: tuple,
+) -> Trajectory:
+    def stack(values: list) -> np.ndarray:
+        return program.to_numpy(values) if values else np.zeros(0)
+
+    final_loss, final_x, final_grad = final
+    return Trajectory(
+        steps=np.asarray(steps, dtype=np.int64),
+        x=stack(xs),
+        loss=stack(losses),
+        grad=stack(grads),
+        final_x=program.to_numpy([final_x])[0],
+        final_loss=float(program.to_numpy([final_loss])[0]),
+        final_grad=program.to_numpy([final_grad])[0],
+        stopped_at=stopped_at,
+    )

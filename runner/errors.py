@@ -1,0 +1,31 @@
+"""Errors the user can act on: the CLI prints them as one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """An expected failure with a message written for the user, not a bug."""
+
+    exit_code = 2
+
+
+class ConfigError(RunnerError):
+    """A setting is wrong: the message names it and says what is allowed."""
+
+
+class MissingFrameworkError(RunnerError):
+    """The chosen backend's framework is not installed: the message names the extra."""
+
+
+class UnsupportedError(RunnerError):
+    """The backend cannot express this combination of mode, update and optimizer."""
+
+
+class DivergenceError(RunnerError):
+    """The loss became NaN or infinite; what was computed until then is kept."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step

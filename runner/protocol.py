@@ -1,0 +1,160 @@
+"""The contract between the framework-free core and a framework plugin.
+
+A backend knows how to differentiate and update in its framework; the core owns
+validation, timing, the analytic reference, recording and reporting. Everything
+that crosses this boundary is plain Python or NumPy, so the core never imports a
+framework and a third party can add a backend by implementing these few names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from runner.problems import Problem
+
+MODES = ("manual", "apply", "minimize", "graph")
+GRAPH_UPDATES = ("apply", "minimize", "manual")
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One vocabulary of optimizer settings, mapped by each backend to its native optimizer."""
+
+    name: str
+    lr: float
+    hyper: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    """Which steps are recorded: every `every`-th step from 0, plus the final state.
+
+    Row k holds the state *before* update k (x_k, loss(x_k), grad(x_k)), which a loop
+    computes anyway, so recording adds no arithmetic. Compiled loops preallocate
+    `rows` slots and write slot i // every at step i when i % every == 0.
+    """
+
+    steps: int
+    every: int
+
+    @property
+    def rows(self) -> int:
+        return -(-self.steps // self.every)
+
+    def recorded_steps(self) -> np.ndarray:
+        return np.arange(0, self.steps, self.every, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class MinimizeSpec:
+    """Everything a backend needs to build one minimization run."""
+
+    problem: Problem
+    optimizer: OptimizerSpec
+    mode: str
+    steps: int
+    dtype: str
+    record: RecordPlan
+    update: str = "apply"  # graph mode only: how the compiled loop updates x
+    device: str = "cpu"
+    options: Mapping[str, Any] = field(default_factory=dict)  # backend-specific (jit_compile, ...)
+
+
+@dataclass(frozen=True)
+class DerivativesSpec:
+    problem: Problem
+    dtype: str
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Derivatives:
+    """The first half of the notebook, evaluated by one framework at problem.x0."""
+
+    y: float
+    dy_dx: float
+    dy_dcoef: Mapping[str, float]
+    d2y_dx2: float
+    compiled_dy_dx: float
+    compiled_y: float
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """What a compiled loop hands back: recorded rows and the state where it stopped.
+
+    `stopped_at` equals the requested step count on success; a loop that meets a
+    non-finite loss stops at that step and reports it, with the rows before it.
+    """
+
+    steps: np.ndarray  # int64, recorded step indices
+    x: np.ndarray  # x at each recorded step (scalar problems: 1-D)
+    loss: np.ndarray
+    grad: np.ndarray
+    final_x: np.ndarray
+    final_loss: float
+    final_grad: np.ndarray
+    stopped_at: int
+
+
+class EagerProgram(Protocol):
+    """One optimizer step at a time; the core drives the loop, records and checks.
+
+    step(record) performs update i and returns (loss_i, x_i, grad_i) evaluated at the
+    point before the update, as framework values (no host transfer). x_i and grad_i may
+    be None when record is False, so that a framework that must copy x to snapshot it
+    only pays for that on recorded steps.
+    """
+
+    def step(self, record: bool) -> tuple[Any, Any, Any]: ...
+
+    def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
+        """Stack framework values into one host array: the only host sync per chunk."""
+        ...
+
+    def final(self) -> tuple[Any, Any, Any]:
+        """(loss, x, grad) at the current x, after the last step."""
+        ...
+
+
+class CompiledProgram(Protocol):
+    """The whole loop compiled; recording happens inside the compiled loop."""
+
+    def run(self) -> Trajectory: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A framework plugin, found through the `gradient_runner.backends` entry-point group.
+
+    prepare() builds everything a run needs and pays every one-time cost (tracing,
+    compilation, a warm-up step) before returning, leaving the state at x0: the core
+    reports its wall time as compile_s and times only the loop after it.
+    """
+
+    name: ClassVar[str]
+    framework: ClassVar[str]
+
+    def versions(self) -> dict[str, str]:
+        """Framework name -> version, for results.json and MLflow tags."""
+        ...
+
+    def resolved_device(self, requested: str) -> str:
+        """The device a run will use for `requested` (cpu | gpu | auto), e.g. 'cpu', 'cuda:0'.
+
+        Raises ConfigError when `gpu` is asked for and the framework sees none.
+        """
+        ...
+
+    def unsupported(self, spec: MinimizeSpec) -> str | None:
+        """A one-line reason when this backend cannot run `spec`, else None."""
+        ...
+
+    def prepare(self, spec: MinimizeSpec) -> EagerProgram | CompiledProgram: ...
+
+    def derivatives(self, spec: DerivativesSpec) -> Derivatives: ...
