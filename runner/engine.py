@@ -96,8 +96,13 @@ def _run_eager(program: EagerProgram, spec: MinimizeSpec, progress: Progress | N
                 stop = chunk_start + int(bad[0])
                 keep = int(np.searchsorted(rec_steps, stop, side="left"))
                 return _eager_trajectory(
-                    program, rec_steps[:keep], rec_x[:keep], rec_loss[:keep], rec_grad[:keep],
-                    stop, final=_values_at(program, stop, chunk_start, chunk),
+                    program,
+                    rec_steps[:keep],
+                    rec_x[:keep],
+                    rec_loss[:keep],
+                    rec_grad[:keep],
+                    stop,
+                    final=_values_at(program, stop, chunk_start, chunk),
                 )
             chunk_start = i + 1
             chunk = []

@@ -1,0 +1,142 @@
+"""`python -m runner`: Hydra composes the config, the job runs, errors become one line.
+
+Hydra reports an unknown config-group option as a page of search paths; the choices
+are checked here first so the user reads one line naming what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from runner.errors import RunnerError
+from runner.job import execute
+from runner.plugins import backend_entry_points
+from runner.tracking import (
+    TrackingError,
+    client_for,
+    config_params,
+    ensure_experiment,
+    read_sweep,
+    resolve_target,
+    run_tags,
+    tracked_run,
+)
+
+
+def config_dir() -> Path:
+    """conf/ beside the package in a checkout; runner/conf inside an installed wheel."""
+    packaged = Path(__file__).parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+CONFIG_DIR = config_dir()
+CHECKED_GROUPS = ("backend", "mode", "problem", "optimizer", "tracking")
+
+
+def group_options(group: str) -> list[str]:
+    options = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
+    if group == "backend":
+        options |= set(backend_entry_points())
+    return sorted(options)
+
+
+def check_group_choices(args: list[str]) -> None:
+    """Reject `backend=foo` (and comma-separated sweep lists) before Hydra starts."""
+    for arg in args:
+        match = re.fullmatch(r"(\w+)=([\w,\-]+)", arg)
+        if not match or match.group(1) not in CHECKED_GROUPS:
+            continue
+        group, values = match.groups()
+        options = group_options(group)
+        for value in values.split(","):
+            if value not in options:
+                raise RunnerError(
+                    f"{group}={value} is not a {group} choice; choose one of: {', '.join(options)}"
+                )
+
+
+def register_plugin_backends() -> None:
+    """Give every installed backend plugin a config node, so `backend=<name>` composes."""
+    store = ConfigStore.instance()
+    shipped = {p.stem for p in (CONFIG_DIR / "backend").glob("*.yaml")}
+    for name in backend_entry_points():
+        if name not in shipped:
+            store.store(group="backend", name=name, node={"name": name})
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def hydra_main(cfg: DictConfig) -> Any:
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        result = run_job(cfg, hydra_cfg, multirun)
+    except RunnerError as exc:
+        report(exc)
+        if multirun:
+            return float("nan")  # the sweep goes on; this job's failure is on record
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted: what was computed is saved", file=sys.stderr)
+        sys.exit(130)
+    return result.get("loss")
+
+
+def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
+    """Run the job inside an MLflow run when tracking is on; files first, always."""
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    tracking = container.get("tracking") or {}
+    if not tracking.get("enabled", True):
+        return execute(container, output_dir)
+    target = resolve_target(tracking, Path(hydra_cfg.runtime.cwd))
+    try:
+        client = client_for(target)
+        experiment_id = ensure_experiment(client, target)
+    except TrackingError as outage:
+        execute(container, output_dir)
+        raise TrackingError(f"{outage}; this run's results are in {output_dir}") from None
+    sweep = read_sweep(Path(hydra_cfg.sweep.dir)) if multirun else None
+    overrides = list(hydra_cfg.overrides.task)
+    with tracked_run(
+        client,
+        experiment_id,
+        run_name=run_name(container),
+        params=config_params(container),
+        tags=run_tags(container, overrides, sweep.sweep_id if sweep else None),
+        run_dir=output_dir,
+        parent_run_id=sweep.parent_run_id if sweep else None,
+    ):
+        return execute(container, output_dir)
+
+
+def run_name(cfg: dict[str, Any]) -> str:
+    mode = cfg.get("mode", {})
+    parts = [cfg["backend"]["name"]]
+    if cfg.get("task") == "derivatives":
+        parts.append("derivatives")
+    else:
+        parts += [mode.get("name", "")] + ([mode["update"]] if mode.get("name") == "graph" else [])
+    return "-".join([*parts, str(cfg.get("dtype"))])
+
+
+def report(exc: RunnerError) -> None:
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except RunnerError as exc:
+        report(exc)
+        sys.exit(exc.exit_code)
+    register_plugin_backends()
+    hydra_main()

@@ -1,0 +1,121 @@
+"""Turns Hydra's config into validated, typed run settings, with one-line errors.
+
+Hydra accepts any value an override spells (`steps=abc` is a string); this is the
+single place that says what each setting allows, so every entry point (CLI,
+sweeps, tests) rejects bad input the same way before a framework is imported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from runner.errors import ConfigError
+from runner.problems import Problem, build_problem
+from runner.protocol import (
+    DTYPES,
+    GRAPH_UPDATES,
+    MODES,
+    DerivativesSpec,
+    MinimizeSpec,
+    OptimizerSpec,
+    RecordPlan,
+)
+
+TASKS = ("minimize", "derivatives")
+DEVICES = ("cpu", "gpu", "auto")
+MAX_RECORDED_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    task: str
+    backend: str
+    device: str
+    progress: bool
+    minimize: MinimizeSpec | None = None
+    derivatives: DerivativesSpec | None = None
+
+
+def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
+    """Validate a resolved config (plain dicts) and build the spec for its task."""
+    task = _choice("task", cfg.get("task"), TASKS)
+    dtype = _choice("dtype", cfg.get("dtype"), DTYPES)
+    device = _choice("device", cfg.get("device"), DEVICES)
+    backend = _node("backend", cfg)
+    problem = build_problem(_node("problem", cfg))
+    common = {
+        "task": task,
+        "backend": str(backend.get("name")),
+        "device": device,
+        "progress": bool(cfg.get("progress", True)),
+    }
+    if task == "derivatives":
+        return RunConfig(**common, derivatives=DerivativesSpec(problem, dtype, device))
+    return RunConfig(**common, minimize=_minimize_spec(cfg, backend, problem, dtype, device))
+
+
+def _minimize_spec(
+    cfg: Mapping[str, Any], backend: Mapping[str, Any], problem: Problem, dtype: str, device: str
+) -> MinimizeSpec:
+    steps = positive_int("steps", cfg.get("steps"))
+    every = cfg.get("record_every")
+    every = default_record_every(steps) if every is None else positive_int("record_every", every)
+    mode = _node("mode", cfg)
+    mode_name = _choice("mode", mode.get("name"), MODES)
+    update = mode.get("update", "apply")
+    if mode_name == "graph":
+        update = _choice("mode.update", update, GRAPH_UPDATES)
+    return MinimizeSpec(
+        problem=problem,
+        optimizer=_optimizer(_node("optimizer", cfg)),
+        mode=mode_name,
+        steps=steps,
+        dtype=dtype,
+        record=RecordPlan(steps, every),
+        update=update,
+        device=device,
+        options={k: v for k, v in backend.items() if k != "name"},
+    )
+
+
+def default_record_every(steps: int) -> int:
+    """Every step up to MAX_RECORDED_ROWS steps, then thinned to at most that many rows."""
+    return max(1, -(-steps // MAX_RECORDED_ROWS))
+
+
+def _optimizer(node: Mapping[str, Any]) -> OptimizerSpec:
+    values = dict(node)
+    name = values.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError("optimizer.name is missing; choose an optimizer, e.g. optimizer=sgd")
+    lr = positive_float("optimizer.lr", values.pop("lr", None))
+    return OptimizerSpec(name=name, lr=lr, hyper=values)
+
+
+def positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key}={value!r} is not allowed; give a whole number >= 1")
+    return value
+
+
+def positive_float(key: str, value: Any) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key}={value!r} is not allowed; give a finite number > 0")
+    return float(value)
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+    return value
+
+
+def _node(key: str, cfg: Mapping[str, Any]) -> Mapping[str, Any]:
+    node = cfg.get(key)
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{key}={node!r} is not a config group choice; pick one, e.g. {key}=...")
+    return node

@@ -1,0 +1,108 @@
+"""One run, start to finish: config -> plugin -> result -> files (and the tracker).
+
+Files are written before anything can fail after the computation, so a diverged run,
+a tracking outage or a bad summary never loses what was computed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from runner.config import RunConfig, build_run_config
+from runner.engine import run_minimize
+from runner.errors import DivergenceError, UnsupportedError
+from runner.plugins import load_backend
+from runner.protocol import Backend, MinimizeSpec
+from runner.results import (
+    RESULTS_FILE,
+    TRAJECTORY_FILE,
+    RunIdentity,
+    derivatives_result,
+    minimize_result,
+    trajectory_rows,
+    write_json,
+    write_trajectory,
+)
+from runner.summary import derivatives_summary, minimize_summary
+
+
+def execute(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
+    """Run the task `cfg` asks for, write its files to output_dir, return the result."""
+    run = build_run_config(cfg)
+    backend = load_backend(run.backend)
+    identity = RunIdentity(
+        run.backend, backend.framework, backend.resolved_device(run.device), backend.versions()
+    )
+    if run.minimize is not None:
+        return _minimize(run, run.minimize, backend, identity, output_dir)
+    assert run.derivatives is not None
+    found = backend.derivatives(run.derivatives)
+    result = derivatives_result(run.derivatives, found, identity)
+    write_json(output_dir / RESULTS_FILE, result)
+    print(derivatives_summary(result))
+    return result
+
+
+def _minimize(
+    run: RunConfig,
+    spec: MinimizeSpec,
+    backend: Backend,
+    identity: RunIdentity,
+    output_dir: Path,
+) -> dict[str, Any]:
+    reason = backend.unsupported(spec)
+    if reason:
+        raise UnsupportedError(f"backend={run.backend} mode={spec.mode}: {reason}")
+    with _progress(run.progress and spec.mode != "graph", spec.steps) as advance:
+        outcome = run_minimize(
+            backend,
+            spec,
+            on_phase=_phase_printer(run.progress and spec.mode == "graph", spec.steps),
+            progress=advance,
+        )
+    result = minimize_result(spec, outcome, identity)
+    write_trajectory(output_dir / TRAJECTORY_FILE, trajectory_rows(spec, outcome))
+    write_json(output_dir / RESULTS_FILE, result)
+    print(minimize_summary(result))
+    if result["status"] == "diverged":
+        step = result["diverged_at"]
+        raise DivergenceError(
+            f"the loss became {result['loss']} at step {step} of {spec.steps} "
+            f"(lr={spec.optimizer.lr} is too large for this problem); "
+            f"the trajectory up to step {step} is in {output_dir / TRAJECTORY_FILE}",
+            step,
+        )
+    return result
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr for eager loops; silent when stderr is not a terminal."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="step", file=sys.stderr, disable=None, leave=False) as bar:
+
+        def advance(done: int) -> None:
+            bar.update(done - bar.n)
+
+        yield advance
+
+
+def _phase_printer(enabled: bool, steps: int) -> Callable[[str], None] | None:
+    """Compiled loops give no per-step progress: say which phase is running instead."""
+    if not enabled:
+        return None
+    messages = {"compile": "compiling the loop ...", "run": f"running {steps} steps ..."}
+
+    def announce(phase: str) -> None:
+        if phase in messages:
+            print(messages[phase], file=sys.stderr, flush=True)
+
+    return announce

@@ -1,0 +1,70 @@
+"""The terminal summary: what ran, where it ended, how far from the optimum, how fast."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+def fmt(value: Any, dtype: str = "float64") -> str:
+    """Shortest text that reads back as the same value in the run's dtype."""
+    if isinstance(value, list):
+        head = ", ".join(fmt(v, dtype) for v in value[:4])
+        return f"[{head}{', ...' if len(value) > 4 else ''}] (n={len(value)})"
+    cast = np.float32 if dtype == "float32" else np.float64
+    return np.format_float_positional(cast(value), unique=True, trim="-")
+
+
+def minimize_summary(result: Mapping[str, Any]) -> str:
+    dtype = result["dtype"]
+    problem, opt, timings = result["problem"], result["optimizer"], result["timings"]
+    mode = result["mode"] + (f" (update={result['update']})" if result.get("update") else "")
+    versions = result["versions"]
+    framework = ", ".join(
+        f"{k} {v}" for k, v in versions.items() if k not in ("python", "numpy", "gradient_runner")
+    )
+    coefficients = ", ".join(f"{k}={problem[k]:g}" for k in ("a", "b", "c") if k in problem)
+    hyper = " ".join(f"{k}={v:g}" for k, v in opt.items() if k != "name")
+    status = result["status"]
+    lines = [
+        f"backend   {result['backend']} ({framework}), device {result['device']}",
+        f"mode      {mode}, {dtype}, {result['steps']} steps",
+        f"problem   {problem['name']} ({coefficients}) from x0={problem['x0']:g}; "
+        f"{opt['name']} {hyper}",
+        f"result    x = {fmt(result['x'], dtype)}   loss = {fmt(result['loss'], dtype)}"
+        + (f"   DIVERGED at step {result['diverged_at']}" if status == "diverged" else ""),
+        f"optimum   x* = {fmt(result['optimum']['x'])}   loss* = {fmt(result['optimum']['loss'])}",
+        f"error     |x - x*| = {result['error']['x']:.3g}   "
+        f"|loss - loss*| = {result['error']['loss']:.3g}",
+        f"timing    compile {timings['compile_s']:.3f} s   run {timings['run_s']:.3f} s   "
+        f"{timings['step_us']:.3g} us/step",
+    ]
+    return "\n".join(lines)
+
+
+def derivatives_summary(result: Mapping[str, Any]) -> str:
+    dtype = result["dtype"]
+    dcoef = result["dy_dcoef"]
+    compiled = result["compiled"]
+    worst = max(_leaves(result["error"]))
+    return "\n".join(
+        [
+            f"backend   {result['backend']}, {dtype}, device {result['device']}",
+            f"at        x = {fmt(result['at'])}",
+            f"y         {fmt(result['y'], dtype)}",
+            f"dy/dx     {fmt(result['dy_dx'], dtype)}",
+            "dy/da,b,c "
+            + ", ".join(f"{k}={fmt(dcoef[k], dtype)}" for k in ("a", "b", "c") if k in dcoef),
+            f"d2y/dx2   {fmt(result['d2y_dx2'], dtype)} (nested differentiation)",
+            f"compiled  dy/dx = {fmt(compiled['dy_dx'], dtype)}   y = {fmt(compiled['y'], dtype)}",
+            f"error     largest |value - analytic| = {worst:.3g}",
+        ]
+    )
+
+
+def _leaves(tree: Any) -> list[float]:
+    if isinstance(tree, Mapping):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    return [float(tree)]

@@ -1,0 +1,348 @@
+"""MLflow as one consumer of a run's files: everything logged is read from the run dir.
+
+Reading results.json and trajectory.csv (rather than live objects) means the same
+code logs a run as it ends and uploads a run whose server was away later on. The
+client API (MlflowClient) is used throughout, never MLflow's process-wide active
+run, so a worker process reused by a parallel launcher starts every job clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from runner.errors import RunnerError
+from runner.results import RESULTS_FILE, TRAJECTORY_FILE
+
+DEFAULT_STORE = Path("outputs") / "mlflow.db"
+DEFAULT_ARTIFACTS = Path("outputs") / "mlartifacts"
+MAX_POINTS_PER_METRIC = 1000
+BATCH_VALUES = 1000  # MLflow's own per-request limit for metrics
+PARAM_VALUE_LIMIT = 6000
+KEY_LIMIT = 250
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+SWEEP_FILE = "mlflow_sweep.json"
+PLOT_FILE = "convergence.png"
+SECRET_WORDS = ("password", "secret", "token", "apikey", "api_key", "credential")
+
+T = TypeVar("T")
+
+
+class TrackingError(RunnerError):
+    """The tracking store cannot be used; the run's files on disk are unaffected."""
+
+    exit_code = 4
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    uri: str
+    experiment: str
+    artifact_location: str | None  # only for stores this process creates (SQLite)
+
+
+def resolve_target(tracking: Mapping[str, Any], base_dir: Path) -> TrackingTarget:
+    """The default store is SQLite under <base_dir>/outputs, artifacts beside it."""
+    uri = tracking.get("uri") or f"sqlite:///{(base_dir / DEFAULT_STORE).resolve()}"
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        db_path = Path(uri.removeprefix("sqlite:///"))
+        artifacts = (db_path.parent / DEFAULT_ARTIFACTS.name).resolve().as_uri()
+    return TrackingTarget(uri, str(tracking.get("experiment") or "gradient-runner"), artifacts)
+
+
+def mask_uri(uri: str) -> str:
+    """Hide `user:password@` so a tracking URI can be printed or tagged."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def client_for(target: TrackingTarget) -> Any:
+    """An MlflowClient with HTTP retries short enough that an outage is reported in seconds."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow import MlflowClient
+
+    if target.uri.startswith("sqlite:///"):
+        Path(target.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    _probe(target.uri)
+    return MlflowClient(tracking_uri=target.uri)
+
+
+def _probe(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as exc:
+        raise TrackingError(
+            f"tracking server {mask_uri(uri)} is unreachable ({type(exc).__name__}); "
+            "start it, point tracking.uri elsewhere, or run with tracking=off"
+        ) from None
+
+
+def retry_locked(action: Callable[[], T], attempts: int = 8) -> T:
+    """SQLite allows one writer: parallel jobs wait briefly instead of failing."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as exc:  # MLflow wraps the driver's error in its own types
+            if "database is locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def ensure_experiment(client: Any, target: TrackingTarget) -> str:
+    """Get or create the experiment; safe when several processes race to create it."""
+
+    def get_or_create() -> str:
+        found = client.get_experiment_by_name(target.experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(
+                target.experiment,
+                artifact_location=target.artifact_location,
+                tags={EXPERIMENT_KIND_TAG: "custom_model_development"},
+            )
+        except Exception:
+            found = client.get_experiment_by_name(target.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    return retry_locked(get_or_create)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def is_secret_key(key: str) -> bool:
+    lowered = key.lower().replace("-", "_")
+    return any(word in lowered for word in SECRET_WORDS)
+
+
+def config_params(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """The resolved config as dotted params within MLflow's limits, secrets masked."""
+    params = {}
+    for key, value in flatten(cfg).items():
+        text = "***" if is_secret_key(key) else str(value)
+        if key.endswith("uri") and isinstance(value, str):
+            text = mask_uri(value)
+        params[key[:KEY_LIMIT]] = text[:PARAM_VALUE_LIMIT]
+    return params
+
+
+def run_tags(
+    cfg: Mapping[str, Any], overrides: Iterable[str], sweep_id: str | None
+) -> dict[str, str]:
+    """Tags known before the run starts; result_tags adds framework, versions and device."""
+    tags = {
+        "backend": str(cfg["backend"]["name"]),
+        "task": str(cfg.get("task")),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "overrides": " ".join(o for o in overrides if not is_secret_key(o.split("=")[0])),
+    }
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+    if sweep_id:
+        tags["sweep_id"] = sweep_id
+    return tags
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def thin(rows: int, limit: int = MAX_POINTS_PER_METRIC) -> np.ndarray:
+    """Evenly spaced row indices, always keeping the first and last row."""
+    if rows <= limit:
+        return np.arange(rows)
+    return np.unique(np.linspace(0, rows - 1, limit).round().astype(np.int64))
+
+
+def _batches(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def log_run_dir(client: Any, run_id: str, run_dir: Path) -> dict[str, Any] | None:
+    """Log results.json, trajectory.csv and their plot from run_dir to an existing run."""
+    from mlflow.entities import Metric, RunTag
+
+    results_path = run_dir / RESULTS_FILE
+    if not results_path.exists():
+        return None
+    result = json.loads(results_path.read_text())
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in result_metrics(result).items()]
+    tags = [RunTag(k, str(v)) for k, v in result_tags(result).items()]
+    trajectory = run_dir / TRAJECTORY_FILE
+    if trajectory.exists():
+        columns = read_trajectory(trajectory)
+        keep = thin(len(columns["step"]))
+        for name, values in columns.items():
+            if name == "step":
+                continue
+            metrics += [
+                Metric(name, float(values[i]), now, int(columns["step"][i]))
+                for i in keep
+                if np.isfinite(values[i])
+            ]
+    for batch in _batches(metrics, BATCH_VALUES):
+        retry_locked(lambda batch=batch: client.log_batch(run_id, metrics=batch))
+    retry_locked(lambda: client.log_batch(run_id, tags=tags))
+    if trajectory.exists():
+        from runner.plots import convergence_plot
+
+        convergence_plot(
+            {result_label(result): columns}, result["optimum"]["loss"], run_dir / PLOT_FILE
+        )
+    for name in (RESULTS_FILE, TRAJECTORY_FILE, PLOT_FILE):
+        if (run_dir / name).exists():
+            client.log_artifact(run_id, str(run_dir / name))
+    hydra_dir = run_dir / ".hydra"
+    if hydra_dir.is_dir():
+        client.log_artifacts(run_id, str(hydra_dir), artifact_path="hydra")
+    return result
+
+
+def result_label(result: Mapping[str, Any]) -> str:
+    mode = result.get("mode") or result.get("task")
+    if result.get("update"):
+        mode = f"{mode}/{result['update']}"
+    return f"{result.get('backend')} {mode} {result.get('dtype')}"
+
+
+def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
+    """The final numbers of a run, as MLflow metrics (vectors by their largest entry)."""
+    if result["task"] == "derivatives":
+        values = flatten({k: result[k] for k in ("y", "dy_dx", "dy_dcoef", "d2y_dx2", "compiled")})
+        errors = {f"error.{k}": v for k, v in flatten(result["error"]).items()}
+        return {k: float(v) for k, v in {**values, **errors}.items()}
+    metrics = {
+        "final_loss": result["loss"],
+        "final_x": result["x"],
+        "error_x": result["error"]["x"],
+        "error_loss": result["error"]["loss"],
+        "steps_run": result["steps_run"],
+        **result["timings"],
+    }
+    out = {}
+    for key, value in metrics.items():
+        array = np.asarray(value, dtype=np.float64)
+        out[key] = float(array if array.ndim == 0 else np.linalg.norm(array))
+    return out
+
+
+def result_tags(result: Mapping[str, Any]) -> dict[str, str]:
+    tags = {
+        "framework": result.get("framework", ""),
+        "status": result.get("status", ""),
+        "device": result.get("device", ""),
+        "dtype": result.get("dtype", ""),
+    }
+    if result.get("mode"):
+        tags["mode"] = result["mode"] + (f"/{result['update']}" if result.get("update") else "")
+    for name, version in result.get("versions", {}).items():
+        tags[f"version.{name}"] = version
+    return tags
+
+
+def read_trajectory(path: Path) -> dict[str, np.ndarray]:
+    data = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64, ndmin=1)
+    return {name: np.atleast_1d(data[name]) for name in data.dtype.names}
+
+
+@dataclass(frozen=True)
+class SweepInfo:
+    sweep_id: str
+    parent_run_id: str | None
+
+
+def read_sweep(sweep_dir: Path) -> SweepInfo:
+    """The sweep's group, written by the multirun callback before any job started."""
+    path = sweep_dir / SWEEP_FILE
+    if path.exists():
+        data = json.loads(path.read_text())
+        return SweepInfo(data["sweep_id"], data.get("parent_run_id"))
+    return SweepInfo(sweep_dir.as_posix(), None)
+
+
+@contextmanager
+def tracked_run(
+    client: Any,
+    experiment_id: str,
+    run_name: str,
+    params: Mapping[str, str],
+    tags: Mapping[str, str],
+    run_dir: Path,
+    parent_run_id: str | None = None,
+) -> Iterator[str]:
+    """An MLflow run around the job: FINISHED, FAILED (error tagged) or KILLED.
+
+    Whatever the job left in run_dir is logged in every case, so a diverged or
+    interrupted run keeps its partial trajectory in MLflow too.
+    """
+    from mlflow.entities import Param, RunStatus
+
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = retry_locked(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags))
+    run_id = run.info.run_id
+    batch = [Param(k, v) for k, v in params.items()]
+    for chunk in _batches(batch, 100):
+        retry_locked(lambda chunk=chunk: client.log_batch(run_id, params=chunk))
+    status, error = RunStatus.FINISHED, None
+    try:
+        yield run_id
+    except KeyboardInterrupt:
+        status, error = RunStatus.KILLED, "interrupted"
+        raise
+    except BaseException as exc:
+        status, error = RunStatus.FAILED, str(exc) or type(exc).__name__
+        raise
+    finally:
+        try:
+            log_run_dir(client, run_id, run_dir)
+            if error:
+                retry_locked(lambda: client.set_tag(run_id, "error", error[:5000]))
+        finally:
+            retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(status)))
