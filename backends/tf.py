@@ -55,7 +55,8 @@ def _make_sgd(spec: MinimizeSpec) -> Any:
 
     Keras 2 stores the learning rate in a variable of `floatx()` (float32) and casts it
     to the variable's dtype at each step, so float64 runs would step with
-    float32(lr). Building it under floatx=float64 keeps lr exact there.
+    float32(lr). Building it under floatx=float64 keeps lr exact there; momentum is
+    handed over as a NumPy scalar of the run dtype for the same reason.
     `jit_compile=False`: Keras 2 would otherwise XLA-compile the update on a GPU
     (only), which fuses `x + (-g * lr)` and changes the last bit between devices.
     """
@@ -65,7 +66,8 @@ def _make_sgd(spec: MinimizeSpec) -> Any:
     try:
         return tf_keras.optimizers.SGD(
             learning_rate=spec.optimizer.lr,
-            momentum=float(hyper.get("momentum", 0.0)),
+            # A Python float would reach tf.cast as a float32 tensor: give it the run dtype.
+            momentum=np.dtype(spec.dtype).type(hyper.get("momentum", 0.0)),
             nesterov=bool(hyper.get("nesterov", False)),
             jit_compile=False,
         )
@@ -218,12 +220,12 @@ class _GraphProgram:
             def body(i, ok, x_i, xs, losses, grads):  # noqa: ARG001
                 x_i = run.x.read_value()
                 loss, grad = self._update()
-                ok = tf.math.is_finite(loss)
-                slot = tf.where(tf.logical_and(ok, i % every == 0), i // every, spare)
+                # A row written at the stopping step lands in a slot that run() drops.
+                slot = i if self._every == 1 else tf.where(i % every == 0, i // every, spare)
                 xs = xs.write(slot, x_i)
                 losses = losses.write(slot, loss)
                 grads = grads.write(slot, grad)
-                return tf.where(ok, i + 1, i), ok, x_i, xs, losses, grads
+                return i + 1, tf.math.is_finite(loss), x_i, xs, losses, grads
 
             start = (
                 tf.constant(0, tf.int32),
@@ -233,15 +235,13 @@ class _GraphProgram:
                 buffer(),
                 buffer(),
             )
-            i, ok, x_stop, xs, losses, grads = tf.while_loop(
-                cond, body, start, maximum_iterations=None
-            )
+            i, ok, x_stop, xs, losses, grads = tf.while_loop(cond, body, start)
             # Stopped by a non-finite loss: x went one update past step i; put it back
             # so that the final state is the one at step i.
             run.x.assign(tf.where(ok, run.x.read_value(), x_stop))
             loss, grad = run.loss_and_grad()
             return {
-                "stopped_at": i,
+                "stopped_at": tf.where(ok, i, i - 1),
                 "x": xs.stack(),
                 "loss": losses.stack(),
                 "grad": grads.stack(),

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from runner.config import build_run_config
 from runner.errors import RunnerError
 from runner.job import execute
 from runner.plugins import backend_entry_points
@@ -94,15 +95,16 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
     """Run the job inside an MLflow run when tracking is on; files first, always."""
     output_dir = Path(hydra_cfg.runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
+    run = build_run_config(container)  # bad input fails here, before any import or record
     tracking = container.get("tracking") or {}
     if not tracking.get("enabled", True):
-        return execute(container, output_dir)
+        return execute(run, output_dir)
     target = resolve_target(tracking, Path(hydra_cfg.runtime.cwd))
     try:
         client = client_for(target)
         experiment_id = ensure_experiment(client, target)
     except TrackingError as outage:
-        execute(container, output_dir)
+        execute(run, output_dir)
         raise TrackingError(f"{outage}; this run's results are in {output_dir}") from None
     sweep = read_sweep(Path(hydra_cfg.sweep.dir)) if multirun else None
     overrides = list(hydra_cfg.overrides.task)
@@ -115,7 +117,7 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
         run_dir=output_dir,
         parent_run_id=sweep.parent_run_id if sweep else None,
     ):
-        return execute(container, output_dir)
+        return execute(run, output_dir)
 
 
 def run_name(cfg: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from runner.config import RunConfig, build_run_config
+from runner.config import RunConfig
 from runner.engine import run_minimize
 from runner.errors import DivergenceError, UnsupportedError
 from runner.plugins import load_backend
@@ -30,9 +30,8 @@ from runner.results import (
 from runner.summary import derivatives_summary, minimize_summary
 
 
-def execute(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
-    """Run the task `cfg` asks for, write its files to output_dir, return the result."""
-    run = build_run_config(cfg)
+def execute(run: RunConfig, output_dir: Path) -> dict[str, Any]:
+    """Run the task `run` asks for, write its files to output_dir, return the result."""
     backend = load_backend(run.backend)
     identity = RunIdentity(
         run.backend, backend.framework, backend.resolved_device(run.device), backend.versions()

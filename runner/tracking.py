@@ -55,11 +55,12 @@ class TrackingTarget:
 def resolve_target(tracking: Mapping[str, Any], base_dir: Path) -> TrackingTarget:
     """The default store is SQLite under <base_dir>/outputs, artifacts beside it."""
     uri = tracking.get("uri") or f"sqlite:///{(base_dir / DEFAULT_STORE).resolve()}"
+    experiment = str(tracking.get("experiment") or "gradient-runner")
     artifacts = None
     if uri.startswith("sqlite:///"):
         db_path = Path(uri.removeprefix("sqlite:///"))
-        artifacts = (db_path.parent / DEFAULT_ARTIFACTS.name).resolve().as_uri()
-    return TrackingTarget(uri, str(tracking.get("experiment") or "gradient-runner"), artifacts)
+        artifacts = (db_path.parent / DEFAULT_ARTIFACTS.name / experiment).resolve().as_uri()
+    return TrackingTarget(uri, experiment, artifacts)
 
 
 def mask_uri(uri: str) -> str:

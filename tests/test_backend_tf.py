@@ -1,0 +1,251 @@
+"""TensorFlow backend: the notebook's numbers, the closed form, recording, divergence.
+
+TF eager costs ~0.3-2 ms a step here, so eager cases stay at <= 200 steps except the
+1000-step notebook checks; the compiled loop is cheap once traced.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("tf_keras")
+
+import tensorflow as tf  # noqa: E402
+
+from backends.tf import TensorFlowBackend, _get_gradient  # noqa: E402
+from runner.engine import run_minimize  # noqa: E402
+from runner.errors import ConfigError  # noqa: E402
+from runner.problems import Quadratic  # noqa: E402
+from runner.protocol import (  # noqa: E402
+    DerivativesSpec,
+    MinimizeSpec,
+    OptimizerSpec,
+    RecordPlan,
+)
+
+BACKEND = TensorFlowBackend()
+NOTEBOOK_X = np.float32(0.99999857)  # the notebook's x after 1000 steps, every TF variant
+EAGER = [("manual", "apply"), ("apply", "apply"), ("minimize", "apply")]
+GRAPH = [("graph", "apply"), ("graph", "minimize"), ("graph", "manual")]
+ALL = EAGER + GRAPH
+OTHER = Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5)
+
+
+def make_spec(
+    mode: str,
+    update: str = "apply",
+    *,
+    problem: Quadratic | None = None,
+    lr: float = 0.01,
+    steps: int = 1000,
+    every: int = 1,
+    dtype: str = "float32",
+    hyper: dict | None = None,
+    jit_compile: bool = False,
+    name: str = "sgd",
+) -> MinimizeSpec:
+    return MinimizeSpec(
+        problem=problem or Quadratic(),
+        optimizer=OptimizerSpec(name, lr, hyper or {}),
+        mode=mode,
+        steps=steps,
+        dtype=dtype,
+        record=RecordPlan(steps, every),
+        update=update,
+        device="cpu",
+        options={"jit_compile": jit_compile},
+    )
+
+
+def ids(cases: list[tuple[str, str]]) -> list[str]:
+    return [m if m != "graph" else f"graph-{u}" for m, u in cases]
+
+
+# --- the notebook: 1000 float32 steps from x0 = 0 -------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "update"), EAGER + GRAPH[:2], ids=ids(EAGER + GRAPH[:2]))
+def test_notebook_variants_end_exactly_where_the_notebook_does(mode: str, update: str) -> None:
+    traj = run_minimize(BACKEND, make_spec(mode, update)).trajectory
+    assert traj.stopped_at == 1000
+    assert traj.final_x == NOTEBOOK_X
+    assert traj.final_loss == 0.0
+    assert traj.x.dtype == np.float32 and traj.x.shape == (1000,)
+    assert traj.x[0] == 0.0 and traj.loss[0] == 1.0 and traj.grad[0] == -2.0
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph-manual", "graph-manual-xla"])
+def test_graph_manual_and_xla_converge(jit_compile: bool) -> None:
+    """Reported, not pinned bit for bit: XLA may fuse x + (-lr*g) into one rounding."""
+    traj = run_minimize(BACKEND, make_spec("graph", "manual", jit_compile=jit_compile)).trajectory
+    assert abs(float(traj.final_x) - 1.0) < 1e-5
+    assert traj.final_loss == pytest.approx(0.0, abs=1e-10)
+
+
+def test_xla_loop_matches_the_notebook_with_apply() -> None:
+    plain = run_minimize(BACKEND, make_spec("graph", "apply")).trajectory
+    xla = run_minimize(BACKEND, make_spec("graph", "apply", jit_compile=True)).trajectory
+    assert xla.stopped_at == 1000
+    assert abs(float(xla.final_x) - 1.0) < 1e-5
+    np.testing.assert_allclose(xla.x, plain.x, rtol=1e-6, atol=1e-7)
+
+
+# --- float64: the closed form at every recorded step ------------------------------------
+
+
+def _coefs64(problem: Quadratic) -> dict[str, np.float64]:
+    return {k: np.float64(v) for k, v in problem.coefficients.items()}
+
+
+@pytest.mark.parametrize(("mode", "update"), ALL, ids=ids(ALL))
+def test_float64_follows_the_closed_form(mode: str, update: str) -> None:
+    spec = make_spec(mode, update, problem=OTHER, lr=0.05, steps=200, dtype="float64")
+    traj = run_minimize(BACKEND, spec).trajectory
+    assert traj.stopped_at == 200
+    assert traj.x.dtype == np.float64
+    np.testing.assert_array_equal(traj.steps, np.arange(200))
+    closed = np.array([OTHER.sgd_closed_form(0.05, int(k)) for k in traj.steps])
+    assert np.all(np.abs(traj.x - closed) <= 1e-12 * np.maximum(1.0, np.abs(traj.x)))
+    x_end = OTHER.sgd_closed_form(0.05, 200)
+    assert abs(float(traj.final_x) - x_end) <= 1e-12 * max(1.0, abs(x_end))
+    p = _coefs64(OTHER)
+    np.testing.assert_allclose(traj.loss, OTHER.loss(traj.x, p), rtol=1e-15, atol=1e-15)
+    np.testing.assert_allclose(traj.grad, 2 * p["a"] * traj.x + p["b"], rtol=1e-15, atol=1e-15)
+    assert traj.final_loss == pytest.approx(OTHER.loss(float(traj.final_x), p), abs=1e-15)
+    assert float(traj.final_grad) == pytest.approx(OTHER.grad(float(traj.final_x)), abs=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("mode", "update"), [*EAGER[1:], *GRAPH[:2]], ids=ids([*EAGER[1:], *GRAPH[:2]])
+)
+def test_momentum_matches_keras2_sgd_from_fresh_state(mode: str, update: str) -> None:
+    """Keras 2 SGD: m = -lr*g + mu*m; x += m. Also proves prepare() left m and x fresh."""
+    lr, mu, steps = 0.05, 0.9, 60
+    spec = make_spec(
+        mode, update, problem=OTHER, lr=lr, steps=steps, dtype="float64", hyper={"momentum": mu}
+    )
+    traj = run_minimize(BACKEND, spec).trajectory
+    x, m, want = OTHER.x0, 0.0, []
+    for _ in range(steps):
+        want.append(x)
+        m = -OTHER.grad(x) * lr + m * mu
+        x += m
+    np.testing.assert_allclose(traj.x, want, rtol=1e-12, atol=1e-12)
+    assert float(traj.final_x) == pytest.approx(x, rel=1e-12)
+
+
+# --- recording ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mode", "update"), ALL, ids=ids(ALL))
+def test_record_every_7_of_50(mode: str, update: str) -> None:
+    traj = run_minimize(BACKEND, make_spec(mode, update, steps=50, every=7)).trajectory
+    np.testing.assert_array_equal(traj.steps, [0, 7, 14, 21, 28, 35, 42, 49])
+    assert traj.x.shape == traj.loss.shape == traj.grad.shape == (8,)
+    full = run_minimize(BACKEND, make_spec("graph", update, steps=50)).trajectory
+    np.testing.assert_array_equal(traj.x, full.x[::7])
+    np.testing.assert_array_equal(traj.loss, full.loss[::7])
+    np.testing.assert_array_equal(traj.grad, full.grad[::7])
+    assert traj.final_x == full.final_x and traj.stopped_at == 50
+
+
+# --- divergence --------------------------------------------------------------------------
+
+
+def _first_nonfinite_loss_float32(a: float, b: float, c: float, lr: float, steps: int) -> tuple:
+    """Replay x <- x - lr*(2a x + b) in NumPy float32: (first step with a non-finite loss, x)."""
+    f = np.float32
+    a_, b_, c_, lr_ = f(a), f(b), f(c), f(lr)
+    x = f(0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k in range(steps):
+            loss = a_ * x**2 + b_ * x + c_
+            if not np.isfinite(loss):
+                return k, x
+            x = x + -lr_ * (a_ * (f(2) * x) + b_)
+    raise AssertionError("the replay did not diverge")
+
+
+@pytest.mark.parametrize(("mode", "update"), ALL, ids=ids(ALL))
+def test_divergence_stops_at_the_first_nonfinite_loss(mode: str, update: str) -> None:
+    stop, x_stop = _first_nonfinite_loss_float32(1.0, -2.0, 1.0, 1.5, 100)
+    assert 0 < stop < 100
+    spec = make_spec(mode, update, lr=1.5, steps=100, every=3)
+    traj = run_minimize(BACKEND, spec).trajectory
+    assert traj.stopped_at == stop
+    assert not np.isfinite(traj.final_loss)
+    assert np.all(traj.steps < stop) and traj.steps.size == -(-stop // 3)
+    assert np.all(np.isfinite(traj.x)) and np.all(np.isfinite(traj.loss))
+    assert np.all(np.isfinite(traj.grad))
+    if mode == "graph":  # the compiled loop hands back the state at the stopping step
+        assert traj.final_x == x_stop
+
+
+# --- prepare() pays the one-time costs ---------------------------------------------------
+
+
+def test_graph_prepare_traces_once_and_run_does_not_retrace() -> None:
+    program = BACKEND.prepare(make_spec("graph", "minimize", steps=30, every=4))
+    assert program._fn.experimental_get_tracing_count() == 1
+    assert int(program._run.opt.iterations) == 0 and float(program._run.x) == 0.0
+    first = program.run()
+    assert program._fn.experimental_get_tracing_count() == 1
+    assert int(program._run.opt.iterations) == 30
+    assert first.steps.tolist() == [0, 4, 8, 12, 16, 20, 24, 28]
+
+
+# --- derivatives: the notebook's first half ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    ("x0", "y", "dy_dx"), [(0.0, 1.0, -2.0), (1.0, 0.0, 0.0), (10.0, 81.0, 18.0)]
+)
+def test_derivatives_at_the_notebook_points(dtype: str, x0: float, y: float, dy_dx: float) -> None:
+    problem = Quadratic(x0=x0)
+    d = BACKEND.derivatives(DerivativesSpec(problem, dtype))
+    assert (d.y, d.dy_dx) == (y, dy_dx) == (problem.loss(x0, problem.coefficients), problem.grad(x0))
+    assert dict(d.dy_dcoef) == problem.grad_coefficients(x0)
+    assert d.d2y_dx2 == problem.second_derivative(x0) == 2.0
+    assert (d.compiled_dy_dx, d.compiled_y) == (dy_dx, y)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compiled_get_gradient_is_traced_once_per_dtype(dtype: str) -> None:
+    for x0, want in [(3.0, (4.0, 4.0)), (1.0, (0.0, 0.0)), (2.0, (2.0, 1.0))]:
+        d = BACKEND.derivatives(DerivativesSpec(Quadratic(x0=x0), dtype))
+        assert (d.compiled_dy_dx, d.compiled_y) == want
+    d = BACKEND.derivatives(DerivativesSpec(OTHER, dtype))
+    assert d.compiled_dy_dx == pytest.approx(OTHER.grad(OTHER.x0), rel=1e-6)
+    fn = _get_gradient(OTHER, tf.float64 if dtype == "float64" else tf.float32)
+    assert fn.experimental_get_tracing_count() == 1
+
+
+# --- plugin surface ----------------------------------------------------------------------
+
+
+def test_versions_and_devices() -> None:
+    versions = BACKEND.versions()
+    assert versions["tensorflow"] == tf.__version__ and "tf_keras" in versions
+    assert "CPU" in BACKEND.resolved_device("cpu")
+    if tf.config.list_logical_devices("GPU"):
+        assert "GPU" in BACKEND.resolved_device("gpu")
+        assert "GPU" in BACKEND.resolved_device("auto")
+    else:
+        assert "CPU" in BACKEND.resolved_device("auto")
+        with pytest.raises(ConfigError, match="device=gpu: TensorFlow sees no GPU"):
+            BACKEND.resolved_device("gpu")
+
+
+def test_unsupported_names_the_reason() -> None:
+    assert BACKEND.unsupported(make_spec("apply")) is None
+    assert BACKEND.unsupported(make_spec("graph", "minimize", jit_compile=True)) is None
+    assert BACKEND.unsupported(make_spec("apply", hyper={"momentum": 0.9})) is None
+    assert "sgd only" in BACKEND.unsupported(make_spec("apply", name="adam"))
+    assert "weight_decay" in BACKEND.unsupported(make_spec("apply", hyper={"weight_decay": 0.1}))
+    assert "manual" in BACKEND.unsupported(make_spec("manual", hyper={"momentum": 0.9}))
+    assert "manual" in BACKEND.unsupported(make_spec("graph", "manual", hyper={"nesterov": True}))
+    with pytest.raises(ConfigError, match="sgd only"):
+        BACKEND.prepare(make_spec("apply", name="adam"))

@@ -1,0 +1,144 @@
+"""The real CLI end to end: one subprocess per framework, bad input, divergence."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, cli, single_result
+
+NOTEBOOK_X = np.float32(0.99999857)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_default_run_is_the_notebook(tmp_path: Path) -> None:
+    """`python -m runner`: TF, manual, float32, 1000 steps, tracked in outputs/mlflow.db."""
+    proc = cli(cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = single_result(tmp_path)
+    assert result["backend"] == "tf" and result["mode"] == "manual"
+    assert result["dtype"] == "float32" and result["steps"] == 1000
+    assert np.float32(result["x"]) == NOTEBOOK_X
+    assert result["loss"] == 0.0
+    assert result["optimum"] == {"x": 1.0, "loss": 0.0}
+    assert set(result["timings"]) >= {"compile_s", "run_s", "step_us"}
+    assert result["timings"]["step_us"] > 0
+    assert "tensorflow" in result["versions"] and "python" in result["versions"]
+    assert "x = 0.99999857" in proc.stdout and "us/step" in proc.stdout
+    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    rows = read_csv(run_dir / "trajectory.csv")
+    assert len(rows) == 1001
+    assert [int(r["step"]) for r in rows[:3]] == [0, 1, 2] and rows[-1]["step"] == "1000"
+    assert float(rows[0]["x"]) == 0.0 and float(rows[0]["grad"]) == -2.0
+    assert np.float32(float(rows[-1]["x"])) == NOTEBOOK_X
+    assert (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_every_backend_end_to_end(tmp_path: Path) -> None:
+    """One multirun per framework keeps imports to one per framework."""
+    for backend, modes in (("torch", "manual,minimize"), ("jax", "apply,graph")):
+        proc = cli(
+            "-m",
+            f"backend={backend}",
+            f"mode={modes}",
+            "steps=1000",
+            "tracking=off",
+            f"hydra.sweep.dir={tmp_path / backend}",
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr
+        results = [json.loads(p.read_text()) for p in (tmp_path / backend).glob("*/results.json")]
+        assert sorted(r["mode"] for r in results) == sorted(modes.split(","))
+        for result in results:
+            assert result["backend"] == backend
+            assert abs(result["x"] - 1) < 1e-5
+
+
+def test_derivatives_task(tmp_path: Path) -> None:
+    proc = cli("backend=jax", "task=derivatives", "problem.x0=10", "tracking=off", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = single_result(tmp_path)
+    assert result["task"] == "derivatives" and result["at"] == 10.0
+    assert result["dy_dx"] == 18.0 and result["y"] == 81.0
+    assert result["dy_dcoef"] == {"a": 100.0, "b": 10.0, "c": 1.0}
+    assert result["d2y_dx2"] == 2.0
+    assert result["compiled"] == {"dy_dx": 18.0, "y": 81.0}
+
+
+def test_divergence_keeps_what_was_computed(tmp_path: Path) -> None:
+    proc = cli("backend=jax", "mode=manual", "optimizer.lr=1.5", "steps=500", cwd=tmp_path)
+    assert proc.returncode == 3
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the loss became inf at step ")
+    assert "Traceback" not in proc.stderr
+    result = single_result(tmp_path)
+    step = result["diverged_at"]
+    assert result["status"] == "diverged" and f"step {step} " in line
+    # float32 replay of x <- x - lr * (2x - 2): the first step whose loss overflows
+    x, a, lr = np.float32(0), np.float32(1), np.float32(1.5)
+    for k in range(500):
+        loss = a * x * x - np.float32(2) * x + np.float32(1)
+        if not np.isfinite(loss):
+            break
+        x = x - lr * (np.float32(2) * x - np.float32(2))
+    assert step == k
+    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    rows = read_csv(run_dir / "trajectory.csv")
+    assert int(rows[-2]["step"]) == step - 1 and int(rows[-1]["step"]) == step
+
+
+BAD_INPUTS = [
+    (["backend=keras"], "backend=keras is not a backend choice; choose one of: jax, tf, torch"),
+    (["mode=fast"], "mode=fast is not a mode choice; choose one of: apply, graph, manual"),
+    (["steps=0"], "steps=0 is not allowed; give a whole number >= 1"),
+    (["steps=abc"], "steps='abc' is not allowed; give a whole number >= 1"),
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is not allowed; give a finite number > 0"),
+    (["optimizer.lr=fast"], "optimizer.lr='fast' is not allowed; give a finite number > 0"),
+    (["optimizer.lr=inf"], "optimizer.lr=inf is not allowed; give a finite number > 0"),
+    (["problem.a=0"], "problem.a=0.0: a*x^2 + b*x + c has no minimum unless a > 0"),
+    (["problem.a=[1,2]"], "problem.a=[1, 2] must be a number"),
+    (["problem.x0=nan"], "problem.x0=nan is not finite"),
+    (["dtype=float16"], "dtype='float16' is not allowed; choose one of: float32, float64"),
+    (["mode=graph", "mode.update=sgd"], "mode.update='sgd' is not allowed; choose one of"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert not list((tmp_path / "outputs").glob("**/results.json"))
+
+
+def test_missing_framework_names_the_extra(tmp_path: Path) -> None:
+    """`sys.modules[name] = None` is how Python itself spells 'this module is absent'."""
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; "
+        "sys.argv = ['runner', 'backend=tf', 'tracking=off']; "
+        "from runner.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: backend=tf needs the module 'tensorflow', which is not installed; "
+        "pip install 'gradient-runner[tf]'"
+    )

@@ -1,0 +1,123 @@
+"""Backends are found through entry points; a run imports only the framework it uses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from runner.plugins import BACKEND_GROUP
+from tests.conftest import ROOT, cli, single_result
+
+# A third-party backend in plain NumPy: the whole protocol, nothing borrowed from the core.
+PLUGIN_SOURCE = '''
+import numpy as np
+from runner.protocol import Derivatives
+
+
+class Stepper:
+    def __init__(self, spec):
+        self.dtype = np.dtype(spec.dtype).type
+        self.p = {k: self.dtype(v) for k, v in spec.problem.coefficients.items()}
+        self.x, self.lr, self.problem = self.dtype(spec.problem.x0), self.dtype(spec.optimizer.lr), spec.problem
+
+    def _grad(self, x):
+        return self.dtype(2) * self.p["a"] * x + self.p["b"]
+
+    def step(self, record):
+        x = self.x
+        loss, grad = self.problem.loss(x, self.p), self._grad(x)
+        self.x = x - self.lr * grad
+        return loss, x, grad
+
+    def to_numpy(self, values):
+        return np.asarray(values)
+
+    def final(self):
+        return self.problem.loss(self.x, self.p), self.x, self._grad(self.x)
+
+
+class AbacusBackend:
+    name = "abacus"
+    framework = "Abacus"
+
+    def versions(self):
+        return {"abacus": "0.1"}
+
+    def resolved_device(self, requested):
+        return "cpu"
+
+    def unsupported(self, spec):
+        return None if spec.mode == "manual" else "abacus only steps by hand (mode=manual)"
+
+    def prepare(self, spec):
+        return Stepper(spec)
+
+    def derivatives(self, spec):
+        raise NotImplementedError
+'''
+
+
+def install_plugin(site: Path) -> None:
+    """What `pip install abacus-backend` leaves behind: a module and its dist-info."""
+    (site / "abacus_backend.py").write_text(textwrap.dedent(PLUGIN_SOURCE))
+    dist = site / "abacus_backend-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: abacus-backend\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{BACKEND_GROUP}]\nabacus = abacus_backend:AbacusBackend\n"
+    )
+
+
+def test_installed_plugin_is_discovered_and_runs(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    install_plugin(site)
+    env = {"PYTHONPATH": f"{ROOT}:{site}"}
+    proc = cli("backend=abacus", "steps=1000", "tracking=off", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = single_result(tmp_path)
+    assert result["backend"] == "abacus" and result["framework"] == "Abacus"
+    assert result["x"] == float(__import__("numpy").float32(0.99999857))
+
+    refused = cli("backend=abacus", "mode=apply", "tracking=off", cwd=tmp_path, env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "error: backend=abacus mode=apply: abacus only steps by hand (mode=manual)"
+    )
+    listed = cli("backend=nope", cwd=tmp_path, env=env)
+    assert "choose one of: abacus, jax, tf, torch" in listed.stderr
+
+
+def test_a_run_imports_only_its_framework(tmp_path: Path) -> None:
+    code = (
+        "import atexit, json, sys\n"
+        "atexit.register(lambda: print('LOADED', json.dumps(sorted(\n"
+        "    m for m in ('tensorflow', 'torch', 'jax') if m in sys.modules))))\n"
+        "sys.argv = ['runner', 'backend=jax', 'steps=10', 'progress=false']\n"
+        "from runner.cli import main\n"
+        "main()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout.split("LOADED", 1)[1])
+    assert loaded == ["jax"]
+
+
+def test_core_imports_no_framework() -> None:
+    code = (
+        "import sys, runner.cli, runner.job, runner.tracking, runner.callbacks\n"
+        "print(sorted(m for m in ('tensorflow', 'torch', 'jax') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
