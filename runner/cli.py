@@ -7,6 +7,7 @@ are checked here first so the user reads one line naming what is allowed.
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,9 @@ def hydra_main(cfg: DictConfig) -> Any:
         if multirun:
             return float("nan")  # the sweep goes on; this job's failure is on record
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted: what was computed is saved", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        print(f"{stop or 'interrupted'}: what was computed is saved", file=sys.stderr)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
     return result.get("loss")
 
 
@@ -134,7 +135,16 @@ def report(exc: RunnerError) -> None:
     print(f"error: {exc}", file=sys.stderr, flush=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so the same clean-up saves the partial run."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated("terminated")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         check_group_choices(sys.argv[1:])
     except RunnerError as exc:

@@ -41,6 +41,7 @@ class Timings:
 class MinimizeOutcome:
     trajectory: Trajectory
     timings: Timings
+    interrupted: bool = False
 
     @property
     def diverged(self) -> bool:
@@ -61,56 +62,59 @@ def run_minimize(
     compile_s = time.perf_counter() - start
     announce("run")
     start = time.perf_counter()
+    interrupted = False
     if spec.mode == "graph":
         trajectory = _run_compiled(program)  # type: ignore[arg-type]
     else:
-        trajectory = _run_eager(program, spec, progress)  # type: ignore[arg-type]
+        trajectory, interrupted = _run_eager(program, spec, progress)  # type: ignore[arg-type]
     run_s = time.perf_counter() - start
     announce("done")
-    return MinimizeOutcome(trajectory, Timings(compile_s, run_s, trajectory.stopped_at))
+    timings = Timings(compile_s, run_s, trajectory.stopped_at)
+    return MinimizeOutcome(trajectory, timings, interrupted)
 
 
 def _run_compiled(program: CompiledProgram) -> Trajectory:
     return program.run()
 
 
-def _run_eager(program: EagerProgram, spec: MinimizeSpec, progress: Progress | None) -> Trajectory:
+def _run_eager(
+    program: EagerProgram, spec: MinimizeSpec, progress: Progress | None
+) -> tuple[Trajectory, bool]:
+    """Step the program; on Ctrl-C return what was recorded so far, flagged interrupted."""
     every = spec.record.every
     rec_steps: list[int] = []
     rec_x: list = []
     rec_loss: list = []
     rec_grad: list = []
     chunk: list = []
-    chunk_start = 0
-    for i in range(spec.steps):
-        loss, x, grad = program.step(i % every == 0)
-        chunk.append(loss)
-        if i % every == 0:
-            rec_steps.append(i)
-            rec_x.append(x)
-            rec_loss.append(loss)
-            rec_grad.append(grad)
-        if len(chunk) == CHECK_EVERY or i + 1 == spec.steps:
-            bad = np.flatnonzero(~np.isfinite(program.to_numpy(chunk)))
-            if bad.size:
-                stop = chunk_start + int(bad[0])
-                keep = int(np.searchsorted(rec_steps, stop, side="left"))
-                return _eager_trajectory(
-                    program,
-                    rec_steps[:keep],
-                    rec_x[:keep],
-                    rec_loss[:keep],
-                    rec_grad[:keep],
-                    stop,
-                    final=_values_at(program, stop, chunk_start, chunk),
-                )
-            chunk_start = i + 1
-            chunk = []
-            if progress is not None:
-                progress(i + 1)
-    return _eager_trajectory(
-        program, rec_steps, rec_x, rec_loss, rec_grad, spec.steps, final=program.final()
-    )
+    chunk_start = done = 0
+
+    def rows(upto: int) -> tuple[list, list, list, list]:
+        keep = int(np.searchsorted(rec_steps, upto, side="left"))
+        return rec_steps[:keep], rec_x[:keep], rec_loss[:keep], rec_grad[:keep]
+
+    try:
+        for i in range(spec.steps):
+            loss, x, grad = program.step(i % every == 0)
+            chunk.append(loss)
+            if i % every == 0:
+                rec_steps.append(i)
+                rec_x.append(x)
+                rec_loss.append(loss)
+                rec_grad.append(grad)
+            done = i + 1
+            if len(chunk) == CHECK_EVERY or done == spec.steps:
+                bad = np.flatnonzero(~np.isfinite(program.to_numpy(chunk)))
+                if bad.size:
+                    stop = chunk_start + int(bad[0])
+                    final = _values_at(program, stop, chunk_start, chunk)
+                    return _eager_trajectory(program, *rows(stop), stop, final), False
+                chunk_start, chunk = done, []
+                if progress is not None:
+                    progress(done)
+    except KeyboardInterrupt:
+        return _eager_trajectory(program, *rows(done), done, program.final()), True
+    return _eager_trajectory(program, *rows(done), done, program.final()), False
 
 
 def _values_at(program: EagerProgram, stop: int, chunk_start: int, chunk: list) -> tuple:

@@ -7,7 +7,7 @@ a tracking outage or a bad summary never loses what was computed.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,8 @@ def _minimize(
     write_trajectory(output_dir / TRAJECTORY_FILE, trajectory_rows(spec, outcome))
     write_json(output_dir / RESULTS_FILE, result)
     print(minimize_summary(result))
+    if outcome.interrupted:
+        raise KeyboardInterrupt
     if result["status"] == "diverged":
         step = result["diverged_at"]
         raise DivergenceError(

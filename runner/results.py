@@ -37,7 +37,7 @@ def minimize_result(
     x, loss = as_number(traj.final_x), float(traj.final_loss)
     result: dict[str, Any] = {
         "task": "minimize",
-        "status": "finished" if traj.stopped_at == spec.steps else "diverged",
+        "status": _status(spec, outcome),
         **run.fields(),
         "mode": spec.mode,
         "update": spec.update if spec.mode == "graph" else None,
@@ -58,9 +58,15 @@ def minimize_result(
             "step_us": outcome.timings.step_us,
         },
     }
-    if traj.stopped_at != spec.steps:
+    if result["status"] == "diverged":
         result["diverged_at"] = traj.stopped_at
     return result
+
+
+def _status(spec: MinimizeSpec, outcome: MinimizeOutcome) -> str:
+    if outcome.interrupted:
+        return "interrupted"
+    return "finished" if outcome.trajectory.stopped_at == spec.steps else "diverged"
 
 
 def derivatives_result(

@@ -12,7 +12,7 @@ from runner.plugins import BACKEND_GROUP
 from tests.conftest import ROOT, cli, single_result
 
 # A third-party backend in plain NumPy: the whole protocol, nothing borrowed from the core.
-PLUGIN_SOURCE = '''
+PLUGIN_SOURCE = """
 import numpy as np
 from runner.protocol import Derivatives
 
@@ -21,7 +21,8 @@ class Stepper:
     def __init__(self, spec):
         self.dtype = np.dtype(spec.dtype).type
         self.p = {k: self.dtype(v) for k, v in spec.problem.coefficients.items()}
-        self.x, self.lr, self.problem = self.dtype(spec.problem.x0), self.dtype(spec.optimizer.lr), spec.problem
+        self.x, self.problem = self.dtype(spec.problem.x0), spec.problem
+        self.lr = self.dtype(spec.optimizer.lr)
 
     def _grad(self, x):
         return self.dtype(2) * self.p["a"] * x + self.p["b"]
@@ -57,7 +58,7 @@ class AbacusBackend:
 
     def derivatives(self, spec):
         raise NotImplementedError
-'''
+"""
 
 
 def install_plugin(site: Path) -> None:

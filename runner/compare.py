@@ -1,0 +1,868 @@
+"""`python -m runner.compare`: do the frameworks agree, and which way is fastest?
+
+Reads finished minimize runs from any MLflow tracking URI (the runner's SQLite store
+by default), keeps the latest run per backend x mode x optimizer x dtype, and writes:
+
+- comparison.md / comparison.csv / comparison.json: one row per key with final x and
+  loss, the error to the analytic optimum, steps, compile and per-step time, and the
+  per-step time relative to the fastest row (fastest = 1.0x);
+- agreement.csv (and a section of comparison.md): per mode and dtype, the largest
+  difference of final x between backends, absolute and in float32 ulps (float64 ulps
+  too for float64 runs); a row "all" per dtype compares every mode with every other;
+- convergence.png (|loss - loss*| against step, from each run's per-step `loss`
+  metric) and step_time.png (per-step time, log scale).
+
+The files are logged as artifacts of a comparison run (tag runner.kind=comparison) in
+the same experiment, or of an existing run (the sweep's parent when a multirun ends).
+Values come from each run's results.json artifact (exact floats, vectors included);
+a run whose artifact cannot be read falls back to its MLflow metrics, tags and params.
+The module imports no framework; MLflow is imported inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runner.errors import RunnerError
+from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
+from runner.summary import fmt
+from runner.tracking import (
+    TrackingTarget,
+    client_for,
+    mask_uri,
+    read_trajectory,
+    resolve_target,
+    retry_locked,
+)
+
+DEFAULT_EXPERIMENT = "gradient-runner"
+KIND_TAG = "runner.kind"
+COMPARISON_KIND = "comparison"
+SWEEP_KIND = "sweep"
+MARKDOWN_FILE = "comparison.md"
+CSV_FILE = "comparison.csv"
+JSON_FILE = "comparison.json"
+AGREEMENT_FILE = "agreement.csv"
+CONVERGENCE_FILE = "convergence.png"
+STEP_TIME_FILE = "step_time.png"
+ALL_MODES = "all"
+
+
+class CompareError(RunnerError):
+    """Nothing to compare: unknown store or experiment, or no run matches the filters."""
+
+
+@dataclass
+class Row:
+    """The latest run of one backend x mode x optimizer x dtype."""
+
+    backend: str
+    mode: str
+    optimizer: str
+    dtype: str
+    status: str  # finished | diverged
+    steps: int
+    steps_run: int
+    x: float | list[float]
+    loss: float
+    error_x: float
+    error_loss: float
+    compile_s: float
+    run_s: float
+    step_us: float
+    relative: float  # step_us / fastest row's step_us
+    run_id: str
+    run_name: str
+    started: str
+    problem: dict[str, Any] = field(default_factory=dict)
+    optimum_loss: float = math.nan
+    source: str = RESULTS_FILE  # or "metrics" when results.json could not be read
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.backend, self.mode, self.optimizer, self.dtype)
+
+
+@dataclass
+class Agreement:
+    """The largest difference of final x between the rows of one mode x dtype x optimizer."""
+
+    mode: str
+    dtype: str
+    optimizer: str
+    compared: list[str]
+    pair: tuple[str, str]
+    abs_diff: float
+    ulps_f32: float
+    ulps_f64: float | None  # only for float64 runs
+    note: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    agreement: list[Agreement]
+    text: str  # the terminal tables
+    out_dir: Path
+    files: dict[str, Path]
+    run_id: str | None  # the run the files were logged to, None with log=False
+    experiment: str
+    sweep_id: str | None
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+def compare(
+    tracking_uri: str | None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    sweep_id: str | None = None,
+    backends: Iterable[str] | None = None,
+    modes: Iterable[str] | None = None,
+    dtypes: Iterable[str] | None = None,
+    out_dir: Path | str | None = None,
+    log_to_run_id: str | None = None,
+    client: Any = None,
+    *,
+    log: bool = True,
+) -> Report:
+    """Compare the matching runs, write the files to out_dir and log them to MLflow.
+
+    With log_to_run_id the files become artifacts of that run (left running: its owner
+    ends it); otherwise of a new run "compare <sweep or 'all'>" tagged
+    runner.kind=comparison. `modes` matches a mode exactly ("graph/apply") or by its
+    name before the slash ("graph"). Raises CompareError when nothing can be compared.
+    """
+    uri = tracking_uri or resolve_target({}, Path.cwd()).uri
+    if client is None:
+        client = open_client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        known = f"; experiments there: {', '.join(names)}" if names else ""
+        raise CompareError(f"experiment {experiment!r} not found in {mask_uri(uri)}{known}")
+    if sweep_id == "latest":
+        sweep_id = latest_sweep(client, found.experiment_id, experiment)
+    filters = {"backend": _values(backends), "mode": _values(modes), "dtype": _values(dtypes)}
+    runs = search_runs(client, found.experiment_id, sweep_id, filters)
+    if not runs:
+        raise CompareError(
+            f"no finished minimize runs in experiment {experiment!r} match "
+            f"{_describe(sweep_id, filters)}"
+        )
+    latest = _latest_per_key(_record(client, run) for run in runs)
+    rows = sorted(latest.values(), key=lambda r: (r.dtype, r.mode, r.optimizer, r.backend))
+    _set_relative(rows)
+    agreement = agreement_of(rows)
+
+    out = Path(out_dir) if out_dir else default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    header = _header(uri, experiment, sweep_id, filters, len(runs), len(rows))
+    text = terminal_text(rows, agreement)
+    files = write_files(out, rows, agreement, header)
+    files.update(write_plots(client, out, rows))
+    run_id = None
+    if log:
+        run_id = log_report(
+            client, found.experiment_id, files, agreement, rows, sweep_id, filters, log_to_run_id
+        )
+    return Report(rows, agreement, text, out, files, run_id, experiment, sweep_id)
+
+
+def open_client(uri: str) -> Any:
+    """A client for an existing store: a missing SQLite file is an error, not a new store."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise CompareError(f"no MLflow store at {path}; give --tracking-uri")
+    return client_for(TrackingTarget(uri, DEFAULT_EXPERIMENT, None))
+
+
+def default_out_dir() -> Path:
+    return Path("outputs") / "compare" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _values(items: Iterable[str] | None) -> list[str]:
+    """Repeated and comma-separated values, in order, without duplicates."""
+    out: list[str] = []
+    for item in items or ():
+        out += [v.strip() for v in str(item).split(",") if v.strip() and v.strip() not in out]
+    return out
+
+
+def _quoted(value: str) -> str | None:
+    """A filter-string literal for value, or None when it cannot be quoted safely."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+def search_runs(
+    client: Any, experiment_id: str, sweep_id: str | None, filters: Mapping[str, list[str]]
+) -> list[Any]:
+    """Matching runs, newest first; the store filters what it can, Python the rest.
+
+    MLflow's tag filters have no IN, and `!=` drops runs that lack the tag, so the
+    exclusions (comparison and sweep runs) and multi-valued filters are applied here.
+    """
+    clauses = ["tags.task = 'minimize'"]
+    if sweep_id is not None and _quoted(sweep_id):
+        clauses.append(f"tags.sweep_id = {_quoted(sweep_id)}")
+    for tag in ("backend", "dtype"):
+        if len(filters[tag]) == 1 and _quoted(filters[tag][0]):
+            clauses.append(f"tags.{tag} = {_quoted(filters[tag][0])}")
+    runs, token = [], None
+    while True:
+        page = retry_locked(
+            lambda token=token: client.search_runs(
+                [experiment_id],
+                " and ".join(clauses),
+                max_results=1000,
+                order_by=["attributes.start_time DESC"],
+                page_token=token,
+            )
+        )
+        runs += [run for run in page if _matches(run, sweep_id, filters)]
+        token = page.token
+        if not token:
+            return runs
+
+
+def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -> bool:
+    tags = run.data.tags
+    if tags.get(KIND_TAG) in (COMPARISON_KIND, SWEEP_KIND) or tags.get("task") != "minimize":
+        return False
+    finished = run.info.status == "FINISHED"
+    diverged = run.info.status == "FAILED" and tags.get("status") == "diverged"
+    if not (finished or diverged):
+        return False
+    if sweep_id is not None and tags.get("sweep_id") != sweep_id:
+        return False
+    for tag in ("backend", "dtype"):
+        if filters[tag] and tags.get(tag) not in filters[tag]:
+            return False
+    mode = tags.get("mode", "")
+    return not filters["mode"] or any(m in (mode, mode.split("/")[0]) for m in filters["mode"])
+
+
+def latest_sweep(client: Any, experiment_id: str, experiment: str) -> str:
+    page = client.search_runs(
+        [experiment_id],
+        f"tags.`{KIND_TAG}` = '{SWEEP_KIND}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if not page or "sweep_id" not in page[0].data.tags:
+        raise CompareError(f"experiment {experiment!r} has no sweep; run one with -m first")
+    return page[0].data.tags["sweep_id"]
+
+
+def _describe(sweep_id: str | None, filters: Mapping[str, list[str]]) -> str:
+    parts = [f"sweep={sweep_id}"] if sweep_id else []
+    parts += [f"{k}={','.join(v)}" for k, v in filters.items() if v]
+    return " ".join(parts) or "(no filters)"
+
+
+def _record(client: Any, run: Any) -> Row:
+    """One run as a row: results.json when the artifact can be read, else its metrics."""
+    result = _download_json(client, run.info.run_id, RESULTS_FILE)
+    started = datetime.fromtimestamp(run.info.start_time / 1000).isoformat(timespec="seconds")
+    common = {"run_id": run.info.run_id, "run_name": run.info.run_name or "", "started": started}
+    if result is not None and result.get("task") == "minimize":
+        mode = result["mode"] + (f"/{result['update']}" if result.get("update") else "")
+        timings = result["timings"]
+        return Row(
+            backend=result["backend"],
+            mode=mode,
+            optimizer=optimizer_label(result["optimizer"]),
+            dtype=result["dtype"],
+            status=result["status"],
+            steps=int(result["steps"]),
+            steps_run=int(result["steps_run"]),
+            x=result["x"],
+            loss=float(result["loss"]),
+            error_x=float(result["error"]["x"]),
+            error_loss=float(result["error"]["loss"]),
+            compile_s=float(timings["compile_s"]),
+            run_s=float(timings["run_s"]),
+            step_us=float(timings["step_us"]),
+            relative=math.nan,
+            problem=dict(result.get("problem", {})),
+            optimum_loss=float(result["optimum"]["loss"]),
+            **common,
+        )
+    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    hyper = {
+        k.removeprefix("optimizer."): v for k, v in params.items() if k.startswith("optimizer.")
+    }
+    optimum = metrics.get("final_loss", math.nan) - metrics.get("error_loss", math.nan)
+    return Row(
+        backend=tags.get("backend", "?"),
+        mode=tags.get("mode", "?"),
+        optimizer=optimizer_label({k: _number(v) for k, v in hyper.items()}),
+        dtype=tags.get("dtype", "?"),
+        status=tags.get("status", "finished"),
+        steps=int(_number(params.get("steps", metrics.get("steps_run", 0)))),
+        steps_run=int(metrics.get("steps_run", 0)),
+        x=metrics.get("final_x", math.nan),
+        loss=metrics.get("final_loss", math.nan),
+        error_x=metrics.get("error_x", math.nan),
+        error_loss=metrics.get("error_loss", math.nan),
+        compile_s=metrics.get("compile_s", math.nan),
+        run_s=metrics.get("run_s", math.nan),
+        step_us=metrics.get("step_us", math.nan),
+        relative=math.nan,
+        problem={
+            k.removeprefix("problem."): _number(v)
+            for k, v in params.items()
+            if k.startswith("problem.")
+        },
+        optimum_loss=optimum,
+        source="metrics",
+        **common,
+    )
+
+
+def _number(text: Any) -> Any:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def optimizer_label(optimizer: Mapping[str, Any]) -> str:
+    """'sgd lr=0.01' (+ its other hyperparameters), so runs at other settings stay apart."""
+    name = str(optimizer.get("name", "?"))
+    hyper = [
+        f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+        for k, v in optimizer.items()
+        if k != "name" and v is not None
+    ]
+    return " ".join([name, *hyper])
+
+
+def _download_json(client: Any, run_id: str, path: str) -> dict[str, Any] | None:
+    text = _download_text(client, run_id, path)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _download_text(client: Any, run_id: str, path: str) -> str | None:
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+            return Path(local).read_text(encoding="utf-8")
+        except Exception:  # missing artifact, unreachable artifact store: use metrics
+            return None
+
+
+def _latest_per_key(rows: Iterable[Row]) -> dict[tuple[str, str, str, str], Row]:
+    """Rows arrive newest first, so the first row of a key is its latest run."""
+    latest: dict[tuple[str, str, str, str], Row] = {}
+    for row in rows:
+        latest.setdefault(row.key, row)
+    return latest
+
+
+def _set_relative(rows: Sequence[Row]) -> None:
+    timed = [r.step_us for r in rows if math.isfinite(r.step_us) and r.step_us > 0]
+    fastest = min(timed, default=math.nan)
+    for row in rows:
+        row.relative = row.step_us / fastest if row.step_us in timed else math.nan
+
+
+# ---------------------------------------------------------------- agreement
+
+
+def ulps(a: Any, b: Any, dtype: type[np.floating]) -> float:
+    """|a - b| in units in the last place of the larger magnitude, in `dtype` (elementwise max)."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.maximum(np.abs(a64), np.abs(b64)).astype(dtype)
+    return float(np.max(np.abs(a64 - b64) / np.spacing(scale).astype(np.float64)))
+
+
+def abs_diff(a: Any, b: Any) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
+    """Per mode x dtype x optimizer, the largest difference of final x between backends.
+
+    A group "all" per dtype x optimizer compares every row with every other, across modes.
+    Diverged rows have no final x to compare and are left out.
+    """
+    usable = [r for r in rows if r.status != "diverged" and np.all(np.isfinite(r.x))]
+    groups: dict[tuple[str, str, str], list[Row]] = {}
+    for row in usable:
+        groups.setdefault((row.mode, row.dtype, row.optimizer), []).append(row)
+        groups.setdefault((ALL_MODES, row.dtype, row.optimizer), []).append(row)
+    found = []
+    for (mode, dtype, optimizer), members in groups.items():
+        if mode == ALL_MODES and len({m.mode for m in members}) < 2:
+            continue
+        if mode != ALL_MODES and len(members) < 2:
+            continue
+
+        def label(row: Row, across: bool = mode == ALL_MODES) -> str:
+            return f"{row.backend} {row.mode}" if across else row.backend
+
+        pairs = list(combinations(members, 2))
+        worst = max(pairs, key=lambda p: abs_diff(p[0].x, p[1].x))
+        found.append(
+            Agreement(
+                mode=mode,
+                dtype=dtype,
+                optimizer=optimizer,
+                compared=[label(m) for m in members],
+                pair=(label(worst[0]), label(worst[1])),
+                abs_diff=abs_diff(worst[0].x, worst[1].x),
+                ulps_f32=max(ulps(a.x, b.x, np.float32) for a, b in pairs),
+                ulps_f64=(
+                    max(ulps(a.x, b.x, np.float64) for a, b in pairs)
+                    if dtype == "float64"
+                    else None
+                ),
+                note=_setup_note(members),
+            )
+        )
+    return sorted(found, key=lambda a: (a.dtype, a.optimizer, a.mode == ALL_MODES, a.mode))
+
+
+def _setup_note(members: Sequence[Row]) -> str:
+    """Rows that ran different problems or step counts are not expected to agree."""
+    notes = []
+    steps = sorted({m.steps for m in members})
+    if len(steps) > 1:
+        notes.append("steps differ: " + ", ".join(map(str, steps)))
+    problems = {json.dumps(m.problem, sort_keys=True) for m in members}
+    if len(problems) > 1:
+        notes.append("problems differ")
+    return "; ".join(notes)
+
+
+# ---------------------------------------------------------------- output
+
+
+ROW_HEADERS = [
+    "backend",
+    "mode",
+    "optimizer",
+    "dtype",
+    "status",
+    "steps",
+    "final x",
+    "final loss",
+    "|x - x*|",
+    "|loss - loss*|",
+    "compile s",
+    "us/step",
+    "vs fastest",
+]
+AGREEMENT_HEADERS = [
+    "mode",
+    "dtype",
+    "optimizer",
+    "backends",
+    "largest |dx|",
+    "between",
+    "float32 ulps",
+    "float64 ulps",
+    "note",
+]
+NUMERIC = {
+    "steps",
+    "final x",
+    "final loss",
+    "|x - x*|",
+    "|loss - loss*|",
+    "compile s",
+    "us/step",
+    "vs fastest",
+    "largest |dx|",
+    "float32 ulps",
+    "float64 ulps",
+}
+
+
+def relative_text(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    if value == 1.0:
+        return "1.0x"
+    return f"{value:.3g}x" if value < 1000 else f"{value:,.0f}x"
+
+
+def _g(value: float, spec: str = ".3g") -> str:
+    return format(value, spec) if math.isfinite(value) else str(value)
+
+
+def row_cells(row: Row) -> list[str]:
+    """Display cells; x and loss are the shortest text that reads back exactly in the dtype."""
+    steps = str(row.steps_run) if row.steps_run == row.steps else f"{row.steps_run}/{row.steps}"
+    status = "DIVERGED" if row.status == "diverged" else row.status
+    return [
+        row.backend,
+        row.mode,
+        row.optimizer,
+        row.dtype,
+        status,
+        steps,
+        fmt(row.x, row.dtype),
+        fmt(row.loss, row.dtype),
+        _g(row.error_x),
+        _g(row.error_loss),
+        _g(row.compile_s, ".3f"),
+        _g(row.step_us),
+        relative_text(row.relative),
+    ]
+
+
+def agreement_cells(item: Agreement) -> list[str]:
+    return [
+        item.mode,
+        item.dtype,
+        item.optimizer,
+        ", ".join(item.compared),
+        _g(item.abs_diff),
+        " vs ".join(item.pair),
+        _g(item.ulps_f32, ".4g"),
+        "" if item.ulps_f64 is None else _g(item.ulps_f64, ".4g"),
+        item.note,
+    ]
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if h in NUMERIC else c.ljust(w)
+            for c, w, h in zip(cells, widths, headers, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    rule = ["---:" if h in NUMERIC else "---" for h in headers]
+    return "\n".join([line(headers), "|" + "|".join(rule) + "|", *map(line, rows)])
+
+
+def terminal_text(rows: Sequence[Row], agreement: Sequence[Agreement]) -> str:
+    parts = [text_table(ROW_HEADERS, [row_cells(r) for r in rows])]
+    parts.append("")
+    if agreement:
+        parts.append("cross-backend agreement of final x (largest difference per mode)")
+        parts.append(text_table(AGREEMENT_HEADERS, [agreement_cells(a) for a in agreement]))
+    else:
+        parts.append("cross-backend agreement: no mode has runs from two backends")
+    return "\n".join(parts)
+
+
+def _header(
+    uri: str,
+    experiment: str,
+    sweep_id: str | None,
+    filters: Mapping[str, list[str]],
+    n_runs: int,
+    n_rows: int,
+) -> list[str]:
+    return [
+        f"- tracking URI: `{mask_uri(uri)}`, experiment `{experiment}`",
+        f"- runs: {_describe(sweep_id, filters)}; {n_runs} matching, "
+        f"{n_rows} rows (latest run per backend x mode x optimizer x dtype)",
+        f"- made {datetime.now().isoformat(timespec='seconds')}",
+    ]
+
+
+def write_files(
+    out: Path, rows: Sequence[Row], agreement: Sequence[Agreement], header: Sequence[str]
+) -> dict[str, Path]:
+    md = [
+        "# Comparison",
+        "",
+        *header,
+        "",
+        "Final x and loss are exact in the run's dtype; `vs fastest` is the per-step time "
+        "over the fastest row's (1.0x = fastest).",
+        "",
+        markdown_table(ROW_HEADERS, [row_cells(r) for r in rows]),
+        "",
+        "## Cross-backend agreement",
+        "",
+        "Largest difference of final x between backends per mode (`all`: across modes "
+        "too), absolute and in units in the last place of the larger value.",
+        "",
+        markdown_table(AGREEMENT_HEADERS, [agreement_cells(a) for a in agreement])
+        if agreement
+        else "No mode has runs from two backends.",
+        "",
+        "## Plots",
+        "",
+        f"![convergence]({CONVERGENCE_FILE})",
+        "",
+        f"![per-step time]({STEP_TIME_FILE})",
+        "",
+    ]
+    files = {"markdown": out / MARKDOWN_FILE, "csv": out / CSV_FILE}
+    files["agreement"] = out / AGREEMENT_FILE
+    files["json"] = out / JSON_FILE
+    atomic_write(files["markdown"], "\n".join(md))
+    atomic_write(files["csv"], _csv(rows_csv(rows)))
+    atomic_write(files["agreement"], _csv(agreement_csv(agreement)))
+    data = {"rows": [asdict(r) for r in rows], "agreement": [asdict(a) for a in agreement]}
+    atomic_write(files["json"], json.dumps(data, indent=2) + "\n")
+    return files
+
+
+def _exact(value: Any) -> str:
+    """repr of the float64 (the value results.json holds), a JSON list for vectors."""
+    if isinstance(value, list):
+        return json.dumps(value)
+    return "" if value is None else repr(float(value))
+
+
+ROW_CSV = {
+    "backend": lambda r: r.backend,
+    "mode": lambda r: r.mode,
+    "optimizer": lambda r: r.optimizer,
+    "dtype": lambda r: r.dtype,
+    "status": lambda r: r.status,
+    "steps": lambda r: str(r.steps),
+    "steps_run": lambda r: str(r.steps_run),
+    "final_x": lambda r: _exact(r.x),
+    "final_loss": lambda r: _exact(r.loss),
+    "error_x": lambda r: _exact(r.error_x),
+    "error_loss": lambda r: _exact(r.error_loss),
+    "compile_s": lambda r: _exact(r.compile_s),
+    "run_s": lambda r: _exact(r.run_s),
+    "step_us": lambda r: _exact(r.step_us),
+    "relative_step_time": lambda r: _exact(r.relative),
+    "run_id": lambda r: r.run_id,
+    "run_name": lambda r: r.run_name,
+    "started": lambda r: r.started,
+    "source": lambda r: r.source,
+}
+AGREEMENT_CSV = {
+    "mode": lambda a: a.mode,
+    "dtype": lambda a: a.dtype,
+    "optimizer": lambda a: a.optimizer,
+    "backends": lambda a: "; ".join(a.compared),
+    "abs_diff": lambda a: _exact(a.abs_diff),
+    "pair_a": lambda a: a.pair[0],
+    "pair_b": lambda a: a.pair[1],
+    "ulps_float32": lambda a: _exact(a.ulps_f32),
+    "ulps_float64": lambda a: _exact(a.ulps_f64),
+    "note": lambda a: a.note,
+}
+
+
+def rows_csv(rows: Sequence[Row]) -> list[list[str]]:
+    return [list(ROW_CSV), *([get(r) for get in ROW_CSV.values()] for r in rows)]
+
+
+def agreement_csv(agreement: Sequence[Agreement]) -> list[list[str]]:
+    return [list(AGREEMENT_CSV), *([get(a) for get in AGREEMENT_CSV.values()] for a in agreement)]
+
+
+def _csv(table: Sequence[Sequence[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(table)
+    return buffer.getvalue()
+
+
+def _label(row: Row, rows: Sequence[Row]) -> str:
+    parts = [row.backend, row.mode, row.dtype]
+    if len({r.optimizer for r in rows}) > 1:
+        parts.append(row.optimizer)
+    return " ".join(parts)
+
+
+def loss_curve(client: Any, row: Row) -> dict[str, np.ndarray] | None:
+    """The per-step loss from the run's metric history, or from its trajectory.csv."""
+    history = retry_locked(lambda: client.get_metric_history(row.run_id, "loss"))
+    if history:
+        points = sorted((m.step, m.value) for m in history)
+        return {
+            "step": np.array([p[0] for p in points], dtype=np.float64),
+            "loss": np.array([p[1] for p in points], dtype=np.float64),
+        }
+    text = _download_text(client, row.run_id, TRAJECTORY_FILE)
+    if text is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        path = Path(tmp) / TRAJECTORY_FILE
+        path.write_text(text)
+        columns = read_trajectory(path)
+    return {"step": columns["step"], "loss": columns["loss"]}
+
+
+def write_plots(client: Any, out: Path, rows: Sequence[Row]) -> dict[str, Path]:
+    from runner.plots import convergence_plot, step_time_plot
+
+    files: dict[str, Path] = {}
+    curves = {}
+    optima = {r.optimum_loss for r in rows if math.isfinite(r.optimum_loss)}
+    shared = optima.pop() if len(optima) == 1 else None
+    for row in rows:
+        curve = loss_curve(client, row)
+        if curve is None or not len(curve["step"]):
+            continue
+        if shared is None:  # different problems: plot each run's own gap to its optimum
+            curve["loss"] = curve["loss"] - row.optimum_loss
+        curves[_label(row, rows)] = curve
+    if curves:
+        files["convergence"] = convergence_plot(
+            curves, shared if shared is not None else 0.0, out / CONVERGENCE_FILE
+        )
+    times = {_label(r, rows): r.step_us for r in rows if math.isfinite(r.step_us) and r.step_us > 0}
+    if times:
+        files["step_time"] = step_time_plot(times, out / STEP_TIME_FILE)
+    return files
+
+
+def _metric_key(*parts: str) -> str:
+    return "/".join("".join(c if c.isalnum() or c in "_-. " else "_" for c in p) for p in parts)
+
+
+def log_report(
+    client: Any,
+    experiment_id: str,
+    files: Mapping[str, Path],
+    agreement: Sequence[Agreement],
+    rows: Sequence[Row],
+    sweep_id: str | None,
+    filters: Mapping[str, list[str]],
+    log_to_run_id: str | None,
+) -> str:
+    """Log the files (and the agreement as metrics) to log_to_run_id or a new comparison run."""
+    from mlflow.entities import Metric, RunStatus
+
+    run_id = log_to_run_id
+    if run_id is None:
+        tags = {KIND_TAG: COMPARISON_KIND, "compare.filters": _describe(sweep_id, filters)}
+        if sweep_id:
+            tags["compare.sweep_id"] = sweep_id
+        run = retry_locked(
+            lambda: client.create_run(
+                experiment_id, run_name=f"compare {sweep_id or 'all'}", tags=tags
+            )
+        )
+        run_id = run.info.run_id
+    status = RunStatus.FAILED
+    try:
+        now = int(time.time() * 1000)
+        several = len({a.optimizer for a in agreement}) > 1
+        metrics = [Metric("compare.rows", float(len(rows)), now, 0)]
+        for a in agreement:
+            where = [a.dtype, a.mode] + ([a.optimizer] if several else [])
+            metrics += [
+                Metric(_metric_key("agreement_abs", *where), a.abs_diff, now, 0),
+                Metric(_metric_key("agreement_ulps_f32", *where), a.ulps_f32, now, 0),
+            ]
+            if a.ulps_f64 is not None:
+                metrics.append(
+                    Metric(_metric_key("agreement_ulps_f64", *where), a.ulps_f64, now, 0)
+                )
+        retry_locked(lambda: client.log_batch(run_id, metrics=metrics))
+        for path in files.values():
+            retry_locked(lambda path=path: client.log_artifact(run_id, str(path)))
+        status = RunStatus.FINISHED
+    finally:
+        if log_to_run_id is None:
+            retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(status)))
+    return run_id
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m runner.compare",
+        description="Compare finished minimize runs in MLflow: a table per backend x mode "
+        "(x optimizer, dtype), cross-backend agreement of final x, convergence and "
+        "per-step time plots. Files go to --out and to a comparison run in MLflow.",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI to read (default: the runner's store, "
+        "sqlite:///<cwd>/outputs/mlflow.db)",
+    )
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="(default: %(default)s)")
+    parser.add_argument(
+        "--sweep", help="only runs of this sweep (tag sweep_id); 'latest' for the newest sweep"
+    )
+    for name, example in (("backend", "jax,torch"), ("mode", "graph"), ("dtype", "float32")):
+        parser.add_argument(
+            f"--{name}",
+            action="append",
+            help=f"only these {name}s; repeat or comma-separate (e.g. {example})"
+            + ("; 'graph' matches every graph/<update>" if name == "mode" else ""),
+        )
+    parser.add_argument("--out", type=Path, help="output folder (default: outputs/compare/<time>)")
+    parser.add_argument(
+        "--no-log", action="store_true", help="write the files only; log nothing to MLflow"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = compare(
+            args.tracking_uri,
+            args.experiment,
+            sweep_id=args.sweep,
+            backends=args.backend,
+            modes=args.mode,
+            dtypes=args.dtype,
+            out_dir=args.out,
+            log=not args.no_log,
+        )
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except Exception as exc:  # the store refused: say so in one line
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: tracking store: {message}", file=sys.stderr, flush=True)
+        return 4
+    print(report.text)
+    print(f"\nfiles in {report.out_dir}")
+    if report.run_id:
+        print(f"logged to MLflow run {report.run_id} (experiment {report.experiment})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
