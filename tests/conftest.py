@@ -22,7 +22,7 @@ def cli(
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
-        [sys.executable, "-m", "runner", "progress=false", *args],
+        [sys.executable, "-m", "runner", *args, "progress=false"],
         cwd=cwd,
         env=full_env,
         capture_output=True,

@@ -1,0 +1,173 @@
+"""Real MLflow: the default SQLite store, a real `mlflow server`, a parallel sweep."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from runner.tracking import config_params, mask_uri, thin
+from tests.conftest import ROOT, cli, free_port, single_result
+
+
+def runs_of(uri: str, experiment: str = "gradient-runner") -> list:
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None
+    return client.search_runs([found.experiment_id], max_results=1000)
+
+
+def test_default_store_records_everything(tmp_path: Path) -> None:
+    proc = cli("backend=jax", "mode=graph", "steps=300", "problem.b=-3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = single_result(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    (run,) = runs_of(uri)
+    client = MlflowClient(tracking_uri=uri)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "jax-graph-apply-float32"
+    params = run.data.params
+    assert params["problem.b"] == "-3" and params["optimizer.lr"] == "0.01"
+    assert params["mode.update"] == "apply" and params["steps"] == "300"
+    tags = run.data.tags
+    assert tags["backend"] == "jax" and tags["framework"] == "JAX"
+    assert tags["version.jax"] == result["versions"]["jax"]
+    assert tags["device"] == result["device"] and tags["python"] == result["versions"]["python"]
+    assert "problem.b=-3" in tags["overrides"] and tags["platform"]
+    metrics = run.data.metrics
+    assert metrics["final_x"] == result["x"] and metrics["final_loss"] == result["loss"]
+    assert metrics["error_x"] == result["error"]["x"]
+    assert metrics["step_us"] == result["timings"]["step_us"]
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(301))
+    assert len(client.get_metric_history(run.info.run_id, "x")) == 301
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "trajectory.csv", "convergence.png", "hydra"} <= artifacts
+    hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
+    assert {"hydra/config.yaml", "hydra/overrides.yaml"} <= hydra_files
+    png = Path(client.download_artifacts(run.info.run_id, "convergence.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the store lives under outputs/, never inside the per-run folder
+    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert not list(run_dir.glob("*.db"))
+
+
+def test_diverged_run_is_failed_with_its_trajectory(tmp_path: Path) -> None:
+    proc = cli("backend=jax", "optimizer.lr=1.5", "steps=300", cwd=tmp_path)
+    assert proc.returncode == 3
+    (run,) = runs_of(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert run.info.status == "FAILED"
+    assert "at step" in run.data.tags["error"]
+    step = single_result(tmp_path)["diverged_at"]
+    history = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}").get_metric_history(
+        run.info.run_id, "x"
+    )
+    assert max(m.step for m in history) == step - 1  # the non-finite state is not a point
+
+
+def test_ctrl_c_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: Path) -> None:
+    env_path = {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "backend=jax", "steps=100000000", "progress=false"],
+        cwd=tmp_path,
+        env={**__import__("os").environ, **env_path},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    db = tmp_path / "outputs" / "mlflow.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(
+        (tmp_path / "outputs" / "mlartifacts").glob("*")
+    ):
+        time.sleep(0.2)  # the experiment exists: the run has started
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    result = single_result(tmp_path)
+    assert result["status"] == "interrupted" and 0 < result["steps_run"] < 100_000_000
+    (run,) = runs_of(f"sqlite:///{db}")
+    assert run.info.status == "KILLED"
+    assert run.data.metrics["steps_run"] == result["steps_run"]
+
+
+def test_tracking_server_over_http(tmp_path: Path, mlflow_server: str) -> None:
+    proc = cli(
+        "backend=jax",
+        "task=derivatives",
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=http-test",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (run,) = runs_of(mlflow_server, "http-test")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["dy_dx"] == -2.0 and run.data.metrics["error.d2y_dx2"] == 0.0
+    artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(run.info.run_id)}
+    assert "results.json" in artifacts
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_unreachable_server_fails_fast_and_keeps_results(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = cli(
+        "backend=jax", "steps=50", f"tracking.uri=http://127.0.0.1:{free_port()}", cwd=tmp_path
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 4
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tracking server http://127.0.0.1:") and "unreachable" in last
+    assert single_result(tmp_path)["status"] == "finished"
+    assert elapsed < 30  # a clear error in seconds (imports included), not a retry storm
+
+
+def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "backend=jax",
+        "mode=manual,apply,graph",
+        "dtype=float32,float64",
+        "steps=100",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = runs_of(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    jobs = [r for r in runs if r.data.tags.get("runner.kind") is None]
+    parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(jobs) == 6
+    assert {r.info.status for r in jobs} == {"FINISHED"}
+    assert len({r.info.run_name for r in jobs}) == 6
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parents[0].info.run_id}
+    assert {r.data.tags["sweep_id"] for r in jobs} == {parents[0].data.tags["sweep_id"]}
+
+
+def test_secrets_are_masked() -> None:
+    assert mask_uri("http://alice:s3cret@127.0.0.1:5000") == "http://***@127.0.0.1:5000"
+    params = config_params(
+        {"tracking": {"uri": "https://bob:pw@host/", "api_token": "abc"}, "steps": 3}
+    )
+    assert params == {
+        "tracking.uri": "https://***@host/",
+        "tracking.api_token": "***",
+        "steps": "3",
+    }
+
+
+def test_logged_points_are_bounded() -> None:
+    keep = thin(10_000_001)
+    assert len(keep) <= 1000 and keep[0] == 0 and keep[-1] == 10_000_000
+    assert np.all(np.diff(keep) > 0)
+    assert list(thin(5)) == [0, 1, 2, 3, 4]
