@@ -62,9 +62,9 @@ class SweepTracking(Callback):
         target = resolve_target(tracking, Path(config.hydra.runtime.cwd))
         client = client_for(target)
         status = "FINISHED"
-        try:
-            from runner.compare import compare
+        from runner.compare import CompareError, compare
 
+        try:
             report = compare(
                 target.uri,
                 target.experiment,
@@ -74,6 +74,8 @@ class SweepTracking(Callback):
                 client=client,
             )
             print(report.text)
+        except CompareError as exc:  # e.g. every job failed: nothing to compare
+            print(f"no comparison report: {exc}", file=sys.stderr)
         except Exception as exc:  # the sweep's runs are all recorded; say why no report
             status = "FAILED"
             print(f"error: comparison report not made: {exc}", file=sys.stderr)

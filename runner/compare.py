@@ -41,7 +41,6 @@ import numpy as np
 
 from runner.errors import RunnerError
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
-from runner.summary import fmt
 from runner.tracking import (
     TrackingTarget,
     client_for,
@@ -166,17 +165,17 @@ def compare(
             f"no finished minimize runs in experiment {experiment!r} match "
             f"{_describe(sweep_id, filters)}"
         )
-    latest = _latest_per_key(_record(client, run) for run in runs)
-    rows = sorted(latest.values(), key=lambda r: (r.dtype, r.mode, r.optimizer, r.backend))
+    latest = _latest_per_key(_record(client, run) for run in _newest_per_setting(runs))
+    rows = sorted(latest.values(), key=_row_order)
     _set_relative(rows)
     agreement = agreement_of(rows)
 
     out = Path(out_dir) if out_dir else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     header = _header(uri, experiment, sweep_id, filters, len(runs), len(rows))
-    text = terminal_text(rows, agreement)
-    files = write_files(out, rows, agreement, header)
-    files.update(write_plots(client, out, rows))
+    text = terminal_text(rows, agreement, f"{experiment}: {header[1].removeprefix('- runs: ')}")
+    plots = write_plots(client, out, rows)
+    files = {**write_files(out, rows, agreement, header, plots), **plots}
     run_id = None
     if log:
         run_id = log_report(
@@ -203,7 +202,9 @@ def _values(items: Iterable[str] | None) -> list[str]:
     """Repeated and comma-separated values, in order, without duplicates."""
     out: list[str] = []
     for item in items or ():
-        out += [v.strip() for v in str(item).split(",") if v.strip() and v.strip() not in out]
+        for value in str(item).split(","):
+            if value.strip() and value.strip() not in out:
+                out.append(value.strip())
     return out
 
 
@@ -354,8 +355,8 @@ def optimizer_label(optimizer: Mapping[str, Any]) -> str:
     name = str(optimizer.get("name", "?"))
     hyper = [
         f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
-        for k, v in optimizer.items()
-        if k != "name" and v is not None
+        for k, v in sorted(optimizer.items(), key=lambda kv: (kv[0] != "lr", kv[0]))
+        if k != "name" and v not in (None, "None")
     ]
     return " ".join([name, *hyper])
 
@@ -379,12 +380,45 @@ def _download_text(client: Any, run_id: str, path: str) -> str | None:
             return None
 
 
+def _newest_per_setting(runs: Sequence[Any]) -> list[Any]:
+    """The newest run per backend, mode, dtype and optimizer params, before any download.
+
+    A finer key than a row's (every optimizer param counts), so no row loses its latest
+    run; it spares reading results.json of every older run in a long-lived experiment.
+    """
+    seen, kept = set(), []
+    for run in runs:
+        tags, params = run.data.tags, run.data.params
+        setting = (
+            tags.get("backend"),
+            tags.get("mode"),
+            tags.get("dtype"),
+            tuple(sorted((k, v) for k, v in params.items() if k.startswith("optimizer."))),
+        )
+        if setting not in seen:
+            seen.add(setting)
+            kept.append(run)
+    return kept
+
+
 def _latest_per_key(rows: Iterable[Row]) -> dict[tuple[str, str, str, str], Row]:
     """Rows arrive newest first, so the first row of a key is its latest run."""
     latest: dict[tuple[str, str, str, str], Row] = {}
     for row in rows:
         latest.setdefault(row.key, row)
     return latest
+
+
+MODE_ORDER = ("manual", "apply", "minimize", "graph")  # eager to compiled, as in the README
+
+
+def _mode_order(mode: str) -> tuple[int, str]:
+    name = mode.split("/")[0]
+    return (MODE_ORDER.index(name) if name in MODE_ORDER else len(MODE_ORDER), mode)
+
+
+def _row_order(row: Row) -> tuple[Any, ...]:
+    return (row.dtype, row.optimizer, _mode_order(row.mode), row.backend)
 
 
 def _set_relative(rows: Sequence[Row]) -> None:
@@ -448,7 +482,9 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
                 note=_setup_note(members),
             )
         )
-    return sorted(found, key=lambda a: (a.dtype, a.optimizer, a.mode == ALL_MODES, a.mode))
+    return sorted(
+        found, key=lambda a: (a.dtype, a.optimizer, a.mode == ALL_MODES, _mode_order(a.mode))
+    )
 
 
 def _setup_note(members: Sequence[Row]) -> str:
@@ -512,7 +548,18 @@ def relative_text(value: float) -> str:
         return "n/a"
     if value == 1.0:
         return "1.0x"
+    if value < 10:
+        return f"{value:.2f}x"  # 1.00x: within 0.5% of the fastest, but not it
     return f"{value:.3g}x" if value < 1000 else f"{value:,.0f}x"
+
+
+def exact_text(value: Any, dtype: str) -> str:
+    """Shortest text that reads back as the same value in the run's dtype (a list: its head)."""
+    if isinstance(value, list):
+        head = ", ".join(exact_text(v, dtype) for v in value[:3])
+        return f"[{head}{', ...' if len(value) > 3 else ''}] (n={len(value)})"
+    with np.errstate(over="ignore"):
+        return str((np.float32 if dtype == "float32" else np.float64)(value))
 
 
 def _g(value: float, spec: str = ".3g") -> str:
@@ -530,12 +577,12 @@ def row_cells(row: Row) -> list[str]:
         row.dtype,
         status,
         steps,
-        fmt(row.x, row.dtype),
-        fmt(row.loss, row.dtype),
+        exact_text(row.x, row.dtype),
+        exact_text(row.loss, row.dtype),
         _g(row.error_x),
         _g(row.error_loss),
         _g(row.compile_s, ".3f"),
-        _g(row.step_us),
+        _g(row.step_us) if not row.step_us >= 1000 else f"{row.step_us:.0f}",
         relative_text(row.relative),
     ]
 
@@ -545,7 +592,7 @@ def agreement_cells(item: Agreement) -> list[str]:
         item.mode,
         item.dtype,
         item.optimizer,
-        ", ".join(item.compared),
+        ", ".join(item.compared) if item.mode != ALL_MODES else f"{len(item.compared)} rows",
         _g(item.abs_diff),
         " vs ".join(item.pair),
         _g(item.ulps_f32, ".4g"),
@@ -574,8 +621,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join([line(headers), "|" + "|".join(rule) + "|", *map(line, rows)])
 
 
-def terminal_text(rows: Sequence[Row], agreement: Sequence[Agreement]) -> str:
-    parts = [text_table(ROW_HEADERS, [row_cells(r) for r in rows])]
+def terminal_text(rows: Sequence[Row], agreement: Sequence[Agreement], title: str = "") -> str:
+    parts = [title] if title else []
+    parts.append(text_table(ROW_HEADERS, [row_cells(r) for r in rows]))
     parts.append("")
     if agreement:
         parts.append("cross-backend agreement of final x (largest difference per mode)")
@@ -602,8 +650,14 @@ def _header(
 
 
 def write_files(
-    out: Path, rows: Sequence[Row], agreement: Sequence[Agreement], header: Sequence[str]
+    out: Path,
+    rows: Sequence[Row],
+    agreement: Sequence[Agreement],
+    header: Sequence[str],
+    plots: Mapping[str, Path],
 ) -> dict[str, Path]:
+    """comparison.md (tables and plots), comparison.csv, agreement.csv, comparison.json."""
+    images = [f"![{name}]({path.name})\n" for name, path in plots.items()]
     md = [
         "# Comparison",
         "",
@@ -623,12 +677,7 @@ def write_files(
         if agreement
         else "No mode has runs from two backends.",
         "",
-        "## Plots",
-        "",
-        f"![convergence]({CONVERGENCE_FILE})",
-        "",
-        f"![per-step time]({STEP_TIME_FILE})",
-        "",
+        *(["## Plots", "", *images] if images else []),
     ]
     files = {"markdown": out / MARKDOWN_FILE, "csv": out / CSV_FILE}
     files["agreement"] = out / AGREEMENT_FILE
@@ -741,7 +790,11 @@ def write_plots(client: Any, out: Path, rows: Sequence[Row]) -> dict[str, Path]:
         files["convergence"] = convergence_plot(
             curves, shared if shared is not None else 0.0, out / CONVERGENCE_FILE
         )
-    times = {_label(r, rows): r.step_us for r in rows if math.isfinite(r.step_us) and r.step_us > 0}
+    times = {  # barh draws the first bar at the bottom: reversed, it reads like the table
+        _label(r, rows): r.step_us
+        for r in reversed(rows)
+        if math.isfinite(r.step_us) and r.step_us > 0
+    }
     if times:
         files["step_time"] = step_time_plot(times, out / STEP_TIME_FILE)
     return files

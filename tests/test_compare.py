@@ -1,0 +1,338 @@
+"""`python -m runner.compare` against a real SQLite store filled by the real CLI.
+
+Three multiruns fill one store in parallel (one process each): JAX in every eager and
+compiled mode in float32 and float64; a second framework (torch, else tf) in manual
+mode in both dtypes; and JAX manual at lr 0.01 again (a second run of one row key) and
+at lr 10 (diverges). Every number in the report is checked against the runs' own
+results.json files on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runner.compare import optimizer_label
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.timeout(240)
+
+EXPERIMENT = "gradient-runner"
+SECOND = "torch" if (ROOT / "backends" / "torch.py").exists() else "tf"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ARTIFACTS = {
+    "comparison.md",
+    "comparison.csv",
+    "comparison.json",
+    "agreement.csv",
+    "convergence.png",
+    "step_time.png",
+}
+
+
+def env() -> dict[str, str]:
+    full = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full.pop("HYDRA_FULL_ERROR", None)
+    return full
+
+
+def start(module: str, *args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def key_of(result: dict) -> tuple[str, str, str, str]:
+    mode = result["mode"] + (f"/{result['update']}" if result.get("update") else "")
+    return (result["backend"], mode, optimizer_label(result["optimizer"]), result["dtype"])
+
+
+def same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def ulps(x1: float, x2: float, dtype: type) -> float:
+    return abs(x1 - x2) / float(np.spacing(dtype(max(abs(x1), abs(x2)))))
+
+
+def markdown_rows(text: str, first_header: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose first header cell is first_header."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    headers = [c.strip() for c in lines[start].strip("|").split(" | ")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip().replace("\\|", "|") for c in line.strip("|").split(" | ")]
+        rows.append(dict(zip(headers, cells, strict=True)))
+    return rows
+
+
+def is_png(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+        return path.read_bytes()[:8] == PNG_SIGNATURE and image.format == "PNG"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("compare")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    from runner.tracking import client_for, ensure_experiment, resolve_target
+
+    # Schema and experiment first, so the parallel processes below never race to make them.
+    target = resolve_target({"uri": uri}, root)
+    client = client_for(target)
+    ensure_experiment(client, target)
+    common = ("steps=50", "progress=false", f"tracking.uri={uri}")
+    sweeps = {
+        "jax": ("backend=jax", "mode=manual,apply,graph", "dtype=float32,float64"),
+        SECOND: (f"backend={SECOND}", "mode=manual", "dtype=float32,float64"),
+        "extra": ("backend=jax", "mode=manual", "optimizer.lr=0.01,10"),
+    }
+    procs = {
+        name: start("runner", "-m", *args, *common, f"hydra.sweep.dir={root / name}", cwd=root)
+        for name, args in sweeps.items()
+    }
+    for name, proc in procs.items():
+        code, out, err = finish(proc)
+        assert code == 0, f"{name}: {out[-2000:]}\n{err[-3000:]}"
+    results = [
+        json.loads(path.read_text())
+        for name in sweeps
+        for path in (root / name).glob("*/results.json")
+    ]
+    assert len(results) == 10
+    return {"root": root, "uri": uri, "client": client, "results": results}
+
+
+def main_in_process(*argv: str) -> tuple[int, str, str]:
+    """runner.compare.main in this process (MLflow already imported): code, stdout, stderr."""
+    from runner.compare import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def report(store: dict) -> dict:
+    """The CLI over the whole store and with a bad experiment; two more through main()."""
+    root, uri = store["root"], store["uri"]
+    everything = start(
+        "runner.compare", "--tracking-uri", uri, "--out", str(root / "out"), cwd=root
+    )
+    bad = start(
+        "runner.compare", "--tracking-uri", uri, "--experiment", "no-such-experiment", cwd=root
+    )
+    done = {
+        "filtered": main_in_process(
+            *("--tracking-uri", uri, "--sweep", (root / "jax").as_posix(), "--mode", "graph"),
+            *("--dtype", "float64,float32", "--backend", "jax", "--no-log", "--out"),
+            str(root / "out2"),
+        ),
+        "no_match": main_in_process("--tracking-uri", uri, "--backend", "no-such-backend"),
+        "bad_experiment": finish(bad),
+        "all": finish(everything),
+    }
+    code, out, err = done["all"]
+    assert code == 0, err
+    return {**done, "out": root / "out", "stdout": out}
+
+
+def test_rows_are_the_latest_runs_results(store: dict, report: dict) -> None:
+    by_key: dict[tuple, list[dict]] = {}
+    for result in store["results"]:
+        by_key.setdefault(key_of(result), []).append(result)
+    rows = read_csv(report["out"] / "comparison.csv")
+    assert len(rows) == len(by_key) == 9
+    client = store["client"]
+    for row in rows:
+        key = (row["backend"], row["mode"], row["optimizer"], row["dtype"])
+        candidates = by_key.pop(key)
+        matching = [r for r in candidates if float(row["step_us"]) == r["timings"]["step_us"]]
+        assert len(matching) == 1, (key, row)
+        result = matching[0]
+        if len(candidates) > 1:  # two runs of one key: the row is the one started last
+            runs = [client.get_run(r) for r in _run_ids_of(client, key)]
+            assert row["run_id"] == max(runs, key=lambda r: r.info.start_time).info.run_id
+        assert row["status"] == result["status"]
+        assert int(row["steps"]) == result["steps"]
+        assert int(row["steps_run"]) == result["steps_run"]
+        assert same(float(row["final_x"]), result["x"])
+        assert same(float(row["final_loss"]), result["loss"])
+        assert same(float(row["error_x"]), result["error"]["x"])
+        assert same(float(row["error_loss"]), result["error"]["loss"])
+        for name in ("compile_s", "run_s", "step_us"):
+            assert float(row[name]) == result["timings"][name]
+    assert not by_key
+    diverged = [r for r in rows if r["status"] == "diverged"]
+    assert [(r["backend"], r["optimizer"]) for r in diverged] == [("jax", "sgd lr=10")]
+
+    # Relative speed: the fastest row is exactly 1.0, the others are multiples of it.
+    fastest = min(float(r["step_us"]) for r in rows)
+    relative = [float(r["relative_step_time"]) for r in rows]
+    assert min(relative) == 1.0 and relative.count(1.0) >= 1
+    for row, rel in zip(rows, relative, strict=True):
+        assert rel == pytest.approx(float(row["step_us"]) / fastest, rel=1e-12)
+
+    # The markdown table shows the same rows, x and loss exact in the run's dtype.
+    markdown = (report["out"] / "comparison.md").read_text()
+    shown = markdown_rows(markdown, "backend")
+    assert len(shown) == len(rows)
+    for cells, row in zip(shown, rows, strict=True):
+        assert [cells[k] for k in ("backend", "mode", "optimizer", "dtype")] == [
+            row[k] for k in ("backend", "mode", "optimizer", "dtype")
+        ]
+        cast = np.float32 if row["dtype"] == "float32" else np.float64
+        for column, field in (("final x", "final_x"), ("final loss", "final_loss")):
+            assert same(cast(float(cells[column])), cast(float(row[field])))
+        if row["status"] == "diverged":
+            assert cells["status"] == "DIVERGED"
+            assert cells["steps"] == f"{row['steps_run']}/{row['steps']}"
+        assert (cells["vs fastest"] == "1.0x") == (float(row["relative_step_time"]) == 1.0)
+    # The terminal table is printed, and the agreement section is in the markdown.
+    assert "vs fastest" in report["stdout"] and "1.0x" in report["stdout"]
+    assert "## Cross-backend agreement" in markdown and "(convergence.png)" in markdown
+
+
+def _run_ids_of(client, key: tuple[str, str, str, str]) -> list[str]:
+    backend, mode, _optimizer, dtype = key
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    found = client.search_runs(
+        [exp.experiment_id],
+        f"tags.backend = '{backend}' and tags.mode = '{mode}' and tags.dtype = '{dtype}' "
+        "and params.`optimizer.lr` = '0.01'",
+    )
+    return [run.info.run_id for run in found]
+
+
+def test_agreement_is_computed_from_final_x(report: dict) -> None:
+    rows = [
+        r
+        for r in read_csv(report["out"] / "comparison.csv")
+        if r["status"] == "finished" and r["optimizer"] == "sgd lr=0.01"
+    ]
+    agreement = {(a["mode"], a["dtype"]): a for a in read_csv(report["out"] / "agreement.csv")}
+    # Only manual mode ran on two backends; "all" compares every mode of a dtype.
+    expected_keys = {(m, d) for m in ("manual", "all") for d in ("float32", "float64")}
+    assert set(agreement) == expected_keys
+    assert all(a["optimizer"] == "sgd lr=0.01" for a in agreement.values())  # lr=10 diverged
+    for (mode, dtype), found in agreement.items():
+        xs = [
+            float(r["final_x"]) for r in rows if r["dtype"] == dtype and mode in ("all", r["mode"])
+        ]
+        pairs = [(a, b) for i, a in enumerate(xs) for b in xs[i + 1 :]]
+        assert float(found["abs_diff"]) == max(abs(a - b) for a, b in pairs)
+        assert float(found["ulps_float32"]) == pytest.approx(
+            max(ulps(a, b, np.float32) for a, b in pairs), rel=1e-12
+        )
+        if dtype == "float64":
+            assert float(found["ulps_float64"]) == pytest.approx(
+                max(ulps(a, b, np.float64) for a, b in pairs), rel=1e-12
+            )
+        else:
+            assert found["ulps_float64"] == ""
+    manual32 = agreement[("manual", "float32")]
+    assert {manual32["pair_a"], manual32["pair_b"]} == {"jax", SECOND}
+    shown = markdown_rows((report["out"] / "comparison.md").read_text(), "mode")
+    assert [(r["mode"], r["dtype"]) for r in shown] == [
+        ("manual", "float32"),
+        ("all", "float32"),
+        ("manual", "float64"),
+        ("all", "float64"),
+    ]
+
+
+def test_plots_and_comparison_run_in_mlflow(store: dict, report: dict) -> None:
+    out = report["out"]
+    assert is_png(out / "convergence.png") and is_png(out / "step_time.png")
+    client = store["client"]
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], "tags.`runner.kind` = 'comparison'")
+    assert len(runs) == 1  # the --no-log and the failed invocations logged nothing
+    run = runs[0]
+    assert run.info.run_name == "compare all" and run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == ARTIFACTS
+    logged = Path(client.download_artifacts(run.info.run_id, "comparison.csv", str(out.parent)))
+    assert logged.read_text() == (out / "comparison.csv").read_text()
+    assert run.data.metrics["agreement_abs/float32/manual"] == float(
+        read_csv(out / "agreement.csv")[0]["abs_diff"]
+    )
+
+
+def test_filters_select_one_sweep_and_mode(store: dict, report: dict) -> None:
+    code, out, err = report["filtered"]
+    assert code == 0, err
+    rows = read_csv(store["root"] / "out2" / "comparison.csv")
+    assert sorted((r["mode"], r["dtype"]) for r in rows) == [
+        ("graph/apply", "float32"),
+        ("graph/apply", "float64"),
+    ]
+    assert all(r["backend"] == "jax" for r in rows)
+    assert "files in" in out and "logged to MLflow" not in out
+
+
+def test_bad_input_is_one_line_and_exit_2(report: dict) -> None:
+    for name, words in (
+        ("bad_experiment", ("no-such-experiment", "not found")),
+        ("no_match", ("no finished minimize runs", "backend=no-such-backend")),
+    ):
+        code, out, err = report[name]
+        assert code == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert all(word in lines[0] for word in words) and "Traceback" not in err
+        assert out == ""
+
+
+def test_function_logs_to_a_given_run(store: dict, tmp_path: Path) -> None:
+    """What the multirun callback does: the files become artifacts of the sweep's parent."""
+    from runner.compare import compare
+
+    client = store["client"]
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    parent = client.create_run(exp.experiment_id, tags={"runner.kind": "sweep"})
+    sweep_id = (store["root"] / SECOND).as_posix()
+    found = compare(
+        store["uri"],
+        EXPERIMENT,
+        sweep_id=sweep_id,
+        out_dir=tmp_path,
+        log_to_run_id=parent.info.run_id,
+        client=client,
+    )
+    assert found.run_id == parent.info.run_id
+    assert [(r.backend, r.dtype) for r in found.rows] == [(SECOND, "float32"), (SECOND, "float64")]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == ARTIFACTS
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # its owner ends it
+    assert "vs fastest" in found.text and set(found.files) >= {"markdown", "csv"}
