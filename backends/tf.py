@@ -16,15 +16,15 @@ import os
 # Quiet TensorFlow's C++ INFO/WARNING logs; must be set before the import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from collections.abc import Callable, Mapping, Sequence  # noqa: E402
-from typing import Any, ClassVar  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tf_keras  # noqa: E402
+import numpy as np
+import tensorflow as tf
+import tf_keras
 
-from runner.errors import ConfigError  # noqa: E402
-from runner.protocol import (  # noqa: E402
+from runner.errors import ConfigError
+from runner.protocol import (
     DTYPES,
     GRAPH_UPDATES,
     MODES,
@@ -50,6 +50,21 @@ def _coefficients(problem: Any, dtype: tf.DType) -> dict[str, tf.Tensor]:
     return {k: tf.constant(v, dtype=dtype) for k, v in problem.coefficients.items()}
 
 
+class _ObservedSGD(tf_keras.optimizers.SGD):
+    """Keras 2 SGD that keeps the gradients it is handed, so minimize mode can report grad_i.
+
+    Keras 2's `minimize` is `compute_gradients` + `self.apply_gradients`; keeping a
+    reference to what reaches apply_gradients changes no arithmetic.
+    """
+
+    last_grads: list[Any]
+
+    def apply_gradients(self, grads_and_vars: Any, *args: Any, **kwargs: Any) -> Any:
+        grads_and_vars = list(grads_and_vars)
+        self.last_grads = [grad for grad, _ in grads_and_vars]
+        return super().apply_gradients(grads_and_vars, *args, **kwargs)
+
+
 def _make_sgd(spec: MinimizeSpec) -> Any:
     """The notebook's `SGD(learning_rate=lr)`, from Keras 2, in the run's dtype.
 
@@ -64,7 +79,7 @@ def _make_sgd(spec: MinimizeSpec) -> Any:
     saved = tf_keras.backend.floatx()
     tf_keras.backend.set_floatx(spec.dtype)
     try:
-        return tf_keras.optimizers.SGD(
+        return _ObservedSGD(
             learning_rate=spec.optimizer.lr,
             # A Python float would reach tf.cast as a float32 tensor: give it the run dtype.
             momentum=np.dtype(spec.dtype).type(hyper.get("momentum", 0.0)),
@@ -113,12 +128,11 @@ class _Run:
         self.opt.apply_gradients([(grad, self.x)])
         return loss, grad
 
-    def update_minimize(self, want_grad: bool = True) -> tuple[tf.Tensor, tf.Tensor | None]:
+    def update_minimize(self) -> tuple[tf.Tensor, tf.Tensor]:
         """`opt.minimize(f, [x])`; f hands us the loss it computed, before the update.
 
-        Keras 2's minimize is compute_gradients(f, var_list, tape) + apply_gradients.
-        For grad_i we pass it a persistent tape and ask that tape once more for the
-        gradient it already recorded (at x_i): the update's arithmetic is untouched.
+        The gradient is the one minimize itself computed and applied, seen by
+        `_ObservedSGD.apply_gradients`: no second differentiation, same arithmetic.
         """
         seen: list[tf.Tensor] = []
 
@@ -127,14 +141,8 @@ class _Run:
             seen.append(y)
             return y
 
-        if not want_grad:
-            self.opt.minimize(f, [self.x])
-            return seen[0], None
-        tape = tf.GradientTape(persistent=True)
-        self.opt.minimize(f, [self.x], tape=tape)
-        grad = tape.gradient(seen[0], self.x)
-        del tape
-        return seen[0], grad
+        self.opt.minimize(f, [self.x])
+        return seen[0], self.opt.last_grads[0]
 
     def updater(self, kind: str) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
         return {
@@ -156,21 +164,18 @@ class _EagerProgram:
         self._run = run
         mode = run.spec.mode
         self._update = run.updater(mode)
-        self._minimize = mode == "minimize"
 
     def step(self, record: bool) -> Values:
         run = self._run
         with tf.device(run.device):
             # A resource variable's read is a snapshot: the update below copies on write.
             x_i = run.x.read_value() if record else None
-            if self._minimize:
-                loss, grad = run.update_minimize(want_grad=record)
-            else:
-                loss, grad = self._update()
+            loss, grad = self._update()
         return loss, x_i, grad
 
     def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
-        with tf.device("/device:CPU:0"):
+        # Stack on the run's device, then one transfer to the host.
+        with tf.device(self._run.device):
             stacked = tf.stack(list(values))
         return np.asarray(stacked.numpy(), dtype=self._run.np_dtype)
 
@@ -183,9 +188,10 @@ class _GraphProgram:
 
     `steps` is a tensor argument with a fixed signature, so prepare()'s 0-step call
     traces (and with XLA compiles) the function once and run() reuses it. A
-    `tf.while_loop` stops at the first non-finite loss; rows go into TensorArrays of
-    `rows + 1` slots where the extra slot absorbs the writes of unrecorded steps, so
-    the loop body has no branch.
+    `tf.while_loop` stops at the first non-finite loss. Rows go into preallocated
+    variables of `rows + 1` slots, written in place (one scatter op each; a TensorArray
+    write cost about 3x more per step here); the extra slot takes the writes of
+    unrecorded steps, so the loop body has no branch.
     """
 
     def __init__(self, run: _Run) -> None:
@@ -194,6 +200,11 @@ class _GraphProgram:
         self._every = spec.record.every
         self._rows = spec.record.rows
         self._update = run.updater(spec.update)
+        with tf.device(run.device):
+            self._buffers = [
+                tf.Variable(tf.zeros([self._rows + 1, *run.x.shape], run.dtype), trainable=False)
+                for _ in ("x", "loss", "grad")
+            ]
         self._fn = tf.function(
             self._loop,
             input_signature=[tf.TensorSpec([], tf.int32)],
@@ -203,48 +214,42 @@ class _GraphProgram:
         # Trace/compile now; the loop body does not run, so x and the optimizer stay fresh.
         self._call(0)
 
+    def _slot(self, i: tf.Tensor) -> tf.Tensor:
+        """Row i // every when step i is recorded, else the spare last row."""
+        if self._every == 1:
+            return i
+        return tf.where(i % self._every == 0, i // self._every, self._rows)
+
     def _loop(self, steps: tf.Tensor) -> dict[str, tf.Tensor]:
         run = self._run
+        xs, losses, grads = self._buffers
         with tf.device(run.device):
-            every = tf.constant(self._every, tf.int32)
-            spare = tf.constant(self._rows, tf.int32)
 
-            def buffer() -> tf.TensorArray:
-                return tf.TensorArray(
-                    run.dtype, size=self._rows + 1, element_shape=run.x.shape
-                )
-
-            def cond(i, ok, x_i, xs, losses, grads):  # noqa: ARG001
+            def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
                 return tf.logical_and(ok, i < steps)
 
-            def body(i, ok, x_i, xs, losses, grads):  # noqa: ARG001
+            def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
                 x_i = run.x.read_value()
                 loss, grad = self._update()
                 # A row written at the stopping step lands in a slot that run() drops.
-                slot = i if self._every == 1 else tf.where(i % every == 0, i // every, spare)
-                xs = xs.write(slot, x_i)
-                losses = losses.write(slot, loss)
-                grads = grads.write(slot, grad)
-                return i + 1, tf.math.is_finite(loss), x_i, xs, losses, grads
+                slot = self._slot(i)
+                xs.scatter_update(tf.IndexedSlices(x_i, slot))
+                losses.scatter_update(tf.IndexedSlices(loss, slot))
+                grads.scatter_update(tf.IndexedSlices(grad, slot))
+                return i + 1, tf.math.is_finite(loss)
 
-            start = (
-                tf.constant(0, tf.int32),
-                tf.constant(True),
-                run.x.read_value(),
-                buffer(),
-                buffer(),
-                buffer(),
-            )
-            i, ok, x_stop, xs, losses, grads = tf.while_loop(cond, body, start)
-            # Stopped by a non-finite loss: x went one update past step i; put it back
-            # so that the final state is the one at step i.
+            i, ok = tf.while_loop(cond, body, (tf.constant(0, tf.int32), tf.constant(True)))
+            stopped_at = tf.where(ok, i, i - 1)
+            # Stopped by a non-finite loss: x went one update past that step; put back
+            # the x of that step (its row was written) so the final state is the one there.
+            x_stop = tf.gather(xs, self._slot(tf.maximum(stopped_at, 0)))
             run.x.assign(tf.where(ok, run.x.read_value(), x_stop))
             loss, grad = run.loss_and_grad()
             return {
-                "stopped_at": tf.where(ok, i, i - 1),
-                "x": xs.stack(),
-                "loss": losses.stack(),
-                "grad": grads.stack(),
+                "stopped_at": stopped_at,
+                "x": xs.read_value(),
+                "loss": losses.read_value(),
+                "grad": grads.read_value(),
                 "final_x": run.x.read_value(),
                 "final_loss": loss,
                 "final_grad": grad,
@@ -343,47 +348,46 @@ class TensorFlowBackend:
         with tf.device(self.resolved_device(spec.device)):
             p = _coefficients(problem, dtype)
             x = tf.Variable(problem.x0, name="x", dtype=dtype)
-            coefs = [p["a"], p["b"], p["c"]]
             with tf.GradientTape() as tape:
-                tape.watch(coefs)
+                tape.watch(list(p.values()))  # constants are not watched by default
                 y = problem.loss(x, p)
-            dy_dx, *dy_dcoef = tape.gradient(y, [x, *coefs])
+            dy_dx, dy_dcoef = tape.gradient(y, [x, p])
             with tf.GradientTape() as outer:
                 with tf.GradientTape() as inner:
                     y2 = problem.loss(x, p)
                 first = inner.gradient(y2, x)
             d2y_dx2 = outer.gradient(first, x)
-            c_dy_dx, c_y = _get_gradient(problem, dtype)(
-                tf.constant(problem.x0, dtype), p["a"], p["b"], p["c"]
-            )
+            c_dy_dx, c_y = _get_gradient(problem, dtype)(tf.constant(problem.x0, dtype), p)
         return Derivatives(
             y=float(y),
             dy_dx=float(dy_dx),
-            dy_dcoef={k: float(v) for k, v in zip("abc", dy_dcoef, strict=True)},
+            dy_dcoef={k: float(v) for k, v in dy_dcoef.items()},
             d2y_dx2=float(d2y_dx2),
             compiled_dy_dx=float(c_dy_dx),
             compiled_y=float(c_y),
         )
 
 
-_GET_GRADIENT: dict[tuple[type, tf.DType], Any] = {}
+_GET_GRADIENT: dict[tuple[type, tuple[str, ...], tf.DType], Any] = {}
 
 
 def _get_gradient(problem: Any, dtype: tf.DType) -> Any:
     """The notebook's `get_gradient` (In [18]): a tf.function -> (dy_dx, y).
 
-    Coefficients are arguments rather than constants inside, and the input signature
-    is fixed, so it is traced once per (problem, dtype), never once per call.
+    The coefficients are arguments rather than constants inside, and the input
+    signature is fixed, so it is traced once per (problem kind, dtype), never once per
+    call. (Problem.loss depends on the instance only through the coefficients.)
     """
-    key = (type(problem), dtype)
+    names = tuple(problem.coefficients)
+    key = (type(problem), names, dtype)
     if key not in _GET_GRADIENT:
-        spec = tf.TensorSpec([], dtype)
+        scalar = tf.TensorSpec([], dtype)
 
-        @tf.function(input_signature=[spec, spec, spec, spec])
-        def get_gradient(x, a, b, c):
+        @tf.function(input_signature=[scalar, dict.fromkeys(names, scalar)])
+        def get_gradient(x: tf.Tensor, p: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                y = problem.loss(x, {"a": a, "b": b, "c": c})
+                y = problem.loss(x, p)
             return tape.gradient(y, x), y
 
         _GET_GRADIENT[key] = get_gradient
