@@ -12,16 +12,14 @@ TF 2.16 on, has no `minimize`, and its SGD is a different implementation.
 from __future__ import annotations
 
 import os
-
-# Quiet TensorFlow's C++ INFO/WARNING logs; must be set before the import.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from collections.abc import Callable, Mapping, Sequence
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
-import tensorflow as tf
-import tf_keras
 
 from runner.errors import ConfigError
 from runner.protocol import (
@@ -33,6 +31,50 @@ from runner.protocol import (
     MinimizeSpec,
     Trajectory,
 )
+
+# Quiet TensorFlow's C++ INFO/WARNING logs; must be set before the import.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Start-up lines TensorFlow writes to fd 2 before its log level applies (absl prints them
+# before InitializeLog), and the cuInit failure every GPU-less machine reports.
+_STARTUP_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog"
+    r"|[IW]0000 .*\b(port|cudart_stub|cpu_feature_guard)\.cc"
+    r"|To enable the following instructions:"
+    r"|E0000 .*failed call to cuInit"
+)
+
+
+@contextmanager
+def _quiet_native_startup() -> Iterator[None]:
+    """Hold fd 2 while TensorFlow starts; pass on every line that is not known noise.
+
+    If the import fails, everything it printed is passed on unfiltered.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode(errors="replace").splitlines()
+            kept = [line for line in lines if failed or not _STARTUP_NOISE.search(line)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+
+
+with _quiet_native_startup():
+    import tensorflow as tf
+    import tf_keras
+
+    tf.config.list_physical_devices()  # device discovery: where cuInit complains
+
 
 _OPTIONS = ("jit_compile",)
 _SGD_HYPER = ("momentum", "nesterov")
