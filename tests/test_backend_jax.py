@@ -180,28 +180,28 @@ def test_momentum_matches_optax_sgd_recursion(backend, mode, nesterov):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_derivatives_match_the_notebook(backend, dtype):
-    for x0, dy_dx in [(0.0, -2.0), (1.0, 0.0), (10.0, 18.0), (3.0, 4.0), (2.0, 2.0)]:
+    # x = 0: dy/dx = -2; x = 1: 0; x = 10: (x, a, b, c) grads (18, 100, 10, 1); d2 = 2;
+    # the compiled get_gradient(3), (1), (2) = (dy_dx, y) = (4, 4), (0, 0), (2, 1).
+    notebook = {
+        0.0: (-2.0, 1.0),
+        1.0: (0.0, 0.0),
+        10.0: (18.0, 81.0),
+        3.0: (4.0, 4.0),
+        2.0: (2.0, 1.0),
+    }
+    for x0, (dy_dx, y) in notebook.items():
         problem = Quadratic(x0=x0)
         d = backend.derivatives(DerivativesSpec(problem, dtype))
-        assert d.dy_dx == dy_dx == problem.grad(x0)
-        assert d.y == problem.loss(x0, problem.coefficients)
-        assert dict(d.dy_dcoef) == problem.grad_coefficients(x0)
+        assert (
+            (d.dy_dx, d.y)
+            == (dy_dx, y)
+            == (problem.grad(x0), problem.loss(x0, problem.coefficients))
+        )
+        assert (d.compiled_dy_dx, d.compiled_y) == (dy_dx, y)
+        assert (
+            dict(d.dy_dcoef) == problem.grad_coefficients(x0) == {"a": x0 * x0, "b": x0, "c": 1.0}
+        )
         assert d.d2y_dx2 == 2.0 == problem.second_derivative(x0)
-        assert (d.compiled_dy_dx, d.compiled_y) == (d.dy_dx, d.y)
-    # The notebook's get_gradient(3), (1), (2) and the gradients at x = 10.
-    get = lambda x: backend.derivatives(DerivativesSpec(Quadratic(x0=x), dtype))  # noqa: E731
-    assert [(get(x).compiled_dy_dx, get(x).compiled_y) for x in (3, 1, 2)] == [
-        (4.0, 4.0),
-        (0.0, 0.0),
-        (2.0, 1.0),
-    ]
-    at10 = get(10.0)
-    assert (at10.dy_dx, at10.dy_dcoef["a"], at10.dy_dcoef["b"], at10.dy_dcoef["c"]) == (
-        18.0,
-        100.0,
-        10.0,
-        1.0,
-    )
 
 
 def test_float32_stays_float32_after_x64_is_enabled(backend):
