@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -65,12 +65,34 @@ def run_minimize(
     interrupted = False
     if spec.mode == "graph":
         trajectory = _run_compiled(program)  # type: ignore[arg-type]
+        executed = trajectory.stopped_at
     else:
-        trajectory, interrupted = _run_eager(program, spec, progress)  # type: ignore[arg-type]
+        trajectory, executed, interrupted = _run_eager(program, spec, progress)  # type: ignore[arg-type]
     run_s = time.perf_counter() - start
     announce("done")
-    timings = Timings(compile_s, run_s, trajectory.stopped_at)
+    if executed > trajectory.stopped_at and not interrupted:
+        trajectory = _state_at_divergence(backend, spec, trajectory)
+    timings = Timings(compile_s, run_s, executed)
     return MinimizeOutcome(trajectory, timings, interrupted)
+
+
+def _state_at_divergence(backend: Backend, spec: MinimizeSpec, found: Trajectory) -> Trajectory:
+    """Replay a diverged eager run up to the step it diverged at, for its exact final state.
+
+    The eager loop checks finiteness once per chunk, so it has gone past the bad step
+    by the time it knows; the arithmetic is deterministic, so a replay without
+    recording (paid only by runs that diverge, outside the timed loop) recovers x there.
+    """
+    program = backend.prepare(spec)
+    for _ in range(found.stopped_at):
+        program.step(False)  # type: ignore[union-attr]
+    loss, x, grad = program.final()  # type: ignore[union-attr]
+    return replace(
+        found,
+        final_x=program.to_numpy([x])[0],  # type: ignore[union-attr]
+        final_loss=float(program.to_numpy([loss])[0]),  # type: ignore[union-attr]
+        final_grad=program.to_numpy([grad])[0],  # type: ignore[union-attr]
+    )
 
 
 def _run_compiled(program: CompiledProgram) -> Trajectory:
@@ -79,8 +101,12 @@ def _run_compiled(program: CompiledProgram) -> Trajectory:
 
 def _run_eager(
     program: EagerProgram, spec: MinimizeSpec, progress: Progress | None
-) -> tuple[Trajectory, bool]:
-    """Step the program; on Ctrl-C return what was recorded so far, flagged interrupted."""
+) -> tuple[Trajectory, int, bool]:
+    """Step the program: (trajectory, steps executed, interrupted by Ctrl-C).
+
+    A diverged run stops at the end of the chunk where the first non-finite loss is;
+    its trajectory ends at that loss's step.
+    """
     every = spec.record.every
     rec_steps: list[int] = []
     rec_x: list = []
@@ -107,25 +133,13 @@ def _run_eager(
                 bad = np.flatnonzero(~np.isfinite(program.to_numpy(chunk)))
                 if bad.size:
                     stop = chunk_start + int(bad[0])
-                    final = _values_at(program, stop, chunk_start, chunk)
-                    return _eager_trajectory(program, *rows(stop), stop, final), False
+                    return _eager_trajectory(program, *rows(stop), stop), done, False
                 chunk_start, chunk = done, []
                 if progress is not None:
                     progress(done)
     except KeyboardInterrupt:
-        return _eager_trajectory(program, *rows(done), done, program.final()), True
-    return _eager_trajectory(program, *rows(done), done, program.final()), False
-
-
-def _values_at(program: EagerProgram, stop: int, chunk_start: int, chunk: list) -> tuple:
-    """The state where divergence was met: the chunk's first non-finite loss.
-
-    x and grad are read after the loop, which may have gone on up to the chunk's end;
-    once the loss is non-finite they are too, and the recorded rows stop before `stop`.
-    """
-    loss = chunk[stop - chunk_start]
-    _, x, grad = program.final()
-    return loss, x, grad
+        return _eager_trajectory(program, *rows(done), done), done, True
+    return _eager_trajectory(program, *rows(done), done), done, False
 
 
 def _eager_trajectory(
@@ -135,12 +149,11 @@ def _eager_trajectory(
     losses: list,
     grads: list,
     stopped_at: int,
-    final: tuple,
 ) -> Trajectory:
     def stack(values: list) -> np.ndarray:
         return program.to_numpy(values) if values else np.zeros(0)
 
-    final_loss, final_x, final_grad = final
+    final_loss, final_x, final_grad = program.final()
     return Trajectory(
         steps=np.asarray(steps, dtype=np.int64),
         x=stack(xs),

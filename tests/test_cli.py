@@ -90,6 +90,7 @@ def test_divergence_keeps_what_was_computed(tmp_path: Path) -> None:
         while np.isfinite(x * x - two * x + np.float32(1)):
             x, k = x - lr * (two * x - two), k + 1
     assert step == k
+    assert np.float32(result["x"]) == x  # the state at the step it diverged, not later
     run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
     rows = read_csv(run_dir / "trajectory.csv")
     assert int(rows[-2]["step"]) == step - 1 and int(rows[-1]["step"]) == step
