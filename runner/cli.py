@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import build_run_config
-from runner.errors import RunnerError
+from runner.errors import RunnerError, UnsupportedError
 from runner.job import execute
 from runner.plugins import backend_entry_points
 from runner.tracking import (
@@ -66,6 +66,32 @@ def check_group_choices(args: list[str]) -> None:
                 )
 
 
+# Hydra plugins behind the [sweeps] extra, by the override that selects them.
+SWEEP_PLUGINS = {
+    "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
+    "hydra/launcher=parallel": "hydra_plugins.hydra_joblib_launcher",
+    "hydra/launcher=submitit_local": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=local": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=slurm": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
+    "+hparams_search=lr": "hydra_plugins.hydra_optuna_sweeper",
+}
+
+
+def check_sweep_plugins(args: list[str]) -> None:
+    """A launcher or sweeper from a missing extra: name the extra, not Hydra's search path."""
+    from importlib.util import find_spec
+
+    for arg in args:
+        module = SWEEP_PLUGINS.get(arg)
+        if module and find_spec(module) is None:
+            raise RunnerError(
+                f"{arg} needs the Hydra plugin '{module.split('.')[-1]}', which is not "
+                "installed; pip install 'gradient-runner[sweeps]'"
+            )
+
+
 def register_plugin_backends() -> None:
     """Give every installed backend plugin a config node, so `backend=<name>` composes."""
     store = ConfigStore.instance()
@@ -82,7 +108,7 @@ def hydra_main(cfg: DictConfig) -> Any:
     try:
         result = run_job(cfg, hydra_cfg, multirun)
     except RunnerError as exc:
-        report(exc)
+        report(exc, "skipped" if multirun and isinstance(exc, UnsupportedError) else "error")
         if multirun:
             return float("nan")  # the sweep goes on; this job's failure is on record
         sys.exit(exc.exit_code)
@@ -131,8 +157,8 @@ def run_name(cfg: dict[str, Any]) -> str:
     return "-".join([*parts, str(cfg.get("dtype"))])
 
 
-def report(exc: RunnerError) -> None:
-    print(f"error: {exc}", file=sys.stderr, flush=True)
+def report(exc: RunnerError, kind: str = "error") -> None:
+    print(f"{kind}: {exc}", file=sys.stderr, flush=True)
 
 
 class Terminated(KeyboardInterrupt):
@@ -147,6 +173,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         check_group_choices(sys.argv[1:])
+        check_sweep_plugins(sys.argv[1:])
     except RunnerError as exc:
         report(exc)
         sys.exit(exc.exit_code)

@@ -252,7 +252,7 @@ def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -
     tags = run.data.tags
     if tags.get(KIND_TAG) in (COMPARISON_KIND, SWEEP_KIND) or tags.get("task") != "minimize":
         return False
-    finished = run.info.status == "FINISHED"
+    finished = run.info.status == "FINISHED" and tags.get("status") != "skipped"
     diverged = run.info.status == "FAILED" and tags.get("status") == "diverged"
     if not (finished or diverged):
         return False

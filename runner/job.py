@@ -23,6 +23,7 @@ from runner.results import (
     RunIdentity,
     derivatives_result,
     minimize_result,
+    skipped_result,
     trajectory_rows,
     write_json,
     write_trajectory,
@@ -55,7 +56,9 @@ def _minimize(
 ) -> dict[str, Any]:
     reason = backend.unsupported(spec)
     if reason:
-        raise UnsupportedError(f"backend={run.backend} mode={spec.mode}: {reason}")
+        write_json(output_dir / RESULTS_FILE, skipped_result(spec, identity, reason))
+        mode = spec.mode + (f" mode.update={spec.update}" if spec.mode == "graph" else "")
+        raise UnsupportedError(f"backend={run.backend} mode={mode}: {reason}")
     with _progress(run.progress and spec.mode != "graph", spec.steps) as advance:
         outcome = run_minimize(
             backend,

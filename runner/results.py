@@ -63,6 +63,21 @@ def minimize_result(
     return result
 
 
+def skipped_result(spec: MinimizeSpec, run: RunIdentity, reason: str) -> dict[str, Any]:
+    """A combination the backend cannot express: on record, so a sweep shows the gap."""
+    return {
+        "task": "minimize",
+        "status": "skipped",
+        "reason": reason,
+        **run.fields(),
+        "mode": spec.mode,
+        "update": spec.update if spec.mode == "graph" else None,
+        "dtype": spec.dtype,
+        "steps": spec.steps,
+        "optimizer": {"name": spec.optimizer.name, "lr": spec.optimizer.lr, **spec.optimizer.hyper},
+    }
+
+
 def _status(spec: MinimizeSpec, outcome: MinimizeOutcome) -> str:
     if outcome.interrupted:
         return "interrupted"

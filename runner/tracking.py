@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from runner.errors import RunnerError
+from runner.errors import RunnerError, UnsupportedError
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
@@ -252,7 +252,9 @@ def result_label(result: Mapping[str, Any]) -> str:
 
 
 def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The final numbers of a run, as MLflow metrics (vectors by their largest entry)."""
+    """The final numbers of a run, as MLflow metrics (vectors by their norm)."""
+    if result.get("status") == "skipped":
+        return {}
     if result["task"] == "derivatives":
         values = flatten({k: result[k] for k in ("y", "dy_dx", "dy_dcoef", "d2y_dx2", "compiled")})
         errors = {f"error.{k}": v for k, v in flatten(result["error"]).items()}
@@ -336,6 +338,10 @@ def tracked_run(
         yield run_id
     except KeyboardInterrupt:
         status, error = RunStatus.KILLED, "interrupted"
+        raise
+    except UnsupportedError as skipped:  # by design: results.json says why
+        reason = str(skipped)[:5000]
+        retry_locked(lambda: client.set_tag(run_id, "skip_reason", reason))
         raise
     except BaseException as exc:
         status, error = RunStatus.FAILED, str(exc) or type(exc).__name__
