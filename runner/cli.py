@@ -92,6 +92,33 @@ def check_sweep_plugins(args: list[str]) -> None:
             )
 
 
+def check_overrides(args: list[str]) -> None:
+    """Compose the config once with the plain overrides: Hydra's errors become one line.
+
+    Sweep lists and Hydra's own settings are left to Hydra; this catches the common
+    slips (a misspelt key, a value of the wrong shape) before any job starts.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    plain = [a for a in args if "=" in a and not a.startswith(("-", "hydra")) and "," not in a]
+    plain = [a for a in plain if "(" not in a.split("=", 1)[1]]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose("config", overrides=plain)
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [str(exc)]
+        missing = re.match(r"Could not override '([^']+)'", lines[0])
+        if missing and "not in struct" in str(exc.__cause__):
+            key = missing.group(1)
+            raise RunnerError(
+                f"{key} is not a setting of this config (misspelt?); "
+                f"to add a new key on purpose, write +{key}=..."
+            ) from None
+        raise RunnerError(lines[0]) from None
+
+
 def register_plugin_backends() -> None:
     """Give every installed backend plugin a config node, so `backend=<name>` composes."""
     store = ConfigStore.instance()
@@ -174,8 +201,9 @@ def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
         check_sweep_plugins(sys.argv[1:])
+        register_plugin_backends()
+        check_overrides(sys.argv[1:])
     except RunnerError as exc:
         report(exc)
         sys.exit(exc.exit_code)
-    register_plugin_backends()
     hydra_main()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.errors import ConfigError
+from runner.optimizers import validate_hyper
 from runner.problems import Problem, build_problem
 from runner.protocol import (
     DTYPES,
@@ -53,6 +54,11 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         "progress": bool(cfg.get("progress", True)),
     }
     if task == "derivatives":
+        if problem.name != "quadratic" or problem.dim is not None:
+            raise ConfigError(
+                "task=derivatives evaluates the notebook's scalar problem=quadratic; "
+                "drop problem.dim and choose problem=quadratic"
+            )
         return RunConfig(**common, derivatives=DerivativesSpec(problem, dtype, device))
     return RunConfig(**common, minimize=_minimize_spec(cfg, backend, problem, dtype, device))
 
@@ -87,12 +93,13 @@ def default_record_every(steps: int) -> int:
 
 
 def _optimizer(node: Mapping[str, Any]) -> OptimizerSpec:
+    """The optimizer in the shared vocabulary, checked; framework defaults stay None."""
     values = dict(node)
     name = values.pop("name", None)
     if not isinstance(name, str):
         raise ConfigError("optimizer.name is missing; choose an optimizer, e.g. optimizer=sgd")
     lr = positive_float("optimizer.lr", values.pop("lr", None))
-    return OptimizerSpec(name=name, lr=lr, hyper=values)
+    return OptimizerSpec(name=name, lr=lr, hyper=validate_hyper(name, values))
 
 
 def positive_int(key: str, value: Any) -> int:

@@ -23,6 +23,7 @@ from runner.results import (
     RunIdentity,
     derivatives_result,
     minimize_result,
+    new_run_uid,
     skipped_result,
     trajectory_rows,
     write_json,
@@ -31,11 +32,19 @@ from runner.results import (
 from runner.summary import derivatives_summary, minimize_summary
 
 
-def execute(run: RunConfig, output_dir: Path) -> dict[str, Any]:
-    """Run the task `run` asks for, write its files to output_dir, return the result."""
+def execute(run: RunConfig, output_dir: Path, run_uid: str | None = None) -> dict[str, Any]:
+    """Run the task `run` asks for, write its files to output_dir, return the result.
+
+    run_uid (a fresh one when not given) goes into results.json: the run's identity
+    in MLflow, live or uploaded later.
+    """
     backend = load_backend(run.backend)
     identity = RunIdentity(
-        run.backend, backend.framework, backend.resolved_device(run.device), backend.versions()
+        run.backend,
+        backend.framework,
+        backend.resolved_device(run.device),
+        backend.versions(),
+        run_uid or new_run_uid(),
     )
     if run.minimize is not None:
         return _minimize(run, run.minimize, backend, identity, output_dir)

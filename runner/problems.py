@@ -1,90 +1,242 @@
 """Problems written once, in framework-neutral arithmetic, with their analytic answers.
 
-`loss(x, p)` uses only Python operators, so the same expression runs on TensorFlow,
-PyTorch and JAX values (and NumPy, for the reference): every backend is checked
-against mathematics, not against another backend.
+`loss(x, p, ops)` uses Python operators plus the few reductions in `ops` (sum,
+matvec) that a backend hands in from its own namespace, so the same expression runs
+on TensorFlow, PyTorch, JAX and NumPy: every backend is checked against mathematics,
+not against another backend. The scalar quadratic uses operators only, exactly the
+notebook's `a*x**2 + b*x + c`. Problems are plugins, found like backends.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from functools import cached_property
+from importlib.metadata import entry_points
+from types import SimpleNamespace
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
+
 from runner.errors import ConfigError
+
+PROBLEM_GROUP = "gradient_runner.problems"
+NUMPY_OPS = SimpleNamespace(sum=np.sum, matvec=np.matmul)
+Number = float | int
 
 
 class Problem(Protocol):
     name: ClassVar[str]
-    coefficients: Mapping[str, float]
-    x0: float
 
-    def loss(self, x: Any, p: Mapping[str, Any]) -> Any: ...
+    @property
+    def dim(self) -> int | None:
+        """None for a scalar problem; n for x in R^n."""
+        ...
 
-    def optimum(self) -> tuple[float, float]:
+    @property
+    def coefficients(self) -> Mapping[str, float | np.ndarray]:
+        """The constants `loss` reads from `p`, in float64; backends convert them."""
+        ...
+
+    def x0_array(self) -> np.ndarray: ...
+
+    def loss(self, x: Any, p: Mapping[str, Any], ops: Any = NUMPY_OPS) -> Any: ...
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        """The analytic gradient, in NumPy (the reference's and backend=numpy's)."""
+        ...
+
+    def optimum(self) -> tuple[Any, float]:
         """(x*, loss(x*)), analytically."""
         ...
 
 
+def _vector(key: str, value: Any, dim: int) -> np.ndarray:
+    """A scalar broadcast to dim, or a list of exactly dim numbers."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 0:
+        array = np.full(dim, array)
+    if array.shape != (dim,):
+        raise ConfigError(f"problem.{key} has {array.size} entries; give one number or {dim}")
+    return np.array(array)
+
+
 @dataclass(frozen=True)
 class Quadratic:
-    """The notebook's y = a*x^2 + b*x + c; it has a minimum only when a > 0."""
+    """The notebook's y = a*x^2 + b*x + c; with dim=n, the sum over n coordinates.
 
-    a: float = 1.0
-    b: float = -2.0
-    c: float = 1.0
-    x0: float = 0.0
+    It has a minimum only when a > 0 (in every coordinate).
+    """
+
+    a: Number | Sequence[Number] = 1.0
+    b: Number | Sequence[Number] = -2.0
+    c: Number | Sequence[Number] = 1.0
+    x0: Number | Sequence[Number] = 0.0
+    dim: int | None = None
     name: ClassVar[str] = "quadratic"
 
     def __post_init__(self) -> None:
-        for key in ("a", "b", "c", "x0"):
-            value = getattr(self, key)
-            if not math.isfinite(value):
-                raise ConfigError(f"problem.{key}={value} is not finite; give a finite number")
-        if self.a <= 0:
+        if self.dim is None:
+            for key in ("a", "b", "c", "x0"):
+                if np.ndim(getattr(self, key)) != 0:
+                    raise ConfigError(
+                        f"problem.{key}={list(getattr(self, key))} must be a number "
+                        "(set problem.dim=n for one value per coordinate)"
+                    )
+        values = self.coefficients | {"x0": self.x0_array()}
+        if np.any(values["a"] <= 0):
             raise ConfigError(
-                f"problem.a={self.a}: a*x^2 + b*x + c has no minimum unless a > 0; "
+                f"problem.a={_show(self.a)}: a*x^2 + b*x + c has no minimum unless a > 0; "
                 "give a positive problem.a"
             )
 
     @property
-    def coefficients(self) -> dict[str, float]:
-        return {"a": self.a, "b": self.b, "c": self.c}
+    def coefficients(self) -> dict[str, Any]:
+        if self.dim is None:
+            return {"a": float(self.a), "b": float(self.b), "c": float(self.c)}
+        return {k: _vector(k, getattr(self, k), self.dim) for k in ("a", "b", "c")}
 
-    def loss(self, x: Any, p: Mapping[str, Any]) -> Any:
-        return p["a"] * x**2 + p["b"] * x + p["c"]
+    def x0_array(self) -> np.ndarray:
+        if self.dim is None:
+            return np.float64(self.x0)
+        return _vector("x0", self.x0, self.dim)
 
-    def optimum(self) -> tuple[float, float]:
-        x_star = -self.b / (2 * self.a)
-        return x_star, self.c - self.b**2 / (4 * self.a)
+    def loss(self, x: Any, p: Mapping[str, Any], ops: Any = NUMPY_OPS) -> Any:
+        y = p["a"] * x**2 + p["b"] * x + p["c"]
+        return y if self.dim is None else ops.sum(y)
 
-    def grad(self, x: float) -> float:
-        return 2 * self.a * x + self.b
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        p = self.coefficients
+        return 2 * p["a"] * x + p["b"]
+
+    def optimum(self) -> tuple[Any, float]:
+        p = self.coefficients
+        x_star = -np.asarray(p["b"]) / (2 * np.asarray(p["a"]))
+        loss = np.sum(np.asarray(p["c"]) - np.asarray(p["b"]) ** 2 / (4 * np.asarray(p["a"])))
+        return (float(x_star) if self.dim is None else x_star), float(loss)
 
     def grad_coefficients(self, x: float) -> dict[str, float]:
         return {"a": x * x, "b": x, "c": 1.0}
 
     def second_derivative(self, x: float) -> float:
-        return 2 * self.a
+        return 2 * float(self.a)
 
     def sgd_closed_form(self, lr: float, k: Any) -> Any:
         """x_k of plain gradient descent: x* + (x0 - x*)(1 - 2a*lr)^k (exact arithmetic)."""
         x_star, _ = self.optimum()
-        return x_star + (self.x0 - x_star) * (1 - 2 * self.a * lr) ** k
+        a = self.coefficients["a"]
+        return x_star + (self.x0_array() - x_star) * (1 - 2 * a * lr) ** k
 
 
-PROBLEMS: dict[str, type] = {"quadratic": Quadratic}
+@dataclass(frozen=True)
+class QuadraticForm:
+    """1/2 x^T A x - b^T x, A symmetric positive definite with condition number `cond`.
+
+    A = Q diag(geomspace(1, cond, n)) Q^T with Q from a seeded QR, b seeded normal:
+    the same (dim, cond, seed) gives the same problem on every machine.
+    """
+
+    dim: int = 2
+    cond: Number = 10.0
+    seed: int = 0
+    x0: Number | Sequence[Number] = 0.0
+    name: ClassVar[str] = "quadratic_form"
+
+    def __post_init__(self) -> None:
+        if not self.cond >= 1:
+            raise ConfigError(
+                f"problem.cond={self.cond} is not allowed; a condition number is >= 1"
+            )
+        self.x0_array()
+
+    @cached_property
+    def coefficients(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        q, _ = np.linalg.qr(rng.standard_normal((self.dim, self.dim)))
+        a = (q * np.geomspace(1.0, float(self.cond), self.dim)) @ q.T
+        return {"A": (a + a.T) / 2, "b": rng.standard_normal(self.dim)}
+
+    def x0_array(self) -> np.ndarray:
+        return _vector("x0", self.x0, self.dim)
+
+    def loss(self, x: Any, p: Mapping[str, Any], ops: Any = NUMPY_OPS) -> Any:
+        return 0.5 * ops.sum(x * ops.matvec(p["A"], x)) - ops.sum(p["b"] * x)
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        p = self.coefficients
+        return p["A"] @ x - p["b"]
+
+    def optimum(self) -> tuple[np.ndarray, float]:
+        p = self.coefficients
+        x_star = np.linalg.solve(p["A"], p["b"])
+        return x_star, float(-0.5 * p["b"] @ x_star)
+
+
+@dataclass(frozen=True)
+class Rosenbrock:
+    """sum_i b*(x[i+1] - x[i]^2)^2 + (1 - x[i])^2; minimum 0 at (1, ..., 1)."""
+
+    dim: int = 2
+    b: Number = 100.0
+    x0: Number | Sequence[Number] = 0.0
+    name: ClassVar[str] = "rosenbrock"
+
+    def __post_init__(self) -> None:
+        if not self.b > 0:
+            raise ConfigError(f"problem.b={self.b} is not allowed; give a number > 0")
+        self.x0_array()
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        return {"b": float(self.b)}
+
+    def x0_array(self) -> np.ndarray:
+        return _vector("x0", self.x0, self.dim)
+
+    def loss(self, x: Any, p: Mapping[str, Any], ops: Any = NUMPY_OPS) -> Any:
+        head, tail = x[:-1], x[1:]
+        return ops.sum(p["b"] * (tail - head**2) ** 2) + ops.sum((1 - head) ** 2)
+
+    def grad(self, x: np.ndarray) -> np.ndarray:
+        b = float(self.b)
+        head, tail = x[:-1], x[1:]
+        g = np.zeros_like(x)
+        g[:-1] += -4 * b * head * (tail - head**2) - 2 * (1 - head)
+        g[1:] += 2 * b * (tail - head**2)
+        return g
+
+    def optimum(self) -> tuple[np.ndarray, float]:
+        return np.ones(self.dim), 0.0
+
+
+def _show(value: Any) -> str:
+    return str(list(value)) if np.ndim(value) else repr(float(value))
+
+
+def problem_record(problem: Problem) -> dict[str, Any]:
+    """The problem's settings as JSON-ready data (what results.json and reports show)."""
+    record: dict[str, Any] = {"name": problem.name}
+    for f in fields(problem):  # type: ignore[arg-type]
+        value = getattr(problem, f.name)
+        record[f.name] = list(value) if isinstance(value, tuple) else value
+    return record
+
+
+def problem_classes() -> dict[str, type]:
+    """Installed problems by name; entry points are read, nothing else is imported."""
+    return {ep.name: ep for ep in entry_points(group=PROBLEM_GROUP)}  # type: ignore[misc]
 
 
 def build_problem(cfg: Mapping[str, Any]) -> Problem:
     """Build a problem from its config group node (name plus its own keys)."""
     values = dict(cfg)
     name = values.pop("name", None)
-    if name not in PROBLEMS:
-        raise ConfigError(f"problem={name!r} is unknown; choose one of {', '.join(PROBLEMS)}")
-    cls = PROBLEMS[name]
-    allowed = {f for f in cls.__dataclass_fields__ if f != "name"}
+    found = problem_classes()
+    if name not in found:
+        raise ConfigError(f"problem={name!r} is unknown; choose one of: {', '.join(sorted(found))}")
+    cls = found[name].load()
+    allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - allowed)
     if unknown:
         raise ConfigError(
@@ -92,8 +244,25 @@ def build_problem(cfg: Mapping[str, Any]) -> Problem:
             f"allowed: {', '.join(sorted(allowed))}"
         )
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        values[key] = _setting(key, value)
+    return cls(**values)
+
+
+def _setting(key: str, value: Any) -> Any:
+    """dim and seed are whole numbers; the rest finite numbers or lists of them."""
+    if key in ("dim", "seed"):
+        if value is None and key == "dim":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or (key == "dim" and value < 1):
+            low = 1 if key == "dim" else 0
             raise ConfigError(
-                f"problem.{key}={value!r} must be a number (problem={name} takes scalars)"
+                f"problem.{key}={value!r} is not allowed; give a whole number >= {low}"
             )
-    return cls(**{k: float(v) for k, v in values.items()})
+        return value
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise ConfigError(f"problem.{key}={value!r} must be a number")
+        if not math.isfinite(item):
+            raise ConfigError(f"problem.{key}={value!r} is not finite; give a finite number")
+    return tuple(value) if isinstance(value, list) else value

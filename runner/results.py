@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,11 @@ import numpy as np
 
 from runner import __version__
 from runner.engine import MinimizeOutcome
+from runner.problems import problem_record
 from runner.protocol import Derivatives, DerivativesSpec, MinimizeSpec
 
 RESULTS_FILE = "results.json"
+MAX_JSON_VECTOR = 10_000  # larger x are summarized (x_norm, error.dist), not listed
 TRAJECTORY_FILE = "trajectory.csv"
 
 
@@ -33,8 +36,10 @@ def minimize_result(
     spec: MinimizeSpec, outcome: MinimizeOutcome, run: RunIdentity
 ) -> dict[str, Any]:
     traj = outcome.trajectory
-    x_star, loss_star = spec.problem.optimum()
-    x, loss = as_number(traj.final_x), float(traj.final_loss)
+    problem = spec.problem
+    x_star, loss_star = problem.optimum()
+    final_x = np.asarray(traj.final_x, dtype=np.float64)
+    x, loss = as_number(final_x), float(traj.final_loss)
     result: dict[str, Any] = {
         "task": "minimize",
         "status": _status(spec, outcome),
@@ -45,19 +50,26 @@ def minimize_result(
         "steps": spec.steps,
         "steps_run": traj.stopped_at,
         "record_every": spec.record.every,
-        "problem": {"name": spec.problem.name, **spec.problem.coefficients, "x0": spec.problem.x0},
+        "problem": problem_record(problem),
         "optimizer": {"name": spec.optimizer.name, "lr": spec.optimizer.lr, **spec.optimizer.hyper},
-        "x": x,
+        "x": x if final_x.size <= MAX_JSON_VECTOR else None,
         "loss": loss,
-        "grad": as_number(traj.final_grad),
-        "optimum": {"x": x_star, "loss": loss_star},
-        "error": {"x": _abs_error(x, x_star), "loss": abs(loss - loss_star)},
+        "grad": as_number(traj.final_grad) if final_x.size <= MAX_JSON_VECTOR else None,
+        "optimum": {
+            "x": as_number(x_star) if final_x.size <= MAX_JSON_VECTOR else None,
+            "loss": loss_star,
+        },
+        "error": {"x": _abs_error(final_x, x_star), "loss": abs(loss - loss_star)},
         "timings": {
             "compile_s": outcome.timings.compile_s,
             "run_s": outcome.timings.run_s,
             "step_us": outcome.timings.step_us,
         },
     }
+    if problem.dim is not None:  # vectors: the norms a reader compares first
+        result["x_norm"] = float(np.linalg.norm(final_x))
+        result["grad_norm"] = float(np.linalg.norm(np.asarray(traj.final_grad, np.float64)))
+        result["error"]["dist"] = float(np.linalg.norm(final_x - x_star))
     if result["status"] == "diverged":
         result["diverged_at"] = traj.stopped_at
     return result
@@ -88,7 +100,7 @@ def derivatives_result(
     spec: DerivativesSpec, found: Derivatives, run: RunIdentity
 ) -> dict[str, Any]:
     problem = spec.problem
-    at = problem.x0
+    at = float(problem.x0_array())
     analytic = {
         "y": problem.loss(at, problem.coefficients),
         "dy_dx": problem.grad(at),
@@ -108,7 +120,7 @@ def derivatives_result(
         "status": "finished",
         **run.fields(),
         "dtype": spec.dtype,
-        "problem": {"name": problem.name, **problem.coefficients, "x0": at},
+        "problem": problem_record(problem),
         "at": at,
         **values,
         "analytic": analytic,
@@ -118,15 +130,21 @@ def derivatives_result(
 
 @dataclass(frozen=True)
 class RunIdentity:
-    """Who computed a result: the same fields head every results.json."""
+    """Who computed a result: the same fields head every results.json.
+
+    run_uid names the run for life: it is the MLflow tag `run_uid` of the run that
+    records it, so `python -m runner.upload` can tell which runs a store already holds.
+    """
 
     backend: str
     framework: str
     device: str
     versions: Mapping[str, str]
+    run_uid: str | None = None
 
     def fields(self) -> dict[str, Any]:
         return {
+            **({"run_uid": self.run_uid} if self.run_uid else {}),
             "backend": self.backend,
             "framework": self.framework,
             "device": self.device,
@@ -137,6 +155,10 @@ class RunIdentity:
                 "gradient_runner": __version__,
             },
         }
+
+
+def new_run_uid() -> str:
+    return uuid.uuid4().hex
 
 
 def as_number(value: Any) -> float | list[float]:
@@ -159,13 +181,21 @@ def _nested_abs_error(values: Mapping[str, Any], analytic: Mapping[str, Any]) ->
 
 
 def trajectory_rows(spec: MinimizeSpec, outcome: MinimizeOutcome) -> dict[str, np.ndarray]:
-    """Recorded rows plus the final state, as columns (step, x, loss, grad)."""
+    """Recorded rows plus the final state: (step, x, loss, grad) for a scalar problem;
+    (step, dist, loss, grad_norm) for vectors, dist being ||x - x*||."""
     traj = outcome.trajectory
+    if spec.problem.dim is None:
+        names, final_x, final_grad = ("x", "grad"), traj.final_x, traj.final_grad
+    else:
+        x_star = np.asarray(spec.problem.optimum()[0], dtype=np.float64)
+        names = ("dist", "grad_norm")
+        final_x = np.linalg.norm(np.asarray(traj.final_x, np.float64) - x_star)
+        final_grad = np.linalg.norm(np.asarray(traj.final_grad, np.float64))
     return {
         "step": np.append(traj.steps, traj.stopped_at),
-        "x": np.append(traj.x, traj.final_x),
+        names[0]: np.append(traj.x, final_x),
         "loss": np.append(traj.loss, traj.final_loss),
-        "grad": np.append(traj.grad, traj.final_grad),
+        names[1]: np.append(traj.grad, final_grad),
     }
 
 

@@ -10,6 +10,8 @@ import numpy as np
 
 def fmt(value: Any, dtype: str = "float64") -> str:
     """Shortest text that reads back as the same value in the run's dtype."""
+    if value is None:
+        return "(too long to list)"
     if isinstance(value, list):
         head = ", ".join(fmt(v, dtype) for v in value[:4])
         return f"[{head}{', ...' if len(value) > 4 else ''}] (n={len(value)})"
@@ -22,22 +24,23 @@ def minimize_summary(result: Mapping[str, Any]) -> str:
     problem, opt, timings = result["problem"], result["optimizer"], result["timings"]
     mode = result["mode"] + (f" (update={result['update']})" if result.get("update") else "")
     versions = result["versions"]
-    framework = ", ".join(
-        f"{k} {v}" for k, v in versions.items() if k not in ("python", "numpy", "gradient_runner")
+    runtime = ("python", "gradient_runner") + (() if result["backend"] == "numpy" else ("numpy",))
+    framework = ", ".join(f"{k} {v}" for k, v in versions.items() if k not in runtime)
+    settings = ", ".join(
+        f"{k}={_short(v)}" for k, v in problem.items() if k != "name" and v is not None
     )
-    coefficients = ", ".join(f"{k}={problem[k]:g}" for k in ("a", "b", "c") if k in problem)
-    hyper = " ".join(f"{k}={v:g}" for k, v in opt.items() if k != "name")
+    hyper = " ".join(f"{k}={_short(v)}" for k, v in opt.items() if k != "name")
     status = result["status"]
     lines = [
         f"backend   {result['backend']} ({framework}), device {result['device']}",
         f"mode      {mode}, {dtype}, {result['steps']} steps",
-        f"problem   {problem['name']} ({coefficients}) from x0={problem['x0']:g}; "
-        f"{opt['name']} {hyper}",
+        f"problem   {problem['name']} ({settings}); {opt['name']} {hyper}",
         f"result    x = {fmt(result['x'], dtype)}   loss = {fmt(result['loss'], dtype)}"
         + (f"   DIVERGED at step {result['diverged_at']}" if status == "diverged" else ""),
         f"optimum   x* = {fmt(result['optimum']['x'])}   loss* = {fmt(result['optimum']['loss'])}",
         f"error     |x - x*| = {result['error']['x']:.3g}   "
         f"|loss - loss*| = {result['error']['loss']:.3g}",
+        *([_vector_line(result)] if "x_norm" in result else []),
         f"timing    compile {timings['compile_s']:.3f} s   run {timings['run_s']:.3f} s   "
         f"{timings['step_us']:.3g} us/step",
     ]
@@ -68,3 +71,18 @@ def _leaves(tree: Any) -> list[float]:
     if isinstance(tree, Mapping):
         return [leaf for value in tree.values() for leaf in _leaves(value)]
     return [float(tree)]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return f"[{', '.join(_short(v) for v in value[:3])}{', ...' if len(value) > 3 else ''}]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _vector_line(result: Mapping[str, Any]) -> str:
+    return (
+        f"vector    ||x|| = {result['x_norm']:.6g}   ||x - x*|| = {result['error']['dist']:.3g}"
+        f"   ||grad|| = {result['grad_norm']:.3g}"
+    )

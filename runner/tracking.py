@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,6 +38,11 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 SWEEP_FILE = "mlflow_sweep.json"
 PLOT_FILE = "convergence.png"
 SECRET_WORDS = ("password", "secret", "token", "apikey", "api_key", "credential")
+LOCK_WAIT_S = 10.0  # how long a write waits for a locked SQLite store, in all
+_SECRET_KEY = r"[\w.\-]*(?:password|secret|token|apikey|api_key|credential)[\w.\-]*"
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@'\"]*@")
+_SECRET_ASSIGN = re.compile(rf"(?P<key>{_SECRET_KEY}=)[^\s,'\"\]]+", re.IGNORECASE)
+_SECRET_YAML = re.compile(rf"^(?P<key>[ \t-]*{_SECRET_KEY}:[ \t]+)\S.*$", re.I | re.M)
 
 T = TypeVar("T")
 
@@ -74,17 +82,44 @@ def mask_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
+def mask_text(text: str) -> str:
+    """Mask credentials in free text: `user:password@` in URIs, the values of secret-looking
+    keys (`api_token=...`, `password: ...`) and the value of MLFLOW_TRACKING_TOKEN."""
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    text = _SECRET_ASSIGN.sub(r"\g<key>***", text)
+    text = _SECRET_YAML.sub(r"\g<key>'***'", text)
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return text.replace(token, "***") if token else text
+
+
 def client_for(target: TrackingTarget) -> Any:
-    """An MlflowClient with HTTP retries short enough that an outage is reported in seconds."""
+    """An MlflowClient with HTTP retries short enough that an outage is reported in seconds.
+
+    Every way the store can be unusable (unreachable or failing server, a file that is
+    not an SQLite database, a store locked for longer than LOCK_WAIT_S) is a TrackingError.
+    """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if urlsplit(target.uri).password is not None or urlsplit(target.uri).username is not None:
+        # MLflow prints "View run ... at <tracking URI>" to stdout: not with credentials in it
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     from mlflow import MlflowClient
 
     if target.uri.startswith("sqlite:///"):
-        Path(target.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(target.uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"tracking store {target.uri} cannot be created ({exc.strerror}: {exc.filename}); "
+                "point tracking.uri at a folder you can write, or run with tracking=off"
+            ) from None
     _probe(target.uri)
-    return MlflowClient(tracking_uri=target.uri)
+    try:
+        return retry_locked(lambda: MlflowClient(tracking_uri=target.uri))
+    except Exception as exc:
+        raise store_error(target.uri, exc) from None
 
 
 def _probe(uri: str) -> None:
@@ -94,6 +129,12 @@ def _probe(uri: str) -> None:
 
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.HTTPError as exc:
+        raise TrackingError(
+            f"tracking server {mask_uri(uri)} is failing (HTTP {exc.response.status_code} "
+            "from /health); check the server's log, point tracking.uri elsewhere, "
+            "or run with tracking=off"
+        ) from None
     except requests.RequestException as exc:
         raise TrackingError(
             f"tracking server {mask_uri(uri)} is unreachable ({type(exc).__name__}); "
@@ -101,20 +142,58 @@ def _probe(uri: str) -> None:
         ) from None
 
 
-def retry_locked(action: Callable[[], T], attempts: int = 8) -> T:
-    """SQLite allows one writer: parallel jobs wait briefly instead of failing."""
+def store_error(uri: str, exc: BaseException) -> TrackingError:
+    """One line for the user from whatever MLflow, SQLAlchemy or requests raised."""
+    if isinstance(exc, TrackingError):
+        return exc
+    text = str(exc)
+    where = f"tracking store {mask_uri(uri)}"
+    if "database is locked" in text:
+        return TrackingError(
+            f"{where} is locked by another process (still locked after {LOCK_WAIT_S:g} s); "
+            "retry when it is free, point tracking.uri elsewhere, or run with tracking=off"
+        )
+    if "file is not a database" in text or "malformed" in text:
+        return TrackingError(
+            f"{where} is not an SQLite database (file is corrupt or of another kind); "
+            "move it aside, point tracking.uri elsewhere, or run with tracking=off"
+        )
+    detail = " ".join(text.split())
+    detail = mask_text(detail if len(detail) <= 200 else detail[:197] + "...")
+    return TrackingError(
+        f"{where} failed ({type(exc).__name__}: {detail}); "
+        "check the store, point tracking.uri elsewhere, or run with tracking=off"
+    )
+
+
+def retry_locked(action: Callable[[], T], attempts: int = 8, window_s: float = LOCK_WAIT_S) -> T:
+    """SQLite allows one writer: parallel jobs wait briefly instead of failing.
+
+    Gives up after `attempts` tries or `window_s` seconds in all (each try may itself
+    wait out SQLite's 5 s busy timeout), so a store held locked is reported, not awaited.
+    """
+    start = time.monotonic()
     for attempt in range(attempts):
         try:
             return action()
         except Exception as exc:  # MLflow wraps the driver's error in its own types
-            if "database is locked" not in str(exc) or attempt == attempts - 1:
+            delay = 0.05 * 2**attempt
+            late = time.monotonic() - start + delay > window_s
+            if "database is locked" not in str(exc) or attempt == attempts - 1 or late:
                 raise
-            time.sleep(0.05 * 2**attempt)
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 
 def ensure_experiment(client: Any, target: TrackingTarget) -> str:
     """Get or create the experiment; safe when several processes race to create it."""
+    try:
+        return _ensure_experiment(client, target)
+    except Exception as exc:
+        raise store_error(target.uri, exc) from None
+
+
+def _ensure_experiment(client: Any, target: TrackingTarget) -> str:
 
     def get_or_create() -> str:
         found = client.get_experiment_by_name(target.experiment)
@@ -171,7 +250,9 @@ def run_tags(
         "task": str(cfg.get("task")),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "overrides": " ".join(o for o in overrides if not is_secret_key(o.split("=")[0])),
+        "overrides": mask_text(
+            " ".join(o for o in overrides if not is_secret_key(o.split("=")[0]))
+        ),
     }
     commit = git_commit()
     if commit:
@@ -238,10 +319,20 @@ def log_run_dir(client: Any, run_id: str, run_dir: Path) -> dict[str, Any] | Non
     for name in (RESULTS_FILE, TRAJECTORY_FILE, PLOT_FILE):
         if (run_dir / name).exists():
             client.log_artifact(run_id, str(run_dir / name))
-    hydra_dir = run_dir / ".hydra"
-    if hydra_dir.is_dir():
-        client.log_artifacts(run_id, str(hydra_dir), artifact_path="hydra")
+    log_hydra_config(client, run_id, run_dir)
     return result
+
+
+def log_hydra_config(client: Any, run_id: str, run_dir: Path) -> None:
+    """Log the run's .hydra/*.yaml with credentials masked (Hydra writes them verbatim)."""
+    hydra_dir = run_dir / ".hydra"
+    files = sorted(hydra_dir.glob("*.yaml")) if hydra_dir.is_dir() else []
+    if not files:
+        return
+    with tempfile.TemporaryDirectory(prefix="runner-hydra-") as tmp:
+        for path in files:
+            (Path(tmp) / path.name).write_text(mask_text(path.read_text()))
+        client.log_artifacts(run_id, tmp, artifact_path="hydra")
 
 
 def result_label(result: Mapping[str, Any]) -> str:
@@ -321,35 +412,70 @@ def tracked_run(
     """An MLflow run around the job: FINISHED, FAILED (error tagged) or KILLED.
 
     Whatever the job left in run_dir is logged in every case, so a diverged or
-    interrupted run keeps its partial trajectory in MLflow too.
+    interrupted run keeps its partial trajectory in MLflow too. A store that fails
+    before the job starts raises TrackingError before the job runs; one that fails
+    while recording the result raises TrackingError after it (the files are on disk),
+    unless the job itself failed: then the job's error goes on and the store's is
+    printed, so the user reads both.
     """
     from mlflow.entities import Param, RunStatus
 
     all_tags = dict(tags)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = retry_locked(lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags))
-    run_id = run.info.run_id
-    batch = [Param(k, v) for k, v in params.items()]
-    for chunk in _batches(batch, 100):
-        retry_locked(lambda chunk=chunk: client.log_batch(run_id, params=chunk))
-    status, error = RunStatus.FINISHED, None
+    uri = getattr(client, "tracking_uri", "") or ""
+    try:
+        run = retry_locked(
+            lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        )
+        run_id = run.info.run_id
+        batch = [Param(k, v) for k, v in params.items()]
+        for chunk in _batches(batch, 100):
+            retry_locked(lambda chunk=chunk: client.log_batch(run_id, params=chunk))
+    except Exception as exc:
+        raise store_error(uri, exc) from None
+    status, error, extra_tags = RunStatus.FINISHED, None, {}
+    job_failed = False
     try:
         yield run_id
     except KeyboardInterrupt:
-        status, error = RunStatus.KILLED, "interrupted"
+        status, error, job_failed = RunStatus.KILLED, "interrupted", True
         raise
     except UnsupportedError as skipped:  # by design: results.json says why
-        reason = str(skipped)[:5000]
-        retry_locked(lambda: client.set_tag(run_id, "skip_reason", reason))
+        extra_tags["skip_reason"] = str(skipped)[:5000]
+        job_failed = True
         raise
     except BaseException as exc:
-        status, error = RunStatus.FAILED, str(exc) or type(exc).__name__
+        status, error, job_failed = RunStatus.FAILED, str(exc) or type(exc).__name__, True
         raise
     finally:
-        try:
-            log_run_dir(client, run_id, run_dir)
-            if error:
-                retry_locked(lambda: client.set_tag(run_id, "error", error[:5000]))
-        finally:
-            retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(status)))
+        if error:
+            extra_tags["error"] = mask_text(error)[:5000]
+        problem = _record_end(client, run_id, run_dir, RunStatus.to_string(status), extra_tags)
+        if problem is not None:
+            outage = store_error(uri, problem)
+            if not job_failed:
+                raise outage
+            print(f"error: {outage}", file=sys.stderr, flush=True)
+
+
+def _record_end(
+    client: Any, run_id: str, run_dir: Path, status: str, tags: Mapping[str, str]
+) -> Exception | None:
+    """Log the run dir, its end tags and status; the first store error, if any, is returned.
+
+    The status is set even when logging failed, so the run does not stay RUNNING
+    when the store is still there; `python -m runner.upload` completes it later.
+    """
+    problem: Exception | None = None
+    try:  # results.json is logged last but the Hydra config: its presence means complete
+        for key, value in tags.items():
+            retry_locked(lambda key=key, value=value: client.set_tag(run_id, key, value))
+        log_run_dir(client, run_id, run_dir)
+    except Exception as exc:
+        problem = exc
+    try:
+        retry_locked(lambda: client.set_terminated(run_id, status))
+    except Exception as exc:
+        problem = problem or exc
+    return problem

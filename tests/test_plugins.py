@@ -89,7 +89,7 @@ def test_installed_plugin_is_discovered_and_runs(tmp_path: Path) -> None:
         "error: backend=abacus mode=apply: abacus only steps by hand (mode=manual)"
     )
     listed = cli("backend=nope", cwd=tmp_path, env=env)
-    assert "choose one of: abacus, jax, tf, torch" in listed.stderr
+    assert "choose one of: abacus, jax, numpy, tf, torch" in listed.stderr
 
 
 def test_a_run_imports_only_its_framework(tmp_path: Path) -> None:

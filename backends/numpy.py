@@ -1,0 +1,93 @@
+"""NumPy backend: plain arithmetic as a baseline, built on the core's reference rules.
+
+No autodiff and no optimizer objects: the gradient is the problem's analytic one
+(evaluated in float64 and rounded to the run's dtype) and the update is the NumPy
+reference rule, so `backend=numpy` answers "what does the mathematics give?" in the
+same tables as the frameworks. `backend.convention` picks whose formula details
+(epsilon placement and defaults) the adaptive rules follow: paper (= torch), tf, jax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from runner.errors import ConfigError, UnsupportedError
+from runner.optimizers import CONVENTIONS, resolve
+from runner.protocol import Derivatives, DerivativesSpec, MinimizeSpec
+from runner.reference import rule
+
+
+class _Stepper:
+    """x, the rule's state and the step count; each step reads the analytic gradient."""
+
+    def __init__(self, spec: MinimizeSpec) -> None:
+        problem = spec.problem
+        self.dtype = np.dtype(spec.dtype).type
+        self.problem = problem
+        self.p = {k: np.asarray(v, dtype=self.dtype) for k, v in problem.coefficients.items()}
+        self.x = np.asarray(problem.x0_array(), dtype=self.dtype)
+        convention = CONVENTIONS[spec.options.get("convention", "paper")]
+        opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, convention)
+        self.rule = rule(opt, convention)
+        self.state = self.rule.init(self.x)
+        self.t = 0
+        self.vector = problem.dim is not None
+        self.x_star = np.asarray(problem.optimum()[0], dtype=self.dtype)
+
+    def _grad(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.problem.grad(np.asarray(x, np.float64)), dtype=self.dtype)
+
+    def _loss(self, x: np.ndarray) -> Any:
+        return self.dtype(self.problem.loss(x, self.p))
+
+    def step(self, record: bool) -> tuple[Any, Any, Any]:
+        x = self.x
+        grad = self._grad(x)
+        loss = self._loss(x)
+        self.t += 1
+        self.x, self.state = self.rule.update(x, grad, self.state, self.t)
+        self.x = np.asarray(self.x, dtype=self.dtype)
+        if not record:
+            return loss, None, None
+        if self.vector:
+            return loss, np.linalg.norm(x - self.x_star), np.linalg.norm(grad)
+        return loss, x, grad
+
+    def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
+        return np.asarray(values)
+
+    def final(self) -> tuple[Any, Any, Any]:
+        return self._loss(self.x), self.x, self._grad(self.x)
+
+
+class NumpyBackend:
+    name: ClassVar[str] = "numpy"
+    framework: ClassVar[str] = "NumPy"
+
+    def versions(self) -> dict[str, str]:
+        return {"numpy": np.__version__}
+
+    def resolved_device(self, requested: str) -> str:
+        if requested == "gpu":
+            raise ConfigError("device=gpu: NumPy runs on the CPU only; use device=cpu or auto")
+        return "cpu"
+
+    def unsupported(self, spec: MinimizeSpec) -> str | None:
+        if spec.mode != "manual":
+            return "NumPy has no optimizer objects or compiler; only mode=manual is defined"
+        convention = spec.options.get("convention", "paper")
+        if convention not in CONVENTIONS:
+            return f"backend.convention={convention!r}; choose one of: {', '.join(CONVENTIONS)}"
+        return None
+
+    def prepare(self, spec: MinimizeSpec) -> _Stepper:
+        return _Stepper(spec)
+
+    def derivatives(self, spec: DerivativesSpec) -> Derivatives:
+        raise UnsupportedError(
+            "backend=numpy has no automatic differentiation; "
+            "task=derivatives needs backend=tf, torch or jax"
+        )

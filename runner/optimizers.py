@@ -1,0 +1,123 @@
+"""One vocabulary of optimizer hyperparameters, and where the frameworks' formulas differ.
+
+Every backend maps `OptimizerSpec` to its native optimizer (tf-keras, torch.optim,
+optax). The frameworks agree on SGD but not on the details of the adaptive rules:
+where epsilon goes, its default, Adagrad's first accumulator. Those differences are
+data here (CONVENTIONS), so the NumPy reference can reproduce each framework exactly
+and a test can show that a difference is the documented one and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from runner.errors import ConfigError
+
+# Our names and defaults; `None` means "the framework's own default" (see CONVENTIONS).
+HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.0, "nesterov": False},
+    "adam": {"beta1": 0.9, "beta2": 0.999, "eps": None},
+    "adagrad": {"initial_accumulator": None, "eps": None},
+    "rmsprop": {"rho": 0.9, "momentum": 0.0, "eps": None},
+}
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How one framework writes the adaptive rules (dense gradients, no weight decay).
+
+    adam_eps:        added to sqrt(v_hat) ("corrected", the paper's form) or to sqrt(v)
+                     before the bias correction is folded into the step size ("raw",
+                     Keras' epsilon-hat form);
+    adagrad_eps:     "inside" sqrt(acc + eps) or "outside" sqrt(acc) + eps;
+    rmsprop_eps:     likewise for the mean square.
+    """
+
+    name: str
+    adam_eps: float
+    adam_eps_form: str  # corrected | raw
+    adagrad_eps: float
+    adagrad_eps_form: str  # inside | outside
+    adagrad_initial_accumulator: float
+    rmsprop_eps: float
+    rmsprop_eps_form: str  # inside | outside
+
+
+CONVENTIONS: dict[str, Convention] = {
+    # tf_keras 2.x optimizers (Keras 2): Adam epsilon-hat, eps 1e-7 everywhere.
+    "tf": Convention("tf", 1e-7, "raw", 1e-7, "inside", 0.1, 1e-7, "inside"),
+    # torch.optim, which follows the papers: eps outside every square root.
+    "torch": Convention("torch", 1e-8, "corrected", 1e-10, "outside", 0.0, 1e-8, "outside"),
+    # optax: Adam like the paper; adagrad and rmsprop take eps inside the square root.
+    "jax": Convention("jax", 1e-8, "corrected", 1e-7, "inside", 0.1, 1e-8, "inside"),
+}
+CONVENTIONS["paper"] = CONVENTIONS["torch"]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An optimizer's hyperparameters as one framework will run them: no Nones left."""
+
+    name: str
+    lr: float
+    values: Mapping[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+
+def validate_hyper(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Check optimizer.<key> values against the vocabulary; fill the defaults."""
+    if name not in HYPERPARAMETERS:
+        raise ConfigError(
+            f"optimizer={name!r} is unknown; choose one of: {', '.join(HYPERPARAMETERS)}"
+        )
+    allowed = HYPERPARAMETERS[name]
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"optimizer.{unknown[0]} is not a setting of optimizer={name}; "
+            f"allowed: lr, {', '.join(allowed)}"
+        )
+    values = {**allowed, **given}
+    for key, value in values.items():
+        _check(name, key, value)
+    if name == "sgd" and values["nesterov"] and values["momentum"] == 0:
+        raise ConfigError("optimizer.nesterov=true needs optimizer.momentum > 0")
+    return values
+
+
+def _check(name: str, key: str, value: Any) -> None:
+    where = f"optimizer.{key}={value!r}"
+    if key == "nesterov":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} is not allowed; give true or false")
+        return
+    if value is None and HYPERPARAMETERS[name][key] is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{where} is not allowed; give a finite number")
+    if key in ("momentum", "beta1", "beta2", "rho") and not 0 <= value < 1:
+        raise ConfigError(f"{where} is not allowed; give a number in [0, 1)")
+    if key == "eps" and value <= 0:
+        raise ConfigError(f"{where} is not allowed; give a number > 0 (or null: the default)")
+    if key == "initial_accumulator" and value < 0:
+        raise ConfigError(f"{where} is not allowed; give a number >= 0")
+
+
+def resolve(name: str, lr: float, hyper: Mapping[str, Any], convention: Convention) -> Resolved:
+    """Fill the framework defaults (the Nones) from `convention`."""
+    values = validate_hyper(name, hyper)
+    if name == "adam" and values["eps"] is None:
+        values["eps"] = convention.adam_eps
+    if name == "adagrad":
+        if values["eps"] is None:
+            values["eps"] = convention.adagrad_eps
+        if values["initial_accumulator"] is None:
+            values["initial_accumulator"] = convention.adagrad_initial_accumulator
+    if name == "rmsprop" and values["eps"] is None:
+        values["eps"] = convention.rmsprop_eps
+    return Resolved(name, float(lr), values)
