@@ -3,20 +3,29 @@
 JAX is functional: x and the optimizer state are immutable arrays passed into a
 jitted step and returned updated, so the "snapshot of x before the update" that
 the engine records is simply the old array (no copy). Each run's coefficients,
-learning rate and optimizer are closed over by the jitted functions built in
+learning rate, x* and optimizer are closed over by the jitted functions built in
 prepare(): they are constants of the compiled program, which keeps a step's
 dispatch at one argument (x) plus the optimizer state.
+
+Optimizers: `apply`, `minimize` and graph with update=apply|minimize run optax's own
+`sgd`, `adam`, `adagrad`, `rmsprop` with the hyperparameters `runner.optimizers.resolve`
+gives for CONVENTIONS["jax"] (eps and the first accumulator always passed
+explicitly). `manual` and graph with update=manual write the same rules by hand in
+jax.numpy from that Convention, so manual against apply checks optax itself.
 
 Numerics: XLA on CPU contracts `x - lr*g` into a fused multiply-add, so float32
 runs stall at 0.99999851 (one ulp below the notebook's 0.99999857, which rounds
 `lr*g` first) in every mode, because every mode is jitted; float64 runs agree with
-the closed form to ~1e-16.
+the closed form to ~1e-16 and with the NumPy reference rules to <1e-11 over 100
+steps (optax and the hand-written rules differ only in rounding: rsqrt against 1/sqrt,
+and optax.rmsprop traces the lr-scaled direction where the reference scales the trace).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import jax
@@ -27,6 +36,7 @@ import optax
 from jax import lax
 
 from runner.errors import ConfigError
+from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.protocol import (
     DTYPES,
     GRAPH_UPDATES,
@@ -41,8 +51,123 @@ from runner.protocol import (
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any, jax.Array, jax.Array]]
 # x -> (loss(x), grad(x))
 ValueAndGrad = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+# (x, grad) -> what a recorded row holds: (x, grad) for scalars, (‖x − x*‖, ‖grad‖) for vectors
+Summary = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
-_HYPER = ("momentum", "nesterov")
+CONVENTION: Convention = CONVENTIONS["jax"]
+OPTIMIZERS = ("sgd", "adam", "adagrad", "rmsprop")
+# The problems' reductions in jax.numpy. HIGHEST keeps float32 matvecs in float32 on
+# GPUs (the default precision there may round the operands to TF32 / bf16).
+OPS = SimpleNamespace(
+    sum=jnp.sum, matvec=functools.partial(jnp.matmul, precision=lax.Precision.HIGHEST)
+)
+
+
+def native_optimizer(opt: Resolved, lr: Any) -> optax.GradientTransformation:
+    """The optax optimizer for a resolved spec: our names -> optax's, every value explicit."""
+    if opt.name == "sgd":
+        return optax.sgd(lr, momentum=opt["momentum"] or None, nesterov=opt["nesterov"])
+    if opt.name == "adam":
+        return optax.adam(lr, b1=opt["beta1"], b2=opt["beta2"], eps=opt["eps"], eps_root=0.0)
+    if opt.name == "adagrad":
+        return optax.adagrad(
+            lr, initial_accumulator_value=opt["initial_accumulator"], eps=opt["eps"]
+        )
+    if opt.name == "rmsprop":
+        return optax.rmsprop(
+            lr,
+            decay=opt["rho"],
+            eps=opt["eps"],
+            eps_in_sqrt=CONVENTION.rmsprop_eps_form == "inside",
+            momentum=opt["momentum"] or None,
+        )
+    raise ConfigError(f"optimizer={opt.name!r}: backend=jax runs {', '.join(OPTIMIZERS)}")
+
+
+def _convention_gap(name: str) -> str | None:
+    """Why optax cannot run CONVENTIONS['jax'] for `name` (only if that table is edited)."""
+    if name == "adam" and CONVENTION.adam_eps_form != "corrected":
+        return "optax.adam adds eps to sqrt(v_hat) only; CONVENTIONS['jax'] asks for the raw form"
+    if name == "adagrad" and CONVENTION.adagrad_eps_form != "inside":
+        return "optax.adagrad adds eps inside the square root only; CONVENTIONS['jax'] says outside"
+    return None
+
+
+# -- the update rules by hand (manual mode), from CONVENTIONS["jax"] -----------------------
+
+
+def _root(accumulated: jax.Array, eps: float, form: str) -> jax.Array:
+    return jnp.sqrt(accumulated + eps) if form == "inside" else jnp.sqrt(accumulated) + eps
+
+
+def manual_rule(
+    opt: Resolved, lr: jax.Array, convention: Convention | None = None
+) -> tuple[Callable[[jax.Array], dict], Callable[..., tuple[jax.Array, dict]]]:
+    """(init(x0) -> state, update(x, g, state) -> (x_next, state)) written in jax.numpy.
+
+    The state is a dict of arrays shaped like x, plus the step count `t` (int32) for
+    Adam's bias correction. Plain SGD keeps the notebook's `x - lr*g` and no state.
+    """
+    name = opt.name
+    convention = convention or CONVENTION
+
+    def zeros(x: jax.Array) -> jax.Array:
+        return jnp.zeros_like(x)
+
+    if name == "sgd":
+        momentum, nesterov = opt["momentum"], opt["nesterov"]
+        if not momentum:
+            return lambda x: {}, lambda x, g, s: (x - lr * g, s)
+
+        def sgd(x: jax.Array, g: jax.Array, s: dict) -> tuple[jax.Array, dict]:
+            buf = momentum * s["buf"] + g
+            direction = g + momentum * buf if nesterov else buf
+            return x - lr * direction, {"buf": buf}
+
+        return lambda x: {"buf": zeros(x)}, sgd
+
+    if name == "adam":
+        b1, b2, eps = opt["beta1"], opt["beta2"], opt["eps"]
+
+        def adam(x: jax.Array, g: jax.Array, s: dict) -> tuple[jax.Array, dict]:
+            t = s["t"] + 1
+            tf = t.astype(x.dtype)
+            m = b1 * s["m"] + (1 - b1) * g
+            v = b2 * s["v"] + (1 - b2) * g * g
+            c1, c2 = 1 - b1**tf, 1 - b2**tf
+            if convention.adam_eps_form == "corrected":
+                step = lr * (m / c1) / (jnp.sqrt(v / c2) + eps)
+            else:
+                step = lr * jnp.sqrt(c2) / c1 * m / (jnp.sqrt(v) + eps)
+            return x - step, {"t": t, "m": m, "v": v}
+
+        return lambda x: {"t": jnp.zeros((), jnp.int32), "m": zeros(x), "v": zeros(x)}, adam
+
+    if name == "adagrad":
+        eps, initial = opt["eps"], opt["initial_accumulator"]
+
+        def adagrad(x: jax.Array, g: jax.Array, s: dict) -> tuple[jax.Array, dict]:
+            acc = s["acc"] + g * g
+            return x - lr * g / _root(acc, eps, convention.adagrad_eps_form), {"acc": acc}
+
+        return lambda x: {"acc": jnp.full_like(x, initial)}, adagrad
+
+    if name == "rmsprop":
+        rho, momentum, eps = opt["rho"], opt["momentum"], opt["eps"]
+
+        def rmsprop(x: jax.Array, g: jax.Array, s: dict) -> tuple[jax.Array, dict]:
+            ms = rho * s["ms"] + (1 - rho) * g * g
+            direction = g / _root(ms, eps, convention.rmsprop_eps_form)
+            if not momentum:
+                return x - lr * direction, {"ms": ms}
+            buf = momentum * s["buf"] + direction
+            return x - lr * buf, {"ms": ms, "buf": buf}
+
+        if momentum:
+            return lambda x: {"ms": zeros(x), "buf": zeros(x)}, rmsprop
+        return lambda x: {"ms": zeros(x)}, rmsprop
+
+    raise ConfigError(f"optimizer={name!r}: backend=jax runs {', '.join(OPTIMIZERS)}")
 
 
 def make_minimize_step(optimizer: optax.GradientTransformation) -> Callable[..., Any]:
@@ -74,13 +199,21 @@ class _EagerProgram:
     """The engine drives the loop; each step is one call of a jitted function.
 
     No host sync per step: the jitted call returns device arrays as soon as the work
-    is queued (async dispatch), and to_numpy() reads a whole chunk at once.
+    is queued (async dispatch), and to_numpy() reads a whole chunk at once. Vector
+    problems have a second jitted step for recorded steps, which also returns the
+    row's summaries (‖x − x*‖, ‖grad‖) computed on the device.
     """
 
     def __init__(
-        self, step: StepFn, value_and_grad: ValueAndGrad, x0: jax.Array, opt_state: Any
+        self,
+        step: StepFn,
+        record_step: Callable[..., tuple[Any, ...]] | None,
+        value_and_grad: ValueAndGrad,
+        x0: jax.Array,
+        opt_state: Any,
     ) -> None:
         self._step = step
+        self._record_step = record_step
         self._value_and_grad = value_and_grad
         self._x = x0
         self._opt_state = opt_state
@@ -88,11 +221,17 @@ class _EagerProgram:
         self._on_cpu = all(d.platform == "cpu" for d in x0.devices())
 
     def step(self, record: bool) -> tuple[Any, Any, Any]:
-        # x and grad are returned even when record is False: x is the old immutable
-        # array and grad is computed anyway, so neither costs anything to hand back.
         x = self._x
-        self._x, self._opt_state, loss, grad = self._step(x, self._opt_state)
-        return loss, x, grad
+        if self._record_step is None:
+            # Scalars: x and grad are returned even when record is False: x is the old
+            # immutable array and grad is computed anyway, so neither costs anything.
+            self._x, self._opt_state, loss, grad = self._step(x, self._opt_state)
+            return loss, x, grad
+        if record:
+            self._x, self._opt_state, loss, dist, grad_norm = self._record_step(x, self._opt_state)
+            return loss, dist, grad_norm
+        self._x, self._opt_state, loss, _grad = self._step(x, self._opt_state)
+        return loss, None, None
 
     def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
         # On CPU, np.asarray per value is ~1 us each (a view of the buffer; the first
@@ -135,17 +274,24 @@ class _CompiledProgram:
 
 
 def _compiled_loop(
-    step: StepFn, value_and_grad: ValueAndGrad, steps: int, every: int, rows: int
+    step: StepFn,
+    value_and_grad: ValueAndGrad,
+    summary: Summary,
+    steps: int,
+    every: int,
+    rows: int,
 ) -> Callable[[jax.Array, Any], tuple[Any, ...]]:
     """The whole minimization as one traceable function of (x0, opt_state0).
 
     An outer while_loop over record rows writes row k = (x, loss, grad) at step
     k*every (the first step of the row, peeled out of the inner loop so the buffer is
     written once per row, not once per step), then an inner while_loop runs the rest
-    of the row's steps. Both conditions test isfinite(loss of the last step), so the
-    loop stops right after the first non-finite loss and the exact step is known.
-    Measured on this CPU: ~6 ns/step, against ~5 ns for a bare fori_loop that neither
-    records nor checks; a flat loop that writes the buffer every step costs ~11 ns.
+    of the row's steps. For vector problems the row holds `summary(x, grad)` =
+    (‖x − x*‖, ‖grad‖), computed only on recorded steps. Both conditions test
+    isfinite(loss of the last step), so the loop stops right after the first
+    non-finite loss and the exact step is known. Measured on this CPU (scalar
+    problem): ~6 ns/step, against ~5 ns for a bare fori_loop that neither records
+    nor checks; a flat loop that writes the buffer every step costs ~11 ns.
     """
 
     def run(x0: jax.Array, opt_state0: Any) -> tuple[Any, ...]:
@@ -166,7 +312,8 @@ def _compiled_loop(
         def outer_body(carry: tuple) -> tuple:
             k, i, x, state, _xp, _lp, _gp, (bx, bl, bg) = carry
             x_next, state, loss, grad = step(x, state)
-            bx, bl, bg = bx.at[k].set(x), bl.at[k].set(loss), bg.at[k].set(grad)
+            row_x, row_grad = summary(x, grad)
+            bx, bl, bg = bx.at[k].set(row_x), bl.at[k].set(loss), bg.at[k].set(row_grad)
             end = jnp.minimum(i + every, steps)
             i, _, x_next, state, xp, lp, gp = lax.while_loop(
                 inner_cond, inner_body, (i + 1, end, x_next, state, x, loss, grad)
@@ -174,7 +321,12 @@ def _compiled_loop(
             return k + 1, i, x_next, state, xp, lp, gp, (bx, bl, bg)
 
         zero = jnp.zeros_like(x0)
-        bufs = tuple(jnp.zeros((rows, *x0.shape), x0.dtype) for _ in range(3))
+        row_x, row_grad = jax.eval_shape(summary, x0, x0)
+        bufs = (
+            jnp.zeros((rows, *row_x.shape), row_x.dtype),
+            jnp.zeros((rows,), x0.dtype),
+            jnp.zeros((rows, *row_grad.shape), row_grad.dtype),
+        )
         carry = (0, 0, x0, opt_state0, zero, jnp.zeros((), x0.dtype), zero, bufs)
         if rows:
             carry = lax.while_loop(outer_cond, outer_body, carry)
@@ -195,7 +347,7 @@ def _compiled_loop(
 
 
 class JaxBackend:
-    """JAX plugin: jax.grad for manual, optax for apply, a loss-handed step for minimize."""
+    """JAX plugin: jax.grad + hand-written rules for manual, optax for apply and minimize."""
 
     name: ClassVar[str] = "jax"
     framework: ClassVar[str] = "JAX"
@@ -213,24 +365,15 @@ class JaxBackend:
             return f"update={spec.update} is unknown; graph mode runs {', '.join(GRAPH_UPDATES)}"
         if spec.dtype not in DTYPES:
             return f"dtype={spec.dtype} is not supported; backend=jax runs {', '.join(DTYPES)}"
-        if spec.optimizer.name != "sgd":
-            return f"optimizer={spec.optimizer.name}: backend=jax runs optimizer=sgd (optax.sgd)"
-        unknown = sorted(set(spec.optimizer.hyper) - set(_HYPER))
-        if unknown:
-            return (
-                f"optimizer.{unknown[0]} is not a setting backend=jax maps to optax.sgd; "
-                f"it takes {', '.join(_HYPER)}"
-            )
-        momentum, nesterov = _momentum(spec.optimizer.hyper)
-        if nesterov and not momentum:
-            return "optimizer.nesterov=true needs optimizer.momentum > 0"
+        name = spec.optimizer.name
+        if name not in OPTIMIZERS:
+            return f"optimizer={name}: backend=jax maps {', '.join(OPTIMIZERS)} to optax"
+        try:
+            resolve(name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
+        except ConfigError as error:
+            return str(error)
         manual = spec.mode == "manual" or (spec.mode == "graph" and spec.update == "manual")
-        if manual and momentum:
-            return (
-                "the manual update is plain x - lr*g; momentum lives in the optimizer: "
-                "use mode=apply or mode=minimize (or graph with update=apply|minimize)"
-            )
-        return None
+        return None if manual else _convention_gap(name)
 
     def prepare(self, spec: MinimizeSpec) -> _EagerProgram | _CompiledProgram:
         reason = self.unsupported(spec)
@@ -238,24 +381,32 @@ class JaxBackend:
             raise ConfigError(reason)
         dtype = _enable_dtype(spec.dtype)
         device = _device(spec.device)
-        p = _coefficients(spec.problem.coefficients, dtype, device)
-        x0 = jax.device_put(jnp.asarray(spec.problem.x0, dtype=dtype), device)
-        lr = jax.device_put(jnp.asarray(spec.optimizer.lr, dtype=dtype), device)
-        momentum, nesterov = _momentum(spec.optimizer.hyper)
-        optimizer = optax.sgd(learning_rate=lr, momentum=momentum, nesterov=nesterov)
-        opt_state0 = optimizer.init(x0)
         problem = spec.problem
+        p = _coefficients(problem.coefficients, dtype, device)
+        x0 = _put(problem.x0_array(), dtype, device)
+        lr = _put(spec.optimizer.lr, dtype, device)
+        opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
+        update = spec.update if spec.mode == "graph" else spec.mode
 
         def loss_fn(x: jax.Array) -> jax.Array:
-            return problem.loss(x, p)
+            return problem.loss(x, p, OPS)
 
         value_and_grad = jax.value_and_grad(loss_fn)
-        update = spec.update if spec.mode == "graph" else spec.mode
-        step = _step_fn(update, loss_fn, value_and_grad, optimizer, lr)
+        if update == "manual":
+            init, rule = manual_rule(opt, lr)
+            step = _manual_step(rule, value_and_grad)
+        else:
+            optimizer = native_optimizer(opt, lr)
+            init = optimizer.init
+            step = _optax_step(update, loss_fn, value_and_grad, optimizer)
+        # Every leaf of the optimizer state (moments, accumulators, Adam's count) on the
+        # run's device: init() makes some leaves (the count) on the default device.
+        opt_state0 = jax.device_put(init(x0), device)
+        summary = _summary(problem, dtype, device)
 
         if spec.mode == "graph":
             loop = _compiled_loop(
-                step, value_and_grad, spec.steps, spec.record.every, spec.record.rows
+                step, value_and_grad, summary, spec.steps, spec.record.every, spec.record.rows
             )
             executable = jax.jit(loop).lower(x0, opt_state0).compile()
             return _CompiledProgram(executable, x0, opt_state0, spec)
@@ -263,16 +414,26 @@ class JaxBackend:
         # minimize_step is jitted already (it is the idiom); the others are jitted here.
         eager_step = step if update == "minimize" else jax.jit(step)
         eager_value_and_grad = jax.jit(value_and_grad)
-        # Warm-up: compile the step and final() here so run_s is steady state. JAX
+        record_step = None
+        warm: list[Any] = [eager_step(x0, opt_state0), eager_value_and_grad(x0)]
+        if problem.dim is not None:
+
+            def recorded(x: jax.Array, state: Any) -> tuple[Any, ...]:
+                x_next, state, loss, grad = step(x, state)
+                return (x_next, state, loss, *summary(x, grad))
+
+            record_step = jax.jit(recorded)
+            warm.append(record_step(x0, opt_state0))
+        # Warm-up: compile every step and final() here so run_s is steady state. JAX
         # arrays are immutable, so the program still starts from x0 and opt_state0.
-        jax.block_until_ready((eager_step(x0, opt_state0), eager_value_and_grad(x0)))
-        return _EagerProgram(eager_step, eager_value_and_grad, x0, opt_state0)
+        jax.block_until_ready(warm)
+        return _EagerProgram(eager_step, record_step, eager_value_and_grad, x0, opt_state0)
 
     def derivatives(self, spec: DerivativesSpec) -> Derivatives:
         dtype = _enable_dtype(spec.dtype)
         device = _device(spec.device)
         p = _coefficients(spec.problem.coefficients, dtype, device)
-        x = jax.device_put(jnp.asarray(spec.problem.x0, dtype=dtype), device)
+        x = _put(spec.problem.x0_array(), dtype, device)
         loss = spec.problem.loss
         y = loss(x, p)
         # argnums=(0, 1): d/dx and d/dp in one reverse pass; p is a dict pytree, so
@@ -290,21 +451,27 @@ class JaxBackend:
         )
 
 
-def _step_fn(
+def _manual_step(
+    rule: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]],
+    value_and_grad: ValueAndGrad,
+) -> StepFn:
+    """The hand-written rule as a traceable (x, state) -> (x', state', loss, g)."""
+
+    def manual(x: jax.Array, state: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+        loss, grad = value_and_grad(x)
+        x_next, state = rule(x, grad, state)
+        return x_next, state, loss, grad
+
+    return manual
+
+
+def _optax_step(
     update: str,
     loss_fn: Callable[[jax.Array], jax.Array],
     value_and_grad: ValueAndGrad,
     optimizer: optax.GradientTransformation,
-    lr: jax.Array,
 ) -> StepFn:
-    """One update in the mode's idiom, as a traceable (x, state) -> (x', state', loss, g)."""
-    if update == "manual":
-
-        def manual(x: jax.Array, state: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
-            loss, grad = value_and_grad(x)
-            return x - lr * grad, state, loss, grad
-
-        return manual
+    """One optax update in the mode's idiom, as a traceable (x, state) -> (x', state', loss, g)."""
     if update == "apply":
 
         def apply(x: jax.Array, state: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
@@ -315,6 +482,18 @@ def _step_fn(
         return apply
     minimize_step = make_minimize_step(optimizer)
     return functools.partial(minimize_step, loss_fn)
+
+
+def _summary(problem: Any, dtype: Any, device: jax.Device) -> Summary:
+    """What a recorded row holds: x and grad (scalar problems) or their distances (vectors)."""
+    if problem.dim is None:
+        return lambda x, grad: (x, grad)
+    x_star = _put(problem.optimum()[0], dtype, device)
+
+    def distances(x: jax.Array, grad: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return jnp.linalg.norm(x - x_star), jnp.linalg.norm(grad)
+
+    return distances
 
 
 def _enable_dtype(name: str) -> Any:
@@ -328,16 +507,15 @@ def _enable_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
+def _put(value: Any, dtype: Any, device: jax.Device) -> jax.Array:
+    """A float64 NumPy value (scalar or array) cast to the run's dtype, on the run's device."""
+    return jax.device_put(np.asarray(value, dtype=dtype), device)
+
+
 def _coefficients(
-    coefficients: Mapping[str, float], dtype: Any, device: jax.Device
+    coefficients: Mapping[str, Any], dtype: Any, device: jax.Device
 ) -> dict[str, jax.Array]:
-    return {k: jax.device_put(jnp.asarray(v, dtype=dtype), device) for k, v in coefficients.items()}
-
-
-def _momentum(hyper: Mapping[str, Any]) -> tuple[float | None, bool]:
-    """optax.sgd's (momentum, nesterov); momentum 0 means plain SGD (no trace state)."""
-    momentum = float(hyper.get("momentum", 0.0) or 0.0)
-    return (momentum or None), bool(hyper.get("nesterov", False))
+    return {k: _put(v, dtype, device) for k, v in coefficients.items()}
 
 
 def _gpus() -> list[jax.Device]:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from runner.errors import RunnerError
+from runner.optimizers import HYPERPARAMETERS
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
 from runner.tracking import (
     TrackingTarget,
@@ -351,12 +352,14 @@ def _number(text: Any) -> Any:
 
 
 def optimizer_label(optimizer: Mapping[str, Any]) -> str:
-    """'sgd lr=0.01' (+ its other hyperparameters), so runs at other settings stay apart."""
+    """'sgd lr=0.01' (+ settings that differ from the vocabulary's defaults), so runs at
+    other settings stay apart and default ones read short."""
     name = str(optimizer.get("name", "?"))
+    defaults = HYPERPARAMETERS.get(name, {})
     hyper = [
-        f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+        f"{k}={v}" if isinstance(v, bool) or not isinstance(v, int | float) else f"{k}={v:g}"
         for k, v in sorted(optimizer.items(), key=lambda kv: (kv[0] != "lr", kv[0]))
-        if k != "name" and v not in (None, "None")
+        if k != "name" and v not in (None, "None") and (k not in defaults or v != defaults[k])
     ]
     return " ".join([name, *hyper])
 
