@@ -5,8 +5,13 @@ numbers we get: manual is In [29] (`x.assign_add(-lr * dx)`), apply is In [32]
 (`opt.apply_gradients`), minimize is In [35] (`opt.minimize(f, [x])`), and graph is
 In [38]/[41] (a `tf.function` over the whole loop).
 
-The optimizer comes from `tf_keras` (Keras 2): Keras 3, which is `tf.keras` from
-TF 2.16 on, has no `minimize`, and its SGD is a different implementation.
+The optimizers come from `tf_keras` (Keras 2): Keras 3, which is `tf.keras` from
+TF 2.16 on, has no `minimize`, and its SGD is a different implementation. Apply,
+minimize and graph(apply|minimize) run Keras 2's SGD, Adam, Adagrad and RMSprop with
+every hyperparameter given explicitly from `runner.optimizers.resolve`; manual mode
+(and graph update=manual) writes each rule out in TensorFlow ops following
+`CONVENTIONS["tf"]`, so manual against apply checks Keras' implementation. Vector
+problems (problem.dim set) record ||x_i - x*|| and ||grad_i|| in place of x_i, grad_i.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
 
 from runner.errors import ConfigError
+from runner.optimizers import CONVENTIONS, Resolved, resolve
 from runner.protocol import (
     DTYPES,
     GRAPH_UPDATES,
@@ -77,7 +84,12 @@ with _quiet_native_startup():
 
 
 _OPTIONS = ("jit_compile",)
-_SGD_HYPER = ("momentum", "nesterov")
+
+# The problems' reductions, from TensorFlow (problem.loss(x, p, ops)).
+_OPS = SimpleNamespace(sum=tf.reduce_sum, matvec=tf.linalg.matvec)
+
+# Where Keras 2's adaptive rules put epsilon, its defaults, Adagrad's first accumulator.
+CONVENTION = CONVENTIONS["tf"]
 
 # (loss, x, grad) as TensorFlow values.
 Values = tuple[Any, Any, Any]
@@ -92,8 +104,8 @@ def _coefficients(problem: Any, dtype: tf.DType) -> dict[str, tf.Tensor]:
     return {k: tf.constant(v, dtype=dtype) for k, v in problem.coefficients.items()}
 
 
-class _ObservedSGD(tf_keras.optimizers.SGD):
-    """Keras 2 SGD that keeps the gradients it is handed, so minimize mode can report grad_i.
+class _Observed:
+    """Keras 2 optimizer that keeps the gradients it is handed, so minimize mode can report grad_i.
 
     Keras 2's `minimize` is `compute_gradients` + `self.apply_gradients`; keeping a
     reference to what reaches apply_gradients changes no arithmetic.
@@ -104,77 +116,183 @@ class _ObservedSGD(tf_keras.optimizers.SGD):
     def apply_gradients(self, grads_and_vars: Any, *args: Any, **kwargs: Any) -> Any:
         grads_and_vars = list(grads_and_vars)
         self.last_grads = [grad for grad, _ in grads_and_vars]
-        return super().apply_gradients(grads_and_vars, *args, **kwargs)
+        return super().apply_gradients(grads_and_vars, *args, **kwargs)  # type: ignore[misc]
 
 
-def _make_sgd(spec: MinimizeSpec) -> Any:
-    """The notebook's `SGD(learning_rate=lr)`, from Keras 2, in the run's dtype.
+_NATIVE: dict[str, type] = {
+    name: type(f"_Observed{cls.__name__}", (_Observed, cls), {})
+    for name, cls in {
+        "sgd": tf_keras.optimizers.SGD,
+        "adam": tf_keras.optimizers.Adam,
+        "adagrad": tf_keras.optimizers.Adagrad,
+        "rmsprop": tf_keras.optimizers.RMSprop,
+    }.items()
+}
+
+
+def _native_settings(opt: Resolved) -> dict[str, Any]:
+    """Our vocabulary -> the Keras 2 constructor's names, every value given explicitly.
+
+    Values are NumPy float64 scalars: Keras 2 does `tf.cast(self.momentum, dtype)` (and
+    the same for Adam's betas), and a Python float would reach that cast as a float32
+    tensor, so a float64 run would step with float32(0.9). A float64 scalar is rounded
+    once to a float32 run's dtype, exactly as a Python float would be, and is otherwise
+    used like one (`1 - beta_1`, `rho * velocity`, `+ epsilon`).
+    """
+    f = np.float64
+    if opt.name == "sgd":
+        return {"momentum": f(opt["momentum"]), "nesterov": bool(opt["nesterov"])}
+    if opt.name == "adam":
+        return {"beta_1": f(opt["beta1"]), "beta_2": f(opt["beta2"]), "epsilon": f(opt["eps"])}
+    if opt.name == "adagrad":
+        return {
+            "initial_accumulator_value": f(opt["initial_accumulator"]),
+            "epsilon": f(opt["eps"]),
+        }
+    return {"rho": f(opt["rho"]), "momentum": f(opt["momentum"]), "epsilon": f(opt["eps"])}
+
+
+def _make_optimizer(opt: Resolved, dtype: str) -> Any:
+    """The native Keras 2 optimizer (the notebook's `SGD(learning_rate=lr)` for sgd).
 
     Keras 2 stores the learning rate in a variable of `floatx()` (float32) and casts it
     to the variable's dtype at each step, so float64 runs would step with
-    float32(lr). Building it under floatx=float64 keeps lr exact there; momentum is
-    handed over as a NumPy scalar of the run dtype for the same reason.
+    float32(lr). Building it under floatx=float64 keeps lr exact there.
     `jit_compile=False`: Keras 2 would otherwise XLA-compile the update on a GPU
     (only), which fuses `x + (-g * lr)` and changes the last bit between devices.
     """
-    hyper = spec.optimizer.hyper
     saved = tf_keras.backend.floatx()
-    tf_keras.backend.set_floatx(spec.dtype)
+    tf_keras.backend.set_floatx(dtype)
     try:
-        return _ObservedSGD(
-            learning_rate=spec.optimizer.lr,
-            # A Python float would reach tf.cast as a float32 tensor: give it the run dtype.
-            momentum=np.dtype(spec.dtype).type(hyper.get("momentum", 0.0)),
-            nesterov=bool(hyper.get("nesterov", False)),
-            jit_compile=False,
-        )
+        return _NATIVE[opt.name](learning_rate=opt.lr, jit_compile=False, **_native_settings(opt))
     finally:
         tf_keras.backend.set_floatx(saved)
 
 
+class _Manual:
+    """The update rules written out in TensorFlow ops, following CONVENTION.
+
+    The same formulas as runner.reference (not Keras' code), so manual against apply
+    checks Keras' implementation. The state lives in variables made here, on the run's
+    device; `t` counts updates from 1 as in the papers.
+    """
+
+    def __init__(self, opt: Resolved, x: tf.Variable, dtype: tf.DType) -> None:
+        self.opt = opt
+        self.name = opt.name
+        self.dtype = dtype
+        self.lr = self._c(opt.lr)
+        self.t = tf.Variable(0, dtype=tf.int64, trainable=False, name="t")
+
+        def slot(name: str, value: float = 0.0) -> tf.Variable:
+            return tf.Variable(tf.fill(tf.shape(x), self._c(value)), trainable=False, name=name)
+
+        self.state: dict[str, tf.Variable] = {}
+        if opt.name == "sgd" and opt["momentum"]:
+            self.state["buf"] = slot("buf")
+        elif opt.name == "adam":
+            self.state.update(m=slot("m"), v=slot("v"))
+        elif opt.name == "adagrad":
+            self.state["acc"] = slot("acc", opt["initial_accumulator"])
+        elif opt.name == "rmsprop":
+            self.state["ms"] = slot("ms")
+            if opt["momentum"]:
+                self.state["buf"] = slot("buf")
+
+    def _c(self, value: float) -> tf.Tensor:
+        """A hyperparameter (or 1 - one, computed in float64) as a constant of the run dtype."""
+        return tf.constant(value, dtype=self.dtype)
+
+    def _root(self, accumulated: tf.Tensor, eps: tf.Tensor, form: str) -> tf.Tensor:
+        return tf.sqrt(accumulated + eps) if form == "inside" else tf.sqrt(accumulated) + eps
+
+    def update(self, x: tf.Variable, g: tf.Tensor) -> None:
+        opt, s, lr, c = self.opt, self.state, self.lr, self._c
+        if self.name == "sgd":
+            if not opt["momentum"]:
+                x.assign_add(-lr * g)  # the notebook's In [29], bit for bit
+                return
+            mu = c(opt["momentum"])
+            buf = s["buf"].assign(mu * s["buf"] + g)
+            x.assign_sub(lr * (g + mu * buf if opt["nesterov"] else buf))
+        elif self.name == "adam":
+            b1, b2, eps = opt["beta1"], opt["beta2"], c(opt["eps"])
+            t = tf.cast(self.t.assign_add(1), self.dtype)
+            m = s["m"].assign(c(b1) * s["m"] + c(1 - b1) * g)
+            v = s["v"].assign(c(b2) * s["v"] + c(1 - b2) * g * g)
+            bias1, bias2 = 1 - tf.pow(c(b1), t), 1 - tf.pow(c(b2), t)
+            if CONVENTION.adam_eps_form == "corrected":
+                x.assign_sub(lr * (m / bias1) / (tf.sqrt(v / bias2) + eps))
+            else:  # Keras' epsilon-hat: the bias correction folded into the step size
+                x.assign_sub(lr * tf.sqrt(bias2) / bias1 * m / (tf.sqrt(v) + eps))
+        elif self.name == "adagrad":
+            acc = s["acc"].assign_add(g * g)
+            x.assign_sub(lr * g / self._root(acc, c(opt["eps"]), CONVENTION.adagrad_eps_form))
+        else:  # rmsprop
+            rho = opt["rho"]
+            ms = s["ms"].assign(c(rho) * s["ms"] + c(1 - rho) * g * g)
+            direction = g / self._root(ms, c(opt["eps"]), CONVENTION.rmsprop_eps_form)
+            if opt["momentum"]:
+                direction = s["buf"].assign(c(opt["momentum"]) * s["buf"] + direction)
+            x.assign_sub(lr * direction)
+
+
 class _Run:
-    """State shared by every mode: device, dtype, x, coefficients, lr, optimizer."""
+    """State shared by every mode: device, dtype, x, coefficients, the optimizer's state."""
 
     def __init__(self, spec: MinimizeSpec, device: str) -> None:
+        problem = spec.problem
         self.spec = spec
         self.device = device
         self.dtype = _tf_dtype(spec.dtype)
         self.np_dtype = np.dtype(spec.dtype)
+        self.vector = problem.dim is not None
+        self.kind = spec.update if spec.mode == "graph" else spec.mode
+        opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
         with tf.device(device):
-            self.p = _coefficients(spec.problem, self.dtype)
-            self.lr = tf.constant(spec.optimizer.lr, dtype=self.dtype)
-            self.x = tf.Variable(spec.problem.x0, name="x", dtype=self.dtype)
-            self.opt = _make_sgd(spec)
-            # Create the optimizer's slots now, not inside the timed loop; no update.
-            self.opt.build([self.x])
+            self.p = _coefficients(problem, self.dtype)
+            self.x = tf.Variable(tf.constant(problem.x0_array(), self.dtype), name="x")
+            # x* for the recorded distance ||x_i - x*|| of vector problems.
+            self.x_star = tf.constant(problem.optimum()[0], self.dtype) if self.vector else None
+            self.manual = self.opt = None
+            if self.kind == "manual":
+                self.manual = _Manual(opt, self.x, self.dtype)
+            else:
+                self.opt = _make_optimizer(opt, spec.dtype)
+                # Create the optimizer's slots now, not inside the timed loop; no update.
+                self.opt.build([self.x])
 
     def loss(self) -> tf.Tensor:
         """No-argument loss, like the notebook's `f()`: reads the variable x."""
-        return self.spec.problem.loss(self.x, self.p)
+        return self.spec.problem.loss(self.x, self.p, _OPS)
 
     def loss_and_grad(self) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             loss = self.loss()
         return loss, tape.gradient(loss, self.x)
 
+    def distance(self, x: Any) -> tf.Tensor:
+        """||x - x*||_2, what vector problems record in place of x."""
+        return tf.norm(x - self.x_star)
+
     # One update each, returning (loss_i, grad_i) at the point before the update.
     # They run eagerly (EagerProgram) and inside the compiled loop (graph mode).
 
     def update_manual(self) -> tuple[tf.Tensor, tf.Tensor]:
         loss, grad = self.loss_and_grad()
-        self.x.assign_add(-self.lr * grad)
+        self.manual.update(self.x, grad)  # type: ignore[union-attr]
         return loss, grad
 
     def update_apply(self) -> tuple[tf.Tensor, tf.Tensor]:
         loss, grad = self.loss_and_grad()
-        self.opt.apply_gradients([(grad, self.x)])
+        self.opt.apply_gradients([(grad, self.x)])  # type: ignore[union-attr]
         return loss, grad
 
     def update_minimize(self) -> tuple[tf.Tensor, tf.Tensor]:
         """`opt.minimize(f, [x])`; f hands us the loss it computed, before the update.
 
         The gradient is the one minimize itself computed and applied, seen by
-        `_ObservedSGD.apply_gradients`: no second differentiation, same arithmetic.
+        `_Observed.apply_gradients`: no second differentiation, same arithmetic.
         """
         seen: list[tf.Tensor] = []
 
@@ -183,15 +301,15 @@ class _Run:
             seen.append(y)
             return y
 
-        self.opt.minimize(f, [self.x])
-        return seen[0], self.opt.last_grads[0]
+        self.opt.minimize(f, [self.x])  # type: ignore[union-attr]
+        return seen[0], self.opt.last_grads[0]  # type: ignore[union-attr]
 
-    def updater(self, kind: str) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
+    def updater(self) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
         return {
             "manual": self.update_manual,
             "apply": self.update_apply,
             "minimize": self.update_minimize,
-        }[kind]
+        }[self.kind]
 
     def final(self) -> Values:
         with tf.device(self.device):
@@ -200,19 +318,26 @@ class _Run:
 
 
 class _EagerProgram:
-    """manual | apply | minimize, one eager step at a time (TF eager: ~300 us a step)."""
+    """manual | apply | minimize, one eager step at a time (TF eager: ~300 us a step).
+
+    Recorded steps return x_i and grad_i for the scalar problem, and the summaries
+    ||x_i - x*|| and ||grad_i|| for vector problems (x may have 1e7 entries).
+    """
 
     def __init__(self, run: _Run) -> None:
         self._run = run
-        mode = run.spec.mode
-        self._update = run.updater(mode)
+        self._update = run.updater()
 
     def step(self, record: bool) -> Values:
         run = self._run
         with tf.device(run.device):
-            # A resource variable's read is a snapshot: the update below copies on write.
-            x_i = run.x.read_value() if record else None
+            x_i = None
+            if record:
+                # A resource variable's read is a snapshot: the update below copies on write.
+                x_i = run.distance(run.x) if run.vector else run.x.read_value()
             loss, grad = self._update()
+            if record and run.vector:
+                grad = tf.norm(grad)
         return loss, x_i, grad
 
     def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
@@ -233,7 +358,11 @@ class _GraphProgram:
     `tf.while_loop` stops at the first non-finite loss. Rows go into preallocated
     variables of `rows + 1` slots, written in place (one scatter op each; a TensorArray
     write cost about 3x more per step here); the extra slot takes the writes of
-    unrecorded steps, so the loop body has no branch.
+    unrecorded steps, so the loop body has no branch for them. Vector problems record
+    the summaries ||x_i - x*|| and ||grad_i|| (with every > 1, in a `tf.cond` that
+    computes them on recorded steps only), and copy x_i into one more variable before
+    each update (one pass over x a step), so that a loop stopped by a non-finite loss
+    can hand back the state at that step, as it does for the scalar problem.
     """
 
     def __init__(self, run: _Run) -> None:
@@ -241,12 +370,17 @@ class _GraphProgram:
         spec = run.spec
         self._every = spec.record.every
         self._rows = spec.record.rows
-        self._update = run.updater(spec.update)
+        self._update = run.updater()
         with tf.device(run.device):
             self._buffers = [
-                tf.Variable(tf.zeros([self._rows + 1, *run.x.shape], run.dtype), trainable=False)
+                tf.Variable(tf.zeros([self._rows + 1], run.dtype), trainable=False)
                 for _ in ("x", "loss", "grad")
             ]
+            self._x_prev = (
+                tf.Variable(tf.zeros_like(run.x), trainable=False, name="x_prev")
+                if run.vector
+                else None
+            )
         self._fn = tf.function(
             self._loop,
             input_signature=[tf.TensorSpec([], tf.int32)],
@@ -262,6 +396,29 @@ class _GraphProgram:
             return i
         return tf.where(i % self._every == 0, i // self._every, self._rows)
 
+    def _step(self, i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """One update: (row x, loss_i, row grad) for step i."""
+        run = self._run
+        if not run.vector:
+            x_i = run.x.read_value()
+            loss, grad = self._update()
+            return x_i, loss, grad
+        x_prev = self._x_prev
+        assert x_prev is not None
+        # The copy is made before the update writes x, so that write can be in place.
+        with tf.control_dependencies([x_prev.assign(run.x, read_value=False)]):
+            loss, grad = self._update()
+
+        def summaries() -> tuple[tf.Tensor, tf.Tensor]:
+            return run.distance(x_prev.read_value()), tf.norm(grad)
+
+        if self._every == 1:
+            dist, grad_norm = summaries()
+        else:
+            zero = tf.zeros([], run.dtype)
+            dist, grad_norm = tf.cond(i % self._every == 0, summaries, lambda: (zero, zero))
+        return dist, loss, grad_norm
+
     def _loop(self, steps: tf.Tensor) -> dict[str, tf.Tensor]:
         run = self._run
         xs, losses, grads = self._buffers
@@ -271,20 +428,23 @@ class _GraphProgram:
                 return tf.logical_and(ok, i < steps)
 
             def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-                x_i = run.x.read_value()
-                loss, grad = self._update()
+                row_x, loss, row_grad = self._step(i)
                 # A row written at the stopping step lands in a slot that run() drops.
                 slot = self._slot(i)
-                xs.scatter_update(tf.IndexedSlices(x_i, slot))
+                xs.scatter_update(tf.IndexedSlices(row_x, slot))
                 losses.scatter_update(tf.IndexedSlices(loss, slot))
-                grads.scatter_update(tf.IndexedSlices(grad, slot))
+                grads.scatter_update(tf.IndexedSlices(row_grad, slot))
                 return i + 1, tf.math.is_finite(loss)
 
             i, ok = tf.while_loop(cond, body, (tf.constant(0, tf.int32), tf.constant(True)))
             stopped_at = tf.where(ok, i, i - 1)
             # Stopped by a non-finite loss: x went one update past that step; put back
-            # the x of that step (its row was written) so the final state is the one there.
-            x_stop = tf.gather(xs, self._slot(tf.maximum(stopped_at, 0)))
+            # the x of that step (its row, or x_prev, holds it) so the final state is the
+            # one there.
+            if self._x_prev is None:
+                x_stop = tf.gather(xs, self._slot(tf.maximum(stopped_at, 0)))
+            else:
+                x_stop = self._x_prev.read_value()
             run.x.assign(tf.where(ok, run.x.read_value(), x_stop))
             loss, grad = run.loss_and_grad()
             return {
@@ -322,14 +482,14 @@ class _GraphProgram:
 def _warm_up(spec: MinimizeSpec, device: str) -> None:
     """One throwaway eager step on its own variable and optimizer: pays TF's first-op costs."""
     scratch = _Run(spec, device)
-    update = scratch.updater(spec.mode)
+    update = scratch.updater()
     with tf.device(device):
         update()
     scratch.final()
 
 
 class TensorFlowBackend:
-    """TensorFlow GradientTape, with the Keras 2 (tf_keras) SGD optimizer."""
+    """TensorFlow GradientTape, with Keras 2's (tf_keras) SGD, Adam, Adagrad and RMSprop."""
 
     name: ClassVar[str] = "tf"
     framework: ClassVar[str] = "TensorFlow"
@@ -356,18 +516,10 @@ class TensorFlowBackend:
             return f"dtype={spec.dtype} is not one of {', '.join(DTYPES)}"
         if spec.mode == "graph" and spec.update not in GRAPH_UPDATES:
             return f"update={spec.update} is not one of {', '.join(GRAPH_UPDATES)}"
-        if spec.optimizer.name != "sgd":
-            return f"optimizer={spec.optimizer.name}: the TensorFlow backend supports sgd only"
-        unknown = sorted(set(spec.optimizer.hyper) - set(_SGD_HYPER))
-        if unknown:
-            return (
-                f"optimizer.{unknown[0]} is not a setting of Keras 2 SGD here; "
-                f"allowed: {', '.join(_SGD_HYPER)}"
-            )
-        update = spec.update if spec.mode == "graph" else spec.mode
-        hyper: Mapping[str, Any] = spec.optimizer.hyper
-        if update == "manual" and (hyper.get("momentum", 0) or hyper.get("nesterov", False)):
-            return "manual updates are plain x - lr*g; momentum/nesterov need apply or minimize"
+        try:
+            resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
+        except ConfigError as exc:
+            return str(exc)
         unknown = sorted(set(spec.options) - set(_OPTIONS))
         if unknown:
             return f"option {unknown[0]} is unknown to the TensorFlow backend; allowed: jit_compile"

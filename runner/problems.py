@@ -168,6 +168,10 @@ class QuadraticForm:
         return p["A"] @ x - p["b"]
 
     def optimum(self) -> tuple[np.ndarray, float]:
+        return self._solution
+
+    @cached_property
+    def _solution(self) -> tuple[np.ndarray, float]:
         p = self.coefficients
         x_star = np.linalg.solve(p["A"], p["b"])
         return x_star, float(-0.5 * p["b"] @ x_star)
