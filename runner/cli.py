@@ -6,9 +6,12 @@ are checked here first so the user reads one line naming what is allowed.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from runner.config import build_run_config
 from runner.errors import RunnerError, UnsupportedError
 from runner.job import execute
 from runner.plugins import backend_entry_points
+from runner.results import new_run_uid
 from runner.tracking import (
     TrackingError,
     client_for,
@@ -140,8 +144,15 @@ def hydra_main(cfg: DictConfig) -> Any:
             return float("nan")  # the sweep goes on; this job's failure is on record
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as stop:
-        print(f"{stop or 'interrupted'}: what was computed is saved", file=sys.stderr)
-        sys.exit(143 if isinstance(stop, Terminated) else 130)
+        terminated = isinstance(stop, Terminated) or _SIGNALS["term"]
+        word = "terminated" if terminated else "interrupted"
+        print(f"{word}: what was computed is saved", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
+    except OSError as exc:  # a file the run writes, e.g. a disk that filled up
+        if exc.filename is None:
+            raise
+        report(RunnerError(f"cannot write {exc.filename}: {exc.strerror}"))
+        sys.exit(2)
     return result.get("loss")
 
 
@@ -150,28 +161,48 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
     run = build_run_config(container)  # bad input fails here, before any import or record
+    run_uid = new_run_uid()  # results.json and the MLflow tag run_uid: uploads happen once
     tracking = container.get("tracking") or {}
     if not tracking.get("enabled", True):
-        return execute(run, output_dir)
+        return execute(run, output_dir, run_uid)
+    executed = False
+
+    def job() -> dict[str, Any]:
+        nonlocal executed
+        executed = True
+        return execute(run, output_dir, run_uid)
+
     target = resolve_target(tracking, Path(hydra_cfg.runtime.cwd))
     try:
         client = client_for(target)
         experiment_id = ensure_experiment(client, target)
-    except TrackingError as outage:
-        execute(run, output_dir)
-        raise TrackingError(f"{outage}; this run's results are in {output_dir}") from None
-    sweep = read_sweep(Path(hydra_cfg.sweep.dir)) if multirun else None
-    overrides = list(hydra_cfg.overrides.task)
-    with tracked_run(
-        client,
-        experiment_id,
-        run_name=run_name(container),
-        params=config_params(container),
-        tags=run_tags(container, overrides, sweep.sweep_id if sweep else None),
-        run_dir=output_dir,
-        parent_run_id=sweep.parent_run_id if sweep else None,
-    ):
-        return execute(run, output_dir)
+        sweep = read_sweep(Path(hydra_cfg.sweep.dir)) if multirun else None
+        overrides = list(hydra_cfg.overrides.task)
+        with tracked_run(
+            client,
+            experiment_id,
+            run_name=run_name(container),
+            params=config_params(container),
+            tags={
+                **run_tags(container, overrides, sweep.sweep_id if sweep else None),
+                "run_uid": run_uid,
+            },
+            run_dir=output_dir,
+            parent_run_id=sweep.parent_run_id if sweep else None,
+        ):
+            return job()
+    except TrackingError as outage:  # the store failed: the run's files are what counts
+        unrecorded = TrackingError(
+            f"{outage}; this run's results are in {output_dir}; record them later with: "
+            f"python -m runner.upload {output_dir}"
+        )
+        if not executed:
+            try:
+                job()
+            except BaseException:
+                report(unrecorded)  # the job's own error follows: the user reads both
+                raise
+        raise unrecorded from None
 
 
 def run_name(cfg: dict[str, Any]) -> str:
@@ -185,14 +216,53 @@ def run_name(cfg: dict[str, Any]) -> str:
 
 
 def report(exc: RunnerError, kind: str = "error") -> None:
+    """One line on stderr; with HYDRA_FULL_ERROR=1 the traceback comes first, as in Hydra."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" and sys.exc_info()[1] is exc:
+        traceback.print_exc()
     print(f"{kind}: {exc}", file=sys.stderr, flush=True)
+
+
+def check_output_dir(args: list[str]) -> None:
+    """A run folder that cannot be written is named in one line, before Hydra starts.
+
+    Hydra would create it itself and print a traceback; this checks the folder the
+    command line names (or outputs/), without creating anything: its nearest existing
+    parent must be a folder this process can write in.
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return  # --help, --cfg, --info ...: Hydra writes no run folder
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    given = next((a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")), None)
+    value = given or "outputs"
+    static = value.split("${", 1)[0]
+    path = Path(static if "${" not in value else static.rpartition("/")[0] or ".")
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                problem = None
+        except OSError as exc:
+            problem = f"no file can be made in {existing} ({exc.strerror})"
+    if problem:
+        setting = f"{key}={value}" if given else f"the run folder {path.absolute()}"
+        raise RunnerError(
+            f"{setting} cannot be written: {problem}; set {key}= to a folder you can write"
+        )
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, delivered like Ctrl-C so the same clean-up saves the partial run."""
 
 
+_SIGNALS = {"term": False}  # set once SIGTERM arrived: the exit code is 143, not 130
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
+    _SIGNALS["term"] = True
     raise Terminated("terminated")
 
 
@@ -201,6 +271,7 @@ def main() -> None:
     try:
         check_group_choices(sys.argv[1:])
         check_sweep_plugins(sys.argv[1:])
+        check_output_dir(sys.argv[1:])
         register_plugin_backends()
         check_overrides(sys.argv[1:])
     except RunnerError as exc:
