@@ -101,6 +101,7 @@ def client_for(target: TrackingTarget) -> Any:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if urlsplit(target.uri).password is not None or urlsplit(target.uri).username is not None:
         # MLflow prints "View run ... at <tracking URI>" to stdout: not with credentials in it
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
@@ -158,6 +159,21 @@ def store_error(uri: str, exc: BaseException) -> TrackingError:
             f"{where} is not an SQLite database (file is corrupt or of another kind); "
             "move it aside, point tracking.uri elsewhere, or run with tracking=off"
         )
+    if uri.startswith(("http://", "https://")):
+        server = f"tracking server {mask_uri(uri)}"
+        code = re.search(r"too many (\d{3}) error responses|error code (\d{3})", text)
+        endpoint = re.search(r"/api/[\w./-]+", text)
+        if code:
+            source = f" from {endpoint.group(0)}" if endpoint else ""
+            return TrackingError(
+                f"{server} is failing (HTTP {code.group(1) or code.group(2)}{source}); "
+                "check the server's log, point tracking.uri elsewhere, or run with tracking=off"
+            )
+        if re.search(r"Connection ?refused|NewConnectionError|ConnectionError|timed out", text):
+            return TrackingError(
+                f"{server} stopped answering ({type(exc).__name__}: connection failed); "
+                "start it again, point tracking.uri elsewhere, or run with tracking=off"
+            )
     detail = " ".join(text.split())
     detail = mask_text(detail if len(detail) <= 200 else detail[:197] + "...")
     return TrackingError(
@@ -316,10 +332,12 @@ def log_run_dir(client: Any, run_id: str, run_dir: Path) -> dict[str, Any] | Non
         convergence_plot(
             {result_label(result): columns}, result["optimum"]["loss"], run_dir / PLOT_FILE
         )
-    for name in (RESULTS_FILE, TRAJECTORY_FILE, PLOT_FILE):
+    for name in (TRAJECTORY_FILE, PLOT_FILE):
         if (run_dir / name).exists():
             client.log_artifact(run_id, str(run_dir / name))
     log_hydra_config(client, run_id, run_dir)
+    # last: a run holding results.json is complete (python -m runner.upload relies on it)
+    client.log_artifact(run_id, str(results_path))
     return result
 
 
@@ -418,22 +436,10 @@ def tracked_run(
     unless the job itself failed: then the job's error goes on and the store's is
     printed, so the user reads both.
     """
-    from mlflow.entities import Param, RunStatus
+    from mlflow.entities import RunStatus
 
-    all_tags = dict(tags)
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
     uri = getattr(client, "tracking_uri", "") or ""
-    try:
-        run = retry_locked(
-            lambda: client.create_run(experiment_id, run_name=run_name, tags=all_tags)
-        )
-        run_id = run.info.run_id
-        batch = [Param(k, v) for k, v in params.items()]
-        for chunk in _batches(batch, 100):
-            retry_locked(lambda chunk=chunk: client.log_batch(run_id, params=chunk))
-    except Exception as exc:
-        raise store_error(uri, exc) from None
+    run_id = start_run(client, experiment_id, run_name, params, tags, parent_run_id)
     status, error, extra_tags = RunStatus.FINISHED, None, {}
     job_failed = False
     try:
@@ -451,7 +457,7 @@ def tracked_run(
     finally:
         if error:
             extra_tags["error"] = mask_text(error)[:5000]
-        problem = _record_end(client, run_id, run_dir, RunStatus.to_string(status), extra_tags)
+        problem = finish_run(client, run_id, run_dir, RunStatus.to_string(status), extra_tags)
         if problem is not None:
             outage = store_error(uri, problem)
             if not job_failed:
@@ -459,8 +465,43 @@ def tracked_run(
             print(f"error: {outage}", file=sys.stderr, flush=True)
 
 
-def _record_end(
-    client: Any, run_id: str, run_dir: Path, status: str, tags: Mapping[str, str]
+def start_run(
+    client: Any,
+    experiment_id: str,
+    run_name: str,
+    params: Mapping[str, str],
+    tags: Mapping[str, str],
+    parent_run_id: str | None = None,
+    start_time: int | None = None,
+) -> str:
+    """Create a run with its params; a store that fails is a TrackingError."""
+    from mlflow.entities import Param
+
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    try:
+        run = retry_locked(
+            lambda: client.create_run(
+                experiment_id, run_name=run_name, tags=all_tags, start_time=start_time
+            )
+        )
+        run_id = run.info.run_id
+        batch = [Param(k, v) for k, v in params.items()]
+        for chunk in _batches(batch, 100):
+            retry_locked(lambda chunk=chunk: client.log_batch(run_id, params=chunk))
+    except Exception as exc:
+        raise store_error(getattr(client, "tracking_uri", "") or "", exc) from None
+    return run_id
+
+
+def finish_run(
+    client: Any,
+    run_id: str,
+    run_dir: Path,
+    status: str,
+    tags: Mapping[str, str],
+    end_time: int | None = None,
 ) -> Exception | None:
     """Log the run dir, its end tags and status; the first store error, if any, is returned.
 
@@ -468,14 +509,14 @@ def _record_end(
     when the store is still there; `python -m runner.upload` completes it later.
     """
     problem: Exception | None = None
-    try:  # results.json is logged last but the Hydra config: its presence means complete
+    try:
         for key, value in tags.items():
             retry_locked(lambda key=key, value=value: client.set_tag(run_id, key, value))
         log_run_dir(client, run_id, run_dir)
     except Exception as exc:
         problem = exc
     try:
-        retry_locked(lambda: client.set_terminated(run_id, status))
+        retry_locked(lambda: client.set_terminated(run_id, status, end_time=end_time))
     except Exception as exc:
         problem = problem or exc
     return problem
