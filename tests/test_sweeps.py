@@ -1,0 +1,393 @@
+"""Sweeps at scale, end to end: real launchers (joblib, submitit_local), the Optuna sweeper,
+skipped combinations, the matrix preset and a real `mlflow server`. No mocks: every test runs
+`python -m runner` in a subprocess with tiny step counts and reads back what MLflow holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from tests.conftest import ROOT, cli
+
+
+def store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def sweep_args(tmp_path: Path, uri: str | None = None) -> list[str]:
+    """Keep the sweep folder and the MLflow store inside tmp_path."""
+    return [f"hydra.sweep.dir={tmp_path / 'sweep'}", f"tracking.uri={uri or store(tmp_path)}"]
+
+
+def sweep_group(uri: str, experiment: str = "gradient-runner") -> tuple[Any, list[Any]]:
+    """The sweep's one parent run and its job runs (the comparison run is neither)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r} in {uri}"
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    (parent,) = parents
+    jobs = [r for r in runs if "runner.kind" not in r.data.tags]
+    for job in jobs:
+        assert job.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert job.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
+    return parent, jobs
+
+
+def job_results(sweep_dir: Path) -> dict[str, dict]:
+    """results.json of every job, by job folder name (`<num>_<backend>_<mode>`)."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")}
+
+
+JAX_IMPORT_ENV = {"TF_CPP_MIN_LOG_LEVEL", "TPU_SKIP_MDS_QUERY"}
+
+
+def is_float32(value: float) -> bool:
+    return float(np.float32(value)) == value
+
+
+class WorkerProbe(Callback):
+    """Added to a sweep with `+hydra.callbacks.probe._target_=tests.test_sweeps.WorkerProbe`.
+
+    Runs inside the worker process around each job and writes, into the job's folder, the
+    process id and the process-wide state the job found at its start and left at its end.
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._write(config, "start")
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        self._write(config, "end")
+
+    @staticmethod
+    def _write(config: DictConfig, when: str) -> None:
+        mlflow = sys.modules.get("mlflow")
+        active = mlflow.active_run() if mlflow is not None else None
+        jax = sys.modules.get("jax")
+        state = {
+            "pid": os.getpid(),
+            "active_run": active.info.run_id if active is not None else None,
+            "x64": bool(jax.config.jax_enable_x64) if jax is not None else None,
+            "env": dict(os.environ),
+        }
+        path = Path(config.hydra.runtime.output_dir) / f"probe_{when}.json"
+        path.write_text(json.dumps(state))
+
+
+def test_parallel_preset_jobs_in_a_reused_worker_start_clean(tmp_path: Path) -> None:
+    """Two loky workers, four jobs: float64 jobs first, so the float32 jobs land in workers
+    that already ran a float64 job (JAX's x64 switch is process-wide)."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = cli(
+        "-m",
+        "hydra/launcher=parallel",
+        "hydra.launcher.n_jobs=2",
+        "backend=jax",
+        "mode=apply",
+        "dtype=float64,float32",
+        "optimizer.lr=0.01,0.02",
+        "steps=50",
+        "+hydra.callbacks.probe._target_=tests.test_sweeps.WorkerProbe",
+        *sweep_args(tmp_path),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sweep_dir = tmp_path / "sweep"
+    results = job_results(sweep_dir)
+    assert sorted(results) == ["0_jax_apply", "1_jax_apply", "2_jax_apply", "3_jax_apply"]
+    probes = {
+        name: {
+            w: json.loads((sweep_dir / name / f"probe_{w}.json").read_text())
+            for w in ("start", "end")
+        }
+        for name in results
+    }
+    pids = {p["start"]["pid"] for p in probes.values()}
+    assert len(pids) <= 2 and os.getpid() not in pids  # two loky workers, not this process
+    assert all(p["start"]["pid"] == p["end"]["pid"] for p in probes.values())
+    # no MLflow active run in any job, at its start or left behind at its end
+    assert {p[w]["active_run"] for p in probes.values() for w in ("start", "end")} == {None}
+    # a job changes no environment variable for the next one; only importing JAX sets two
+    # (jax/_src/cloud_tpu_init.py), and those the worker would have anyway for a JAX job
+    for name, probe in probes.items():
+        start, end = probe["start"]["env"], probe["end"]["env"]
+        changed = {k for k in start.keys() | end.keys() if start.get(k) != end.get(k)}
+        assert changed <= JAX_IMPORT_ENV, (name, changed)
+
+    # a float32 job that started with x64 already on (left by a float64 job) stays float32
+    inherited = [n for n in ("2_jax_apply", "3_jax_apply") if probes[n]["start"]["x64"]]
+    assert inherited, "no float32 job ran in a worker after a float64 job"
+    for name, result in results.items():
+        expected = "float64" if name in ("0_jax_apply", "1_jax_apply") else "float32"
+        assert result["status"] == "finished" and result["dtype"] == expected, (name, result)
+    for name in ("2_jax_apply", "3_jax_apply"):
+        result = results[name]
+        assert is_float32(result["x"]) and is_float32(result["loss"]), (name, result)
+        rows = np.genfromtxt(sweep_dir / name / "trajectory.csv", delimiter=",", names=True)
+        assert all(is_float32(v) for v in rows["x"]), name
+    # and the float64 jobs are float64: x_k = 1 - (1 - 2 lr)^k to 1e-12
+    for name in ("0_jax_apply", "1_jax_apply"):
+        overrides = yaml.safe_load((sweep_dir / name / ".hydra" / "overrides.yaml").read_text())
+        lr = float(dict(o.split("=", 1) for o in overrides)["optimizer.lr"])
+        assert results[name]["x"] == pytest.approx(1 - (1 - 2 * lr) ** 50, rel=1e-12, abs=0)
+
+    # one MLflow run per job, each with its own params and its own numbers
+    parent, jobs = sweep_group(store(tmp_path))
+    assert parent.info.status == "FINISHED"
+    assert len(jobs) == 4 and {r.info.status for r in jobs} == {"FINISHED"}
+    assert len({r.info.run_id for r in jobs}) == 4
+    by_config = {(r.data.params["dtype"], r.data.params["optimizer.lr"]): r for r in jobs}
+    assert sorted(by_config) == [
+        ("float32", "0.01"),
+        ("float32", "0.02"),
+        ("float64", "0.01"),
+        ("float64", "0.02"),
+    ]
+    for name, result in results.items():
+        overrides = yaml.safe_load((sweep_dir / name / ".hydra" / "overrides.yaml").read_text())
+        config = dict(o.split("=", 1) for o in overrides)
+        run = by_config[(config["dtype"], config["optimizer.lr"])]
+        assert run.data.tags["dtype"] == result["dtype"] == config["dtype"]
+        assert run.data.metrics["final_x"] == result["x"]
+        assert f"optimizer.lr={config['optimizer.lr']}" in run.data.tags["overrides"]
+
+
+def test_submitit_local_sweep_records_both_jobs(tmp_path: Path) -> None:
+    """`hydra/launcher=local`: the SLURM code path (pickled jobs, own processes), no cluster."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = cli(
+        "-m",
+        "hydra/launcher=local",
+        "backend=jax",
+        "mode=manual,apply",
+        "steps=20",
+        *sweep_args(tmp_path),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sweep_dir = tmp_path / "sweep"
+    results = job_results(sweep_dir)
+    assert sorted(results) == ["0_jax_manual", "1_jax_apply"]
+    assert {r["status"] for r in results.values()} == {"finished"}
+    assert list((sweep_dir / ".submitit").glob("*/*_result.pkl")), "not run by submitit"
+    parent, jobs = sweep_group(store(tmp_path))
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.tags["mode"] for r in jobs) == ["apply", "manual"]
+    assert {r.info.status for r in jobs} == {"FINISHED"}
+    by_mode = {"manual": results["0_jax_manual"], "apply": results["1_jax_apply"]}
+    for run in jobs:
+        assert run.data.metrics["final_x"] == by_mode[run.data.tags["mode"]]["x"]
+
+
+def test_optuna_lr_search_improves_and_is_one_group(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = cli(
+        "+hparams_search=lr",
+        "backend=jax",
+        "steps=5",
+        "hydra.sweeper.n_trials=6",
+        *sweep_args(tmp_path),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    sweep_dir = tmp_path / "sweep"
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    results = job_results(sweep_dir)
+    assert len(results) == 6
+    first = results["0_jax_manual"]
+    assert best["best_value"] < first["loss"]
+    # every trial is in MLflow, in one sweep group, with the lr Optuna chose for it
+    parent, jobs = sweep_group(store(tmp_path))
+    assert parent.info.status == "FINISHED"
+    assert len(jobs) == 6 and {r.info.status for r in jobs} == {"FINISHED"}
+    assert {r.data.tags["sweep_id"] for r in jobs} == {sweep_dir.as_posix()}
+    lrs = sorted(float(r.data.params["optimizer.lr"]) for r in jobs)
+    assert lrs == sorted(r["optimizer"]["lr"] for r in results.values())
+    assert len(set(lrs)) == 6 and all(1e-3 <= lr <= 1 for lr in lrs)
+    best_run = min(jobs, key=lambda r: r.data.metrics["final_loss"])
+    assert best_run.data.metrics["final_loss"] == best["best_value"]
+    assert float(best_run.data.params["optimizer.lr"]) == best["best_params"]["optimizer.lr"]
+
+
+def test_optuna_default_search_finds_the_one_step_lr(tmp_path: Path) -> None:
+    """a = 1: lr = 1/(2a) = 0.5 reaches the optimum in one step; 20 seeded TPE trials find it."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = cli(
+        "+hparams_search=lr",
+        "backend=jax",
+        "steps=5",
+        "tracking=off",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert len(job_results(tmp_path / "sweep")) == 20
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert 0.4 <= best["best_params"]["optimizer.lr"] <= 0.6, best
+
+
+def test_unsupported_combination_is_skipped_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """backend=numpy has no optimizer objects: mode=apply is not expressible, mode=manual is."""
+    proc = cli(
+        "-m",
+        "backend=numpy",
+        "mode=apply,manual",
+        "steps=20",
+        *sweep_args(tmp_path),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    skipped_lines = [line for line in proc.stderr.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped_lines) == 1, proc.stderr
+    assert skipped_lines[0].startswith("skipped: backend=numpy mode=apply: ")
+    results = job_results(tmp_path / "sweep")
+    assert sorted(results) == ["0_numpy_apply", "1_numpy_manual"]  # the skip stopped nothing
+    skipped, finished = results["0_numpy_apply"], results["1_numpy_manual"]
+    assert skipped["status"] == "skipped" and skipped["mode"] == "apply"
+    assert skipped["reason"] and skipped["reason"] in skipped_lines[0]
+    assert not (tmp_path / "sweep" / "0_numpy_apply" / "trajectory.csv").exists()
+    assert finished["status"] == "finished" and finished["steps_run"] == 20
+    parent, jobs = sweep_group(store(tmp_path))
+    assert parent.info.status == "FINISHED"
+    by_mode = {r.data.tags["mode"]: r for r in jobs}
+    assert sorted(by_mode) == ["apply", "manual"]
+    run = by_mode["apply"]
+    assert run.data.tags["status"] == "skipped"
+    assert skipped["reason"] in run.data.tags["skip_reason"]
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags  # skipped, not failed
+    assert "final_x" not in run.data.metrics
+    assert by_mode["manual"].info.status == "FINISHED"
+    assert by_mode["manual"].data.tags["status"] == "finished"
+    assert by_mode["manual"].data.metrics["final_x"] == finished["x"]
+
+
+def test_matrix_preset_composes_the_twelve_job_matrix(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "+experiment=matrix", "--cfg", "hydra"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    hydra_cfg = yaml.safe_load(proc.stdout)["hydra"]
+    assert hydra_cfg["mode"] == "MULTIRUN"
+    params = hydra_cfg["sweeper"]["params"]
+    assert params["backend"].split(",") == ["tf", "torch", "jax"]
+    assert params["mode"].split(",") == ["manual", "apply", "minimize", "graph"]
+    assert "basic_sweeper" in hydra_cfg["sweeper"]["_target_"]
+
+
+@pytest.mark.parametrize(
+    ("preset", "plugin", "target", "settings"),
+    [
+        ("parallel", "hydra_joblib_launcher", "JoblibLauncher", {"n_jobs": -1}),  # -1: all cores
+        ("local", "hydra_submitit_launcher", "LocalLauncher", {"cpus_per_task": 1}),
+        (
+            "slurm",
+            "hydra_submitit_launcher",
+            "SlurmLauncher",
+            {"partition": None, "timeout_min": 60, "cpus_per_task": 2, "gpus_per_node": 0},
+        ),
+    ],
+)
+def test_launcher_presets_compose(
+    preset: str, plugin: str, target: str, settings: dict[str, Any]
+) -> None:
+    """The SLURM preset cannot run here; its composed config is what submitit receives."""
+    pytest.importorskip(f"hydra_plugins.{plugin}")
+    from hydra import compose, initialize_config_dir
+
+    from runner.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={preset}"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith(target)
+    assert {k: launcher[k] for k in settings} == settings
+
+
+@pytest.mark.slow
+def test_full_matrix_in_parallel(tmp_path: Path) -> None:
+    """All 12 backend x mode runs, two workers: every one finished, compared, recorded once."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    proc = cli(
+        "+experiment=matrix",
+        "hydra/launcher=parallel",
+        "hydra.launcher.n_jobs=2",
+        "steps=100",
+        *sweep_args(tmp_path),
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = job_results(tmp_path / "sweep")
+    assert len(results) == 12
+    assert {r["status"] for r in results.values()} == {"finished"}
+    assert {(r["backend"], r["mode"]) for r in results.values()} == {
+        (b, m) for b in ("tf", "torch", "jax") for m in ("manual", "apply", "minimize", "graph")
+    }
+    parent, jobs = sweep_group(store(tmp_path))
+    assert parent.info.status == "FINISHED"
+    assert len(jobs) == 12 and {r.info.status for r in jobs} == {"FINISHED"}
+    assert (tmp_path / "sweep" / "compare" / "comparison.md").exists()
+
+
+def test_sweep_against_a_real_mlflow_server(tmp_path: Path, mlflow_server: str) -> None:
+    from mlflow import MlflowClient
+
+    proc = cli(
+        "-m",
+        "backend=jax",
+        "mode=manual,graph",
+        "steps=20",
+        "tracking.experiment=sweep-over-http",
+        *sweep_args(tmp_path, uri=mlflow_server),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    parent, jobs = sweep_group(mlflow_server, "sweep-over-http")
+    assert parent.info.status == "FINISHED"
+    assert len(jobs) == 2 and {r.info.status for r in jobs} == {"FINISHED"}
+    assert sorted(r.data.tags["mode"] for r in jobs) == ["graph/apply", "manual"]
+    client = MlflowClient(tracking_uri=mlflow_server)
+    for run in jobs:
+        assert "results.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert not list(tmp_path.rglob("*.db"))  # nothing went to a local store
+
+
+def test_missing_sweep_plugin_names_the_extra(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['hydra_plugins.hydra_joblib_launcher'] = None; "
+        "sys.argv = ['runner', '-m', 'hydra/launcher=parallel', 'backend=jax', 'tracking=off']; "
+        "from runner.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: hydra/launcher=parallel needs the Hydra plugin 'hydra_joblib_launcher', "
+        "which is not installed; pip install 'gradient-runner[sweeps]'"
+    )
+    assert not (tmp_path / "outputs").exists()
