@@ -31,6 +31,18 @@ def cli(
     )
 
 
+def python_code(code: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -c CODE` with the project importable and a minimal environment."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=timeout,
+    )
+
+
 def single_result(cwd: Path) -> dict:
     """The results.json of the one run made in cwd."""
     found = sorted((cwd / "outputs" / "runs").glob("*/*/results.json"))

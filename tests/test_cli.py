@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, cli, single_result
+from tests.conftest import cli, python_code, single_result
 
 NOTEBOOK_X = np.float32(0.99999857)
 
@@ -129,13 +127,7 @@ def test_missing_framework_names_the_extra(tmp_path: Path) -> None:
         "sys.argv = ['runner', 'backend=tf', 'tracking=off']; "
         "from runner.cli import main; main()"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
+    proc = python_code(code, tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "error: backend=tf needs the module 'tensorflow', which is not installed; "

@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 from runner.plugins import BACKEND_GROUP
-from tests.conftest import ROOT, cli, single_result
+from tests.conftest import ROOT, cli, python_code, single_result
 
 # A third-party backend in plain NumPy: the whole protocol, nothing borrowed from the core.
 PLUGIN_SOURCE = """
@@ -101,14 +101,7 @@ def test_a_run_imports_only_its_framework(tmp_path: Path) -> None:
         "from runner.cli import main\n"
         "main()\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=120,
-    )
+    proc = python_code(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout.split("LOADED", 1)[1])
     assert loaded == ["jax"]

@@ -18,7 +18,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, python_code
 
 
 def store(tmp_path: Path) -> str:
@@ -377,14 +377,7 @@ def test_missing_sweep_plugin_names_the_extra(tmp_path: Path) -> None:
         "sys.argv = ['runner', '-m', 'hydra/launcher=parallel', 'backend=jax', 'tracking=off']; "
         "from runner.cli import main; main()"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        timeout=120,
-    )
+    proc = python_code(code, tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         "error: hydra/launcher=parallel needs the Hydra plugin 'hydra_joblib_launcher', "
