@@ -95,7 +95,7 @@ def test_divergence_keeps_what_was_computed(tmp_path: Path) -> None:
 
 
 BAD_INPUTS = [
-    (["backend=keras"], "backend=keras is not a backend choice; choose one of: jax, numpy, tf, torch"),
+    (["backend=keras"], "backend=keras is not a backend choice; choose one of: jax, numpy, tf"),
     (["mode=fast"], "mode=fast is not a mode choice; choose one of: apply, graph, manual"),
     (["steps=0"], "steps=0 is not allowed; give a whole number >= 1"),
     (["steps=abc"], "steps='abc' is not allowed; give a whole number >= 1"),
