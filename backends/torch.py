@@ -1,12 +1,19 @@
-"""PyTorch plugin: autograd derivatives, torch.optim.SGD updates, torch.compile for graph mode.
+"""PyTorch plugin: autograd derivatives, torch.optim updates, torch.compile for graph mode.
 
 Each mode is written in PyTorch's own idiom (the design notes' mode table):
 
-- manual:   ``torch.autograd.grad``, then ``x -= lr * g`` under ``torch.no_grad()``;
+- manual:   ``torch.autograd.grad``, then the update rule by hand (`_HandRule`, torch tensor
+  ops in torch's formula convention) under ``torch.no_grad()``: plain SGD is ``x - lr * g``;
 - apply:    ``opt.zero_grad(); loss.backward(); opt.step()``;
 - minimize: ``opt.step(closure)``, the closure zero-grads, computes the loss and backpropagates;
 - graph:    ``torch.compile`` over the whole update, with the trajectory and the divergence
   check kept on the device (see `_ScanLoop` and `_OptimizerLoop` for the two forms and why).
+
+Optimizers: sgd (momentum, nesterov), adam, adagrad, rmsprop (momentum), each the native
+torch.optim class in apply/minimize/graph(apply|minimize) with the hyperparameters that
+``resolve(..., CONVENTIONS["torch"])`` gives (eps and Adagrad's initial accumulator passed
+explicitly, rmsprop's rho as torch's ``alpha``), and ``foreach=False``: with one parameter
+tensor the multi-tensor kernels have nothing to batch (the CUDA default would pick them).
 
 Vector problems (problem.dim set) record ||x_i - x*|| and ||grad_i|| in place of x_i and
 grad_i; final() and the trajectory's final_x / final_grad are the full vectors.
@@ -26,9 +33,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch._higher_order_ops.scan import scan
 
 from runner.errors import ConfigError, UnsupportedError
+from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.protocol import (
     DTYPES,
     GRAPH_UPDATES,
@@ -55,7 +62,8 @@ _OPTIONS: dict[str, Any] = {"scan_chunk": 1000, "unroll": 4, "cpp_wrapper": True
 # How often (in steps) the compiled optimizer loop reads its divergence flag on the host.
 _CHECK_EVERY = 1000
 
-_HYPER = ("momentum", "nesterov")
+# Whose formulas the hand-written rules follow (eps placement, defaults): torch.optim's.
+_CONVENTION = CONVENTIONS["torch"]
 
 # Every tensor handed to compiled code is at least 1-D, never 0-d. In torch 2.13 Dynamo
 # gives a 0-d CPU float64/int64 input a symbolic .item() value; when a later pass cannot
@@ -162,26 +170,10 @@ class TorchBackend:
             return f"update={spec.update} is unknown; choose one of {', '.join(GRAPH_UPDATES)}"
         if spec.dtype not in DTYPES:
             return f"dtype={spec.dtype} is not supported; choose one of {', '.join(DTYPES)}"
-        if spec.optimizer.name != "sgd":
-            return f"optimizer={spec.optimizer.name}: the torch backend supports sgd only"
-        hyper = dict(spec.optimizer.hyper)
-        unknown = sorted(set(hyper) - set(_HYPER))
-        if unknown:
-            return f"optimizer.{unknown[0]}: torch sgd here takes momentum, nesterov"
-        momentum = hyper.get("momentum", 0.0)
-        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or momentum < 0:
-            return f"optimizer.momentum={momentum!r} must be a number >= 0"
-        nesterov = hyper.get("nesterov", False)
-        if not isinstance(nesterov, bool):
-            return f"optimizer.nesterov={nesterov!r} must be true or false"
-        if nesterov and momentum <= 0:
-            return "optimizer.nesterov=true needs optimizer.momentum > 0 (torch.optim.SGD rule)"
-        manual = spec.mode == "manual" or (spec.mode == "graph" and spec.update == "manual")
-        if manual and (momentum or nesterov):
-            return (
-                "momentum/nesterov need the optimizer object; manual updates are plain x - lr*g "
-                "(use mode=apply|minimize, or graph with update=apply|minimize)"
-            )
+        try:
+            _resolved(spec)
+        except ConfigError as exc:  # the core checks the vocabulary; a bare spec is checked here
+            return str(exc)
         unknown = sorted(set(spec.options) - set(_OPTIONS))
         if unknown:
             return f"options.{unknown[0]} is not a torch option; allowed: {', '.join(_OPTIONS)}"
@@ -192,6 +184,7 @@ class TorchBackend:
         return None
 
     def prepare(self, spec: MinimizeSpec) -> Any:
+        _resolved(spec)  # a vocabulary error is a ConfigError, as from the core
         reason = self.unsupported(spec)
         if reason:
             raise UnsupportedError(reason)
@@ -237,14 +230,134 @@ class TorchBackend:
         )
 
 
-def _sgd(x: torch.Tensor, spec: MinimizeSpec) -> torch.optim.SGD:
-    hyper = dict(spec.optimizer.hyper)
-    return torch.optim.SGD(
-        [x],
-        lr=spec.optimizer.lr,
-        momentum=float(hyper.get("momentum", 0.0)),
-        nesterov=bool(hyper.get("nesterov", False)),
-    )
+def _resolved(spec: MinimizeSpec) -> Resolved:
+    """The optimizer's hyperparameters with torch's defaults filled in (ConfigError if bad)."""
+    opt = spec.optimizer
+    return resolve(opt.name, opt.lr, opt.hyper, _CONVENTION)
+
+
+def _native(x: torch.Tensor, opt: Resolved) -> torch.optim.Optimizer:
+    """The torch.optim optimizer for `opt`, every resolved value passed explicitly.
+
+    foreach=False everywhere (single-tensor kernels; see the module docstring) and
+    capturable=False (torch's default, stated): the same update code runs eagerly and
+    compiled. Eagerly torch keeps the step counter on the host on purpose (read with .item(),
+    no device sync); compiled, `_initial_state` puts it on x's device and the bias correction
+    becomes tensor arithmetic in the graph (measured on CPU: capturable=True also traces,
+    with the same result to 1e-16 and no faster, ~11 us/step either way).
+    """
+    lr, v = opt.lr, opt.values
+    if opt.name == "sgd":
+        return torch.optim.SGD(
+            [x], lr=lr, momentum=v["momentum"], nesterov=v["nesterov"], foreach=False
+        )
+    if opt.name == "adam":
+        return torch.optim.Adam(
+            [x], lr=lr, betas=(v["beta1"], v["beta2"]), eps=v["eps"], foreach=False,
+            capturable=False,
+        )  # fmt: skip
+    if opt.name == "adagrad":
+        return torch.optim.Adagrad(
+            [x], lr=lr, eps=v["eps"], initial_accumulator_value=v["initial_accumulator"],
+            foreach=False,
+        )  # fmt: skip
+    if opt.name == "rmsprop":
+        return torch.optim.RMSprop(
+            [x], lr=lr, alpha=v["rho"], eps=v["eps"], momentum=v["momentum"], foreach=False,
+            capturable=False,
+        )  # fmt: skip
+    raise UnsupportedError(f"optimizer={opt.name} has no torch.optim mapping")
+
+
+def _correction(beta: float, t: int | torch.Tensor, like: torch.Tensor) -> Any:
+    """1 - beta^t: a Python float for a step count t, else float64 arithmetic in x's dtype."""
+    if isinstance(t, torch.Tensor):
+        return (1 - beta**t).to(like.dtype)
+    return 1 - beta**t
+
+
+def _root(accumulated: torch.Tensor, eps: float, form: str) -> torch.Tensor:
+    return torch.sqrt(accumulated + eps) if form == "inside" else torch.sqrt(accumulated) + eps
+
+
+class _HandRule:
+    """Each update rule by hand in torch tensor ops, in torch.optim's formula convention.
+
+    Pure functions of tensors, so the eager manual mode and the compiled scan run the same
+    code: init(x) -> state (a tuple of x-shaped tensors), update(x, g, state, t, lr) ->
+    (x_next, state) with t counting from 1 (an int eagerly, a float64 tensor in the scan).
+    The formulas are the papers' (= CONVENTIONS["torch"]): Adam's eps added to sqrt(v_hat),
+    Adagrad's and RMSprop's outside the square root, Adagrad's accumulator starting at the
+    resolved initial value, momentum buffers starting at 0 (so SGD's first buf is g).
+    """
+
+    def __init__(self, opt: Resolved, convention: Convention = _CONVENTION) -> None:
+        self.name, self.v, self.c = opt.name, dict(opt.values), convention
+
+    def init(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        name, v = self.name, self.v
+        zeros = torch.zeros_like(x)
+        if name == "sgd":
+            return (zeros,) if v["momentum"] else ()
+        if name == "adam":
+            return zeros, zeros.clone()
+        if name == "adagrad":
+            return (torch.full_like(x, v["initial_accumulator"]),)
+        return (zeros, zeros.clone()) if v["momentum"] else (zeros,)  # rmsprop
+
+    def update(self, x: torch.Tensor, g: torch.Tensor, state: tuple, t: Any, lr: Any):
+        name, v, c = self.name, self.v, self.c
+        if name == "sgd":
+            if not v["momentum"]:
+                return x - lr * g, state  # the notebook's arithmetic
+            momentum = v["momentum"]
+            buf = momentum * state[0] + g
+            direction = g + momentum * buf if v["nesterov"] else buf
+            return x - lr * direction, (buf,)
+        if name == "adam":
+            b1, b2, eps = v["beta1"], v["beta2"], v["eps"]
+            m = b1 * state[0] + (1 - b1) * g
+            s = b2 * state[1] + (1 - b2) * (g * g)
+            c1, c2 = _correction(b1, t, x), _correction(b2, t, x)
+            if c.adam_eps_form == "corrected":
+                step = lr * (m / c1) / (torch.sqrt(s / c2) + eps)
+            else:
+                step = lr * (c2**0.5 / c1) * m / (torch.sqrt(s) + eps)
+            return x - step, (m, s)
+        if name == "adagrad":
+            acc = state[0] + g * g
+            return x - lr * g / _root(acc, v["eps"], c.adagrad_eps_form), (acc,)
+        rho, momentum = v["rho"], v["momentum"]  # rmsprop
+        ms = rho * state[0] + (1 - rho) * (g * g)
+        direction = g / _root(ms, v["eps"], c.rmsprop_eps_form)
+        if not momentum:
+            return x - lr * direction, (ms,)
+        buf = momentum * state[1] + direction
+        return x - lr * buf, (ms, buf)
+
+
+def _initial_state(opt: torch.optim.Optimizer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state a fresh optimizer reaches on its first step, created before compiling.
+
+    Every tensor is on x's device and none is 0-d (see `_ONE`): the step counters of Adam,
+    Adagrad and RMSprop are shape (1,) in the run's dtype (what torch itself makes when the
+    default dtype is the run's; a float32 counter would round Adam's float64 bias correction).
+    Buffers start at zero, Adagrad's sum at initial_accumulator_value: with dampening 0 a
+    zero momentum buffer gives buf = g on the first step, exactly a fresh SGD's clone(g).
+    """
+    group = opt.param_groups[0]
+    zeros = torch.zeros_like
+    step = torch.zeros(_ONE, dtype=x.dtype, device=x.device)
+    if isinstance(opt, torch.optim.SGD):
+        return {"momentum_buffer": zeros(x)} if group["momentum"] else {}
+    if isinstance(opt, torch.optim.Adam):
+        return {"step": step, "exp_avg": zeros(x), "exp_avg_sq": zeros(x)}
+    if isinstance(opt, torch.optim.Adagrad):
+        return {"step": step, "sum": torch.full_like(x, group["initial_accumulator_value"])}
+    state = {"step": step, "square_avg": zeros(x)}  # RMSprop
+    if group["momentum"]:
+        state["momentum_buffer"] = zeros(x)
+    return state
 
 
 # --------------------------------------------------------------------------- eager modes
@@ -275,15 +388,29 @@ class _Eager:
 
 
 class _Manual(_Eager):
-    """torch.autograd.grad for g, then the update by hand under no_grad."""
+    """torch.autograd.grad for g, then the update by hand (`_HandRule`) under no_grad.
+
+    The rule's state (moments, accumulators) is on x's device; the step count t is a host
+    int, as torch.optim keeps its own counter on the host in eager mode.
+    """
+
+    def __init__(self, spec: MinimizeSpec, run: _Run) -> None:
+        super().__init__(spec, run)
+        self._rule = _HandRule(_resolved(spec))
+        self._state = self._rule.init(self._x.detach())
+        self._t = 0
 
     def step(self, record: bool) -> tuple[Any, Any, Any]:
         x = self._x
         loss = self._run.loss(x)
         (grad,) = torch.autograd.grad(loss, x)
         x_i, grad_i = self._row(record, x, grad)
+        self._t += 1
         with torch.no_grad():
-            x -= self._run.lr * grad
+            x_next, self._state = self._rule.update(
+                x.detach(), grad, self._state, self._t, self._run.lr
+            )
+            x.copy_(x_next)
         return loss.detach(), x_i, grad_i
 
 
@@ -292,7 +419,7 @@ class _Apply(_Eager):
 
     def __init__(self, spec: MinimizeSpec, run: _Run) -> None:
         super().__init__(spec, run)
-        self._opt = _sgd(self._x, spec)
+        self._opt = _native(self._x, _resolved(spec))
 
     def step(self, record: bool) -> tuple[Any, Any, Any]:
         self._opt.zero_grad()
@@ -313,7 +440,7 @@ class _Minimize(_Eager):
 
     def __init__(self, spec: MinimizeSpec, run: _Run) -> None:
         super().__init__(spec, run)
-        self._opt = _sgd(self._x, spec)
+        self._opt = _native(self._x, _resolved(spec))
         self._record = False
         self._seen: tuple[Any, Any] = (None, None)
 
@@ -368,11 +495,12 @@ class _Rows:
 
 
 class _ScanLoop:
-    """update=manual: the loop is a torch.compile'd `scan` over a chunk of steps, x - lr*g inside.
+    """update=manual: a torch.compile'd `scan` over a chunk of steps, the hand rule inside.
 
-    The scan carries (x, stop); each iteration takes g with torch.func.grad_and_value and
-    emits the row (x_i, loss_i, g_i). `stop` becomes the first step whose loss is
-    non-finite and x freezes there, so the carry ends at (x_stop, stop) exactly; the
+    The scan carries (x, stop, rule state); each iteration takes g with
+    torch.func.grad_and_value, applies `_HandRule` (t = i + 1, bias corrections in float64)
+    and emits the row (x_i, loss_i, g_i). `stop` becomes the first step whose loss is
+    non-finite and x freezes there, so the carry ends at (x_stop, stop); the
     emitted rows are scattered into the preallocated buffers inside the same compiled call.
     The host reads `stop` once per chunk and ends the loop there, so a diverging run stops
     within one chunk. Chunks have one static length (the last one masks the steps past
@@ -389,33 +517,40 @@ class _ScanLoop:
         shapes = {k: v.shape for k, v in run.p.items()}
         lr1 = _lift(run.lr)
         x_star1 = None if run.x_star is None else _lift(run.x_star)
+        self._rule = rule = _HandRule(_resolved(spec))
         self._rows = rows = _Rows(spec.record, dtype, device)
         chunk = min(steps, int(options["scan_chunk"]))
         offsets = torch.arange(chunk, device=device)
         # Chunk starts, made once, so the host loop allocates nothing per call.
         self._starts = [torch.full(_ONE, s, device=device) for s in range(0, steps, chunk)]
 
-        def run_chunk(x1: torch.Tensor, stop1: torch.Tensor, start: torch.Tensor):
+        from torch._higher_order_ops.scan import scan  # ~1.6 s to import: graph mode only
+
+        def run_chunk(x1: torch.Tensor, stop1: torch.Tensor, start: torch.Tensor, *state1):
             p = {k: v.view(shapes[k]) for k, v in p1.items()}
             lr = lr1.view(())
             x_star = None if x_star1 is None else x_star1.view(shape)
             index = start + offsets
 
-            def body(carry: tuple[torch.Tensor, torch.Tensor], i: torch.Tensor):
-                x, stop = carry
+            def body(carry: tuple[torch.Tensor, torch.Tensor, tuple], i: torch.Tensor):
+                x, stop, state = carry
                 grad, loss = torch.func.grad_and_value(run.loss)(x, p)
                 stop = torch.where((i < stop) & ~torch.isfinite(loss), i, stop)
-                x_next = torch.where(i < stop, x - lr * grad, x)
+                t = (i + 1).to(torch.float64)
+                x_new, state = rule.update(x, grad, state, t, lr)
+                x_next = torch.where(i < stop, x_new, x)  # the state past stop is never read
                 x_row, grad_row = run.row(x, grad, x_star)
-                return (x_next, stop), (x_row.clone(), loss, grad_row.clone())
+                return (x_next, stop, state), (x_row.clone(), loss, grad_row.clone())
 
-            (x, stop), (xs, losses, grads) = scan(body, (x1.view(shape), stop1.view(())), index)
+            state = tuple(s.view(shape) for s in state1)
+            init = (x1.view(shape), stop1.view(()), state)
+            (x, stop, state), (xs, losses, grads) = scan(body, init, index)
             recorded = (index % every == 0) & (index < stop)
             slot = torch.where(recorded, index // every, n_rows)
             rows.x.index_put_((slot,), xs)
             rows.loss.index_put_((slot,), losses)
             rows.grad.index_put_((slot,), grads)
-            return _lift(x), _lift(stop)
+            return _lift(x), _lift(stop), *(_lift(s) for s in state)
 
         self._compiled = torch.compile(
             _own_code(run_chunk),
@@ -423,19 +558,22 @@ class _ScanLoop:
             options={"cpp_wrapper": bool(options["cpp_wrapper"])},
         )
 
-    def _start_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _start_state(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x0, stop = steps and the rule's initial state, every one lifted (see `_ONE`)."""
         stop = torch.full(_ONE, self._spec.steps, device=self._run.x0.device)
-        return _lift(self._run.x0.clone()), stop
+        state = tuple(_lift(s) for s in self._rule.init(self._run.x0))
+        return _lift(self._run.x0.clone()), stop, state
 
     def warm_up(self) -> None:
-        """Compile with one chunk; x is an argument, so the next run starts fresh at x0."""
-        self._compiled(*self._start_state(), self._starts[0])
+        """Compile with one chunk; x and the state are arguments, so a run starts fresh."""
+        x, stop, state = self._start_state()
+        self._compiled(x, stop, self._starts[0], *state)
 
     def run(self) -> Trajectory:
         steps = self._spec.steps
-        x, stop = self._start_state()
+        x, stop, state = self._start_state()
         for start in self._starts:
-            x, stop = self._compiled(x, stop, start)
+            x, stop, *state = self._compiled(x, stop, start, *state)
             if int(stop) < steps:  # the one host sync per chunk
                 break
         stopped_at = int(stop)
@@ -443,7 +581,7 @@ class _ScanLoop:
 
 
 class _OptimizerLoop:
-    """update=apply|minimize: torch.optim.SGD's own step, torch.compile'd with the gradient.
+    """update=apply|minimize: the torch.optim optimizer's own step, compiled with the gradient.
 
     A compiled call runs `unroll` whole steps (loss, autograd, optimizer step, the row write
     and the divergence bookkeeping), all on device; the host loop only calls it and reads
@@ -451,18 +589,23 @@ class _OptimizerLoop:
     in one graph, each the closest honest form of the eager idiom:
 
     - ``opt.step`` is wrapped by Optimizer hooks that call ``torch._dynamo.graph_break()`` on
-      purpose; we call the unwrapped ``SGD.step`` (its body, same object, same state) under
+      purpose; we call the unwrapped ``step`` (its body, same object, same state) under
       ``torch.no_grad()``, which is what the wrapper sets for non-differentiable optimizers.
     - ``loss.backward()`` accumulates into ``.grad`` (an attribute mutation) and Dynamo then
       refuses the optimizer's ``_init_group``; ``torch.autograd.grad`` plus
       ``x.grad.copy_(g)`` gives ``.grad`` the same values (what zero_grad(set_to_none=False)
       + backward() compute) and traces (Dynamo's ``trace_autograd_ops``).
-    - update=minimize hands ``SGD.step`` a closure that computes the loss and that gradient,
+    - update=minimize hands ``step`` a closure that computes the loss and that gradient,
       and records the row, before the optimizer updates x.
 
-    With momentum the buffer is created as zeros before compiling: with dampening 0 the
-    first step then gives buf = grad, exactly the fresh optimizer's first step, and the
-    graph is compiled once, in its steady state.
+    The optimizer state is created before compiling (`_initial_state`: step counters of shape
+    (1,) in the run's dtype on x's device, zero moments and buffers, Adagrad's sum at its
+    initial value), so the graph is compiled once, in its steady state, and a run resets it
+    in place. Under compile torch.optim reads the counter as a tensor (``_get_value``), so
+    the bias corrections and Adagrad's lr / (1 + (step - 1) * lr_decay) are computed in the
+    counter's dtype: with torch's float32 counter a float64 run's Adam is 2.7e-7 (relative)
+    off its eager result after 100 steps, Adagrad 9e-9 (its lr rounded to float32); with the
+    counter in the run's dtype both agree with the reference to 1e-16.
     A step past a non-finite loss cannot be skipped inside the optimizer, so the state at
     the first such step (x_i, loss_i, g_i) is latched on device, and rows at later steps are
     dropped; `unroll` is reduced to a power of two dividing `steps`, so no call overruns.
@@ -478,10 +621,11 @@ class _OptimizerLoop:
         x_star1 = None if run.x_star is None else _lift(run.x_star)
         self._x = x = _lift(run.x0.clone()).requires_grad_(True)
         x.grad = torch.zeros_like(x)
-        self._opt = opt = _sgd(x, spec)
-        if opt.defaults["momentum"]:
-            opt.state[x]["momentum_buffer"] = torch.zeros_like(x)
-        sgd_step = inspect.unwrap(type(opt).step)
+        self._opt = opt = _native(x, _resolved(spec))
+        opt.state[x].clear()  # Adagrad fills its state in __init__, with a 0-d counter
+        opt.state[x].update(_initial_state(opt, x))
+        self._fresh = {k: v.clone() for k, v in opt.state[x].items()}
+        opt_step = inspect.unwrap(type(opt).step)
         self._rows = rows = _Rows(spec.record, dtype, device)
         self._unroll = unroll = math.gcd(steps, 1 << (int(options["unroll"]).bit_length() - 1))
         self._i = i = torch.zeros(_ONE, dtype=torch.int64, device=device)
@@ -525,12 +669,12 @@ class _OptimizerLoop:
                     return loss
 
                 with torch.no_grad():
-                    sgd_step(opt, closure)
+                    opt_step(opt, closure)
             else:
                 loss, grad = loss_and_grad(p)
                 with torch.no_grad():
                     record(loss, grad, x_star)
-                    sgd_step(opt)
+                    opt_step(opt)
             with torch.no_grad():
                 i.add_(1)
 
@@ -547,13 +691,13 @@ class _OptimizerLoop:
         )
 
     def _reset(self) -> None:
-        """Back to x0 with the optimizer state of a fresh SGD (see the class docstring)."""
+        """Back to x0 with a fresh optimizer's state, in place (see the class docstring)."""
         with torch.no_grad():
             self._x.copy_(_lift(self._run.x0))
             self._x.grad.zero_()
-            for state in self._opt.state.values():
-                if "momentum_buffer" in state:
-                    state["momentum_buffer"].zero_()
+            state = self._opt.state[self._x]
+            for key, fresh in self._fresh.items():
+                state[key].copy_(fresh)
             self._i.zero_()
             self._stop.fill_(self._spec.steps)
             for kept in self._latched:
