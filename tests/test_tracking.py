@@ -65,10 +65,11 @@ def test_diverged_run_is_failed_with_its_trajectory(tmp_path: Path) -> None:
     assert run.info.status == "FAILED"
     assert "at step" in run.data.tags["error"]
     step = single_result(tmp_path)["diverged_at"]
-    history = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}").get_metric_history(
-        run.info.run_id, "x"
-    )
-    assert max(m.step for m in history) == step - 1  # the non-finite state is not a point
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    xs = client.get_metric_history(run.info.run_id, "x")
+    assert max(m.step for m in losses) == step - 1  # an infinite loss is not a point
+    assert max(m.step for m in xs) == step  # x there is still finite: where it blew up
 
 
 def test_ctrl_c_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: Path) -> None:
