@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.config import build_run_config
 from runner.errors import RunnerError, UnsupportedError
-from runner.job import execute
+from runner.job import execute, request_stop, stop_requested
 from runner.plugins import backend_entry_points
-from runner.results import new_run_uid
+from runner.results import RESULTS_FILE, new_run_uid
 from runner.tracking import (
     TrackingError,
     client_for,
@@ -144,14 +144,16 @@ def hydra_main(cfg: DictConfig) -> Any:
             return float("nan")  # the sweep goes on; this job's failure is on record
         sys.exit(exc.exit_code)
     except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated) or _SIGNALS["term"]
+        terminated = isinstance(stop, Terminated) or isinstance(stop_requested(), Terminated)
         word = "terminated" if terminated else "interrupted"
-        print(f"{word}: what was computed is saved", file=sys.stderr)
+        saved = (Path(hydra_cfg.runtime.output_dir) / RESULTS_FILE).exists()
+        what = "what was computed is saved" if saved else "stopped before a result existed"
+        print(f"{word}: {what}", file=sys.stderr)
         sys.exit(143 if terminated else 130)
     except OSError as exc:  # a file the run writes, e.g. a disk that filled up
         if exc.filename is None:
             raise
-        report(RunnerError(f"cannot write {exc.filename}: {exc.strerror}"))
+        report(RunnerError(f"cannot write {exc.filename2 or exc.filename}: {exc.strerror}"))
         sys.exit(2)
     return result.get("loss")
 
@@ -258,16 +260,16 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, delivered like Ctrl-C so the same clean-up saves the partial run."""
 
 
-_SIGNALS = {"term": False}  # set once SIGTERM arrived: the exit code is 143, not 130
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    _SIGNALS["term"] = True
-    raise Terminated("terminated")
+def _raise_stop(signum: int, frame: Any) -> None:
+    """SIGTERM and SIGINT raise in the main thread, and are noted in case that is lost."""
+    stop = Terminated("terminated") if signum == signal.SIGTERM else KeyboardInterrupt()
+    request_stop(stop)
+    raise stop
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
     try:
         check_group_choices(sys.argv[1:])
         check_sweep_plugins(sys.argv[1:])

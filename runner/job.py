@@ -92,17 +92,44 @@ def _minimize(
     return result
 
 
+_STOPS: list[KeyboardInterrupt] = []
+
+
+def request_stop(stop: KeyboardInterrupt) -> None:
+    """Note a stop (Ctrl-C, SIGTERM) that a signal handler is about to raise.
+
+    Python drops an exception raised while a garbage-collection callback runs (it
+    prints "Exception ignored in ..."), so a handler's exception can be lost; the
+    eager loop checks this note at every progress tick and raises the stop again.
+    """
+    _STOPS.append(stop)
+
+
+def stop_requested() -> KeyboardInterrupt | None:
+    return _STOPS[-1] if _STOPS else None
+
+
+def _check_stop() -> None:
+    stop = stop_requested()
+    if stop is not None:
+        raise type(stop)(*stop.args)
+
+
 @contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None] | None]:
-    """A progress bar on stderr for eager loops; silent when stderr is not a terminal."""
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr for eager loops; silent when stderr is not a terminal.
+
+    The tick (every engine chunk) also re-raises a stop whose signal was lost.
+    """
     if not enabled:
-        yield None
+        yield lambda done: _check_stop()
         return
     from tqdm import tqdm
 
     with tqdm(total=total, unit="step", file=sys.stderr, disable=None, leave=False) as bar:
 
         def advance(done: int) -> None:
+            _check_stop()
             bar.update(done - bar.n)
 
         yield advance

@@ -93,7 +93,11 @@ def skipped_result(spec: MinimizeSpec, run: RunIdentity, reason: str) -> dict[st
 def _status(spec: MinimizeSpec, outcome: MinimizeOutcome) -> str:
     if outcome.interrupted:
         return "interrupted"
-    return "finished" if outcome.trajectory.stopped_at == spec.steps else "diverged"
+    traj = outcome.trajectory
+    # the loop checks the loss before each update; the state after the last one is
+    # checked here, so a run that overflows on its very last step is not "finished"
+    finite = np.isfinite(traj.final_loss) and np.all(np.isfinite(traj.final_x))
+    return "finished" if traj.stopped_at == spec.steps and finite else "diverged"
 
 
 def derivatives_result(

@@ -112,8 +112,11 @@ def client_for(target: TrackingTarget) -> Any:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            why = f"{exc.strerror}: {exc.filename}"
+            if isinstance(exc, FileExistsError | NotADirectoryError):
+                why = f"{next(p for p in (folder, *folder.parents) if p.exists())} is a file"
             raise TrackingError(
-                f"tracking store {target.uri} cannot be created ({exc.strerror}: {exc.filename}); "
+                f"tracking store {target.uri} cannot be created ({why}); "
                 "point tracking.uri at a folder you can write, or run with tracking=off"
             ) from None
     _probe(target.uri)

@@ -1,0 +1,685 @@
+"""Faults, races and bad environments: what the user gets, and that nothing is lost.
+
+Each case is a row of docs/reliability.md. The real CLI runs in a subprocess; the
+tracking stores are real (SQLite files, `mlflow server`, a tiny HTTP server that
+fails on purpose), and so are the signals.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from runner.results import atomic_write
+from runner.tracking import mask_text
+from tests.conftest import ROOT, cli, free_port, single_result
+
+JAX = ("backend=jax",)
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Like conftest.cli, but the caller's env wins (HYDRA_FULL_ERROR included)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args, "progress=false"],
+        cwd=cwd,
+        env={**full_env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def upload(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The documented command: python -m runner.upload ..."""
+    return subprocess.run(
+        [sys.executable, "-m", "runner.upload", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line of a failed run, with no traceback around it."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def assert_nothing_half_written(folder: Path) -> None:
+    """No temp file of an interrupted atomic write, and every results.json parses."""
+    assert not list(folder.rglob(".results.json.*"))  # atomic_write's temp files
+    assert not list(folder.rglob(".trajectory.csv.*"))
+    for path in folder.rglob("results.json"):
+        json.loads(path.read_text())
+
+
+def all_runs(uri: str, experiment: str = "gradient-runner") -> list:
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)
+
+
+def statuses_in(db: Path) -> list[str]:
+    """Run statuses straight from the SQLite file, read-only (never races the writer)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return [row[0] for row in con.execute("SELECT status FROM runs")]
+    except sqlite3.Error:
+        return []
+
+
+# --- bad environments: one line, a non-zero exit, nothing half-written -----------------
+
+
+# Rows of docs/reliability.md beyond tests/test_cli.py::BAD_INPUTS (same contract).
+MORE_BAD_INPUTS = [
+    (["problem.dim=0"], "problem.dim=0 is not allowed; give a whole number >= 1"),
+    (["problem.b=inf"], "problem.b=inf is not finite; give a finite number"),
+    (["optimizer.lr=0"], "optimizer.lr=0 is not allowed; give a finite number > 0"),
+    (["stepz=3"], "stepz is not a setting of this config (misspelt?); to add a new key on"),
+    (["problem=cubic"], "problem=cubic is not a problem choice; choose one of: "),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), MORE_BAD_INPUTS, ids=[" ".join(a) for a, _ in MORE_BAD_INPUTS]
+)
+def test_more_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == error_line(proc)
+    assert error_line(proc).startswith(f"error: {message}")
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_overflow_on_the_very_last_step_is_not_success(tmp_path: Path) -> None:
+    """float32, lr=1.5: the state after update 64 is the first whose loss overflows."""
+    proc = cli(*JAX, "optimizer.lr=1.5", "steps=64", "tracking=off", cwd=tmp_path)
+    assert proc.returncode == 3
+    assert error_line(proc).startswith("error: the loss became inf at step 64 of 64 ")
+    result = single_result(tmp_path)
+    assert result["status"] == "diverged" and result["diverged_at"] == 64
+
+
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+def test_output_folder_that_cannot_be_written(tmp_path: Path, multirun: bool) -> None:
+    """A run folder under a file: as root no chmod stops a write, a file in the path does."""
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    args = (["-m"] if multirun else []) + [*JAX, "steps=5", f"{key}={tmp_path}/file.txt/run"]
+    proc = cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == error_line(proc)
+    assert error_line(proc) == (
+        f"error: {key}={tmp_path}/file.txt/run cannot be written: {tmp_path}/file.txt is a "
+        f"file, not a folder; set {key}= to a folder you can write"
+    )
+    assert not list(tmp_path.rglob("results.json")) and not (tmp_path / "outputs").exists()
+
+
+def test_output_folder_on_a_read_only_file_system(tmp_path: Path) -> None:
+    proc = cli(*JAX, "steps=5", "hydra.run.dir=/proc/gradient-runner/run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert error_line(proc).startswith(
+        "error: hydra.run.dir=/proc/gradient-runner/run cannot be written: "
+        "no file can be made in /proc ("
+    )
+
+
+def test_a_file_that_cannot_be_written_later_is_one_line(tmp_path: Path) -> None:
+    """The run folder exists and is writable, but trajectory.csv cannot be replaced."""
+    run_dir = tmp_path / "run"
+    (run_dir / "trajectory.csv").mkdir(parents=True)
+    proc = cli(*JAX, "steps=20", "tracking=off", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert error_line(proc) == f"error: cannot write {run_dir}/trajectory.csv: Is a directory"
+    assert not (run_dir / "results.json").exists()  # no results without their trajectory
+    assert_nothing_half_written(tmp_path)
+
+
+def test_random_things_take_a_recorded_seed() -> None:
+    from omegaconf import OmegaConf
+
+    from runner.problems import QuadraticForm, problem_record
+
+    def coefficients(seed: int) -> dict:
+        return QuadraticForm(dim=4, cond=10.0, seed=seed).coefficients
+
+    same, other = coefficients(3), coefficients(4)
+    assert all(np.array_equal(same[k], coefficients(3)[k]) for k in same)
+    assert not np.array_equal(same["A"], other["A"])
+    assert problem_record(QuadraticForm(dim=4, seed=3))["seed"] == 3  # in results.json
+    search = OmegaConf.load(ROOT / "conf" / "hparams_search" / "lr.yaml")
+    assert search.hydra.sweeper.sampler.seed == 0  # Optuna's sampler is seeded
+
+
+def test_corrupt_store_is_one_line_and_keeps_the_results(tmp_path: Path) -> None:
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"this is not SQLite\n" + os.urandom(4096))
+    proc = cli(*JAX, "steps=20", f"tracking.uri=sqlite:///{store}", cwd=tmp_path)
+    assert proc.returncode == 4
+    line = error_line(proc)
+    assert line.startswith(f"error: tracking store sqlite:///{store} is not an SQLite database")
+    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert line.endswith(f"record them later with: python -m runner.upload {run_dir}")
+    result = single_result(tmp_path)
+    assert result["status"] == "finished" and result["run_uid"]
+    assert store.read_bytes().startswith(b"this is not SQLite")  # never "repaired" over
+    assert_nothing_half_written(tmp_path)
+
+
+def test_store_in_a_folder_that_cannot_be_made(tmp_path: Path) -> None:
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    store = f"sqlite:///{tmp_path}/file.txt/mlflow.db"
+    proc = cli(*JAX, "steps=20", f"tracking.uri={store}", cwd=tmp_path)
+    assert proc.returncode == 4
+    assert error_line(proc).startswith(
+        f"error: tracking store {store} cannot be created ({tmp_path}/file.txt is a file); "
+    )
+    assert single_result(tmp_path)["status"] == "finished"
+
+
+LOCKER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("CREATE TABLE IF NOT EXISTS held (x)")
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_locked_store_is_reported_after_the_retry_window(tmp_path: Path) -> None:
+    """Another process holds the store's write lock for longer than LOCK_WAIT_S (10 s)."""
+    store = tmp_path / "locked.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(store), "120"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        start = time.monotonic()
+        proc = cli(*JAX, "steps=20", f"tracking.uri=sqlite:///{store}", cwd=tmp_path)
+        elapsed = time.monotonic() - start
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 4
+    assert error_line(proc).startswith(
+        f"error: tracking store sqlite:///{store} is locked by another process "
+        "(still locked after 10 s)"
+    )
+    assert single_result(tmp_path)["status"] == "finished"
+    assert elapsed < 60  # waited out the window, then said so
+    assert_nothing_half_written(tmp_path)
+
+
+class _Failing(http.server.BaseHTTPRequestHandler):
+    healthy_health = False
+
+    def _answer(self) -> None:
+        ok = self.healthy_health and self.path.startswith("/health")
+        body = b"OK" if ok else b"internal error"
+        self.send_response(200 if ok else 500)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """An HTTP server on loopback that answers 500 (to all, or to all but /health)."""
+    handler = type("Handler", (_Failing,), {"healthy_health": request.param})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("failing_server", "source"),
+    [(False, "/health"), (True, "/api/2.0/mlflow/experiments/get-by-name")],
+    ids=["500-everywhere", "healthy-but-500-on-the-api"],
+    indirect=["failing_server"],
+)
+def test_failing_tracking_server(tmp_path: Path, failing_server: str, source: str) -> None:
+    start = time.monotonic()
+    proc = cli(*JAX, "steps=20", f"tracking.uri={failing_server}", cwd=tmp_path)
+    assert proc.returncode == 4
+    assert error_line(proc).startswith(
+        f"error: tracking server {failing_server} is failing (HTTP 500 from {source}); "
+    )
+    assert single_result(tmp_path)["status"] == "finished"
+    assert time.monotonic() - start < 60
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
+    plain = run_cli("steps=abc", cwd=tmp_path)
+    full = run_cli("steps=abc", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    line = "error: steps='abc' is not allowed; give a whole number >= 1"
+    assert plain.returncode == full.returncode == 2
+    assert plain.stderr.strip() == line
+    assert "Traceback (most recent call last)" in full.stderr
+    assert "runner.errors.ConfigError" in full.stderr and full.stderr.strip().endswith(line)
+    assert not list(tmp_path.rglob("results.json"))  # a config error writes no results
+
+
+def test_atomic_write_never_leaves_a_truncated_file(tmp_path: Path, monkeypatch) -> None:
+    """A write that dies half-way (here: at the rename) leaves the old file and no temp."""
+    target = tmp_path / "results.json"
+    atomic_write(target, '{"old": true}\n')
+
+    def dies(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", dies)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, '{"new": ' + "1" * 1_000_000 + "}\n")
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# --- signals -------------------------------------------------------------------------
+
+
+def test_sigterm_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", *JAX, "steps=100000000", "progress=false"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    db = tmp_path / "outputs" / "mlflow.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "RUNNING" not in statuses_in(db):
+        time.sleep(0.2)
+    time.sleep(1.5)  # the run is in its loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated: what was computed is saved"
+    result = single_result(tmp_path)
+    assert result["status"] == "interrupted" and 0 < result["steps_run"] < 100_000_000
+    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    rows = (run_dir / "trajectory.csv").read_text().splitlines()
+    assert len(rows) > 2 and rows[-1].startswith(f"{result['steps_run']},")
+    (run,) = all_runs(f"sqlite:///{db}")
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+    assert run.data.metrics["steps_run"] == result["steps_run"]
+    assert run.data.tags["run_uid"] == result["run_uid"]
+    assert_nothing_half_written(tmp_path)
+
+
+# --- a tracking server away during a sweep, and the upload command -----------------------
+
+
+def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    away = f"http://127.0.0.1:{free_port()}"
+    proc = cli(
+        "-m",
+        *JAX,
+        "optimizer.lr=0.01,1.5",
+        "steps=200",
+        f"tracking.uri={away}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr  # the sweep went on, job after job
+    assert "Traceback" not in proc.stderr
+    results = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+    assert sorted(r["status"] for r in results.values()) == ["diverged", "finished"]
+    assert proc.stderr.count(f"error: tracking server {away} is unreachable") == 3  # 1 + 2 jobs
+    assert proc.stderr.count("record them later with: python -m runner.upload") == 2
+
+    store = f"sqlite:///{tmp_path / 'later.db'}"
+    first = upload(str(sweep), "--tracking-uri", store, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().splitlines()[-1] == "uploaded 2, already recorded 0, skipped 0"
+    assert first.stderr == ""
+    again = upload(str(sweep), str(sweep / "0_jax_manual"), "--tracking-uri", store, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == "uploaded 0, already recorded 2, skipped 0"
+
+    runs = all_runs(store)
+    parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
+    jobs = [r for r in runs if r.data.tags.get("runner.kind") != "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(jobs) == 2
+    by_uid = {r.data.tags["run_uid"]: r for r in jobs}
+    assert set(by_uid) == {r["run_uid"] for r in results.values()}
+    client = MlflowClient(store)
+    for name, result in results.items():
+        run = by_uid[result["run_uid"]]
+        expected = {"finished": "FINISHED", "diverged": "FAILED"}[result["status"]]
+        assert run.info.status == expected
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["runner.uploaded_from"] == str(sweep / name)
+        assert run.data.params["optimizer.lr"] == str(result["optimizer"]["lr"])
+        assert run.data.params["tracking.uri"] == away
+        assert run.data.metrics["steps_run"] == result["steps_run"]
+        if result["status"] == "diverged":
+            assert f"at step {result['diverged_at']} " in run.data.tags["error"]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"results.json", "trajectory.csv", "hydra"} <= artifacts
+        history = client.get_metric_history(run.info.run_id, "loss")
+        losses = np.genfromtxt(sweep / name / "trajectory.csv", delimiter=",", names=True)["loss"]
+        assert len(history) == np.isfinite(losses).sum()
+    assert_nothing_half_written(sweep)
+
+
+def test_upload_of_a_missing_folder_is_one_line(tmp_path: Path, capsys) -> None:
+    from runner.upload import main
+
+    assert main([str(tmp_path / "nowhere"), "--tracking-uri", "sqlite:///x.db"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'nowhere'} does not exist; give run folders or sweep folders\n"
+    )
+    (tmp_path / "killed").mkdir()  # a run killed with -9 before its end: nothing to upload
+    assert main([str(tmp_path / "killed"), "--tracking-uri", "sqlite:///x.db"]) == 0
+    assert capsys.readouterr().out == "uploaded 0, already recorded 0, skipped 0\n"
+
+
+def start_server(base: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` in its own process group, so the test can crash it like a host would."""
+    log = (base / f"server-{port}.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{base / 'server.db'}",
+            "--artifacts-destination", str(base / "artifacts"),
+        ],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (base / f"server-{port}.log").read_text()[-2000:]
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return proc
+        except requests.RequestException:
+            time.sleep(0.5)
+    stop_server(proc, signal.SIGKILL)
+    raise RuntimeError("mlflow server did not start within 120 s")
+
+
+def stop_server(proc: subprocess.Popen, how: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(proc.pid, how)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_server_crash_mid_sweep_then_upload_to_the_restarted_server(tmp_path: Path) -> None:
+    """The server dies (SIGKILL) after the first job is recorded; the sweep goes on; once
+    the server is back, one upload completes the record and a second adds nothing."""
+    base = tmp_path / "server"
+    base.mkdir()
+    server = start_server(base, free_port())
+    url = f"http://127.0.0.1:{server.args[server.args.index('--port') + 1]}"
+    sweep = tmp_path / "sweep"
+    try:
+        job = subprocess.Popen(
+            [
+                sys.executable, "-m", "runner", "-m", *JAX, "mode=manual",
+                "steps=20,150000,150001", f"tracking.uri={url}",
+                f"hydra.sweep.dir={sweep}", "progress=false",
+            ],
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and "FINISHED" not in statuses_in(base / "server.db"):
+            time.sleep(0.1)
+        stop_server(server, signal.SIGKILL)  # the first job is recorded: the host goes down
+        _, err = job.communicate(timeout=600)
+    finally:
+        stop_server(server, signal.SIGKILL)
+    assert job.returncode == 0, err
+    assert "Traceback" not in err
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert [r["status"] for r in results] == ["finished"] * 3
+    assert err.count("record them later with: python -m runner.upload") == 2
+
+    restarted = start_server(base, free_port())
+    url = f"http://127.0.0.1:{restarted.args[restarted.args.index('--port') + 1]}"
+    try:
+        first = upload(str(sweep), "--tracking-uri", url, cwd=tmp_path)
+        again = upload(str(sweep), "--tracking-uri", url, cwd=tmp_path)
+        runs = all_runs(url)
+    finally:
+        stop_server(restarted)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip().splitlines()[-1] == "uploaded 2, already recorded 1, skipped 0"
+    assert again.stdout.strip().splitlines()[-1] == "uploaded 0, already recorded 3, skipped 0"
+    jobs = [r for r in runs if r.data.tags.get("runner.kind") != "sweep"]
+    parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
+    assert sorted(r.data.tags["run_uid"] for r in jobs) == sorted(r["run_uid"] for r in results)
+    assert {r.info.status for r in jobs} == {"FINISHED"}
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parents[0].info.run_id}
+
+
+# --- a parallel sweep on one SQLite store --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_parallel_sweep_of_24_runs_on_one_sqlite_store(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=4",
+        *JAX,
+        "mode=manual,apply,graph",
+        "dtype=float32,float64",
+        "optimizer.lr=0.01,0.02,0.03,0.04",
+        "steps=50",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    assert len(results) == 24
+    runs = all_runs(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    jobs = [r for r in runs if r.data.tags.get("runner.kind") is None]
+    assert len(jobs) == 24  # none lost, none duplicated
+    assert sorted(r.data.tags["run_uid"] for r in jobs) == sorted(r["run_uid"] for r in results)
+    assert {r.info.status for r in jobs} == {"FINISHED"}
+    combos = {(r.data.params["mode.name"], r.data.params["dtype"], r.data.params["optimizer.lr"])
+              for r in jobs}  # fmt: skip
+    assert len(combos) == 24
+
+
+# --- determinism: the same config twice gives the same bits ------------------------------
+
+DETERMINISM_MODES = [
+    ("manual", "apply"),
+    ("apply", "apply"),
+    ("minimize", "apply"),
+    ("graph", "apply"),
+    ("graph", "minimize"),
+    ("graph", "manual"),
+]
+
+
+def _backend(name: str):
+    if name == "jax":
+        pytest.importorskip("jax")
+        from backends.jax import JaxBackend
+
+        return JaxBackend()
+    if name == "tf":
+        pytest.importorskip("tensorflow")
+        from backends.tf import TensorFlowBackend
+
+        return TensorFlowBackend()
+    pytest.importorskip("torch")
+    from backends.torch import TorchBackend
+
+    return TorchBackend()
+
+
+def _twice(backend_name: str, mode: str, update: str, dtype: str) -> None:
+    from runner.engine import run_minimize
+    from runner.problems import Quadratic
+    from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan
+
+    backend = _backend(backend_name)
+    spec = MinimizeSpec(
+        problem=Quadratic(a=1.7, b=-2.3, c=0.4, x0=3.1),
+        optimizer=OptimizerSpec("sgd", 0.05, {}),
+        mode=mode,
+        steps=150,
+        dtype=dtype,
+        record=RecordPlan(150, 1),
+        update=update,
+    )
+    first, second = (run_minimize(backend, spec).trajectory for _ in range(2))
+    for name in ("steps", "x", "loss", "grad"):
+        a, b = getattr(first, name), getattr(second, name)
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), name  # bit for bit
+    for name in ("final_x", "final_grad"):
+        assert (
+            np.asarray(getattr(first, name)).tobytes()
+            == np.asarray(getattr(second, name)).tobytes()
+        )
+    assert np.float64(first.final_loss).tobytes() == np.float64(second.final_loss).tobytes()
+    assert first.stopped_at == second.stopped_at == 150
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    ("mode", "update"),
+    DETERMINISM_MODES,
+    ids=["manual", "apply", "minimize", "graph-apply", "graph-minimize", "graph-manual"],
+)
+@pytest.mark.parametrize("backend_name", ["jax", "tf"])
+def test_same_config_twice_is_bit_identical(backend_name, mode, update, dtype) -> None:
+    _twice(backend_name, mode, update, dtype)
+
+
+@pytest.mark.parametrize("mode", ["manual", "apply", "minimize"])
+def test_same_config_twice_is_bit_identical_torch_eager(mode: str) -> None:
+    _twice("torch", mode, "apply", "float32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("update", ["apply", "minimize", "manual"])
+def test_same_config_twice_is_bit_identical_torch_compiled(update: str) -> None:
+    _twice("torch", "graph", update, "float32")
+
+
+# --- credentials never reach params, tags, logs or results.json --------------------------
+
+
+def test_credentials_are_masked_everywhere(tmp_path: Path, mlflow_server: str) -> None:
+    port = mlflow_server.rsplit(":", 1)[1]
+    uri = f"http://alice:pw-s3cret-1@127.0.0.1:{port}"
+    secrets = ("pw-s3cret-1", "tok-s3cret-2", "env-s3cret-3")
+    proc = cli(
+        *JAX,
+        "steps=5",
+        f"tracking.uri={uri}",
+        "tracking.experiment=secrets",
+        "+tracking.api_token=tok-s3cret-2",
+        cwd=tmp_path,
+        env={"MLFLOW_TRACKING_TOKEN": "env-s3cret-3"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    for secret in secrets:
+        assert secret not in proc.stdout + proc.stderr
+    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    for name in ("results.json", "trajectory.csv", "cli.log"):
+        text = (run_dir / name).read_text() if (run_dir / name).exists() else ""
+        assert not any(s in text for s in secrets), name
+    # Hydra writes its own record of the command line verbatim, before the runner starts
+    assert "pw-s3cret-1" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    (run,) = all_runs(mlflow_server, "secrets")
+    recorded = json.dumps({**run.data.params, **run.data.tags})
+    assert not any(s in recorded for s in secrets)
+    assert run.data.params["tracking.uri"] == f"http://***@127.0.0.1:{port}"
+    assert run.data.params["tracking.api_token"] == "***"
+    client = MlflowClient(mlflow_server)
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    logged = [p for p in local.rglob("*") if p.is_file()]
+    assert {"config.yaml", "overrides.yaml", "hydra.yaml", "results.json"} <= {
+        p.name for p in logged
+    }
+    for path in logged:
+        if path.suffix in (".yaml", ".json", ".csv"):
+            assert not any(s in path.read_text() for s in secrets), path.name
+
+
+def test_mask_text_forms() -> None:
+    text = (
+        "- tracking.uri=https://bob:pw1@host:5000/x\n"
+        "- +db.password=pw2\n"
+        "api_token: pw3\n"
+        "  nested_secret: 'pw4'\n"
+        "override_dirname: steps=3,tracking.api_token=pw5\n"
+        "steps: 3\n"
+    )
+    masked = mask_text(text)
+    assert not any(f"pw{i}" in masked for i in range(1, 6))
+    assert "steps: 3" in masked and "https://***@host:5000/x" in masked
+    import yaml
+
+    assert yaml.safe_load(mask_text("api_token: abc\nn: 1\n")) == {"api_token": "***", "n": 1}
+
+
+# --- the README's commands bind to loopback ----------------------------------------------
+
+
+def test_readme_mlflow_commands_bind_to_loopback() -> None:
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")  # join continued lines
+    commands = [
+        line
+        for line in readme.splitlines()
+        if re.search(r"\bmlflow (ui|server)\b", line) and "--" in line  # commands, not prose
+    ]
+    assert len(commands) >= 2, commands
+    for line in commands:
+        assert "--host 127.0.0.1" in line, line
+    assert "docs/reliability.md" in readme
+    assert "python -m runner.upload" in readme
