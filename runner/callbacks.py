@@ -60,7 +60,15 @@ class SweepTracking(Callback):
         if not tracking.get("enabled", True) or sweep.parent_run_id is None:
             return
         target = resolve_target(tracking, Path(config.hydra.runtime.cwd))
-        client = client_for(target)
+        try:
+            client = client_for(target)
+        except TrackingError as exc:
+            print(
+                f"error: {exc}; the sweep's parent run stays open until "
+                f"python -m runner.upload {sweep_dir} closes it",
+                file=sys.stderr,
+            )
+            return
         status = "FINISHED"
         from runner.compare import CompareError, compare
 

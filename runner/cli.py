@@ -268,6 +268,9 @@ def _raise_stop(signum: int, frame: Any) -> None:
 
 
 def main() -> None:
+    # Every job (and reused worker) starts TensorFlow equally quiet, whichever framework
+    # a worker imported first: JAX sets this to 1 when it is unset.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:

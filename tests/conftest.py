@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -48,6 +49,15 @@ def single_result(cwd: Path) -> dict:
     found = sorted((cwd / "outputs" / "runs").glob("*/*/results.json"))
     assert len(found) == 1, found
     return json.loads(found[0].read_text())
+
+
+def statuses_in(db: Path) -> list[str]:
+    """Run statuses straight from the SQLite file, read-only (never races the writer)."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return [row[0] for row in con.execute("SELECT status FROM runs")]
+    except sqlite3.Error:
+        return []
 
 
 def free_port() -> int:

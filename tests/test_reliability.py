@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from mlflow import MlflowClient
 
 from runner.results import atomic_write
 from runner.tracking import mask_text
-from tests.conftest import ROOT, cli, free_port, single_result
+from tests.conftest import ROOT, cli, free_port, single_result, statuses_in
 
 JAX = ("backend=jax",)
 
@@ -80,15 +79,6 @@ def all_runs(uri: str, experiment: str = "gradient-runner") -> list:
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)
-
-
-def statuses_in(db: Path) -> list[str]:
-    """Run statuses straight from the SQLite file, read-only (never races the writer)."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return [row[0] for row in con.execute("SELECT status FROM runs")]
-    except sqlite3.Error:
-        return []
 
 
 # --- bad environments: one line, a non-zero exit, nothing half-written -----------------

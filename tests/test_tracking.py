@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.tracking import config_params, mask_uri, thin
-from tests.conftest import ROOT, cli, free_port, single_result
+from tests.conftest import ROOT, cli, free_port, single_result, statuses_in
 
 
 def runs_of(uri: str, experiment: str = "gradient-runner") -> list:
@@ -84,11 +84,9 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: 
     )
     db = tmp_path / "outputs" / "mlflow.db"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(
-        (tmp_path / "outputs" / "mlartifacts").glob("*")
-    ):
-        time.sleep(0.2)  # the experiment exists: the run has started
-    time.sleep(3)
+    while time.monotonic() < deadline and "RUNNING" not in statuses_in(db):
+        time.sleep(0.2)
+    time.sleep(3)  # the loop is running
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
