@@ -103,10 +103,8 @@ class Quadratic:
         return _vector("x0", self.x0, self.dim)
 
     def loss(self, x: Any, p: Mapping[str, Any], ops: Any = NUMPY_OPS) -> Any:
-        if self.dim is None:
-            return p["a"] * x**2 + p["b"] * x + p["c"]  # the notebook's expression
-        # x*x equals x**2 bit for bit; eager TensorFlow runs ** as a general power, ~20x slower
-        return ops.sum(p["a"] * (x * x) + p["b"] * x + p["c"])
+        y = p["a"] * x**2 + p["b"] * x + p["c"]  # the notebook's expression
+        return y if self.dim is None else ops.sum(y)
 
     def grad(self, x: np.ndarray) -> np.ndarray:
         p = self.coefficients
