@@ -223,6 +223,7 @@ def test_optuna_lr_search_improves_and_is_one_group(tmp_path: Path) -> None:
     assert float(best_run.data.params["optimizer.lr"]) == best["best_params"]["optimizer.lr"]
 
 
+@pytest.mark.slow  # 20 trials: ~35 s on 2 busy cores
 def test_optuna_default_search_finds_the_one_step_lr(tmp_path: Path) -> None:
     """a = 1: lr = 1/(2a) = 0.5 reaches the optimum in one step; 20 seeded TPE trials find it."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
