@@ -1,0 +1,142 @@
+"""What the benchmark measures: its settings, the backend x mode variants, their specs.
+
+Specs are built by the runner's own config validation (build_run_config on the plain
+config dict `python -m runner` would compose), so the benchmark times exactly the
+runs a user gets.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runner.config import build_run_config
+from runner.protocol import MinimizeSpec
+
+DEFAULT_BACKENDS = ("tf", "torch", "jax")
+FRAMEWORK_MODULE = {"tf": "tensorflow", "torch": "torch", "jax": "jax"}
+EAGER_MODES = ("manual", "apply", "minimize")
+BYTES_MODEL = "read x, a, b, c + write x: 5 x n x 4 B (float32) per step"
+ARRAYS_PER_STEP = 5
+ITEMSIZE = 4
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures; --quick shrinks every count to a smoke test."""
+
+    quick: bool
+    backends: tuple[str, ...]
+    out: Path
+    repeats: int
+    max_n: int
+    log: bool
+    tracking_uri: str | None
+    sweep: bool
+    budget_s: float  # most seconds one scalar cell may take (all repeats, both loops)
+
+    @property
+    def eager_steps(self) -> tuple[int, ...]:
+        return (100,) if self.quick else (1_000, 10_000)
+
+    @property
+    def compiled_steps(self) -> tuple[int, ...]:
+        return (1_000,) if self.quick else (1_000, 100_000, 1_000_000)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        grid = (1, 1_000) if self.quick else (1, 1_000, 100_000, 1_000_000, 10_000_000)
+        return tuple(n for n in grid if n <= self.max_n)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One backend x mode the runner offers (graph mode: update=apply)."""
+
+    backend: str
+    mode: str
+    jit_compile: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.mode}" + ("+xla" if self.jit_compile else "")
+
+    @property
+    def compiled(self) -> bool:
+        return self.mode == "graph"
+
+    def options(self) -> dict[str, Any]:
+        return {"jit_compile": True} if self.jit_compile else {}
+
+
+def variants(backends: Sequence[str], quick: bool) -> list[Variant]:
+    """Every mode of every backend, plus TF graph with XLA; --quick skips torch.compile."""
+    found = []
+    for backend in backends:
+        for mode in (*EAGER_MODES, "graph"):
+            if quick and backend == "torch" and mode == "graph":
+                continue  # ~12 s of torch.compile: full run only
+            found.append(Variant(backend, mode))
+        if backend == "tf":
+            found.append(Variant("tf", "graph", jit_compile=True))
+    return found
+
+
+def spec_for(variant: Variant, steps: int, dim: int | None = None) -> MinimizeSpec:
+    """The spec `python -m runner backend=B mode=M steps=S [problem.dim=n]` would build."""
+    cfg = {
+        "task": "minimize",
+        "dtype": "float32",
+        "device": "cpu",
+        "progress": False,
+        "steps": steps,
+        "record_every": None,
+        "backend": {"name": variant.backend, **variant.options()},
+        "mode": {"name": variant.mode, "update": "apply"},
+        "problem": {"name": "quadratic", "a": 1.0, "b": -2.0, "c": 1.0, "x0": 0.0, "dim": dim},
+        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.0, "nesterov": False},
+    }
+    spec = build_run_config(cfg).minimize
+    assert spec is not None
+    return spec
+
+
+@dataclass
+class Best:
+    """Best-of-N of a repeated measurement, keeping every sample for the JSON."""
+
+    samples: list[float] = field(default_factory=list)
+
+    def add(self, value: float) -> None:
+        self.samples.append(value)
+
+    @property
+    def best(self) -> float:
+        return min(self.samples) if self.samples else math.nan
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def vector_steps(n: int, quick: bool = False) -> int:
+    """About 2e8 coordinate-updates per run (1e5 steps at n <= 2000, 20 at n = 1e7).
+
+    Enough for the loop to dwarf the fixed cost of a run; --quick does 1/100 of that.
+    """
+    if quick:
+        return max(10, min(1_000, 2_000_000 // n))
+    return max(10, min(100_000, 200_000_000 // n))
+
+
+def model_bytes(n: int) -> int:
+    return ARRAYS_PER_STEP * n * ITEMSIZE

@@ -1,0 +1,226 @@
+"""`python -m runner.bench`: the command line, the order of sections, outputs and MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from runner.bench.cases import DEFAULT_BACKENDS, Settings, load_average, variants
+from runner.bench.measure import floor_section, scalar_section, vector_section
+from runner.bench.process import process_section
+from runner.bench.report import all_targets, markdown, scaling_plot, step_time_plot
+from runner.plugins import load_backend
+from runner.protocol import Backend
+
+
+def metric_name(text: str) -> str:
+    return re.sub(r"[^\w.\-/ ]", "_", text).replace(" ", "_")
+
+
+def bench_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for cell in results["scalar"]:
+        if "ratio" in cell:
+            key = metric_name(f"{cell['label']}.{cell['steps']}")
+            metrics[f"step_us.{key}"] = cell["runner_step_us"]
+            metrics[f"hand_step_us.{key}"] = cell["hand_step_us"]
+            metrics[f"ratio.{key}"] = cell["ratio"]
+            metrics[f"compile_s.{key}"] = cell["runner_compile_s"]
+    for row in results["vectors"]["rows"]:
+        if "gbps" in row:
+            key = metric_name(f"{row['label']}.n{row['n']}")
+            metrics[f"vector_step_us.{key}"] = row["step_us"]
+            metrics[f"vector_gbps.{key}"] = row["gbps"]
+    for row in results["vectors"]["numpy"]:
+        metrics[f"numpy_stream_gbps.n{row['n']}"] = row["stream_gbps"]
+    for steps, ns in results["floor"]["ns_per_step"].items():
+        metrics[f"floor_ns.{steps}"] = ns
+    verdicts = [t.verdict for t in all_targets(results)]
+    metrics["targets_met"] = float(verdicts.count("MET"))
+    metrics["targets_not_met"] = float(verdicts.count("NOT MET"))
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def log_to_mlflow(results: Mapping[str, Any], out: Path, uri: str | None) -> str:
+    """One run named "bench" in experiment gradient-runner-bench; returns its id."""
+    from mlflow.entities import Metric, Param, RunStatus, RunTag
+
+    from runner.tracking import client_for, ensure_experiment, resolve_target, retry_locked
+
+    target = resolve_target({"uri": uri, "experiment": "gradient-runner-bench"}, Path.cwd())
+    client = client_for(target)
+    experiment_id = ensure_experiment(client, target)
+    run = retry_locked(
+        lambda: client.create_run(experiment_id, run_name="bench", tags={"runner.kind": "bench"})
+    )
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in bench_metrics(results).items()]
+    settings = results["settings"]
+    params = [Param(k, str(v)[:500]) for k, v in settings.items()]
+    params += [Param(f"machine.{k}", str(v)[:500]) for k, v in results["machine"].items()]
+    tags = [
+        RunTag(metric_name(f"target.{t.subject}.{t.target}")[:250], t.verdict)
+        for t in all_targets(results)
+    ]
+    for start in range(0, len(metrics), 1000):
+        chunk = metrics[start : start + 1000]
+        retry_locked(lambda chunk=chunk: client.log_batch(run_id, metrics=chunk))
+    for start in range(0, len(params), 100):
+        chunk_p = params[start : start + 100]
+        retry_locked(lambda chunk_p=chunk_p: client.log_batch(run_id, params=chunk_p))
+    for start in range(0, len(tags), 100):
+        chunk_t = tags[start : start + 100]
+        retry_locked(lambda chunk_t=chunk_t: client.log_batch(run_id, tags=chunk_t))
+    client.log_artifacts(run_id, str(out))
+    retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED)))
+    return run_id
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for name in ("numpy", "tensorflow", "tf_keras", "torch", "jax", "optax", "numba", "mlflow"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "load_before": load_average(),
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="python -m runner.bench",
+        description="Benchmark every backend x mode against hand-written loops, a native "
+        "floor and NumPy, in one process; write results.md, results.json and plots.",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny smoke version (seconds)")
+    parser.add_argument("--out", type=Path, help="output folder (default outputs/bench/<time>)")
+    parser.add_argument(
+        "--backends",
+        default=",".join(DEFAULT_BACKENDS),
+        help="comma-separated backends (default: tf,torch,jax)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="best of N (N >= 3; default 3)")
+    parser.add_argument(
+        "--max-n", type=int, default=10_000_000, help="largest vector dimension (default 1e7)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=120.0,
+        help="most loop seconds per scalar cell; longer step counts are skipped (default 120)",
+    )
+    parser.add_argument("--no-log", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the matrix sweep")
+    parser.add_argument("--tracking-uri", help="MLflow store (default sqlite outputs/mlflow.db)")
+    args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error("--repeats must be >= 3: best-of-N needs a few samples to beat noise")
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return Settings(
+        quick=args.quick,
+        backends=tuple(b for b in args.backends.split(",") if b),
+        out=args.out or Path("outputs") / "bench" / stamp,
+        repeats=args.repeats,
+        max_n=args.max_n,
+        log=not args.no_log,
+        tracking_uri=args.tracking_uri,
+        sweep=not (args.no_sweep or args.quick),
+        budget_s=5.0 if args.quick else args.budget,
+    )
+
+
+def load_backends(settings: Settings, say: Callable[[str], None]) -> dict[str, Backend]:
+    """Import each framework once, through the runner's plugin loader; time the import."""
+    loaded = {}
+    for name in settings.backends:
+        start = time.perf_counter()
+        loaded[name] = load_backend(name)
+        say(f"  {name}: imported in {time.perf_counter() - start:.2f} s")
+    return loaded
+
+
+def run_bench(settings: Settings, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every section in order; returns the results (also written to settings.out)."""
+    started = datetime.now().isoformat(timespec="seconds")
+    machine = machine_info()
+    say(f"benchmark -> {settings.out} (load {machine['load_before']})")
+    loaded = load_backends(settings, say)
+    say("native floor (numba)")
+    floor = floor_section(settings)
+    say("scalar quadratic: runner vs hand-written")
+    scalar = scalar_section(settings, loaded, say)
+    say("n-dimensional quadratic")
+    vectors = vector_section(settings, loaded, say)
+    process = {}
+    if not settings.quick:
+        compiled = [v for v in variants(list(loaded), False) if v.compiled]
+        process = process_section(settings, compiled, say)
+    machine["load_after"] = load_average()
+    plain = asdict(settings) | {"out": str(settings.out), "dims": list(settings.dims)}
+    results = {
+        "started": started,
+        "machine": machine,
+        "settings": plain,
+        "floor": floor,
+        "scalar": scalar,
+        "vectors": vectors,
+        "process": process,
+    }
+    write_outputs(results, settings.out)
+    return results
+
+
+def write_outputs(results: Mapping[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results = dict(results) | {
+        "targets": [asdict(t) | {"verdict": t.verdict} for t in all_targets(results)]
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    (out / "results.md").write_text(markdown(results) + "\n")
+    step_time_plot(results, out / "step_time.png")
+    scaling_plot(results["vectors"], out / "n_scaling.png")
+
+
+def stamped() -> Callable[[str], None]:
+    """Progress lines with the seconds since start, flushed (the full run is long)."""
+    start = time.perf_counter()
+    return lambda text: print(f"[{time.perf_counter() - start:6.0f} s] {text}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    results = run_bench(settings, stamped())
+    print(f"\nwrote {settings.out}/results.md, results.json, step_time.png, n_scaling.png")
+    if settings.log:
+        run_id = log_to_mlflow(results, settings.out, settings.tracking_uri)
+        print(f"logged to MLflow: experiment gradient-runner-bench, run 'bench' ({run_id})")
+    print()
+    print((settings.out / "results.md").read_text())
+    return 0

@@ -1,0 +1,156 @@
+"""`python -m runner.bench --quick`: the smoke version of the benchmark, run for real.
+
+One subprocess runs the quick benchmark on JAX (the framework that imports fastest)
+and logs it to a temporary SQLite store; the tests read what it wrote. The full
+benchmark is not run here (it takes 10-30 minutes): see README "Benchmarks".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from subprocess import CompletedProcess
+
+import pytest
+
+from runner.bench.report import all_targets, longest, ratio_targets
+from runner.bench.run import parse_args
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.timeout(180)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, CompletedProcess]:
+    """(out folder, tracking uri, process) of one `--quick --backends jax` run."""
+    base = tmp_path_factory.mktemp("bench")
+    out, uri = base / "out", f"sqlite:///{base / 'bench.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["--quick", "--backends", "jax", "--out", str(out), "--tracking-uri", uri]
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.bench", *args],
+        cwd=base,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, uri, proc
+
+
+def positive_finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_quick_writes_table_json_and_plots(quick) -> None:
+    out, _uri, proc = quick
+    for name in ("step_time.png", "n_scaling.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+    report = (out / "results.md").read_text()
+    for heading in ("## Targets (issue 7)", "## Scalar quadratic", "## n-dimensional quadratic"):
+        assert heading in report
+    assert "| jax graph | 1,000 |" in report
+    assert "## Targets" in proc.stdout  # the table is printed too
+
+
+def test_quick_values_are_sane(quick) -> None:
+    out, _uri, _proc = quick
+    results = json.loads((out / "results.json").read_text())
+    cells = [c for c in results["scalar"] if "ratio" in c]
+    assert {c["label"] for c in cells} == {"jax manual", "jax apply", "jax minimize", "jax graph"}
+    for cell in cells:
+        for key in ("ratio", "runner_step_us", "hand_step_us", "runner_compile_s"):
+            assert positive_finite(cell[key]), (cell["label"], key, cell[key])
+        assert len(cell["runner_samples_us"]) == len(cell["hand_samples_us"]) == 3
+        # Both loops did the same arithmetic: x_k = 1 - 0.98^k in float32 (FMA or not).
+        expected = 1 - 0.98 ** cell["steps"]
+        assert cell["runner_x"] == pytest.approx(expected, rel=1e-5)
+        assert cell["hand_x"] == pytest.approx(cell["runner_x"], rel=1e-6)
+    floor = results["floor"]
+    assert all(positive_finite(ns) for ns in floor["ns_per_step"].values())
+    assert floor["final_x"] == pytest.approx(1.0, abs=2e-6)
+    vectors = results["vectors"]
+    assert [row["n"] for row in vectors["numpy"]] == [1, 1_000]
+    for row in vectors["numpy"]:
+        assert positive_finite(row["stream_gbps"]) and positive_finite(row["update_step_us"])
+    for row in vectors["rows"]:  # measured, or said why not
+        assert positive_finite(row["gbps"]) if "gbps" in row else row["unsupported"]
+    verdicts = {t["verdict"] for t in results["targets"]}
+    assert verdicts <= {"MET", "NOT MET", "not measured"}
+    assert any(t["target"].startswith("runner / hand-written") for t in results["targets"])
+    assert results["process"] == {}  # subprocess sections are full-run only
+
+
+def test_quick_is_logged_to_mlflow(quick) -> None:
+    from mlflow import MlflowClient
+
+    _out, uri, _proc = quick
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("gradient-runner-bench")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "bench"
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["ratio.jax_graph.1000"] > 0
+    assert run.data.params["quick"] == "True"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.md", "results.json", "step_time.png", "n_scaling.png"} <= logged
+
+
+def cell(label: str, steps: int, runner: float, hand: float) -> dict:
+    backend, mode = label.split()[:2]
+    return {
+        "label": label,
+        "backend": backend,
+        "mode": mode,
+        "steps": steps,
+        "runner_step_us": runner,
+        "hand_step_us": hand,
+        "ratio": runner / hand,
+        "runner_compile_s": 0.1,
+    }
+
+
+def test_targets_are_judged_on_the_longest_run() -> None:
+    cells = [
+        cell("jax graph", 1_000, 1.0, 0.1),  # fixed cost dominates: not judged
+        cell("jax graph", 1_000_000, 0.0052, 0.005),
+        {"label": "jax graph", "backend": "jax", "mode": "graph", "steps": 10**7, "skipped": "x"},
+    ]
+    assert longest(cells)["jax graph"]["steps"] == 1_000_000
+    (target,) = ratio_targets(cells)
+    assert target.met is True and target.measured.startswith("1.040")
+    results = {
+        "scalar": cells,
+        "floor": {"ns_per_step": {"1000000": 3.0}},
+        "vectors": {"numpy": [], "rows": []},
+        "settings": {"dims": [1]},
+    }
+    floor = [t for t in all_targets(results) if "floor" in t.target]
+    assert [(t.met, t.measured.split()[0]) for t in floor] == [(True, "1.73x")]
+
+
+def test_eager_targets_compare_with_the_fastest_idiom() -> None:
+    cells = [cell("jax manual", 10_000, 20.0, 10.0), cell("jax apply", 10_000, 12.0, 11.0)]
+    results = {
+        "scalar": cells,
+        "floor": {"ns_per_step": {}},
+        "vectors": {"numpy": [], "rows": []},
+        "settings": {"dims": [1]},
+    }
+    judged = {(t.target, t.subject): t.met for t in all_targets(results)}
+    assert judged[("eager JAX <= 25 us/step", "jax manual")] is True
+    assert judged[("eager <= 1.5x fastest hand-written eager idiom", "jax manual")] is False
+    assert judged[("eager <= 1.5x fastest hand-written eager idiom", "jax apply")] is True
+
+
+def test_repeats_below_three_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--repeats", "2"])
+    assert "--repeats must be >= 3" in capsys.readouterr().err
