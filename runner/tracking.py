@@ -9,6 +9,7 @@ run, so a worker process reused by a parallel launcher starts every job clean.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
@@ -106,6 +107,9 @@ def client_for(target: TrackingTarget) -> Any:
         # MLflow prints "View run ... at <tracking URI>" to stdout: not with credentials in it
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     from mlflow import MlflowClient
+
+    # MLflow's own handler would print its schema set-up (INFO) into the run's summary.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
     if target.uri.startswith("sqlite:///"):
         folder = Path(target.uri.removeprefix("sqlite:///")).parent
