@@ -25,12 +25,12 @@ from runner.engine import run_minimize
 from runner.errors import ConfigError
 from runner.optimizers import CONVENTIONS, resolve
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock
-from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan, Trajectory
+from runner.protocol import RecordPlan, Trajectory
+from tests.specs import STEPS, make_spec, rel
 
 BACKEND = TensorFlowBackend()
 TF = CONVENTIONS["tf"]
 OTHER = CONVENTIONS["torch"]  # the papers' forms and defaults
-STEPS = 100
 
 # name -> (problem, lr): small, cond 10, minimum loss away from 0.
 PROBLEMS: dict[str, tuple[Any, float]] = {
@@ -59,38 +59,6 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
 MATRIX = [
     (p, o) for p in PROBLEMS for o in ("sgd-nesterov", "adam", "adagrad", "rmsprop-momentum")
 ] + [("quadratic_form", "sgd"), ("rosenbrock", "sgd-momentum"), ("quadratic_dim4", "rmsprop")]
-
-
-def make_spec(
-    problem: Any,
-    name: str,
-    lr: float,
-    hyper: dict[str, Any],
-    mode: str,
-    update: str = "apply",
-    *,
-    dtype: str = "float64",
-    steps: int = STEPS,
-    every: int = 1,
-    device: str = "cpu",
-    options: dict[str, Any] | None = None,
-) -> MinimizeSpec:
-    return MinimizeSpec(
-        problem=problem,
-        optimizer=OptimizerSpec(name, lr, hyper),
-        mode=mode,
-        steps=steps,
-        dtype=dtype,
-        record=RecordPlan(steps, every),
-        update=update,
-        device=device,
-        options=options or {},
-    )
-
-
-def rel(got: Any, want: Any) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def reference_run(problem: Any, name: str, lr: float, hyper: dict, convention: Any) -> tuple:

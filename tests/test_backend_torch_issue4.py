@@ -30,11 +30,11 @@ from runner.engine import run_minimize  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.optimizers import CONVENTIONS, resolve  # noqa: E402
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock  # noqa: E402
-from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan, Trajectory  # noqa: E402
+from runner.protocol import Trajectory  # noqa: E402
+from tests.specs import STEPS, make_spec, rel  # noqa: E402
 
 BACKEND = TorchBackend()
 TORCH = CONVENTIONS["torch"]
-STEPS = 100
 
 # name -> (problem, lr): small, cond 10, minimum loss away from 0.
 # quadratic_dim4 starts 2.5-3.5 from x* in each coordinate with lr 0.02, so RMSprop is still
@@ -60,38 +60,6 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 MATRIX = [(p, o) for p in PROBLEMS for o in OPTIMIZERS]
 EAGER = ["manual", "apply", "minimize"]
-
-
-def make_spec(
-    problem: Any,
-    name: str,
-    lr: float,
-    hyper: dict[str, Any],
-    mode: str,
-    update: str = "apply",
-    *,
-    dtype: str = "float64",
-    steps: int = STEPS,
-    every: int = 1,
-    device: str = "cpu",
-    options: dict[str, Any] | None = None,
-) -> MinimizeSpec:
-    return MinimizeSpec(
-        problem=problem,
-        optimizer=OptimizerSpec(name, lr, hyper),
-        mode=mode,
-        steps=steps,
-        dtype=dtype,
-        record=RecordPlan(steps, every),
-        update=update,
-        device=device,
-        options=options or {},
-    )
-
-
-def rel(got: Any, want: Any) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def reference_run(
