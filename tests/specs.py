@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from runner.problems import Quadratic
 from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan
 
 STEPS = 100
@@ -41,3 +42,29 @@ def make_spec(
 def rel(got: Any, want: Any) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def notebook_spec(
+    mode: str,
+    update: str = "apply",
+    *,
+    problem: Any = None,
+    lr: float = 0.01,
+    steps: int = 1000,
+    every: int = 1,
+    dtype: str = "float32",
+    hyper: dict | None = None,
+    name: str = "sgd",
+    options: dict | None = None,
+) -> MinimizeSpec:
+    """The notebook's run (quadratic, SGD lr 0.01, 1000 float32 steps) unless told otherwise."""
+    return MinimizeSpec(
+        problem=problem or Quadratic(),
+        optimizer=OptimizerSpec(name, lr, hyper or {}),
+        mode=mode,
+        steps=steps,
+        dtype=dtype,
+        record=RecordPlan(steps, every),
+        update=update,
+        options=options or {},
+    )

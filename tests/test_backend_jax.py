@@ -18,6 +18,7 @@ from runner.protocol import (  # noqa: E402
     OptimizerSpec,
     RecordPlan,
 )
+from tests.specs import notebook_spec  # noqa: E402
 
 # (mode, update): the three eager modes, and graph with each inner update.
 MODES = [
@@ -41,26 +42,7 @@ def backend() -> JaxBackend:
     return JaxBackend()
 
 
-def spec_for(
-    mode: str,
-    update: str = "apply",
-    *,
-    problem: Quadratic | None = None,
-    lr: float = 0.01,
-    steps: int = 1000,
-    every: int = 1,
-    dtype: str = "float32",
-    hyper: dict | None = None,
-) -> MinimizeSpec:
-    return MinimizeSpec(
-        problem=problem or Quadratic(),
-        optimizer=OptimizerSpec("sgd", lr, hyper or {}),
-        mode=mode,
-        steps=steps,
-        dtype=dtype,
-        record=RecordPlan(steps, every),
-        update=update,
-    )
+spec_for = notebook_spec
 
 
 def replay_float32(problem: Quadratic, lr: float, steps: int) -> tuple[np.ndarray, np.ndarray]:

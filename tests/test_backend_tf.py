@@ -21,9 +21,8 @@ from runner.problems import Quadratic
 from runner.protocol import (
     DerivativesSpec,
     MinimizeSpec,
-    OptimizerSpec,
-    RecordPlan,
 )
+from tests.specs import notebook_spec
 
 BACKEND = TensorFlowBackend()
 NOTEBOOK_X = np.float32(0.99999857)  # the notebook's x after 1000 steps, every TF variant
@@ -33,30 +32,8 @@ ALL = EAGER + GRAPH
 OTHER = Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5)
 
 
-def make_spec(
-    mode: str,
-    update: str = "apply",
-    *,
-    problem: Quadratic | None = None,
-    lr: float = 0.01,
-    steps: int = 1000,
-    every: int = 1,
-    dtype: str = "float32",
-    hyper: dict | None = None,
-    jit_compile: bool = False,
-    name: str = "sgd",
-) -> MinimizeSpec:
-    return MinimizeSpec(
-        problem=problem or Quadratic(),
-        optimizer=OptimizerSpec(name, lr, hyper or {}),
-        mode=mode,
-        steps=steps,
-        dtype=dtype,
-        record=RecordPlan(steps, every),
-        update=update,
-        device="cpu",
-        options={"jit_compile": jit_compile},
-    )
+def make_spec(mode: str, update: str = "apply", *, jit_compile: bool = False, **kw) -> MinimizeSpec:
+    return notebook_spec(mode, update, options={"jit_compile": jit_compile}, **kw)
 
 
 def ids(cases: list[tuple[str, str]]) -> list[str]:

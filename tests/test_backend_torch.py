@@ -23,6 +23,7 @@ from runner.protocol import (  # noqa: E402
     RecordPlan,
 )
 from runner.reference import run as reference_run  # noqa: E402
+from tests.specs import notebook_spec  # noqa: E402
 
 EAGER = ["manual", "apply", "minimize"]
 UPDATES = ["apply", "minimize", "manual"]
@@ -51,28 +52,7 @@ def backend() -> TorchBackend:
     return TorchBackend()
 
 
-def spec_for(
-    mode: str,
-    update: str = "apply",
-    *,
-    problem: Quadratic | None = None,
-    lr: float = 0.01,
-    steps: int = 1000,
-    every: int = 1,
-    dtype: str = "float32",
-    hyper: dict | None = None,
-    options: dict | None = None,
-) -> MinimizeSpec:
-    return MinimizeSpec(
-        problem=problem or Quadratic(),
-        optimizer=OptimizerSpec("sgd", lr, hyper or {}),
-        mode=mode,
-        steps=steps,
-        dtype=dtype,
-        record=RecordPlan(steps, every),
-        update=update,
-        options=options or {},
-    )
+spec_for = notebook_spec
 
 
 def replay_float32(problem: Quadratic, lr: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
