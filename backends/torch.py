@@ -23,6 +23,7 @@ Nothing here changes process-wide torch settings (threads, default dtype); Dynam
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -135,9 +136,15 @@ def _value_and_grad(problem: Any, x: torch.Tensor, p: Mapping[str, torch.Tensor]
     return grad, value
 
 
-# One torch.compile wrapper for the module: Dynamo keeps one graph per dtype (and device)
-# under it, so each dtype is compiled once per process whatever the problem instance.
-_compiled_value_and_grad = torch.compile(_value_and_grad, fullgraph=True)
+@functools.cache
+def _compiled_value_and_grad() -> Callable[..., Any]:
+    """One torch.compile wrapper per process, made on first use.
+
+    Dynamo keeps one graph per dtype (and device) under it, so each dtype is compiled
+    once per process whatever the problem instance; building it lazily keeps
+    torch._dynamo's ~1.4 s import out of every run that does not compile.
+    """
+    return torch.compile(_value_and_grad, fullgraph=True)
 
 
 class TorchBackend:
@@ -219,7 +226,8 @@ class TorchBackend:
         dy_dx, *dy_dcoef = torch.autograd.grad(y, [x, *(p[k] for k in names)], create_graph=True)
         (d2y_dx2,) = torch.autograd.grad(dy_dx, x)
         constants = {k: _lift(v.detach()) for k, v in p.items()}
-        compiled_dy_dx, compiled_y = _compiled_value_and_grad(problem, _lift(x.detach()), constants)
+        compiled = _compiled_value_and_grad()
+        compiled_dy_dx, compiled_y = compiled(problem, _lift(x.detach()), constants)
         return Derivatives(
             y=float(y.detach()),
             dy_dx=float(dy_dx.detach()),

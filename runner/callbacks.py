@@ -16,6 +16,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from runner.results import sweep_failures
 from runner.tracking import (
     SWEEP_FILE,
     TrackingError,
@@ -54,8 +55,20 @@ class SweepTracking(Callback):
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        tracking = _tracking(config)
         sweep_dir = Path(config.hydra.sweep.dir)
+        self._close_sweep(config, sweep_dir)
+        failures = sweep_failures(sweep_dir)
+        if failures:  # every job ran; a script still learns that some did not succeed
+            jobs = len(list(sweep_dir.glob("**/.hydra")))
+            first = failures[0]
+            print(
+                f"error: {len(failures)} of {jobs} jobs failed; the first: {first['error']}",
+                file=sys.stderr,
+            )
+            sys.exit(first["exit_code"])
+
+    def _close_sweep(self, config: DictConfig, sweep_dir: Path) -> None:
+        tracking = _tracking(config)
         sweep = read_sweep(sweep_dir)
         if not tracking.get("enabled", True) or sweep.parent_run_id is None:
             return

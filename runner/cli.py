@@ -22,10 +22,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import build_run_config
-from runner.errors import RunnerError, UnsupportedError
+from runner.errors import DivergenceError, RunnerError, UnsupportedError
 from runner.job import execute, request_stop, stop_requested
 from runner.plugins import backend_entry_points
-from runner.results import RESULTS_FILE, new_run_uid
+from runner.results import RESULTS_FILE, new_run_uid, record_job_failure
 from runner.tracking import (
     TrackingError,
     client_for,
@@ -140,9 +140,11 @@ def hydra_main(cfg: DictConfig) -> Any:
         result = run_job(cfg, hydra_cfg, multirun)
     except RunnerError as exc:
         report(exc, "skipped" if multirun and isinstance(exc, UnsupportedError) else "error")
-        if multirun:
-            return float("nan")  # the sweep goes on; this job's failure is on record
-        sys.exit(exc.exit_code)
+        if not multirun:
+            sys.exit(exc.exit_code)
+        if not isinstance(exc, UnsupportedError | DivergenceError):
+            record_job_failure(Path(hydra_cfg.runtime.output_dir), exc)
+        return float("nan")  # the sweep goes on; the sweep's exit code reports the failure
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated) or isinstance(stop_requested(), Terminated)
         word = "terminated" if terminated else "interrupted"
@@ -203,6 +205,8 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
                 job()
             except BaseException:
                 report(unrecorded)  # the job's own error follows: the user reads both
+                if multirun:
+                    record_job_failure(output_dir, unrecorded)
                 raise
         raise unrecorded from None
 
@@ -267,10 +271,24 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise stop
 
 
+def use_compile_caches(root: Path) -> None:
+    """Compiled programs persist under outputs/cache/, so a rerun skips the compiler.
+
+    Set as environment defaults (a user's own setting wins, the core imports no
+    framework, and joblib/submitit workers inherit them). JAX only persists programs
+    that took >= 1 s to compile unless told otherwise; ours take ~0.1 s each.
+    TensorFlow has no persistent cache for tf.function graphs.
+    """
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "jax"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "torchinductor"))
+
+
 def main() -> None:
     # Every job (and reused worker) starts TensorFlow equally quiet, whichever framework
     # a worker imported first: JAX sets this to 1 when it is unset.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    use_compile_caches(Path.cwd() / "outputs" / "cache")
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:

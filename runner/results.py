@@ -207,6 +207,24 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic_write(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
 
 
+JOB_FAILURE_FILE = "job_failure.json"
+
+
+def record_job_failure(output_dir: Path, exc: Exception) -> None:
+    """Leave a sweep job's failure in its folder: the sweep's exit code is made from these.
+
+    Hydra's launchers drop a job's return value, so the launching process reads the
+    sweep folder instead; that works for every launcher, SLURM included.
+    """
+    exit_code = getattr(exc, "exit_code", 1)
+    write_json(output_dir / JOB_FAILURE_FILE, {"exit_code": exit_code, "error": str(exc)})
+
+
+def sweep_failures(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The failures recorded by a sweep's jobs (divergence and skips are results, not failures)."""
+    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"**/{JOB_FAILURE_FILE}"))]
+
+
 def write_trajectory(path: Path, columns: Mapping[str, np.ndarray]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

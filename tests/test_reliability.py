@@ -346,12 +346,14 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: P
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
     )
-    assert proc.returncode == 0, proc.stderr  # the sweep went on, job after job
+    assert proc.returncode == 4, proc.stderr  # the sweep went on, job after job, then said so
     assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 2 of 2 jobs failed; the first:")
     results = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
     assert sorted(r["status"] for r in results.values()) == ["diverged", "finished"]
     assert proc.stderr.count(f"error: tracking server {away} is unreachable") == 3  # 1 + 2 jobs
-    assert proc.stderr.count("record them later with: python -m runner.upload") == 2
+    # each job says it, and the sweep's last line repeats the first
+    assert proc.stderr.count("record them later with: python -m runner.upload") == 3
 
     store = f"sqlite:///{tmp_path / 'later.db'}"
     first = upload(str(sweep), "--tracking-uri", store, cwd=tmp_path)
@@ -463,11 +465,12 @@ def test_server_crash_mid_sweep_then_upload_to_the_restarted_server(tmp_path: Pa
         _, err = job.communicate(timeout=600)
     finally:
         stop_server(server, signal.SIGKILL)
-    assert job.returncode == 0, err
+    assert job.returncode == 4, err  # two jobs are not in MLflow yet: the exit code says so
     assert "Traceback" not in err
+    assert "error: 2 of 3 jobs failed; the first: tracking server" in err
     results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
     assert [r["status"] for r in results] == ["finished"] * 3
-    assert err.count("record them later with: python -m runner.upload") == 2
+    assert err.count("record them later with: python -m runner.upload") == 3
 
     restarted = start_server(base, free_port())
     url = f"http://127.0.0.1:{restarted.args[restarted.args.index('--port') + 1]}"
@@ -673,3 +676,25 @@ def test_readme_mlflow_commands_bind_to_loopback() -> None:
         assert "--host 127.0.0.1" in line, line
     assert "docs/reliability.md" in readme
     assert "python -m runner.upload" in readme
+
+
+def test_sweep_with_a_failed_job_finishes_the_others_then_exits_non_zero(tmp_path: Path) -> None:
+    """A job's bad setting fails that job only; the sweep's exit code then tells a script.
+    Divergence is a result of a sweep (an lr search expects some), not a failure."""
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m", *JAX, "steps=200", "problem.a=1,-1", "optimizer.lr=0.1,1.5", "tracking=off",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 2 of 4 jobs failed; the first: problem.a"), last
+    statuses = sorted(json.loads(p.read_text())["status"] for p in sweep.glob("*/results.json"))
+    assert statuses == ["diverged", "finished"]
+
+    diverging = cli(
+        "-m", *JAX, "steps=200", "optimizer.lr=0.1,1.5", "tracking=off",
+        f"hydra.sweep.dir={tmp_path / 'lr'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert diverging.returncode == 0, diverging.stderr
