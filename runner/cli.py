@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,19 @@ from runner.plugins import backend_entry_points
 from runner.results import RESULTS_FILE, new_run_uid, record_job_failure
 from runner.tracking import (
     TrackingError,
+    TrackingTarget,
+    check_store,
     client_for,
     config_params,
     ensure_experiment,
+    logs_in_background,
+    mask_uri,
     read_sweep,
     resolve_target,
     run_tags,
     tracked_run,
 )
+from runner.upload import folder_lock, start_background_upload
 
 
 def config_dir() -> Path:
@@ -161,7 +167,15 @@ def hydra_main(cfg: DictConfig) -> Any:
 
 
 def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
-    """Run the job inside an MLflow run when tracking is on; files first, always."""
+    """Run the job and log it to MLflow when tracking is on; files first, always.
+
+    A single run is logged after it ends by a detached upload (`python -m
+    runner.background`, which runs runner.upload once this process has exited;
+    tracking.background, the default): this process checks the store without
+    importing MLflow, runs, starts the upload and returns. Sweep jobs, and
+    tracking.background=false, log in-process around the job (the run is RUNNING in
+    MLflow while it runs).
+    """
     output_dir = Path(hydra_cfg.runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
     run = build_run_config(container)  # bad input fails here, before any import or record
@@ -176,23 +190,30 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
         executed = True
         return execute(run, output_dir, run_uid)
 
-    target = resolve_target(tracking, Path(hydra_cfg.runtime.cwd))
+    cwd = Path(hydra_cfg.runtime.cwd)
+    target = resolve_target(tracking, cwd)
     try:
+        if not multirun and logs_in_background(tracking, target):
+            check_store(target)  # what MLflow would say at once, said here, before the run
+            return run_then_upload(job, output_dir, run_uid, target, cwd)
         client = client_for(target)
         experiment_id = ensure_experiment(client, target)
         sweep = read_sweep(Path(hydra_cfg.sweep.dir)) if multirun else None
         overrides = list(hydra_cfg.overrides.task)
-        with tracked_run(
-            client,
-            experiment_id,
-            run_name=run_name(container),
-            params=config_params(container),
-            tags={
-                **run_tags(container, overrides, sweep.sweep_id if sweep else None),
-                "run_uid": run_uid,
-            },
-            run_dir=output_dir,
-            parent_run_id=sweep.parent_run_id if sweep else None,
+        with (
+            folder_lock(output_dir),  # an upload of this folder meanwhile waits for the run
+            tracked_run(
+                client,
+                experiment_id,
+                run_name=run_name(container),
+                params=config_params(container),
+                tags={
+                    **run_tags(container, overrides, sweep.sweep_id if sweep else None),
+                    "run_uid": run_uid,
+                },
+                run_dir=output_dir,
+                parent_run_id=sweep.parent_run_id if sweep else None,
+            ),
         ):
             return job()
     except TrackingError as outage:  # the store failed: the run's files are what counts
@@ -209,6 +230,41 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
                     record_job_failure(output_dir, unrecorded)
                 raise
         raise unrecorded from None
+
+
+def run_then_upload(
+    job: Callable[[], dict[str, Any]],
+    output_dir: Path,
+    run_uid: str,
+    target: TrackingTarget,
+    cwd: Path,
+) -> dict[str, Any]:
+    """The job, then its background upload, whether it finished, diverged or was stopped."""
+    try:
+        result = job()
+    except BaseException:
+        try:
+            announce_upload(output_dir, run_uid, target, cwd)
+        except TrackingError as exc:  # the job's own error follows: the user reads both
+            report(
+                TrackingError(
+                    f"{exc}; this run's results are in {output_dir}; record them later "
+                    f"with: python -m runner.upload {output_dir}"
+                )
+            )
+        raise
+    announce_upload(output_dir, run_uid, target, cwd)
+    return result
+
+
+def announce_upload(output_dir: Path, run_uid: str, target: TrackingTarget, cwd: Path) -> None:
+    log = start_background_upload(output_dir, run_uid, target, cwd)
+    if log is not None:
+        print(
+            f"MLflow: logging this run to {mask_uri(target.uri)} (experiment "
+            f"{target.experiment}) in the background; its log: {log}",
+            flush=True,
+        )
 
 
 def run_name(cfg: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ run, so a worker process reused by a parallel launcher starts every job clean.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,13 +27,19 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, as before
+    fcntl = None  # type: ignore[assignment]
+
 from runner.errors import RunnerError, UnsupportedError
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
 DEFAULT_ARTIFACTS = Path("outputs") / "mlartifacts"
 MAX_POINTS_PER_METRIC = 1000
-BATCH_VALUES = 1000  # MLflow's own per-request limit for metrics
+BATCH_VALUES = 1000  # MLflow's own per-request limit for metrics (and all values)
+TAGS_PER_BATCH = 100  # ... and for tags
 PARAM_VALUE_LIMIT = 6000
 KEY_LIMIT = 250
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -111,43 +118,195 @@ def client_for(target: TrackingTarget) -> Any:
     # MLflow's own handler would print its schema set-up (INFO) into the run's summary.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
-    if target.uri.startswith("sqlite:///"):
-        folder = Path(target.uri.removeprefix("sqlite:///")).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            why = f"{exc.strerror}: {exc.filename}"
-            if isinstance(exc, FileExistsError | NotADirectoryError):
-                why = f"{next(p for p in (folder, *folder.parents) if p.exists())} is a file"
-            raise TrackingError(
-                f"tracking store {target.uri} cannot be created ({why}); "
-                "point tracking.uri at a folder you can write, or run with tracking=off"
-            ) from None
-    _probe(target.uri)
+    make_store_folder(target.uri)
+    if is_http(target.uri):
+        probe_server(target)
+        lock: Any = contextlib.nullcontext()
+    else:
+        if target.uri.startswith("sqlite:///"):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (imported unlocked)
+        lock = store_creation_lock(target.uri)
     try:
-        return retry_locked(lambda: MlflowClient(tracking_uri=target.uri))
+        with lock:
+            return retry_locked(lambda: MlflowClient(tracking_uri=target.uri))
     except Exception as exc:
         raise store_error(target.uri, exc) from None
 
 
-def _probe(uri: str) -> None:
-    if not uri.startswith(("http://", "https://")):
+def logs_in_background(tracking: Mapping[str, Any], target: TrackingTarget) -> bool:
+    """Whether a single run is logged by a detached upload after it ends.
+
+    tracking.background (default true), for the stores the foreground can check
+    without MLflow (SQLite files, HTTP servers), and not inside a SLURM job, whose
+    end would kill the upload with the job.
+    """
+    background = tracking.get("background", True)
+    if not isinstance(background, bool):
+        raise RunnerError(f"tracking.background={background!r} is not allowed; give true or false")
+    known = is_http(target.uri) or sqlite_path(target.uri) is not None
+    return background and known and "SLURM_JOB_ID" not in os.environ
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def make_store_folder(uri: str) -> None:
+    """The folder of an SQLite store exists, or a TrackingError says why it cannot."""
+    path = sqlite_path(uri)
+    if path is None:
         return
-    import requests
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = f"{exc.strerror}: {exc.filename}"
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            why = f"{next(p for p in (folder, *folder.parents) if p.exists())} is a file"
+        raise TrackingError(
+            f"tracking store {uri} cannot be created ({why}); "
+            "point tracking.uri at a folder you can write, or run with tracking=off"
+        ) from None
+
+
+@contextmanager
+def store_creation_lock(uri: str) -> Iterator[None]:
+    """One process at a time opens (and so creates and migrates) an SQLite store.
+
+    MLflow creates the schema of a new store in the first client that opens it, in
+    several transactions; a second process opening it half-made fails. Background
+    uploads of runs started one after another open the store at the same moment, so
+    the opening is serialized on `<store>.lock` beside it (fcntl.flock).
+    """
+    path = sqlite_path(uri)
+    if path is None or fcntl is None:
+        yield
+        return
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a folder this process cannot write in: it creates no store either
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def check_store(target: TrackingTarget) -> None:
+    """Without importing MLflow (milliseconds): is the store there and usable?
+
+    For runs logged by a background process: what MLflow would report at once is
+    reported before the run, in the terminal. A server must answer /health and the
+    experiment lookup; an SQLite file must be an SQLite database that can take a
+    write lock within LOCK_WAIT_S (a missing file is created by the first upload).
+    """
+    make_store_folder(target.uri)
+    path = sqlite_path(target.uri)
+    if path is not None:
+        _check_sqlite(target.uri, path)
+    elif is_http(target.uri):
+        probe_server(target)
+
+
+def _check_sqlite(uri: str, path: Path) -> None:
+    if not path.exists():
+        return
+    import sqlite3
 
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-    except requests.HTTPError as exc:
-        raise TrackingError(
-            f"tracking server {mask_uri(uri)} is failing (HTTP {exc.response.status_code} "
-            "from /health); check the server's log, point tracking.uri elsewhere, "
-            "or run with tracking=off"
-        ) from None
-    except requests.RequestException as exc:
-        raise TrackingError(
-            f"tracking server {mask_uri(uri)} is unreachable ({type(exc).__name__}); "
-            "start it, point tracking.uri elsewhere, or run with tracking=off"
-        ) from None
+        con = sqlite3.connect(
+            f"{path.absolute().as_uri()}?mode=rw", uri=True, timeout=LOCK_WAIT_S,
+            isolation_level=None,
+        )  # fmt: skip
+        try:
+            con.execute("BEGIN IMMEDIATE")  # the write lock, taken and given back at once
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise store_error(uri, exc) from None
+
+
+def probe_server(target: TrackingTarget) -> None:
+    """GET /health and the experiment lookup, with urllib (no MLflow, no requests).
+
+    HTTP errors and connection failures become the TrackingError lines store_error
+    gives for the same faults seen through MLflow.
+    """
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlencode
+
+    uri = target.uri
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    base = urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    headers = _auth_headers(parts)
+    context = _tls_context() if parts.scheme == "https" else None
+    query = urlencode({"experiment_name": target.experiment})
+    for endpoint in ("/health", f"/api/2.0/mlflow/experiments/get-by-name?{query}"):
+        request = urllib.request.Request(base + endpoint, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=5, context=context) as answer:
+                answer.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            if exc.code == 404 and b"RESOURCE_DOES_NOT_EXIST" in body:
+                continue  # no such experiment yet: the upload creates it
+            raise TrackingError(
+                f"tracking server {mask_uri(uri)} is failing (HTTP {exc.code} from "
+                f"{endpoint.split('?')[0]}); check the server's log, point tracking.uri "
+                "elsewhere, or run with tracking=off"
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            why = type(reason).__name__ if isinstance(reason, BaseException) else "URLError"
+            raise TrackingError(
+                f"tracking server {mask_uri(uri)} is unreachable ({why}); "
+                "start it, point tracking.uri elsewhere, or run with tracking=off"
+            ) from None
+
+
+def _auth_headers(parts: Any) -> dict[str, str]:
+    """The credentials MLflow would send, in its order: MLFLOW_TRACKING_USERNAME and
+    _PASSWORD, then the URI's user:password (requests sends them), then the token."""
+    import base64
+    from urllib.parse import unquote
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not (user and password) and parts.username is not None:
+        user, password = unquote(parts.username), unquote(parts.password or "")
+    if user is not None and password is not None:
+        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {pair}"}
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _tls_context() -> Any:
+    """MLflow's TLS settings: MLFLOW_TRACKING_INSECURE_TLS, _SERVER_CERT_PATH, _CLIENT_CERT_PATH."""
+    import ssl
+
+    context = ssl.create_default_context(
+        cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None
+    )
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    client_cert = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH")
+    if client_cert:
+        context.load_cert_chain(client_cert)
+    return context
 
 
 def store_error(uri: str, exc: BaseException) -> TrackingError:
@@ -307,32 +466,49 @@ def _batches(items: list[T], size: int) -> Iterator[list[T]]:
         yield items[start : start + size]
 
 
-def log_run_dir(client: Any, run_id: str, run_dir: Path) -> dict[str, Any] | None:
-    """Log results.json, trajectory.csv and their plot from run_dir to an existing run."""
+def log_run_dir(
+    client: Any, run_id: str, run_dir: Path, tags: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
+    """Log results.json, trajectory.csv and their plot from run_dir to an existing run.
+
+    Metrics and tags (the result's and `tags`) go in as few log_batch calls as MLflow
+    allows (1000 values a call): 4 for a 1000-step run's 3003 trajectory points.
+    """
     from mlflow.entities import Metric, RunTag
 
+    extra = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     results_path = run_dir / RESULTS_FILE
     if not results_path.exists():
+        if extra:
+            retry_locked(lambda: client.log_batch(run_id, tags=extra))
         return None
     result = json.loads(results_path.read_text())
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in result_metrics(result).items()]
-    tags = [RunTag(k, str(v)) for k, v in result_tags(result).items()]
+    all_tags = [RunTag(k, str(v)) for k, v in result_tags(result).items()] + extra
     trajectory = run_dir / TRAJECTORY_FILE
     if trajectory.exists():
         columns = read_trajectory(trajectory)
         keep = thin(len(columns["step"]))
+        steps = columns["step"][keep].astype(np.int64).tolist()
         for name, values in columns.items():
             if name == "step":
                 continue
+            kept = values[keep]
+            finite = np.isfinite(kept).tolist()
             metrics += [
-                Metric(name, float(values[i]), now, int(columns["step"][i]))
-                for i in keep
-                if np.isfinite(values[i])
+                Metric(name, value, now, step)
+                for value, step, ok in zip(kept.tolist(), steps, finite, strict=True)
+                if ok
             ]
+    # tags ride in the first batch (MLflow: <= 100 tags, <= 1000 values in all a call)
+    head, rest = all_tags[:TAGS_PER_BATCH], all_tags[TAGS_PER_BATCH:]
+    first, metrics = metrics[: BATCH_VALUES - len(head)], metrics[BATCH_VALUES - len(head) :]
+    retry_locked(lambda: client.log_batch(run_id, metrics=first, tags=head))
+    for batch in _batches(rest, TAGS_PER_BATCH):
+        retry_locked(lambda batch=batch: client.log_batch(run_id, tags=batch))
     for batch in _batches(metrics, BATCH_VALUES):
         retry_locked(lambda batch=batch: client.log_batch(run_id, metrics=batch))
-    retry_locked(lambda: client.log_batch(run_id, tags=tags))
     if trajectory.exists():
         from runner.plots import convergence_plot
 
@@ -517,9 +693,7 @@ def finish_run(
     """
     problem: Exception | None = None
     try:
-        for key, value in tags.items():
-            retry_locked(lambda key=key, value=value: client.set_tag(run_id, key, value))
-        log_run_dir(client, run_id, run_dir)
+        log_run_dir(client, run_id, run_dir, tags)
     except Exception as exc:
         problem = exc
     try:

@@ -11,15 +11,28 @@ deleted and logged again. Running the command twice adds nothing.
 Runs of a sweep are nested under the sweep's parent run, found by its `sweep_id`
 tag or created once; a parent left RUNNING by a sweep whose store went away is
 closed as FINISHED.
+
+Each run folder is uploaded under an exclusive lock (fcntl.flock on its
+`.upload.lock`): a second upload of the same folder, at the same time, waits and
+then finds the run recorded. The same lock guards a sweep's parent run.
+
+A single run logs itself through this command by default: `python -m runner` writes
+its files, then starts `python -m runner.background <run dir>` (this command with
+--background, once the run's process has exited) as a detached process
+(start_background_upload) that holds the folder's lock from its first instant until
+it exits, writing to `<run dir>/upload.log`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +43,7 @@ from runner.errors import RunnerError
 from runner.results import RESULTS_FILE
 from runner.tracking import (
     SWEEP_FILE,
+    TrackingError,
     TrackingTarget,
     client_for,
     config_params,
@@ -44,8 +58,16 @@ from runner.tracking import (
     store_error,
 )
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: uploads are not locked (as before)
+    fcntl = None  # type: ignore[assignment]
+
 STATUSES = {"finished": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED"}
 UNCOMMITTED_TAGS = ("git_commit", "mlflow.source.git.commit")  # the commit now, not the run's
+LOCK_FILE = ".upload.lock"
+LOG_FILE = "upload.log"
+_HELD_LOCKS: dict[Path, int] = {}  # folders whose lock this process inherited, by fd
 
 
 @dataclass
@@ -72,20 +94,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="say what would be uploaded, upload nothing"
     )
+    # A run's own upload, started by `python -m runner` (start_background_upload): the
+    # store's URI comes in MLFLOW_TRACKING_URI (never argv: it may hold credentials),
+    # the run folder's lock is inherited as an open file descriptor.
+    parser.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    started = time.monotonic()
+    uri = args.tracking_uri
+    if args.background:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  (a log file)
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+        print(f"{_now()} logging {', '.join(map(str, args.paths))} to {mask_uri(uri or '')}")
+        if args.lock_fd is not None:
+            _HELD_LOCKS[args.paths[0].resolve()] = args.lock_fd
     import mlflow  # noqa: F401  (configures its loggers on import; quieted after)
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
     try:
-        outcome = upload(args.paths, args.tracking_uri, args.experiment, dry_run=args.dry_run)
+        outcome = upload(
+            args.paths, uri, args.experiment, dry_run=args.dry_run, live=args.background
+        )
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        if args.background:
+            print(
+                f"{_now()} not recorded; once the store is fixed: "
+                f"python -m runner.upload {' '.join(map(str, args.paths))}",
+                flush=True,
+            )
         return exc.exit_code
     verb = "would upload" if args.dry_run else "uploaded"
     print(
         f"{verb} {outcome.uploaded}, already recorded {outcome.present}, skipped {outcome.skipped}"
     )
+    if args.background:
+        print(f"{_now()} done in {time.monotonic() - started:.1f} s")
     return 0
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def run_dirs(paths: Iterable[Path]) -> Iterator[Path]:
@@ -109,8 +158,13 @@ def upload(
     experiment: str | None = None,
     dry_run: bool = False,
     out: Any = None,
+    live: bool = False,
 ) -> Outcome:
-    """Upload every run under `paths` that its store does not hold yet; report per run."""
+    """Upload every run under `paths` that its store does not hold yet; report per run.
+
+    live: the run's own background upload, as it ends: recorded as a live run is
+    (git commit tags, no `runner.uploaded_from`).
+    """
     out = out or sys.stdout
     outcome = Outcome()
     stores: dict[TrackingTarget, tuple[Any, str]] = {}
@@ -127,32 +181,12 @@ def upload(
             client = client_for(target)
             stores[target] = (client, ensure_experiment(client, target))
         client, experiment_id = stores[target]
-        try:
-            held, stale = _existing(client, experiment_id, result["run_uid"])
-            if held:
-                print(f"already recorded {run_dir} (run {held})", file=out)
-                outcome.present += 1
-                continue
-            outcome.uploaded += 1
-            if dry_run:
-                print(f"would upload {run_dir} to {mask_uri(target.uri)}", file=out)
-                continue
-            for run_id in stale:  # half-logged when the store went away: replaced
-                retry_locked(lambda run_id=run_id, client=client: client.delete_run(run_id))
-            sweep_id = parent = None
-            if _in_sweep(run_dir):
-                sweep_id = read_sweep(run_dir.parent).sweep_id
-                if (target, sweep_id) not in parents:
-                    parents[target, sweep_id] = _sweep_parent(
-                        client, experiment_id, run_dir.parent, sweep_id
-                    )
-                parent = parents[target, sweep_id]
-            run_id = _upload_one(client, experiment_id, run_dir, cfg, result, sweep_id, parent)
-            print(f"uploaded {run_dir} as run {run_id} ({_status(result)})", file=out)
-        except RunnerError:
-            raise
-        except Exception as exc:
-            raise store_error(target.uri, exc) from None
+        # check, then log: one upload of a folder at a time (a dry run writes no lock file)
+        with contextlib.nullcontext() if dry_run else folder_lock(run_dir, out):
+            _upload_locked(
+                run_dir, cfg, result, target, client, experiment_id, parents, outcome,
+                dry_run, live, out,
+            )  # fmt: skip
     for (target, _), parent in parents.items():
         client = stores[target][0]
         try:
@@ -161,6 +195,167 @@ def upload(
         except Exception as exc:
             raise store_error(target.uri, exc) from None
     return outcome
+
+
+def _upload_locked(
+    run_dir: Path,
+    cfg: Mapping[str, Any],
+    result: Mapping[str, Any],
+    target: TrackingTarget,
+    client: Any,
+    experiment_id: str,
+    parents: dict[tuple[TrackingTarget, str], str],
+    outcome: Outcome,
+    dry_run: bool,
+    live: bool,
+    out: Any,
+) -> None:
+    """One run folder, its lock held: recorded already, or logged now."""
+    try:
+        held, stale = _existing(client, experiment_id, result["run_uid"])
+        if held:
+            print(f"already recorded {run_dir} (run {held})", file=out)
+            outcome.present += 1
+            return
+        outcome.uploaded += 1
+        if dry_run:
+            print(f"would upload {run_dir} to {mask_uri(target.uri)}", file=out)
+            return
+        for run_id in stale:  # half-logged when the store went away: replaced
+            retry_locked(lambda run_id=run_id: client.delete_run(run_id))
+        sweep_id = parent = None
+        if _in_sweep(run_dir):
+            sweep_id = read_sweep(run_dir.parent).sweep_id
+            if (target, sweep_id) not in parents:
+                with folder_lock(run_dir.parent, out):  # one parent run per sweep
+                    parents[target, sweep_id] = _sweep_parent(
+                        client, experiment_id, run_dir.parent, sweep_id
+                    )
+            parent = parents[target, sweep_id]
+        run_id = _upload_one(client, experiment_id, run_dir, cfg, result, sweep_id, parent, live)
+        print(f"uploaded {run_dir} as run {run_id} ({_status(result)})", file=out)
+    except RunnerError:
+        raise
+    except Exception as exc:
+        raise store_error(target.uri, exc) from None
+
+
+@contextmanager
+def folder_lock(folder: Path, out: Any = None) -> Iterator[None]:
+    """Hold the folder's upload lock (flock on `<folder>/.upload.lock`), waiting for it.
+
+    A lock this process inherited (a run's background upload) is already held. A
+    folder this process cannot write in is read-locked if its lock file exists, and
+    otherwise not locked (no upload started by the run can be writing it then).
+    """
+    if fcntl is None or folder.resolve() in _HELD_LOCKS:
+        yield
+        return
+    fd = None
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            fd = os.open(folder / LOCK_FILE, flags, 0o644)
+            break
+        except OSError:
+            continue
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another upload of {folder} to finish ...", file=out)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def start_background_upload(
+    run_dir: Path, run_uid: str, target: TrackingTarget, cwd: Path
+) -> Path | None:
+    """Start `python -m runner.background run_dir` (runner.upload), detached; its log.
+
+    Nothing is started (None) when run_dir holds no results.json of this run (it
+    stopped before a result existed). The run folder's lock is taken here and handed
+    to the child as an open descriptor, so it is held from before the child exists
+    until the child exits: a concurrent `python -m runner.upload` of the folder, or a
+    test waiting for the upload (tests/conftest.py: wait_for_upload), waits for it.
+    The child has its own session (Ctrl-C in the terminal does not reach it), no
+    stdin, and writes to <run_dir>/upload.log; the store's URI is in its environment
+    (MLFLOW_TRACKING_URI), never on its command line, which every user can read.
+    """
+    try:
+        if json.loads((run_dir / RESULTS_FILE).read_text()).get("run_uid") != run_uid:
+            return None
+    except (OSError, ValueError):
+        return None
+    log = run_dir / LOG_FILE
+    env = {**os.environ, "MLFLOW_TRACKING_URI": target.uri}
+    root = str(Path(__file__).resolve().parent.parent)  # runner/ lives here
+    if root not in _site_dirs():  # a checkout: the child imports the same runner
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "runner.background", f"--after-pid={os.getpid()}"]
+    command += ["--experiment", target.experiment]
+    try:
+        lock = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                command.append(f"--lock-fd={lock}")
+            with log.open("ab") as sink:
+                subprocess.Popen(
+                    [*command, str(run_dir)],
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    pass_fds=(lock,),
+                )
+        finally:
+            os.close(lock)  # the child's copy keeps the lock
+    except OSError as exc:
+        raise TrackingError(
+            f"the background upload to {mask_uri(target.uri)} could not start "
+            f"({exc.strerror or exc})"
+        ) from None
+    return log
+
+
+def wait_for_upload(run_dir: Path, timeout_s: float = 300) -> str:
+    """Wait until the background upload of run_dir has exited; its log (upload.log).
+
+    The upload holds the folder's lock from before `python -m runner` returns until
+    it exits, so getting the lock means it is done (no polling of the store, no
+    guessed sleep). TimeoutError after timeout_s; FileNotFoundError when no upload
+    was started for the folder.
+    """
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    late = f"the upload of {run_dir} still runs after {timeout_s} s"
+                    raise TimeoutError(late) from None
+                time.sleep(0.02)
+    finally:
+        os.close(fd)
+    return (run_dir / LOG_FILE).read_text()
+
+
+def _site_dirs() -> set[str]:
+    import site
+
+    dirs = set(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.add(site.getusersitepackages())
+    return {str(Path(d).resolve()) for d in dirs}
 
 
 def _status(result: Mapping[str, Any]) -> str:
@@ -263,16 +458,24 @@ def _upload_one(
     result: Mapping[str, Any],
     sweep_id: str | None,
     parent_run_id: str | None,
+    live: bool = False,
 ) -> str:
-    """One run, logged as a live run is, ending with the status its results.json records."""
+    """One run, logged as a live run is, ending with the status its results.json records.
+
+    live (the run's own background upload, started as it ended): the git commit is
+    the run's, and the run is not marked as uploaded later.
+    """
     from runner.cli import run_name
 
     tags = {
         k: v
         for k, v in run_tags(cfg, _overrides(run_dir), sweep_id).items()
-        if k not in UNCOMMITTED_TAGS
+        if live or k not in UNCOMMITTED_TAGS
     }
-    tags.update({"run_uid": result["run_uid"], "runner.uploaded_from": str(run_dir)})
+    tags["run_uid"] = result["run_uid"]
+    tags["runner.logged" if live else "runner.uploaded_from"] = (
+        "background" if live else str(run_dir)
+    )
     config = run_dir / ".hydra" / "config.yaml"
     started = config if config.is_file() else run_dir / RESULTS_FILE
     run_id = start_run(

@@ -51,6 +51,26 @@ def single_result(cwd: Path) -> dict:
     return json.loads(found[0].read_text())
 
 
+def run_dirs_in(cwd: Path) -> list[Path]:
+    """The run folders of the single runs made in cwd (outputs/runs/<date>/<time>_...)."""
+    return sorted(p.parent for p in (cwd / "outputs" / "runs").glob("*/*/.hydra"))
+
+
+def wait_for_upload(run_dir: Path, timeout: float = 180) -> str:
+    """Wait until the run's background upload has exited; its log (upload.log).
+
+    runner.upload.wait_for_upload: the upload holds the folder's lock (flock on
+    .upload.lock) from before the run's command returns until it exits, so taking the
+    lock means it is done: no polling of the store, no sleep that is too short on a
+    loaded machine.
+    """
+    from runner.upload import LOCK_FILE
+    from runner.upload import wait_for_upload as wait
+
+    assert (run_dir / LOCK_FILE).exists(), f"no background upload was started for {run_dir}"
+    return wait(run_dir, timeout)
+
+
 def statuses_in(db: Path) -> list[str]:
     """Run statuses straight from the SQLite file, read-only (never races the writer)."""
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import cli, python_code, single_result
+from tests.conftest import cli, python_code, single_result, wait_for_upload
 
 NOTEBOOK_X = np.float32(0.99999857)
 
@@ -39,6 +39,8 @@ def test_default_run_is_the_notebook(tmp_path: Path) -> None:
     assert [int(r["step"]) for r in rows[:3]] == [0, 1, 2] and rows[-1]["step"] == "1000"
     assert float(rows[0]["x"]) == 0.0 and float(rows[0]["grad"]) == -2.0
     assert np.float32(float(rows[-1]["x"])) == NOTEBOOK_X
+    assert "MLflow: logging this run to sqlite:///" in proc.stdout  # in the background
+    assert "uploaded 1," in wait_for_upload(run_dir)
     assert (tmp_path / "outputs" / "mlflow.db").exists()
 
 

@@ -1,7 +1,14 @@
-"""Real MLflow: the default SQLite store, a real `mlflow server`, a parallel sweep."""
+"""Real MLflow: the default SQLite store, a real `mlflow server`, a parallel sweep.
+
+A single run is logged by a background `python -m runner.upload` (the default) or
+in-process (tracking.background=false); tests of the first wait for the upload with
+conftest.wait_for_upload, which returns when the uploader has exited.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +20,15 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.tracking import config_params, mask_uri, thin
-from tests.conftest import ROOT, cli, free_port, single_result, statuses_in
+from tests.conftest import (
+    ROOT,
+    cli,
+    free_port,
+    run_dirs_in,
+    single_result,
+    statuses_in,
+    wait_for_upload,
+)
 
 
 def runs_of(uri: str, experiment: str = "gradient-runner") -> list:
@@ -24,13 +39,35 @@ def runs_of(uri: str, experiment: str = "gradient-runner") -> list:
 
 
 def test_default_store_records_everything(tmp_path: Path) -> None:
-    proc = cli("backend=jax", "mode=graph", "steps=300", "problem.b=-3", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    result = single_result(tmp_path)
+    """The default: the command returns without importing MLflow, then a background
+    upload logs the run once, as an in-process run would be logged."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "runner", "backend=jax", "mode=graph",
+         "steps=300", "problem.b=-3", "progress=false"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "jax" in imported  # the run's own framework: the import log is complete
+    assert not imported & {"mlflow", "sqlalchemy", "alembic", "matplotlib", "requests"}
+    (run_dir,) = run_dirs_in(tmp_path)
     uri = f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    assert f"MLflow: logging this run to {uri} (experiment gradient-runner) in the " in proc.stdout
+    assert f"its log: {run_dir / 'upload.log'}" in proc.stdout
+    log = wait_for_upload(run_dir)
+    assert "uploaded 1, already recorded 0, skipped 0" in log and "done in" in log, log
+    result = single_result(tmp_path)
     (run,) = runs_of(uri)
     client = MlflowClient(tracking_uri=uri)
     assert run.info.status == "FINISHED"
+    assert run.data.tags["run_uid"] == result["run_uid"]
+    assert run.data.tags["runner.logged"] == "background"
+    assert "runner.uploaded_from" not in run.data.tags
     assert run.info.run_name == "jax-graph-apply-float32"
     params = run.data.params
     assert params["problem.b"] == "-3" and params["optimizer.lr"] == "0.01"
@@ -54,13 +91,17 @@ def test_default_store_records_everything(tmp_path: Path) -> None:
     png = Path(client.download_artifacts(run.info.run_id, "convergence.png", str(tmp_path)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the store lives under outputs/, never inside the per-run folder
-    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
     assert not list(run_dir.glob("*.db"))
+    assert run.info.start_time <= run.info.end_time
+    assert run.info.end_time / 1000 <= (run_dir / "results.json").stat().st_mtime + 1
 
 
 def test_diverged_run_is_failed_with_its_trajectory(tmp_path: Path) -> None:
     proc = cli("backend=jax", "optimizer.lr=1.5", "steps=300", cwd=tmp_path)
     assert proc.returncode == 3
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: the loss became inf")
+    (run_dir,) = run_dirs_in(tmp_path)
+    wait_for_upload(run_dir)  # the background upload records the failure too
     (run,) = runs_of(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     assert run.info.status == "FAILED"
     assert "at step" in run.data.tags["error"]
@@ -73,15 +114,17 @@ def test_diverged_run_is_failed_with_its_trajectory(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: Path) -> None:
+    """In-process logging: the run is RUNNING in MLflow while it runs, then KILLED."""
     env_path = {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "backend=jax", "steps=100000000", "progress=false"],
+        [sys.executable, "-m", "runner", "backend=jax", "steps=100000000", "progress=false",
+         "tracking.background=false"],
         cwd=tmp_path,
-        env={**__import__("os").environ, **env_path},
+        env={**os.environ, **env_path},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
+    )  # fmt: skip
     db = tmp_path / "outputs" / "mlflow.db"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "RUNNING" not in statuses_in(db):
@@ -95,6 +138,46 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: 
     (run,) = runs_of(f"sqlite:///{db}")
     assert run.info.status == "KILLED"
     assert run.data.metrics["steps_run"] == result["steps_run"]
+    assert not list(tmp_path.rglob("upload.log"))  # no background upload
+
+
+def loop_started(pid: int, module: str = "jaxlib") -> bool:
+    """The framework's native library is mapped into the process: its import is done."""
+    try:
+        return module in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_in_background_mode_is_uploaded_as_killed(tmp_path: Path) -> None:
+    """The background upload starts after Ctrl-C too, in its own session (the terminal's
+    Ctrl-C does not reach it), and records the partial run as KILLED."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "backend=jax", "steps=100000000", "progress=false"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not loop_started(proc.pid):
+        time.sleep(0.2)
+    time.sleep(3)  # JAX is imported; the loop is running
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted: what was computed is saved"
+    (run_dir,) = run_dirs_in(tmp_path)
+    assert "in the background; its log: " in out
+    log = wait_for_upload(run_dir)
+    assert "(KILLED)" in log, log
+    result = single_result(tmp_path)
+    assert result["status"] == "interrupted" and 0 < result["steps_run"] < 100_000_000
+    (run,) = runs_of(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+    assert run.data.metrics["steps_run"] == result["steps_run"]
+    assert run.data.tags["run_uid"] == result["run_uid"]
 
 
 def test_tracking_server_over_http(tmp_path: Path, mlflow_server: str) -> None:
@@ -106,6 +189,8 @@ def test_tracking_server_over_http(tmp_path: Path, mlflow_server: str) -> None:
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs_in(tmp_path)
+    assert "uploaded 1," in wait_for_upload(run_dir)
     (run,) = runs_of(mlflow_server, "http-test")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["dy_dx"] == -2.0 and run.data.metrics["error.d2y_dx2"] == 0.0
@@ -114,17 +199,70 @@ def test_tracking_server_over_http(tmp_path: Path, mlflow_server: str) -> None:
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
-def test_unreachable_server_fails_fast_and_keeps_results(tmp_path: Path) -> None:
+@pytest.mark.parametrize("background", ["true", "false"], ids=["background", "in-process"])
+def test_unreachable_server_fails_fast_and_keeps_results(tmp_path: Path, background: str) -> None:
     start = time.monotonic()
     proc = cli(
-        "backend=jax", "steps=50", f"tracking.uri=http://127.0.0.1:{free_port()}", cwd=tmp_path
+        "backend=jax",
+        "steps=50",
+        f"tracking.uri=http://127.0.0.1:{free_port()}",
+        f"tracking.background={background}",
+        cwd=tmp_path,
     )
     elapsed = time.monotonic() - start
     assert proc.returncode == 4
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: tracking server http://127.0.0.1:") and "unreachable" in last
     assert single_result(tmp_path)["status"] == "finished"
+    assert not list(tmp_path.rglob("upload.log"))  # nothing started against a dead server
     assert elapsed < 30  # a clear error in seconds (imports included), not a retry storm
+
+
+def test_concurrent_uploads_of_the_same_runs_record_each_once(tmp_path: Path) -> None:
+    """Two `python -m runner.upload` of the same folders at the same moment: each run
+    (and the sweep's parent run) once; the second waits for the first's lock."""
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m", "backend=jax", "steps=20", "optimizer.lr=0.01,0.02,0.03", "tracking=off",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    single = cli("backend=jax", "steps=20", "tracking=off", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    (run_dir,) = run_dirs_in(tmp_path)
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    command = [sys.executable, "-m", "runner.upload", str(sweep), str(run_dir)]
+    uploads = [
+        subprocess.Popen(
+            [*command, "--tracking-uri", store],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in uploads]
+    for p, (_, err) in zip(uploads, outputs, strict=True):
+        assert p.returncode == 0, err
+    totals = [out.strip().splitlines()[-1] for out, _ in outputs]
+    counts = sorted(
+        tuple(int(word) for word in line.replace(",", "").split() if word.isdigit())
+        for line in totals
+    )
+    assert sum(c[0] for c in counts) == 4 and sum(c[1] for c in counts) == 4, totals
+    runs = runs_of(store)
+    jobs = [r for r in runs if r.data.tags.get("runner.kind") != "sweep"]
+    parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
+    uids = sorted(r.data.tags["run_uid"] for r in jobs)
+    folders = [*sweep.glob("*/results.json"), run_dir / "results.json"]
+    expected = sorted(json.loads(p.read_text())["run_uid"] for p in folders)
+    assert uids == expected  # 4 runs, none twice
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs if "sweep_id" in r.data.tags} == {
+        parents[0].info.run_id
+    }
 
 
 def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:

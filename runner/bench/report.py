@@ -125,9 +125,10 @@ def process_targets(process: Mapping[str, Any], dims: Sequence[int]) -> list[Tar
     tracking = process.get("tracking", {})
     if "cost_s" in tracking:
         cost = tracking["cost_s"]
-        found.append(
-            Target("tracking adds <= 100 ms", "jax 1000 steps", f"{cost * 1e3:.0f} ms", cost <= 0.1)
-        )
+        measured = f"{cost * 1e3:.0f} ms (background upload)"
+        if "in_process_cost_s" in tracking:
+            measured += f"; in-process {tracking['in_process_cost_s'] * 1e3:.0f} ms"
+        found.append(Target("tracking adds <= 100 ms", "jax 1000 steps", measured, cost <= 0.1))
     for row in process.get("startup", []):
         if "run_s" not in row:
             continue
@@ -290,10 +291,15 @@ def process_lines(process: Mapping[str, Any]) -> list[str]:
     tracking = process.get("tracking", {})
     if "cost_s" in tracking:
         lines += [
-            f"- MLflow tracking, `python -m runner backend=jax steps=1000`: best "
-            f"{tracking['on_s']:.2f} s tracked vs {tracking['off_s']:.2f} s with tracking=off "
-            f"-> **{tracking['cost_s'] * 1e3:.0f} ms** per run (first run, creating the "
-            f"store: {tracking['first_run_with_store_creation_s']:.2f} s).",
+            f"- MLflow tracking, `python -m runner backend=jax steps=1000`, best of "
+            f"{len(tracking['on_samples_s'])}: the command returns after "
+            f"{tracking['on_s']:.2f} s with tracking on (the default: logged by a background "
+            f"upload) vs {tracking['off_s']:.2f} s with tracking=off "
+            f"-> **{tracking['cost_s'] * 1e3:.0f} ms** per run; the run is in the store "
+            f"{tracking.get('stored_after_s', math.nan):.2f} s after the command started. "
+            f"In-process (tracking.background=false): {tracking.get('in_process_s', math.nan):.2f}"
+            f" s -> {tracking.get('in_process_cost_s', math.nan) * 1e3:.0f} ms. First run, "
+            f"creating the store: {tracking['first_run_with_store_creation_s']:.2f} s.",
             "",
         ]
     startup = [r for r in process.get("startup", []) if "run_s" in r]
