@@ -19,10 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def cli(
     *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    """Run `python -m runner ARGS` in cwd (its outputs/ land there) and capture both streams."""
+    """Run `python -m runner ARGS` in cwd (its outputs/ land there) and capture both streams.
+
+    Returns once the background uploads the run started have ended too, so no test
+    leaves an uploader working (and loading the machine) while later tests run.
+    """
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
+    proc = subprocess.run(
         [sys.executable, "-m", "runner", *args, "progress=false"],
         cwd=cwd,
         env=full_env,
@@ -30,6 +34,12 @@ def cli(
         text=True,
         timeout=timeout,
     )
+    from runner.upload import LOG_FILE
+    from runner.upload import wait_for_upload as wait
+
+    for log in cwd.glob(f"**/{LOG_FILE}"):
+        wait(log.parent, timeout)
+    return proc
 
 
 def python_code(code: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

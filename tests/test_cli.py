@@ -76,7 +76,9 @@ def test_derivatives_task(tmp_path: Path) -> None:
 
 
 def test_divergence_keeps_what_was_computed(tmp_path: Path) -> None:
-    proc = cli("backend=jax", "mode=manual", "optimizer.lr=1.5", "steps=500", cwd=tmp_path)
+    proc = cli(
+        "backend=jax", "mode=manual", "optimizer.lr=1.5", "steps=500", "tracking=off", cwd=tmp_path
+    )
     assert proc.returncode == 3
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: the loss became inf at step ")
