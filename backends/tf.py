@@ -3,7 +3,7 @@
 Each mode is written the way the notebook writes it, so the numbers it prints are the
 numbers we get: manual is In [29] (`x.assign_add(-lr * dx)`), apply is In [32]
 (`opt.apply_gradients`), minimize is In [35] (`opt.minimize(f, [x])`), and graph is
-In [38]/[41] (a `tf.function` over the whole loop).
+In [38]/[41] (a `tf.function` over the loop, called once per chunk of steps).
 
 The optimizers come from `tf_keras` (Keras 2): Keras 3, which is `tf.keras` from
 TF 2.16 on, has no `minimize`, and its SGD is a different implementation. Apply,
@@ -29,6 +29,7 @@ import numpy as np
 
 from runner.errors import ConfigError
 from runner.optimizers import CONVENTIONS, Resolved, resolve
+from runner.problems import compact
 from runner.protocol import (
     DTYPES,
     GRAPH_UPDATES,
@@ -102,6 +103,18 @@ def _tf_dtype(name: str) -> tf.DType:
 def _coefficients(problem: Any, dtype: tf.DType) -> dict[str, tf.Tensor]:
     """The problem's coefficients as constants of the run dtype, like the notebook's a, b, c."""
     return {k: tf.constant(v, dtype=dtype) for k, v in problem.coefficients.items()}
+
+
+def _vector_constant(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
+    """A float64 array (x0) in the run's dtype, with no host copy of size n on the way.
+
+    One number broadcast (x0_array's view of a scalar x0) is filled in on the device;
+    other arrays are cast by NumPy first, not converted to a float64 tensor and cast.
+    """
+    one = compact(value)
+    if np.ndim(one) == 0 and np.ndim(value) > 0:
+        return tf.fill(np.shape(value), tf.constant(one, dtype))
+    return tf.constant(np.asarray(value, dtype.as_numpy_dtype))
 
 
 class _Observed:
@@ -251,9 +264,11 @@ class _Run:
         opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
         with tf.device(device):
             self.p = _coefficients(problem, self.dtype)
-            self.x = tf.Variable(tf.constant(problem.x0_array(), self.dtype), name="x")
-            # x* for the recorded distance ||x_i - x*|| of vector problems.
-            self.x_star = tf.constant(problem.optimum()[0], self.dtype) if self.vector else None
+            self.x = tf.Variable(_vector_constant(problem.x0_array(), self.dtype), name="x")
+            # x* for the recorded distance ||x_i - x*|| of vector problems; one number
+            # when it is one broadcast (scalar coefficients).
+            x_star = compact(problem.optimum()[0])
+            self.x_star = tf.constant(x_star, self.dtype) if self.vector else None
             self.manual = self.opt = None
             if self.kind == "manual":
                 self.manual = _Manual(opt, self.x, self.dtype)
@@ -350,30 +365,63 @@ class _EagerProgram:
         return self._run.final()
 
 
-class _GraphProgram:
-    """The whole loop in one `tf.function` (optionally XLA), recording inside the loop.
+# For XLA-compiled loops over an x of at most UNROLLED_SIZE entries: steps run in groups
+# of up to UNROLL written out one after the other, with no per-step exit test.
+UNROLL = 12
+UNROLLED_SIZE = 16
+# Rows one call hands back at most; advance() splits a longer span into several calls.
+ROWS_PER_CALL = 1 << 14
 
-    `steps` is a tensor argument with a fixed signature, so prepare()'s 0-step call
-    traces (and with XLA compiles) the function once and run() reuses it. A
-    `tf.while_loop` stops at the first non-finite loss. Rows go into preallocated
-    variables of `rows + 1` slots, written in place (one scatter op each; a TensorArray
-    write cost about 3x more per step here); the extra slot takes the writes of
-    unrecorded steps, so the loop body has no branch for them. Vector problems record
-    the summaries ||x_i - x*|| and ||grad_i|| (with every > 1, in a `tf.cond` that
-    computes them on recorded steps only), and copy x_i into one more variable before
-    each update (one pass over x a step), so that a loop stopped by a non-finite loss
-    can hand back the state at that step, as it does for the scalar problem.
+
+def _group(every: int) -> int:
+    """The largest divisor of `every` that is at most UNROLL."""
+    return max(d for d in range(1, min(every, UNROLL) + 1) if every % d == 0)
+
+
+class _GraphProgram:
+    """The loop in one `tf.function` (optionally XLA), called once per chunk.
+
+    The function takes the chunk's first and end step as tensors of a fixed signature,
+    so prepare()'s empty call traces (and with XLA compiles) it once and every chunk
+    reuses it; x and the optimizer's state are variables, so a chunk goes on where the
+    last one stopped, and only the chunk's rows and final state cross to the host.
+    Rows go into preallocated variables of `rows + 1` slots, written in place.
+
+    The chunk is one `tf.while_loop` over its steps that stops at the first non-finite
+    loss, so it may start and end at any step (without XLA every op costs ~1 us of
+    graph-executor overhead, so this short per-step test is the cheap loop): each step
+    writes its row with one scatter op per variable, to its slot when recorded and to
+    the spare last slot otherwise, so the body has no branch and the same ops whatever
+    the record plan (Grappler rewrites nested loop bodies differently, which moved
+    recorded losses by an ulp). Vector problems record the summaries ||x_i - x*|| and
+    ||grad_i|| (with every > 1, in a `tf.cond` that computes them on recorded steps
+    only), and copy x_i into one more variable before each update (one pass over x a
+    step), so that a loop stopped by a non-finite loss can hand back the state there.
+
+    With XLA and a small x (the scalar problem) the chunk is whole rows instead: the
+    row's first step writes its row, then its other steps run in groups of UNROLL with
+    no per-step exit test, each step only latching the first non-finite loss's step and
+    x (a few selects XLA fuses with the update: ~5 ns a step here, against ~12 for the
+    per-step tested loop); the run's last, shorter row tests each step.
     """
 
     def __init__(self, run: _Run) -> None:
         self._run = run
         spec = run.spec
         self._every = spec.record.every
-        self._rows = spec.record.rows
         self._update = run.updater()
+        jit_compile = bool(spec.options.get("jit_compile", False))
+        grouped = jit_compile and run.x.shape.num_elements() <= UNROLLED_SIZE
+        # Steps a loop iteration runs: the largest divisor of every up to UNROLL (so that
+        # recorded steps start groups); 1 for the per-step loop, which can stop anywhere.
+        self.step_multiple = _group(self._every) if grouped else 1
+        self._done = 0
+        self._rows_n = spec.record.rows
+        # A call hands back a window of this many rows (all of them, up to ROWS_PER_CALL).
+        self._window = min(self._rows_n + 1, ROWS_PER_CALL)
         with tf.device(run.device):
             self._buffers = [
-                tf.Variable(tf.zeros([self._rows + 1], run.dtype), trainable=False)
+                tf.Variable(tf.zeros([self._rows_n + 1], run.dtype), trainable=False)
                 for _ in ("x", "loss", "grad")
             ]
             self._x_prev = (
@@ -381,20 +429,25 @@ class _GraphProgram:
                 if run.vector
                 else None
             )
+        i32 = tf.TensorSpec([], tf.int32)
         self._fn = tf.function(
-            self._loop,
-            input_signature=[tf.TensorSpec([], tf.int32)],
-            jit_compile=bool(spec.options.get("jit_compile", False)),
+            self._group_chunk if grouped else self._flat_chunk,
+            input_signature=[i32, i32],
+            jit_compile=jit_compile,
             reduce_retracing=False,
         )
-        # Trace/compile now; the loop body does not run, so x and the optimizer stay fresh.
-        self._call(0)
+        # Trace/compile now, with an empty chunk: no step runs, so x and the optimizer stay
+        # fresh. Twice: the first call after tracing costs ~0.5 ms more than later ones.
+        for _ in range(2):
+            self._fn(*(tf.constant(0, tf.int32),) * 2)
+
+    # -- one loop over the chunk's steps -----------------------------------------------------
 
     def _slot(self, i: tf.Tensor) -> tf.Tensor:
         """Row i // every when step i is recorded, else the spare last row."""
         if self._every == 1:
             return i
-        return tf.where(i % self._every == 0, i // self._every, self._rows)
+        return tf.where(i % self._every == 0, i // self._every, self._rows_n)
 
     def _step(self, i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """One update: (row x, loss_i, row grad) for step i."""
@@ -419,62 +472,134 @@ class _GraphProgram:
             dist, grad_norm = tf.cond(i % self._every == 0, summaries, lambda: (zero, zero))
         return dist, loss, grad_norm
 
-    def _loop(self, steps: tf.Tensor) -> dict[str, tf.Tensor]:
-        run = self._run
+    def _flat_loop(self, start: tf.Tensor, stop: tf.Tensor) -> tuple:
+        """Steps start..stop-1, stopping after the first non-finite loss.
+
+        Returns (ok, the step of the last loss, x there).
+        """
         xs, losses, grads = self._buffers
-        with tf.device(run.device):
 
-            def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
-                return tf.logical_and(ok, i < steps)
+        def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
+            return tf.logical_and(ok, i < stop)
 
-            def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-                row_x, loss, row_grad = self._step(i)
-                # A row written at the stopping step lands in a slot that run() drops.
+        def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            row_x, loss, row_grad = self._step(i)
+            # A row written at the stopping step lands in a slot that advance() drops.
+            slot = self._slot(i)
+            xs.scatter_update(tf.IndexedSlices(row_x, slot))
+            losses.scatter_update(tf.IndexedSlices(loss, slot))
+            grads.scatter_update(tf.IndexedSlices(row_grad, slot))
+            return i + 1, tf.math.is_finite(loss)
+
+        i, ok = tf.while_loop(cond, body, (start, tf.constant(True)))
+        last = i - 1
+        # The x of that step: its row (scalar problems: the spare slot holds unrecorded
+        # steps) or x_prev (vectors).
+        if self._x_prev is None:
+            x_last = tf.gather(xs, self._slot(tf.maximum(last, 0)))
+        else:
+            x_last = self._x_prev.read_value()
+        return ok, last, x_last
+
+    def _flat_chunk(self, start: tf.Tensor, stop: tf.Tensor) -> dict:
+        with tf.device(self._run.device):
+            ok, last, x_last = self._flat_loop(start, stop)
+            return self._finish(start, ok, tf.where(ok, stop, last), x_last)
+
+    def _window_start(self, start: Any) -> Any:
+        """The first row of a call's window: its first recorded step's (kept in bounds)."""
+        first_row = (start + self._every - 1) // self._every
+        last_start = self._rows_n + 1 - self._window
+        minimum = tf.minimum if tf.is_tensor(start) else min
+        return minimum(first_row, last_start)
+
+    def _finish(self, start: tf.Tensor, ok: tf.Tensor, stopped_at: tf.Tensor, x_stop: tf.Tensor):
+        """The call's outputs: its rows' window and the final state.
+
+        Stopped by a non-finite loss, x went on past that step: x_stop is put back.
+        """
+        run = self._run
+        run.x.assign(tf.where(ok, run.x.read_value(), x_stop))
+        loss, grad = run.loss_and_grad()
+        begin = self._window_start(start)
+        return {
+            "stopped_at": stopped_at,
+            # A gather: with XLA, tf.slice's begin would be a compile-time constant.
+            "rows": tf.stack([tf.gather(b, begin + tf.range(self._window)) for b in self._buffers]),
+            "final_x": run.x.read_value(),
+            "final_loss": loss,
+            "final_grad": grad,
+        }
+
+    # -- with XLA, a small x: a loop over groups of steps -------------------------------------
+
+    def _group_chunk(self, start: tf.Tensor, end: tf.Tensor) -> dict:
+        """Steps start..end-1 in groups of `group` steps (start: a group's first step).
+
+        The run's last steps that make no whole group go through the per-step loop.
+        """
+        run, group = self._run, self.step_multiple
+        xs, losses, grads = self._buffers
+        groups = (end - start) // group
+
+        def latched(i: tf.Tensor, latch: tuple, first: bool) -> tuple:
+            """Step i; a group's first writes its row. Notes the first non-finite loss."""
+            ok, i_bad, x_bad = latch
+            x_i = run.x.read_value()  # a snapshot: the update below copies on write
+            loss, grad = self._update()
+            if first:  # recorded steps start groups (group divides every): slot or spare
                 slot = self._slot(i)
+                row_x, row_grad = (run.distance(x_i), tf.norm(grad)) if run.vector else (x_i, grad)
                 xs.scatter_update(tf.IndexedSlices(row_x, slot))
                 losses.scatter_update(tf.IndexedSlices(loss, slot))
                 grads.scatter_update(tf.IndexedSlices(row_grad, slot))
-                return i + 1, tf.math.is_finite(loss)
+            finite = tf.math.is_finite(loss)
+            bad = tf.logical_and(ok, tf.logical_not(finite))
+            return tf.logical_and(ok, finite), tf.where(bad, i, i_bad), tf.where(bad, x_i, x_bad)
 
-            i, ok = tf.while_loop(cond, body, (tf.constant(0, tf.int32), tf.constant(True)))
-            stopped_at = tf.where(ok, i, i - 1)
-            # Stopped by a non-finite loss: x went one update past that step; put back
-            # the x of that step (its row, or x_prev, holds it) so the final state is the
-            # one there.
-            if self._x_prev is None:
-                x_stop = tf.gather(xs, self._slot(tf.maximum(stopped_at, 0)))
-            else:
-                x_stop = self._x_prev.read_value()
-            run.x.assign(tf.where(ok, run.x.read_value(), x_stop))
-            loss, grad = run.loss_and_grad()
-            return {
-                "stopped_at": stopped_at,
-                "x": xs.read_value(),
-                "loss": losses.read_value(),
-                "grad": grads.read_value(),
-                "final_x": run.x.read_value(),
-                "final_loss": loss,
-                "final_grad": grad,
-            }
+        def cond(g: tf.Tensor, ok: tf.Tensor, *_: tf.Tensor) -> tf.Tensor:
+            return tf.logical_and(ok, g < groups)
 
-    def _call(self, steps: int) -> dict[str, np.ndarray]:
-        out = self._fn(tf.constant(steps, tf.int32))
-        return {k: v.numpy() for k, v in out.items()}
+        def body(g: tf.Tensor, *latch: tf.Tensor) -> tuple:
+            i = start + g * group
+            for j in range(group):
+                latch = latched(i + j, latch, j == 0)
+            return (g + 1, *latch)
 
-    def run(self) -> Trajectory:
-        spec = self._run.spec
-        out = self._call(spec.steps)
-        stopped_at = int(out["stopped_at"])
-        kept = -(-stopped_at // self._every)
-        np_dtype = self._run.np_dtype
+        with tf.device(run.device):
+            carry = (tf.constant(0, tf.int32), tf.constant(True), start, tf.zeros_like(run.x))
+            _g, ok, i_bad, x_bad = tf.while_loop(cond, body, carry)
+            ok, last, x_last = tf.cond(
+                tf.logical_and(ok, start + groups * group < end),
+                lambda: self._flat_loop(start + groups * group, end),
+                lambda: (ok, i_bad, x_bad),
+            )
+            return self._finish(start, ok, tf.where(ok, end, last), x_last)
+
+    def advance(self, stop: int) -> Trajectory:
+        every, begin = self._every, self._done
+        parts = []
+        while True:  # one call, or several when the span has more rows than a window
+            start = self._done
+            end = min(stop, start + (self._window - 1) * every)
+            out = self._fn(tf.constant(start, tf.int32), tf.constant(end, tf.int32))
+            stopped_at = int(out["stopped_at"])
+            # The rows at recorded steps start <= i < stopped_at, in the window.
+            first, last = -(-start // every), -(-stopped_at // every)
+            offset = first - self._window_start(start)
+            parts.append(out["rows"].numpy()[:, offset : offset + last - first])
+            self._done = stopped_at
+            if stopped_at < end or stopped_at == stop:
+                break
+        x, loss, grad = np.concatenate(parts, axis=1).astype(self._run.np_dtype, copy=False)
         return Trajectory(
-            steps=spec.record.recorded_steps()[:kept],
-            x=out["x"][:kept].astype(np_dtype, copy=False),
-            loss=out["loss"][:kept].astype(np_dtype, copy=False),
-            grad=out["grad"][:kept].astype(np_dtype, copy=False),
-            final_x=out["final_x"],
+            steps=np.arange(-(-begin // every) * every, stopped_at, every, dtype=np.int64),
+            x=x,
+            loss=loss,
+            grad=grad,
+            final_x=out["final_x"].numpy(),
             final_loss=float(out["final_loss"]),
-            final_grad=out["final_grad"],
+            final_grad=out["final_grad"].numpy(),
             stopped_at=stopped_at,
         )
 

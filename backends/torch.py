@@ -37,6 +37,7 @@ import torch
 
 from runner.errors import ConfigError, UnsupportedError
 from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
+from runner.problems import compact
 from runner.protocol import (
     DTYPES,
     GRAPH_UPDATES,
@@ -103,12 +104,19 @@ class _Run:
         self.problem = problem
         self.vector = problem.dim is not None
 
+        np_dtype = np.dtype(str(dtype).removeprefix("torch."))
+
         def const(value: Any) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(value, np.float64), dtype=dtype, device=device)
+            # Cast by NumPy into a fresh array that torch then shares: no float64 copy of
+            # size n, and x0_array's read-only broadcast view becomes a writable vector.
+            return torch.as_tensor(np.array(value, np_dtype), device=device)
 
         self.x0 = const(problem.x0_array())
         self.p = {k: const(v) for k, v in problem.coefficients.items()}
-        self.x_star = const(problem.optimum()[0]) if self.vector else None
+        # x* stored once when it is one number broadcast (scalar coefficients), seen
+        # through expand() with x's shape: no memory of size n.
+        x_star = const(compact(problem.optimum()[0])) if self.vector else None
+        self.x_star = None if x_star is None else x_star.expand(self.x0.shape)
         self.lr = const(spec.optimizer.lr)
 
     def loss(self, x: torch.Tensor, p: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -483,18 +491,21 @@ class _Rows:
             torch.zeros(record.rows + 1, dtype=dtype, device=device) for _ in range(3)
         )
 
-    def trajectory(self, stopped_at: int, final: tuple[Any, Any, Any], shape) -> Trajectory:
-        """Rows at steps < stopped_at, and the final state, copied to the host once."""
-        keep = -(-stopped_at // self.record.every)
+    def trajectory(
+        self, start: int, stopped_at: int, final: tuple[Any, Any, Any], shape
+    ) -> Trajectory:
+        """Rows at steps start <= i < stopped_at, and the final state, copied to the host."""
+        every = self.record.every
+        begin, end = -(-start // every), -(-stopped_at // every)
         final_loss, final_x, final_grad = (
             v.detach().reshape(s).cpu().numpy().copy()
             for v, s in zip(final, ((), shape, shape), strict=True)
         )
         return Trajectory(
-            steps=self.record.recorded_steps()[:keep],
-            x=self.x[:keep].cpu().numpy().copy(),
-            loss=self.loss[:keep].cpu().numpy().copy(),
-            grad=self.grad[:keep].cpu().numpy().copy(),
+            steps=np.arange(begin * every, stopped_at, every, dtype=np.int64),
+            x=self.x[begin:end].cpu().numpy().copy(),
+            loss=self.loss[begin:end].cpu().numpy().copy(),
+            grad=self.grad[begin:end].cpu().numpy().copy(),
             final_x=final_x,
             final_loss=float(final_loss),
             final_grad=final_grad,
@@ -507,12 +518,13 @@ class _ScanLoop:
 
     The scan carries (x, stop, rule state); each iteration takes g with
     torch.func.grad_and_value, applies `_HandRule` (t = i + 1, bias corrections in float64)
-    and emits the row (x_i, loss_i, g_i). `stop` becomes the first step whose loss is
-    non-finite and x freezes there, so the carry ends at (x_stop, stop); the
-    emitted rows are scattered into the preallocated buffers inside the same compiled call.
-    The host reads `stop` once per chunk and ends the loop there, so a diverging run stops
-    within one chunk. Chunks have one static length (the last one masks the steps past
-    `steps`), so one compile serves the run. Inductor's C++ wrapper runs the scan's loop in
+    and emits the row (x_i, loss_i, g_i). `stop` starts at the step advance() runs to and
+    becomes the first step whose loss is non-finite; x and the state freeze from there, so
+    the carry ends at (x_stop, stop, state_stop); the emitted rows are scattered into the
+    preallocated buffers inside the same compiled call. The host reads `stop` once per
+    chunk and ends the loop there, so a diverging run stops within one chunk. Chunks have
+    one static length (steps past `stop` are masked) and start at any step, so one compile
+    serves the run and advance() can stop anywhere. Inductor's C++ wrapper runs the scan's loop in
     C++ (about 1.2 us/step here, against 7.5 with the Python wrapper).
     """
 
@@ -527,10 +539,10 @@ class _ScanLoop:
         x_star1 = None if run.x_star is None else _lift(run.x_star)
         self._rule = rule = _HandRule(_resolved(spec))
         self._rows = rows = _Rows(spec.record, dtype, device)
-        chunk = min(steps, int(options["scan_chunk"]))
+        self._chunk = chunk = min(steps, int(options["scan_chunk"]))
         offsets = torch.arange(chunk, device=device)
-        # Chunk starts, made once, so the host loop allocates nothing per call.
-        self._starts = [torch.full(_ONE, s, device=device) for s in range(0, steps, chunk)]
+        self._done = 0
+        self._carry = self._start_state()
 
         from torch._higher_order_ops.scan import scan  # ~1.6 s to import: graph mode only
 
@@ -545,8 +557,9 @@ class _ScanLoop:
                 grad, loss = torch.func.grad_and_value(run.loss)(x, p)
                 stop = torch.where((i < stop) & ~torch.isfinite(loss), i, stop)
                 t = (i + 1).to(torch.float64)
-                x_new, state = rule.update(x, grad, state, t, lr)
-                x_next = torch.where(i < stop, x_new, x)  # the state past stop is never read
+                x_new, state_new = rule.update(x, grad, state, t, lr)
+                x_next = torch.where(i < stop, x_new, x)
+                state = tuple(torch.where(i < stop, state_new[j], s) for j, s in enumerate(state))
                 x_row, grad_row = run.row(x, grad, x_star)
                 return (x_next, stop, state), (x_row.clone(), loss, grad_row.clone())
 
@@ -566,26 +579,38 @@ class _ScanLoop:
             options={"cpp_wrapper": bool(options["cpp_wrapper"])},
         )
 
-    def _start_state(self) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-        """x0, stop = steps and the rule's initial state, every one lifted (see `_ONE`)."""
-        stop = torch.full(_ONE, self._spec.steps, device=self._run.x0.device)
+    step_multiple = 1
+
+    def _start_state(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x0 and the rule's initial state, every one lifted (see `_ONE`)."""
         state = tuple(_lift(s) for s in self._rule.init(self._run.x0))
-        return _lift(self._run.x0.clone()), stop, state
+        return _lift(self._run.x0.clone()), state
+
+    def _reset(self) -> None:
+        """Back to step 0 (the compiled scan keeps no state of its own)."""
+        self._done, self._carry = 0, self._start_state()
+
+    def _tensor(self, value: int) -> torch.Tensor:
+        return torch.full(_ONE, value, device=self._run.x0.device)
 
     def warm_up(self) -> None:
         """Compile with one chunk; x and the state are arguments, so a run starts fresh."""
-        x, stop, state = self._start_state()
-        self._compiled(x, stop, self._starts[0], *state)
+        x, state = self._start_state()
+        self._compiled(x, self._tensor(self._spec.steps), self._tensor(0), *state)
 
-    def run(self) -> Trajectory:
-        steps = self._spec.steps
-        x, stop, state = self._start_state()
-        for start in self._starts:
-            x, stop, *state = self._compiled(x, stop, start, *state)
-            if int(stop) < steps:  # the one host sync per chunk
+    def advance(self, stop: int) -> Trajectory:
+        start = self._done
+        x, state = self._carry
+        limit = self._tensor(stop)
+        stopped_at = stop
+        for chunk_start in range(start, stop, self._chunk):
+            x, limit, *state = self._compiled(x, limit, self._tensor(chunk_start), *state)
+            stopped_at = int(limit)  # the one host sync per chunk
+            if stopped_at < stop:
                 break
-        stopped_at = int(stop)
-        return self._rows.trajectory(stopped_at, self._run.final(x), self._run.x0.shape)
+        self._done, self._carry = stopped_at, (x, tuple(state))
+        final = self._run.final(x)
+        return self._rows.trajectory(start, stopped_at, final, self._run.x0.shape)
 
 
 class _OptimizerLoop:
@@ -710,6 +735,7 @@ class _OptimizerLoop:
             self._stop.fill_(self._spec.steps)
             for kept in self._latched:
                 kept.zero_()
+        self._done = 0
 
     def warm_up(self) -> None:
         """Compile with one call on the real objects (Dynamo guards them), then reset."""
@@ -717,21 +743,26 @@ class _OptimizerLoop:
             self._compiled()
         self._reset()
 
-    def run(self) -> Trajectory:
-        steps = self._spec.steps
-        self._reset()
-        calls = steps // self._unroll
+    @property
+    def step_multiple(self) -> int:
+        """A compiled call runs `unroll` steps, so a chunk is a whole number of calls."""
+        return self._unroll
+
+    def advance(self, stop: int) -> Trajectory:
+        start = self._done
+        calls = (stop - start) // self._unroll
         check = max(1, _CHECK_EVERY // self._unroll)
         # The patch only matters if a guard ever failed and Dynamo traced again.
         with torch._dynamo.config.patch(trace_autograd_ops=True):
             for n in range(1, calls + 1):
                 self._compiled()
-                if n % check == 0 and int(self._stop) < steps:
+                if (n % check == 0 or n == calls) and int(self._stop) < stop:
                     break
-        stopped_at = int(self._stop)
-        if stopped_at < steps:
+        stopped_at = min(int(self._stop), stop)
+        self._done = stopped_at
+        if stopped_at < stop:
             x, loss, grad = self._latched
             final = (loss, x, grad)
         else:
             final = self._run.final(self._x)
-        return self._rows.trajectory(stopped_at, final, self._run.x0.shape)
+        return self._rows.trajectory(start, stopped_at, final, self._run.x0.shape)

@@ -2,7 +2,7 @@
 
 Eager programs are stepped from here, so every framework gets the same recording
 and the same divergence check for free; the only host sync is one transfer of a
-chunk's losses every CHECK_EVERY steps, never one per step.
+chunk's losses and rows every CHECK_EVERY steps, never one per step.
 """
 
 from __future__ import annotations
@@ -10,18 +10,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
+from runner.problems import NUMPY_OPS
 from runner.protocol import (
+    EAGER_CHUNK,
     Backend,
     CompiledProgram,
     EagerProgram,
     MinimizeSpec,
+    RecordingEagerProgram,
     Trajectory,
 )
 
-CHECK_EVERY = 1000
+CHECK_EVERY = EAGER_CHUNK
 
 Progress = Callable[[int], None]
 
@@ -64,7 +68,7 @@ def run_minimize(
     start = time.perf_counter()
     interrupted = False
     if spec.mode == "graph":
-        trajectory = _run_compiled(program)  # type: ignore[arg-type]
+        trajectory, interrupted = _run_compiled(program, spec, progress)  # type: ignore[arg-type]
         executed = trajectory.stopped_at
     else:
         trajectory, executed, interrupted = _run_eager(program, spec, progress)  # type: ignore[arg-type]
@@ -84,8 +88,11 @@ def _state_at_divergence(backend: Backend, spec: MinimizeSpec, found: Trajectory
     recording (paid only by runs that diverge, outside the timed loop) recovers x there.
     """
     program = backend.prepare(spec)
-    for _ in range(found.stopped_at):
+    recording = isinstance(program, RecordingEagerProgram)
+    for done in range(1, found.stopped_at + 1):
         program.step(False)  # type: ignore[union-attr]
+        if recording and done % CHECK_EVERY == 0:
+            program.drain()  # type: ignore[union-attr]
     loss, x, grad = program.final()  # type: ignore[union-attr]
     return replace(
         found,
@@ -95,70 +102,196 @@ def _state_at_divergence(backend: Backend, spec: MinimizeSpec, found: Trajectory
     )
 
 
-def _run_compiled(program: CompiledProgram) -> Trajectory:
-    return program.run()
+# Compiled loops run in chunks (see CompiledProgram): the first is FIRST_CHUNK steps
+# (rounded up to the program's step_multiple), each next one sized from the last one's
+# time towards CHUNK_S seconds and at most CHUNK_GROWTH times longer, so that Ctrl-C
+# waits ~CHUNK_S at most, and a run of a million fast steps takes 3 calls.
+FIRST_CHUNK = 100
+CHUNK_S = 0.25
+CHUNK_GROWTH = 100
+
+
+def _run_compiled(
+    program: CompiledProgram, spec: MinimizeSpec, progress: Progress | None = None
+) -> tuple[Trajectory, bool]:
+    """Advance the program chunk by chunk: (trajectory, interrupted by Ctrl-C).
+
+    Chunk boundaries are multiples of the program's step_multiple. Ctrl-C (or SIGTERM)
+    lands in a chunk's call or between calls; either way the run ends with the rows and
+    the final state of the chunks that completed (the state at x0, computed here, if
+    none did), as an eager run does.
+    """
+    align = max(1, int(getattr(program, "step_multiple", 1)))
+    parts: list[Trajectory] = []
+    length = -(-FIRST_CHUNK // align) * align
+    try:
+        done = 0
+        while done < spec.steps:
+            stop = min(done + length, spec.steps)
+            start = time.perf_counter()
+            part = program.advance(stop)
+            elapsed = time.perf_counter() - start
+            parts.append(part)
+            done = part.stopped_at
+            if done < stop:  # a non-finite loss: the run ends at its step
+                break
+            if progress is not None:
+                progress(done)
+            length = _next_chunk(length, elapsed, align)
+    except KeyboardInterrupt:
+        return _joined(parts, spec), True
+    return _joined(parts, spec), False
+
+
+def _next_chunk(length: int, elapsed: float, align: int) -> int:
+    """Steps for the next chunk: towards CHUNK_S seconds, at most CHUNK_GROWTH times more."""
+    wanted = length * min(CHUNK_GROWTH, CHUNK_S / max(elapsed, 1e-9))
+    return max(align, int(wanted) // align * align)
+
+
+def _joined(parts: list[Trajectory], spec: MinimizeSpec) -> Trajectory:
+    """The chunks' rows end to end, and the last chunk's final state (x0's if none ran)."""
+    if not parts:
+        return _initial_state(spec)
+    last = parts[-1]
+    return replace(
+        last,
+        steps=np.concatenate([p.steps for p in parts]),
+        x=np.concatenate([p.x for p in parts]),
+        loss=np.concatenate([p.loss for p in parts]),
+        grad=np.concatenate([p.grad for p in parts]),
+    )
+
+
+def _initial_state(spec: MinimizeSpec) -> Trajectory:
+    """Step 0 of a run no chunk of which completed: x0, its loss and analytic gradient in NumPy."""
+    problem, dtype = spec.problem, np.dtype(spec.dtype)
+    x0 = np.array(problem.x0_array(), dtype)  # a copy: x0_array may be a broadcast view
+    p = {k: np.asarray(v, dtype) for k, v in problem.coefficients.items()}
+    with np.errstate(all="ignore"):
+        loss = dtype.type(problem.loss(x0, p, NUMPY_OPS))
+        grad = np.asarray(problem.grad(x0), dtype)
+    empty = np.zeros(0, dtype)
+    return Trajectory(
+        steps=np.zeros(0, np.int64),
+        x=empty,
+        loss=empty,
+        grad=empty,
+        final_x=x0,
+        final_loss=float(loss),
+        final_grad=grad,
+        stopped_at=0,
+    )
 
 
 def _run_eager(
-    program: EagerProgram, spec: MinimizeSpec, progress: Progress | None
+    program: EagerProgram | RecordingEagerProgram, spec: MinimizeSpec, progress: Progress | None
 ) -> tuple[Trajectory, int, bool]:
     """Step the program: (trajectory, steps executed, interrupted by Ctrl-C).
 
-    A diverged run stops at the end of the chunk where the first non-finite loss is;
-    its trajectory ends at that loss's step.
+    Every CHECK_EVERY steps the chunk's losses and rows cross to the host at once and
+    the losses are checked, so the loop holds no framework value beyond one chunk. A
+    diverged run stops at the end of the chunk where the first non-finite loss is; its
+    trajectory ends at that loss's step.
     """
+    source = program if isinstance(program, RecordingEagerProgram) else _HostRecorder(program)
     every = spec.record.every
-    rec_steps: list[int] = []
-    rec_x: list = []
-    rec_loss: list = []
-    rec_grad: list = []
-    chunk: list = []
-    chunk_start = done = 0
+    chunks: list[_Rows] = []
+    drained = 0  # steps whose losses and rows are on the host
 
-    def rows(upto: int) -> tuple[list, list, list, list]:
-        keep = int(np.searchsorted(rec_steps, upto, side="left"))
-        return rec_steps[:keep], rec_x[:keep], rec_loss[:keep], rec_grad[:keep]
+    def drain(check: bool) -> int | None:
+        """Take the chunk to the host; the step of its first non-finite loss, if checked."""
+        nonlocal drained
+        losses, xs, grads = source.drain()
+        start, drained = drained, drained + len(losses)
+        steps = np.arange(-(-start // every) * every, drained, every, dtype=np.int64)
+        bad = np.flatnonzero(~np.isfinite(losses)) if check else ()
+        stop = start + int(bad[0]) if len(bad) else None
+        if stop is not None:
+            steps = steps[: int(np.searchsorted(steps, stop))]
+        at = steps - start
+        chunks.append(_Rows(steps, xs[at], losses[at], grads[at]))
+        return stop
 
+    step, total, chunk = source.step, spec.steps, CHECK_EVERY
     try:
-        for i in range(spec.steps):
-            loss, x, grad = program.step(i % every == 0)
-            chunk.append(loss)
-            if i % every == 0:
-                rec_steps.append(i)
-                rec_x.append(x)
-                rec_loss.append(loss)
-                rec_grad.append(grad)
+        for i in range(total):
+            step(i % every == 0)
             done = i + 1
-            if len(chunk) == CHECK_EVERY or done == spec.steps:
-                bad = np.flatnonzero(~np.isfinite(program.to_numpy(chunk)))
-                if bad.size:
-                    stop = chunk_start + int(bad[0])
-                    return _eager_trajectory(program, *rows(stop), stop), done, False
-                chunk_start, chunk = done, []
+            if done - drained >= chunk or done == total:
+                stop = drain(check=True)
+                if stop is not None:
+                    return _eager_trajectory(program, chunks, stop), done, False
                 if progress is not None:
                     progress(done)
     except KeyboardInterrupt:
-        return _eager_trajectory(program, *rows(done), done), done, True
-    return _eager_trajectory(program, *rows(done), done), done, False
+        drain(check=False)
+        return _eager_trajectory(program, chunks, drained), drained, True
+    return _eager_trajectory(program, chunks, drained), drained, False
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One chunk's recorded rows, on the host."""
+
+    steps: np.ndarray
+    x: np.ndarray
+    loss: np.ndarray
+    grad: np.ndarray
+
+
+class _HostRecorder:
+    """Gives a program whose step() returns framework values the drain() of a recording one.
+
+    The values wait in lists until the chunk ends, then cross to the host in one
+    to_numpy() each and are spread over the chunk's steps.
+    """
+
+    def __init__(self, program: EagerProgram) -> None:
+        self._program = program
+        self._losses: list = []
+        self._rows: list[tuple[int, Any, Any]] = []  # (position in the chunk, x, grad)
+
+    def step(self, record: bool) -> None:
+        loss, x, grad = self._program.step(record)
+        if record:
+            self._rows.append((len(self._losses), x, grad))
+        self._losses.append(loss)
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        losses = self._program.to_numpy(self._losses) if self._losses else np.zeros(0)
+        rows = [row for row in self._rows if row[0] < len(losses)]  # Ctrl-C may split a step
+        self._losses, self._rows = [], []
+        at = [position for position, _, _ in rows]
+        return (
+            losses,
+            self._spread(at, [x for _, x, _ in rows], len(losses)),
+            self._spread(at, [grad for _, _, grad in rows], len(losses)),
+        )
+
+    def _spread(self, at: list[int], values: list, steps: int) -> np.ndarray:
+        """One entry per step, the recorded values at their steps (zeros elsewhere)."""
+        if not values:
+            return np.zeros(steps)
+        host = self._program.to_numpy(values)
+        spread = np.zeros((steps, *host.shape[1:]), host.dtype)
+        spread[at] = host
+        return spread
 
 
 def _eager_trajectory(
-    program: EagerProgram,
-    steps: list[int],
-    xs: list,
-    losses: list,
-    grads: list,
-    stopped_at: int,
+    program: EagerProgram | RecordingEagerProgram, chunks: list[_Rows], stopped_at: int
 ) -> Trajectory:
-    def stack(values: list) -> np.ndarray:
-        return program.to_numpy(values) if values else np.zeros(0)
+    def column(name: str, empty: np.ndarray) -> np.ndarray:
+        parts = [getattr(rows, name) for rows in chunks if rows.steps.size]
+        return np.concatenate(parts) if parts else empty
 
     final_loss, final_x, final_grad = program.final()
     return Trajectory(
-        steps=np.asarray(steps, dtype=np.int64),
-        x=stack(xs),
-        loss=stack(losses),
-        grad=stack(grads),
+        steps=column("steps", np.zeros(0, np.int64)),
+        x=column("x", np.zeros(0)),
+        loss=column("loss", np.zeros(0)),
+        grad=column("grad", np.zeros(0)),
         final_x=program.to_numpy([final_x])[0],
         final_loss=float(program.to_numpy([final_loss])[0]),
         final_grad=program.to_numpy([final_grad])[0],

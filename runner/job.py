@@ -68,7 +68,7 @@ def _minimize(
         write_json(output_dir / RESULTS_FILE, skipped_result(spec, identity, reason))
         mode = spec.mode + (f" mode.update={spec.update}" if spec.mode == "graph" else "")
         raise UnsupportedError(f"backend={run.backend} mode={mode}: {reason}")
-    with _progress(run.progress and spec.mode != "graph", spec.steps) as advance:
+    with _progress(run.progress, spec.steps) as advance:
         outcome = run_minimize(
             backend,
             spec,
@@ -117,26 +117,33 @@ def _check_stop() -> None:
 
 @contextmanager
 def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr for eager loops; silent when stderr is not a terminal.
+    """A progress bar on stderr; silent when stderr is not a terminal.
 
-    The tick (every engine chunk) also re-raises a stop whose signal was lost.
+    The tick (every engine chunk, eager or compiled) also re-raises a stop whose signal
+    was lost. The bar appears at the first tick, after prepare() and its phase lines.
     """
     if not enabled:
         yield lambda done: _check_stop()
         return
     from tqdm import tqdm
 
-    with tqdm(total=total, unit="step", file=sys.stderr, disable=None, leave=False) as bar:
+    bars: list[tqdm] = []
 
-        def advance(done: int) -> None:
-            _check_stop()
-            bar.update(done - bar.n)
+    def advance(done: int) -> None:
+        _check_stop()
+        if not bars:
+            bars.append(tqdm(total=total, unit="step", file=sys.stderr, disable=None, leave=False))
+        bars[0].update(done - bars[0].n)
 
+    try:
         yield advance
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _phase_printer(enabled: bool, steps: int) -> Callable[[str], None] | None:
-    """Compiled loops give no per-step progress: say which phase is running instead."""
+    """Compiling can take a while (torch.compile: 5-35 s): say which phase is running."""
     if not enabled:
         return None
     messages = {"compile": "compiling the loop ...", "run": f"running {steps} steps ..."}

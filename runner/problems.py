@@ -36,10 +36,17 @@ class Problem(Protocol):
 
     @property
     def coefficients(self) -> Mapping[str, float | np.ndarray]:
-        """The constants `loss` reads from `p`, in float64; backends convert them."""
+        """The constants `loss` reads from `p`, in float64; backends convert them.
+
+        A coefficient given as one number stays one number, also for x in R^n: the
+        loss broadcasts it, so it costs no memory (nor bandwidth) of size n.
+        """
         ...
 
-    def x0_array(self) -> np.ndarray: ...
+    def x0_array(self) -> np.ndarray:
+        """x0 in float64. It may be a read-only broadcast view (np.broadcast_to) of one
+        number, which a conversion to the run's dtype or a framework copies."""
+        ...
 
     def loss(self, x: Any, p: Mapping[str, Any], ops: Any = NUMPY_OPS) -> Any: ...
 
@@ -52,14 +59,30 @@ class Problem(Protocol):
         ...
 
 
-def _vector(key: str, value: Any, dim: int) -> np.ndarray:
-    """A scalar broadcast to dim, or a list of exactly dim numbers."""
+def _value(key: str, value: Any, dim: int) -> float | np.ndarray:
+    """One number as a float, or a list of exactly dim numbers as a float64 array."""
     array = np.asarray(value, dtype=np.float64)
     if array.ndim == 0:
-        array = np.full(dim, array)
+        return float(array)
     if array.shape != (dim,):
         raise ConfigError(f"problem.{key} has {array.size} entries; give one number or {dim}")
     return np.array(array)
+
+
+def _vector(key: str, value: Any, dim: int) -> np.ndarray:
+    """A scalar broadcast to dim (a read-only view: no memory of size n), or dim numbers."""
+    return np.broadcast_to(_value(key, value, dim), (dim,))
+
+
+def compact(value: Any) -> Any:
+    """`value` with a broadcast stored once: an array that repeats one number through
+    zero strides (np.broadcast_to, as x0_array and Quadratic.optimum give) comes back
+    as that number (0-d), so a backend's constant of it takes no memory of size n.
+    Anything else comes back unchanged."""
+    array = np.asarray(value)
+    if array.ndim and array.size and not any(array.strides):
+        return array.reshape(-1)[0]
+    return value
 
 
 @dataclass(frozen=True)
@@ -84,8 +107,8 @@ class Quadratic:
                         f"problem.{key}={list(getattr(self, key))} must be a number "
                         "(set problem.dim=n for one value per coordinate)"
                     )
-        values = self.coefficients | {"x0": self.x0_array()}
-        if np.any(values["a"] <= 0):
+        values = self.coefficients | {"x0": _value("x0", self.x0, self.dim or 0)}
+        if np.any(np.asarray(values["a"]) <= 0):
             raise ConfigError(
                 f"problem.a={_show(self.a)}: a*x^2 + b*x + c has no minimum unless a > 0; "
                 "give a positive problem.a"
@@ -95,7 +118,7 @@ class Quadratic:
     def coefficients(self) -> dict[str, Any]:
         if self.dim is None:
             return {"a": float(self.a), "b": float(self.b), "c": float(self.c)}
-        return {k: _vector(k, getattr(self, k), self.dim) for k in ("a", "b", "c")}
+        return {k: _value(k, getattr(self, k), self.dim) for k in ("a", "b", "c")}
 
     def x0_array(self) -> np.ndarray:
         if self.dim is None:
@@ -111,10 +134,18 @@ class Quadratic:
         return 2 * p["a"] * x + p["b"]
 
     def optimum(self) -> tuple[Any, float]:
+        """x* = -b / 2a and loss* = sum(c - b^2 / 4a) over the coordinates.
+
+        With scalar coefficients x* is a broadcast view and the sum runs over one, so
+        neither takes memory of size n; the numbers are those of the n-vectors.
+        """
         p = self.coefficients
-        x_star = -np.asarray(p["b"]) / (2 * np.asarray(p["a"]))
-        loss = np.sum(np.asarray(p["c"]) - np.asarray(p["b"]) ** 2 / (4 * np.asarray(p["a"])))
-        return (float(x_star) if self.dim is None else x_star), float(loss)
+        a, b, c = (np.asarray(p[k]) for k in ("a", "b", "c"))
+        x_star, loss = -b / (2 * a), c - b**2 / (4 * a)
+        if self.dim is None:
+            return float(x_star), float(loss)
+        shape = (self.dim,)
+        return np.broadcast_to(x_star, shape), float(np.sum(np.broadcast_to(loss, shape)))
 
     def grad_coefficients(self, x: float) -> dict[str, float]:
         return {"a": x * x, "b": x, "c": 1.0}

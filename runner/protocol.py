@@ -88,8 +88,9 @@ class Derivatives:
 class Trajectory:
     """What a compiled loop hands back: recorded rows and the state where it stopped.
 
-    `stopped_at` equals the requested step count on success; a loop that meets a
-    non-finite loss stops at that step and reports it, with the rows before it.
+    `stopped_at` equals the requested step count on success (for
+    CompiledProgram.advance(), its stop); a loop that meets a non-finite loss stops at
+    that step and reports it, with the rows before it.
     """
 
     steps: np.ndarray  # int64, recorded step indices
@@ -122,10 +123,56 @@ class EagerProgram(Protocol):
         ...
 
 
-class CompiledProgram(Protocol):
-    """The whole loop compiled; recording happens inside the compiled loop."""
+EAGER_CHUNK = 1000  # the engine drains a RecordingEagerProgram at least this often
 
-    def run(self) -> Trajectory: ...
+
+@runtime_checkable
+class RecordingEagerProgram(Protocol):
+    """An eager program that records where it computes: a step hands nothing back.
+
+    The core still drives the loop and says which steps are recorded. step(record)
+    performs update i and keeps loss_i and, when record is True, the row (x_i, grad_i)
+    on the framework's side, so the core holds no framework value per step. drain() is
+    called at least every EAGER_CHUNK steps and after the last one. A step cut short
+    by KeyboardInterrupt leaves the program as if it had not run.
+    """
+
+    def step(self, record: bool) -> None: ...
+
+    def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(loss, x, grad) of every step since the last drain, as host arrays.
+
+        Each has one entry per step; x and grad are meaningful only on the steps made
+        with record=True (the others may hold anything).
+        """
+        ...
+
+    def to_numpy(self, values: Sequence[Any]) -> np.ndarray: ...
+
+    def final(self) -> tuple[Any, Any, Any]: ...
+
+
+class CompiledProgram(Protocol):
+    """The loop compiled; recording and the divergence check happen inside it.
+
+    The engine runs it in chunks, so that Ctrl-C and SIGTERM (seen by Python only
+    between calls into compiled code) take effect within a chunk's time: advance(stop)
+    runs from the program's current step (0 after prepare()) to the absolute step
+    `stop` and returns that span: rows at its recorded steps i (i % every == 0, absolute
+    step numbers), `stopped_at` (== stop, or the step of the first non-finite loss, after
+    which the engine calls no more) and final_x / final_loss / final_grad, the state at
+    stopped_at. `stop` is a multiple of `step_multiple` or the run's last step. One
+    compiled executable (traced function) serves every chunk: prepare() pays all the
+    compiling, and a chunk boundary changes no number.
+    """
+
+    # The engine's chunk boundaries are multiples of this: 1 for a loop that can stop
+    # anywhere; record.every for one that runs whole record rows; the steps of one
+    # compiled call for one that runs a fixed number per call. A chunk is at least
+    # this many steps, so it bounds how soon Ctrl-C can take effect.
+    step_multiple: int
+
+    def advance(self, stop: int) -> Trajectory: ...
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 
 from backends.jax import JaxBackend, make_minimize_step  # noqa: E402
-from runner.engine import run_minimize  # noqa: E402
+from runner.engine import _run_compiled, run_minimize  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.problems import Quadratic  # noqa: E402
 from runner.protocol import (  # noqa: E402
@@ -207,16 +207,17 @@ def test_no_compilation_after_prepare(backend, mode):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(duration)
 
-    program = backend.prepare(spec_for(mode, steps=30, every=4))
+    spec = spec_for(mode, steps=30, every=4)
+    program = backend.prepare(spec)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         if mode == "graph":
-            program.run()
+            _run_compiled(program, spec)
         else:
-            values = [program.step(i % 4 == 0) for i in range(30)]
-            assert all(isinstance(v, jax.Array) for v in values[0])  # no host transfer
-            losses = program.to_numpy([loss for loss, _, _ in values])
-            assert losses.shape == (30,) and losses.dtype == np.float32
+            assert [program.step(i % 4 == 0) for i in range(30)] == [None] * 30
+            losses, xs, grads = program.drain()
+            assert losses.shape == xs.shape == grads.shape == (30,)
+            assert losses.dtype == np.float32
             program.to_numpy(list(program.final()))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)

@@ -22,7 +22,7 @@ pytest.importorskip("optax")
 import backends.jax as jax_backend  # noqa: E402
 from backends.jax import JaxBackend  # noqa: E402
 from runner import reference  # noqa: E402
-from runner.engine import run_minimize  # noqa: E402
+from runner.engine import _run_compiled, run_minimize  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.optimizers import CONVENTIONS, Convention, resolve  # noqa: E402
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock  # noqa: E402
@@ -287,16 +287,19 @@ def test_float32_runs_every_mode_in_float32(backend, mode, update, problem_id, o
 
 
 @pytest.mark.parametrize("mode", ["manual", "apply", "minimize"])
-def test_eager_vector_step_returns_summaries_and_final_returns_vectors(backend, mode):
+def test_eager_vector_step_records_summaries_and_final_returns_vectors(backend, mode):
     problem = PROBLEMS["quadratic_form"]
     program = backend.prepare(spec_for(problem, optimizer_for("quadratic_form", "adam"), mode))
-    loss, dist, grad_norm = program.step(True)
-    assert all(isinstance(v, jax.Array) and v.shape == () for v in (loss, dist, grad_norm))
+    program.step(True)
+    program.step(False)
+    losses, dists, grad_norms = program.drain()
+    assert losses.shape == dists.shape == grad_norms.shape == (2,)
     x0, x_star = problem.x0_array(), problem.optimum()[0]
-    assert float(dist) == pytest.approx(np.linalg.norm(x0 - x_star), rel=1e-14)
-    assert float(grad_norm) == pytest.approx(np.linalg.norm(problem.grad(x0)), rel=1e-14)
-    assert program.step(False)[1:] == (None, None)
-    loss, x, grad = program.final()
+    assert losses[0] == pytest.approx(problem.loss(x0, problem.coefficients), rel=1e-14)
+    assert dists[0] == pytest.approx(np.linalg.norm(x0 - x_star), rel=1e-14)
+    assert grad_norms[0] == pytest.approx(np.linalg.norm(problem.grad(x0)), rel=1e-14)
+    assert np.isfinite(losses[1]) and program.drain()[0].shape == (0,)
+    _loss, x, grad = program.final()
     assert x.shape == grad.shape == (problem.dim,)
 
 
@@ -313,11 +316,11 @@ def test_no_compilation_after_prepare_for_vectors(backend, mode):
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         if mode == "graph":
-            program.run()
+            _run_compiled(program, spec)
         else:
-            values = [program.step(i % 4 == 0) for i in range(30)]
-            program.to_numpy([loss for loss, _, _ in values])
-            program.to_numpy([dist for _, dist, _ in values if dist is not None])
+            for i in range(30):
+                program.step(i % 4 == 0)
+            program.drain()
             program.to_numpy(list(program.final()[1:]))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)

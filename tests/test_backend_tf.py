@@ -15,7 +15,7 @@ pytest.importorskip("tf_keras")
 import tensorflow as tf
 
 from backends.tf import TensorFlowBackend, _get_gradient
-from runner.engine import run_minimize
+from runner.engine import _run_compiled, run_minimize
 from runner.errors import ConfigError
 from runner.problems import Quadratic
 from runner.protocol import (
@@ -168,10 +168,11 @@ def test_divergence_stops_at_the_first_nonfinite_loss(mode: str, update: str, ev
 
 
 def test_graph_prepare_traces_once_and_run_does_not_retrace() -> None:
-    program = BACKEND.prepare(make_spec("graph", "minimize", steps=30, every=4))
+    spec = make_spec("graph", "minimize", steps=30, every=4)
+    program = BACKEND.prepare(spec)
     assert program._fn.experimental_get_tracing_count() == 1
     assert int(program._run.opt.iterations) == 0 and float(program._run.x) == 0.0
-    first = program.run()
+    first, _ = _run_compiled(program, spec)
     assert program._fn.experimental_get_tracing_count() == 1
     assert int(program._run.opt.iterations) == 30
     assert first.steps.tolist() == [0, 4, 8, 12, 16, 20, 24, 28]

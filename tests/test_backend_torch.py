@@ -23,6 +23,7 @@ from runner.protocol import (  # noqa: E402
     RecordPlan,
 )
 from runner.reference import run as reference_run  # noqa: E402
+from tests.chunks import run_compiled, same_trajectory  # noqa: E402
 from tests.specs import notebook_spec  # noqa: E402
 
 EAGER = ["manual", "apply", "minimize"]
@@ -243,10 +244,11 @@ def test_graph_float32_defaults_converge_for_each_update(backend):
 
     xs, _ = replay_float32(Quadratic(), 0.01, 1000)
     for update in UPDATES:
-        program = backend.prepare(spec_for("graph", update))
+        spec = spec_for("graph", update)
+        program = backend.prepare(spec)
         graphs = counters["stats"]["unique_graphs"]
-        traj = program.run()
-        assert counters["stats"]["unique_graphs"] == graphs, "run() compiled: prepare() must"
+        traj = run_compiled(program, spec)
+        assert counters["stats"]["unique_graphs"] == graphs, "running compiled: prepare() must"
         assert traj.stopped_at == 1000, update
         assert abs(float(traj.final_x) - 1.0) < 1e-5, update
         assert np.float32(traj.final_x) in (NOTEBOOK_X, FUSED_X), update
@@ -256,8 +258,11 @@ def test_graph_float32_defaults_converge_for_each_update(backend):
         np.testing.assert_array_equal(traj.x, xs[:1000], err_msg=update)
         assert (traj.loss[0], traj.grad[0]) == (1.0, -2.0)
         assert traj.final_loss == pytest.approx(0.0, abs=1e-10)
-        again = program.run()  # run() starts over from x0 with a fresh optimizer
-        np.testing.assert_array_equal(again.x, traj.x)
+        # From x0 again, in chunks of 1 (4: one compiled call), 2, 4, ... steps: the same bits.
+        program._reset()
+        again = run_compiled(program, spec, first=1, growth=2)
+        assert same_trajectory(again, traj), update
+        assert counters["stats"]["unique_graphs"] == graphs, "a chunk boundary compiled"
 
 
 @pytest.mark.slow
@@ -272,7 +277,7 @@ def test_graph_float64_closed_form_and_thinning(backend, update):
     )  # fmt: skip
     program = backend.prepare(spec)
     graphs = counters["stats"]["unique_graphs"]
-    assert_closed_form(program.run(), OTHER, 0.05, 199, 7)
+    assert_closed_form(run_compiled(program, spec), OTHER, 0.05, 199, 7)
     assert counters["stats"]["unique_graphs"] == graphs  # no re-compile from chunk to chunk
     spec = spec_for("graph", update, problem=OTHER, lr=0.05, steps=200, dtype="float64")
     assert_closed_form(run_minimize(backend, spec).trajectory, OTHER, 0.05, 200, 1)

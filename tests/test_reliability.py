@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 
 from runner.results import atomic_write
 from runner.tracking import mask_text
-from tests.conftest import ROOT, cli, free_port, single_result, statuses_in
+from tests.conftest import ROOT, cli, free_port, single_result, statuses_in, wait_for_upload
 
 JAX = ("backend=jax",)
 
@@ -272,6 +272,52 @@ def test_failing_tracking_server(tmp_path: Path, failing_server: str, source: st
     assert time.monotonic() - start < 60
 
 
+class _FailsAfterTheCheck(_Failing):
+    """Answers what a run checks before it starts (/health, the experiment lookup: no such
+    experiment yet) and 500 to everything else: the store fails once the upload writes."""
+
+    def _answer(self) -> None:
+        code, body = 500, b"internal error"
+        if self.path.startswith("/health"):
+            code, body = 200, b"OK"
+        elif self.path.startswith("/api/2.0/mlflow/experiments/get-by-name"):
+            code, body = 404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "none"}'
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+
+@pytest.fixture
+def late_failing_server() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailsAfterTheCheck)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_store_failing_after_the_check_is_reported_in_the_upload_log(
+    tmp_path: Path, late_failing_server: str
+) -> None:
+    """The background trade-off: the run's check passed and the command succeeded; the
+    upload that fails later says so in upload.log, with the command that records it."""
+    proc = cli(*JAX, "steps=20", f"tracking.uri={late_failing_server}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    log = wait_for_upload(run_dir)
+    assert "Traceback" not in log, log
+    assert (
+        f"error: tracking server {late_failing_server} is failing (HTTP 500 from "
+        "/api/2.0/mlflow/experiments/create); "
+    ) in log, log
+    assert f"not recorded; once the store is fixed: python -m runner.upload {run_dir}" in log
+    assert single_result(tmp_path)["status"] == "finished"
+
+
 def test_hydra_full_error_shows_the_traceback(tmp_path: Path) -> None:
     plain = run_cli("steps=abc", cwd=tmp_path)
     full = run_cli("steps=abc", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
@@ -302,8 +348,9 @@ def test_atomic_write_never_leaves_a_truncated_file(tmp_path: Path, monkeypatch)
 
 
 def test_sigterm_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: Path) -> None:
+    in_process = "tracking.background=false"  # the run is RUNNING in MLflow while it runs
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", *JAX, "steps=100000000", "progress=false"],
+        [sys.executable, "-m", "runner", *JAX, "steps=100000000", "progress=false", in_process],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -623,7 +670,8 @@ def test_credentials_are_masked_everywhere(tmp_path: Path, mlflow_server: str) -
     for secret in secrets:
         assert secret not in proc.stdout + proc.stderr
     run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
-    for name in ("results.json", "trajectory.csv", "cli.log"):
+    wait_for_upload(run_dir)  # the URI went to the upload in its environment, not argv
+    for name in ("results.json", "trajectory.csv", "cli.log", "upload.log"):
         text = (run_dir / name).read_text() if (run_dir / name).exists() else ""
         assert not any(s in text for s in secrets), name
     # Hydra writes its own record of the command line verbatim, before the runner starts
