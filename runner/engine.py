@@ -62,7 +62,11 @@ def run_minimize(
     announce = on_phase or (lambda _phase: None)
     announce("compile")
     start = time.perf_counter()
-    program = backend.prepare(spec)
+    try:
+        program = backend.prepare(spec)
+    except KeyboardInterrupt:  # stopped while compiling: the run is on record at step 0
+        timings = Timings(time.perf_counter() - start, 0.0, 0)
+        return MinimizeOutcome(_initial_state(spec), timings, interrupted=True)
     compile_s = time.perf_counter() - start
     announce("run")
     start = time.perf_counter()

@@ -121,6 +121,24 @@ def test_ctrl_c_before_the_first_chunk_is_the_state_at_x0(dtype: str) -> None:
     np.testing.assert_array_equal(traj.final_grad, problem.grad(x0).astype(dtype))
 
 
+class _StoppedWhileCompiling:
+    """A backend whose prepare() is where Ctrl-C lands (a long torch.compile, say)."""
+
+    def prepare(self, spec: MinimizeSpec) -> Any:
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("mode", ["graph", "manual"])
+def test_ctrl_c_while_compiling_is_an_interrupted_run_at_step_0(mode: str) -> None:
+    """So the run still gets results.json (status interrupted) and a KILLED MLflow run."""
+    spec = make_spec(Quadratic(), "sgd", 0.1, {}, mode, dtype="float32", steps=100)
+    outcome = engine.run_minimize(_StoppedWhileCompiling(), spec)  # type: ignore[arg-type]
+    assert outcome.interrupted and not outcome.diverged
+    assert outcome.timings.steps_run == 0 and outcome.trajectory.stopped_at == 0
+    assert outcome.trajectory.steps.size == 0
+    assert outcome.trajectory.final_x == np.float32(spec.problem.x0)
+
+
 # --- every backend: a chunk boundary changes no bit ----------------------------------------
 
 # (id, spec): the notebook run; a last row shorter than every; a non-finite loss inside a
