@@ -217,10 +217,7 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
         ):
             return job()
     except TrackingError as outage:  # the store failed: the run's files are what counts
-        unrecorded = TrackingError(
-            f"{outage}; this run's results are in {output_dir}; record them later with: "
-            f"python -m runner.upload {output_dir}"
-        )
+        unrecorded = not_recorded(outage, output_dir)
         if not executed:
             try:
                 job()
@@ -230,6 +227,14 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
                     record_job_failure(output_dir, unrecorded)
                 raise
         raise unrecorded from None
+
+
+def not_recorded(outage: TrackingError, output_dir: Path) -> TrackingError:
+    """The store failed: the error says where the run's files are and how to record them."""
+    return TrackingError(
+        f"{outage}; this run's results are in {output_dir}; record them later with: "
+        f"python -m runner.upload {output_dir}"
+    )
 
 
 def run_then_upload(
@@ -246,12 +251,7 @@ def run_then_upload(
         try:
             announce_upload(output_dir, run_uid, target, cwd)
         except TrackingError as exc:  # the job's own error follows: the user reads both
-            report(
-                TrackingError(
-                    f"{exc}; this run's results are in {output_dir}; record them later "
-                    f"with: python -m runner.upload {output_dir}"
-                )
-            )
+            report(not_recorded(exc, output_dir))
         raise
     announce_upload(output_dir, run_uid, target, cwd)
     return result

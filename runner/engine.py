@@ -8,7 +8,7 @@ chunk's losses and rows every CHECK_EVERY steps, never one per step.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -157,14 +157,16 @@ def _joined(parts: list[Trajectory], spec: MinimizeSpec) -> Trajectory:
     """The chunks' rows end to end, and the last chunk's final state (x0's if none ran)."""
     if not parts:
         return _initial_state(spec)
-    last = parts[-1]
-    return replace(
-        last,
-        steps=np.concatenate([p.steps for p in parts]),
-        x=np.concatenate([p.x for p in parts]),
-        loss=np.concatenate([p.loss for p in parts]),
-        grad=np.concatenate([p.grad for p in parts]),
-    )
+    return replace(parts[-1], **_joined_rows(parts))
+
+
+def _joined_rows(parts: Sequence[Any]) -> dict[str, np.ndarray]:
+    """steps, x, loss, grad of consecutive chunks end to end; chunks without rows add none."""
+    with_rows = [part for part in parts if part.steps.size]
+    if not with_rows:
+        return {"steps": np.zeros(0, np.int64), **{k: np.zeros(0) for k in ("x", "loss", "grad")}}
+    names = ("steps", "x", "loss", "grad")
+    return {name: np.concatenate([getattr(part, name) for part in with_rows]) for name in names}
 
 
 def _initial_state(spec: MinimizeSpec) -> Trajectory:
@@ -286,16 +288,9 @@ class _HostRecorder:
 def _eager_trajectory(
     program: EagerProgram | RecordingEagerProgram, chunks: list[_Rows], stopped_at: int
 ) -> Trajectory:
-    def column(name: str, empty: np.ndarray) -> np.ndarray:
-        parts = [getattr(rows, name) for rows in chunks if rows.steps.size]
-        return np.concatenate(parts) if parts else empty
-
     final_loss, final_x, final_grad = program.final()
     return Trajectory(
-        steps=column("steps", np.zeros(0, np.int64)),
-        x=column("x", np.zeros(0)),
-        loss=column("loss", np.zeros(0)),
-        grad=column("grad", np.zeros(0)),
+        **_joined_rows(chunks),
         final_x=program.to_numpy([final_x])[0],
         final_loss=float(program.to_numpy([final_loss])[0]),
         final_grad=program.to_numpy([final_grad])[0],
