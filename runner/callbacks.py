@@ -1,14 +1,25 @@
 """Hydra callbacks: a multirun is one group in MLflow, ending with the comparison report.
 
-on_multirun_start runs once, in the launching process, before any worker exists:
-it creates the SQLite schema, the experiment and the sweep's parent run, so
-parallel workers never race to create them, and leaves the parent's id in the
-sweep folder where every job (any launcher, any host sharing the folder) reads it.
+on_multirun_start runs once, in the launching process, before any worker exists. By
+default (tracking.background) it checks the store without importing MLflow and
+starts one `python -m runner.follow` for the sweep, which logs every job folder as it
+finishes: jobs never import MLflow, so a parallel sweep's workers spend their cores
+on the jobs. With tracking.background=false (or inside a SLURM job, whose end would
+kill the logger) it creates the store, the experiment and the sweep's parent run
+itself, and each job logs itself in-process. Either way the choice is left in the
+sweep folder (SWEEP_FILE), where every job (any launcher, any host sharing the
+folder) reads it.
+
+on_multirun_end makes the comparison report from the job folders, prints it, and
+hands it to whoever logs the sweep; it exits non-zero when jobs failed or the
+sweep could not be recorded.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,34 +27,62 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from runner.results import sweep_failures
+from runner.errors import RunnerError
+from runner.follow import DONE_FILE
+from runner.results import atomic_write, sweep_failures
 from runner.tracking import (
-    SWEEP_FILE,
+    SweepInfo,
     TrackingError,
+    check_store,
     client_for,
     ensure_experiment,
+    logs_in_background,
+    mask_uri,
     read_sweep,
     resolve_target,
     retry_locked,
+    store_error,
+    write_sweep,
 )
+from runner.upload import LOG_FILE, start_logger
+
+REPORT_DIR = "compare"
+# The sweep's logger (runner.follow), by sweep folder: kept out of the callback, which
+# Hydra's joblib launcher pickles into every job (a process handle cannot be pickled).
+_LOGGERS: dict[Path, subprocess.Popen] = {}
 
 
 class SweepTracking(Callback):
+    def __init__(self) -> None:
+        self.outage: TrackingError | None = None  # the store was away as the sweep started
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = _tracking(config)
         if not tracking.get("enabled", True):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        target = resolve_target(tracking, Path(config.hydra.runtime.cwd))
+        cwd = Path(config.hydra.runtime.cwd)
+        target = resolve_target(tracking, cwd)
+        sweep_id = sweep_dir.as_posix()
+        overrides = " ".join(config.hydra.overrides.task)
         try:
+            if logs_in_background(tracking, target):
+                check_store(target)  # what MLflow would say at once, said before any job
+                write_sweep(sweep_dir, SweepInfo(sweep_id, None, "follower"), overrides=overrides)
+                follow = ["runner.follow", f"--launcher-pid={os.getpid()}"]
+                _LOGGERS[sweep_dir] = start_logger(sweep_dir, follow, target, cwd)
+                return
             client = client_for(target)
             experiment_id = ensure_experiment(client, target)
         except TrackingError as exc:
+            self.outage = exc
+            print(f"error: {exc}; the jobs run and keep their results", file=sys.stderr)
+            write_sweep(sweep_dir, SweepInfo(sweep_id, None, "nobody"))
+            return
+        except RunnerError as exc:  # a bad tracking setting
             print(f"error: {exc}", file=sys.stderr)
-            return  # each job reports the outage itself and still writes its files
-        sweep_id = sweep_dir.as_posix()
-        overrides = " ".join(config.hydra.overrides.task)
+            sys.exit(exc.exit_code)
         parent = retry_locked(
             lambda: client.create_run(
                 experiment_id,
@@ -51,57 +90,112 @@ class SweepTracking(Callback):
                 tags={"sweep_id": sweep_id, "runner.kind": "sweep", "overrides": overrides},
             )
         )
-        info = {"sweep_id": sweep_id, "parent_run_id": parent.info.run_id}
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info))
+        write_sweep(sweep_dir, SweepInfo(sweep_id, parent.info.run_id, "jobs"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        stop_workers(config)
         sweep_dir = Path(config.hydra.sweep.dir)
-        self._close_sweep(config, sweep_dir)
+        tracking = _tracking(config)
+        report, status = _report(sweep_dir, str(tracking.get("experiment") or "gradient-runner"))
+        problems = []
+        if tracking.get("enabled", True):
+            problem = self._close_sweep(config, sweep_dir, report, status)
+            if problem is not None:
+                problems.append(problem)
         failures = sweep_failures(sweep_dir)
         if failures:  # every job ran; a script still learns that some did not succeed
             jobs = len(list(sweep_dir.glob("**/.hydra")))
             first = failures[0]
-            print(
-                f"error: {len(failures)} of {jobs} jobs failed; the first: {first['error']}",
-                file=sys.stderr,
+            problems.append(
+                (
+                    first["exit_code"],
+                    f"{len(failures)} of {jobs} jobs failed; the first: {first['error']}",
+                )
             )
-            sys.exit(first["exit_code"])
+        for _, message in problems:
+            print(f"error: {message}", file=sys.stderr)
+        if problems:
+            sys.exit(problems[-1][0])
 
-    def _close_sweep(self, config: DictConfig, sweep_dir: Path) -> None:
-        tracking = _tracking(config)
+    def _close_sweep(
+        self, config: DictConfig, sweep_dir: Path, report: Any, status: str
+    ) -> tuple[int, str] | None:
+        """Hand the report to whoever logs the sweep and end its parent run; what failed."""
+        later = f"record the sweep later with: python -m runner.upload {sweep_dir}"
+        if self.outage is not None:
+            return self.outage.exit_code, f"the sweep is not in MLflow ({self.outage}); {later}"
+        files = {n: p.relative_to(sweep_dir).as_posix() for n, p in (report or {}).items()}
+        logger = _LOGGERS.pop(sweep_dir, None)
+        if logger is not None:
+            done = {"status": status, "report": files}
+            atomic_write(sweep_dir / DONE_FILE, json.dumps(done))
+            log = sweep_dir / LOG_FILE
+            code = logger.poll()  # not waited for: it logs the last jobs after this exits
+            if code:
+                lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+                error = next((x for x in reversed(lines) if x.startswith("error: ")), "")
+                why = error.removeprefix("error: ") or f"its logger exited with {code}"
+                return code, f"the sweep is not all in MLflow ({why}); log: {log}; {later}"
+            target = resolve_target(_tracking(config), Path(config.hydra.runtime.cwd))
+            try:
+                check_store(target)  # still there for the last uploads?
+            except TrackingError as exc:
+                return exc.exit_code, f"{exc}; the last runs cannot be logged; {later}"
+            print(
+                f"MLflow: logging this sweep to {mask_uri(target.uri)} (experiment "
+                f"{target.experiment}), the last runs in the background; its log: {log}",
+                flush=True,
+            )
+            return None
         sweep = read_sweep(sweep_dir)
-        if not tracking.get("enabled", True) or sweep.parent_run_id is None:
-            return
-        target = resolve_target(tracking, Path(config.hydra.runtime.cwd))
+        if sweep.parent_run_id is None:
+            return None
+        target = resolve_target(_tracking(config), Path(config.hydra.runtime.cwd))
         try:
             client = client_for(target)
+            experiment_id = ensure_experiment(client, target)
         except TrackingError as exc:
-            print(
-                f"error: {exc}; the sweep's parent run stays open until "
-                f"python -m runner.upload {sweep_dir} closes it",
-                file=sys.stderr,
-            )
-            return
-        status = "FINISHED"
-        from runner.compare import CompareError, compare
+            return exc.exit_code, f"{exc}; the sweep's parent run stays open until {later}"
+        from runner.compare import log_saved_report
 
         try:
-            report = compare(
-                target.uri,
-                target.experiment,
-                sweep_id=sweep.sweep_id,
-                out_dir=sweep_dir / "compare",
-                log_to_run_id=sweep.parent_run_id,
-                client=client,
-            )
-            print(report.text)
-        except CompareError as exc:  # e.g. every job failed: nothing to compare
-            print(f"no comparison report: {exc}", file=sys.stderr)
-        except Exception as exc:  # the sweep's runs are all recorded; say why no report
+            if report is not None:
+                log_saved_report(client, experiment_id, report, sweep.parent_run_id, sweep.sweep_id)
+        except Exception as exc:
             status = "FAILED"
-            print(f"error: comparison report not made: {exc}", file=sys.stderr)
+            print(f"error: the report is not in MLflow: {store_error(target.uri, exc)}")
         finally:
             retry_locked(lambda: client.set_terminated(sweep.parent_run_id, status))
+        return None
+
+
+def stop_workers(config: DictConfig) -> None:
+    """Stop a joblib launcher's worker processes, idle now that every job has run.
+
+    Left alone they outlive a command that ends with os._exit (cli.exit_now), and a
+    normal exit would wait for each to tear its frameworks down (TensorFlow: ~1.2 s).
+    """
+    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    if "joblib" in launcher:
+        from joblib.externals.loky import get_reusable_executor
+
+        get_reusable_executor(reuse=True).shutdown(wait=True, kill_workers=True)
+
+
+def _report(sweep_dir: Path, experiment: str) -> tuple[dict[str, Path] | None, str]:
+    """The sweep's comparison report from its job folders, printed; (its files, status)."""
+    from runner.compare import CompareError, compare_folder
+
+    try:
+        report = compare_folder(sweep_dir, experiment, sweep_dir / REPORT_DIR)
+    except CompareError as exc:  # e.g. every job failed: nothing to compare
+        print(f"no comparison report: {exc}", file=sys.stderr)
+        return None, "FINISHED"
+    except Exception as exc:  # the sweep's runs are all recorded; say why no report
+        print(f"error: comparison report not made: {exc}", file=sys.stderr)
+        return None, "FAILED"
+    print(report.text)
+    return report.files, "FINISHED"
 
 
 def _tracking(config: DictConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from itertools import combinations
@@ -167,22 +167,89 @@ def compare(
             f"{_describe(sweep_id, filters)}"
         )
     latest = _latest_per_key(_record(client, run) for run in _newest_per_setting(runs))
-    rows = sorted(latest.values(), key=_row_order)
+    report = _report(
+        list(latest.values()),
+        f"tracking URI: `{mask_uri(uri)}`, experiment `{experiment}`",
+        f"{_describe(sweep_id, filters)}; {len(runs)} matching",
+        experiment,
+        sweep_id,
+        Path(out_dir) if out_dir else default_out_dir(),
+        lambda row: loss_curve(client, row),
+    )
+    if log:
+        report.run_id = log_report(
+            client,
+            found.experiment_id,
+            report.files,
+            report.agreement,
+            report.rows,
+            sweep_id,
+            filters,
+            log_to_run_id,
+        )
+    return report
+
+
+def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
+    """The report of a sweep from its job folders (results.json, trajectory.csv), no MLflow.
+
+    A sweep's own report is made this way as it ends: the same rows as reading the
+    runs back from MLflow (results.json is what both read), without waiting for the
+    store; the sweep's logging then attaches the files to the sweep's parent run.
+    """
+    found = [p.parent for p in sorted(sweep_dir.glob(f"*/{RESULTS_FILE}"))]
+    found.sort(key=lambda folder: (folder / RESULTS_FILE).stat().st_mtime, reverse=True)
+    rows = []
+    for folder in found:  # newest first, as _latest_per_key expects
+        try:
+            result = json.loads((folder / RESULTS_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if result.get("status") not in ("finished", "diverged"):
+            continue  # skipped, interrupted: nothing to compare
+        started = datetime.fromtimestamp((folder / RESULTS_FILE).stat().st_mtime)
+        row = row_from_result(
+            result, run_id="", run_name=folder.name, started=started.isoformat(timespec="seconds")
+        )
+        if row is not None:
+            rows.append(row)
+    if not rows:
+        raise CompareError(f"no finished minimize runs in {sweep_dir}")
+    sweep_id = sweep_dir.as_posix()
+    return _report(
+        list(_latest_per_key(rows).values()),
+        f"run folders: `{sweep_dir}`",
+        f"sweep {sweep_id}; {len(rows)} finished",
+        experiment,
+        sweep_id,
+        out_dir,
+        lambda row: _trajectory_loss(sweep_dir / row.run_name / TRAJECTORY_FILE),
+    )
+
+
+def _report(
+    rows: list[Row],
+    source: str,
+    runs: str,
+    experiment: str,
+    sweep_id: str | None,
+    out: Path,
+    curve_of: Callable[[Row], dict[str, np.ndarray] | None],
+) -> Report:
+    """Tables, agreement, plots and files for rows (one per key), whatever they came from."""
+    rows = sorted(rows, key=_row_order)
     _set_relative(rows)
     agreement = agreement_of(rows)
-
-    out = Path(out_dir) if out_dir else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    header = _header(uri, experiment, sweep_id, filters, len(runs), len(rows))
+    header = [
+        f"- {source}",
+        f"- runs: {runs}, {len(rows)} rows (latest run per backend x mode x optimizer x dtype)",
+        f"- made {datetime.now().isoformat(timespec='seconds')}",
+    ]
     text = terminal_text(rows, agreement, f"{experiment}: {header[1].removeprefix('- runs: ')}")
-    plots = write_plots(client, out, rows)
+    plots = write_plots(out, rows, curve_of)
     files = {**write_files(out, rows, agreement, header, plots), **plots}
-    run_id = None
-    if log:
-        run_id = log_report(
-            client, found.experiment_id, files, agreement, rows, sweep_id, filters, log_to_run_id
-        )
-    return Report(rows, agreement, text, out, files, run_id, experiment, sweep_id)
+    return Report(rows, agreement, text, out, files, None, experiment, sweep_id)
 
 
 def open_client(uri: str) -> Any:
@@ -289,29 +356,9 @@ def _record(client: Any, run: Any) -> Row:
     result = _download_json(client, run.info.run_id, RESULTS_FILE)
     started = datetime.fromtimestamp(run.info.start_time / 1000).isoformat(timespec="seconds")
     common = {"run_id": run.info.run_id, "run_name": run.info.run_name or "", "started": started}
-    if result is not None and result.get("task") == "minimize":
-        mode = result["mode"] + (f"/{result['update']}" if result.get("update") else "")
-        timings = result["timings"]
-        return Row(
-            backend=result["backend"],
-            mode=mode,
-            optimizer=optimizer_label(result["optimizer"]),
-            dtype=result["dtype"],
-            status=result["status"],
-            steps=int(result["steps"]),
-            steps_run=int(result["steps_run"]),
-            x=result["x"],
-            loss=float(result["loss"]),
-            error_x=float(result["error"]["x"]),
-            error_loss=float(result["error"]["loss"]),
-            compile_s=float(timings["compile_s"]),
-            run_s=float(timings["run_s"]),
-            step_us=float(timings["step_us"]),
-            relative=math.nan,
-            problem=dict(result.get("problem", {})),
-            optimum_loss=float(result["optimum"]["loss"]),
-            **common,
-        )
+    row = row_from_result(result, **common) if result is not None else None
+    if row is not None:
+        return row
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     hyper = {
         k.removeprefix("optimizer."): v for k, v in params.items() if k.startswith("optimizer.")
@@ -340,6 +387,34 @@ def _record(client: Any, run: Any) -> Row:
         },
         optimum_loss=optimum,
         source="metrics",
+        **common,
+    )
+
+
+def row_from_result(result: Mapping[str, Any], **common: str) -> Row | None:
+    """A minimize run's row from its results.json (exact values); None for other tasks."""
+    if result.get("task") != "minimize":
+        return None
+    mode = result["mode"] + (f"/{result['update']}" if result.get("update") else "")
+    timings = result["timings"]
+    return Row(
+        backend=result["backend"],
+        mode=mode,
+        optimizer=optimizer_label(result["optimizer"]),
+        dtype=result["dtype"],
+        status=result["status"],
+        steps=int(result["steps"]),
+        steps_run=int(result["steps_run"]),
+        x=result["x"],
+        loss=float(result["loss"]),
+        error_x=float(result["error"]["x"]),
+        error_loss=float(result["error"]["loss"]),
+        compile_s=float(timings["compile_s"]),
+        run_s=float(timings["run_s"]),
+        step_us=float(timings["step_us"]),
+        relative=math.nan,
+        problem=dict(result.get("problem", {})),
+        optimum_loss=float(result["optimum"]["loss"]),
         **common,
     )
 
@@ -636,22 +711,6 @@ def terminal_text(rows: Sequence[Row], agreement: Sequence[Agreement], title: st
     return "\n".join(parts)
 
 
-def _header(
-    uri: str,
-    experiment: str,
-    sweep_id: str | None,
-    filters: Mapping[str, list[str]],
-    n_runs: int,
-    n_rows: int,
-) -> list[str]:
-    return [
-        f"- tracking URI: `{mask_uri(uri)}`, experiment `{experiment}`",
-        f"- runs: {_describe(sweep_id, filters)}; {n_runs} matching, "
-        f"{n_rows} rows (latest run per backend x mode x optimizer x dtype)",
-        f"- made {datetime.now().isoformat(timespec='seconds')}",
-    ]
-
-
 def write_files(
     out: Path,
     rows: Sequence[Row],
@@ -771,11 +830,19 @@ def loss_curve(client: Any, row: Row) -> dict[str, np.ndarray] | None:
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
         path = Path(tmp) / TRAJECTORY_FILE
         path.write_text(text)
-        columns = read_trajectory(path)
+        return _trajectory_loss(path)
+
+
+def _trajectory_loss(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    columns = read_trajectory(path)
     return {"step": columns["step"], "loss": columns["loss"]}
 
 
-def write_plots(client: Any, out: Path, rows: Sequence[Row]) -> dict[str, Path]:
+def write_plots(
+    out: Path, rows: Sequence[Row], curve_of: Callable[[Row], dict[str, np.ndarray] | None]
+) -> dict[str, Path]:
     from runner.plots import convergence_plot, step_time_plot
 
     files: dict[str, Path] = {}
@@ -783,7 +850,7 @@ def write_plots(client: Any, out: Path, rows: Sequence[Row]) -> dict[str, Path]:
     optima = {r.optimum_loss for r in rows if math.isfinite(r.optimum_loss)}
     shared = optima.pop() if len(optima) == 1 else None
     for row in rows:
-        curve = loss_curve(client, row)
+        curve = curve_of(row)
         if curve is None or not len(curve["step"]):
             continue
         if shared is None:  # different problems: plot each run's own gap to its optimum
@@ -854,6 +921,16 @@ def log_report(
         if log_to_run_id is None:
             retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(status)))
     return run_id
+
+
+def log_saved_report(
+    client: Any, experiment_id: str, files: Mapping[str, Path], run_id: str, sweep_id: str
+) -> None:
+    """Log a report written earlier (its comparison.json holds rows and agreement) to run_id."""
+    data = json.loads(next(p for p in files.values() if p.name == JSON_FILE).read_text())
+    rows = [Row(**row) for row in data["rows"]]
+    agreement = [Agreement(**item) for item in data["agreement"]]
+    log_report(client, experiment_id, files, agreement, rows, sweep_id, {}, run_id)
 
 
 # ---------------------------------------------------------------- command line

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -33,7 +33,7 @@ except ImportError:  # not POSIX: no locks, as before
     fcntl = None  # type: ignore[assignment]
 
 from runner.errors import RunnerError, UnsupportedError
-from runner.results import RESULTS_FILE, TRAJECTORY_FILE
+from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
 DEFAULT_ARTIFACTS = Path("outputs") / "mlartifacts"
@@ -589,6 +589,9 @@ def read_trajectory(path: Path) -> dict[str, np.ndarray]:
 class SweepInfo:
     sweep_id: str
     parent_run_id: str | None
+    # who logs the sweep's jobs: "jobs" (each job, in-process), "follower" (one
+    # `python -m runner.follow` for the sweep) or "nobody" (its store was away)
+    logged_by: str = "jobs"
 
 
 def read_sweep(sweep_dir: Path) -> SweepInfo:
@@ -596,8 +599,12 @@ def read_sweep(sweep_dir: Path) -> SweepInfo:
     path = sweep_dir / SWEEP_FILE
     if path.exists():
         data = json.loads(path.read_text())
-        return SweepInfo(data["sweep_id"], data.get("parent_run_id"))
+        return SweepInfo(data["sweep_id"], data.get("parent_run_id"), data.get("logged_by", "jobs"))
     return SweepInfo(sweep_dir.as_posix(), None)
+
+
+def write_sweep(sweep_dir: Path, info: SweepInfo, **extra: Any) -> None:
+    atomic_write(sweep_dir / SWEEP_FILE, json.dumps({**asdict(info), **extra}))
 
 
 @contextmanager

@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.background:
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  (a log file)
         uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
-        print(f"{_now()} logging {', '.join(map(str, args.paths))} to {mask_uri(uri or '')}")
+        print(f"{timestamp()} logging {', '.join(map(str, args.paths))} to {mask_uri(uri or '')}")
         if args.lock_fd is not None:
-            _HELD_LOCKS[args.paths[0].resolve()] = args.lock_fd
+            inherit_lock(args.paths[0], args.lock_fd)
     import mlflow  # noqa: F401  (configures its loggers on import; quieted after)
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         if args.background:
             print(
-                f"{_now()} not recorded; once the store is fixed: "
+                f"{timestamp()} not recorded; once the store is fixed: "
                 f"python -m runner.upload {' '.join(map(str, args.paths))}",
                 flush=True,
             )
@@ -129,11 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{verb} {outcome.uploaded}, already recorded {outcome.present}, skipped {outcome.skipped}"
     )
     if args.background:
-        print(f"{_now()} done in {time.monotonic() - started:.1f} s")
+        print(f"{timestamp()} done in {time.monotonic() - started:.1f} s")
     return 0
 
 
-def _now() -> str:
+def inherit_lock(folder: Path, fd: int) -> None:
+    """This process holds folder's upload lock through fd, opened by its parent (start_logger)."""
+    _HELD_LOCKS[folder.resolve()] = fd
+
+
+def timestamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -165,36 +170,67 @@ def upload(
     live: the run's own background upload, as it ends: recorded as a live run is
     (git commit tags, no `runner.uploaded_from`).
     """
-    out = out or sys.stdout
-    outcome = Outcome()
-    stores: dict[TrackingTarget, tuple[Any, str]] = {}
-    parents: dict[tuple[TrackingTarget, str], str] = {}
-    for run_dir in run_dirs(paths):
-        result = json.loads((run_dir / RESULTS_FILE).read_text())
-        if not result.get("run_uid"):
-            print(f"skipped {run_dir}: its results.json has no run_uid", file=out)
-            outcome.skipped += 1
-            continue
-        cfg = _config(run_dir, result)
-        target = _target(run_dir, cfg, tracking_uri, experiment)
-        if target not in stores:
+    uploader = Uploader(tracking_uri, experiment, dry_run=dry_run, out=out, live=live)
+    uploader.add(paths)
+    uploader.close_parents()
+    return uploader.outcome
+
+
+class Uploader:
+    """Uploads run folders, keeping its stores and sweep parents open between calls.
+
+    A sweep's logger (runner.follow) adds each job folder as it finishes, so MLflow
+    is imported and each store opened once per sweep, not once per job.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str | None = None,
+        dry_run: bool = False,
+        out: Any = None,
+        live: bool = False,
+    ) -> None:
+        self.tracking_uri, self.experiment = tracking_uri, experiment
+        self.dry_run, self.live = dry_run, live
+        self.out = out or sys.stdout
+        self.outcome = Outcome()
+        self.stores: dict[TrackingTarget, tuple[Any, str]] = {}
+        self.parents: dict[tuple[TrackingTarget, str], str] = {}
+
+    def store(self, target: TrackingTarget) -> tuple[Any, str]:
+        """(client, experiment id) of the target, opened once."""
+        if target not in self.stores:
             client = client_for(target)
-            stores[target] = (client, ensure_experiment(client, target))
-        client, experiment_id = stores[target]
-        # check, then log: one upload of a folder at a time (a dry run writes no lock file)
-        with contextlib.nullcontext() if dry_run else folder_lock(run_dir, out):
-            _upload_locked(
-                run_dir, cfg, result, target, client, experiment_id, parents, outcome,
-                dry_run, live, out,
-            )  # fmt: skip
-    for (target, _), parent in parents.items():
-        client = stores[target][0]
-        try:
-            if client.get_run(parent).info.status == "RUNNING":  # its sweep could not close it
-                retry_locked(lambda client=client, parent=parent: client.set_terminated(parent))
-        except Exception as exc:
-            raise store_error(target.uri, exc) from None
-    return outcome
+            self.stores[target] = (client, ensure_experiment(client, target))
+        return self.stores[target]
+
+    def add(self, paths: Iterable[Path]) -> None:
+        for run_dir in run_dirs(paths):
+            result = json.loads((run_dir / RESULTS_FILE).read_text())
+            if not result.get("run_uid"):
+                print(f"skipped {run_dir}: its results.json has no run_uid", file=self.out)
+                self.outcome.skipped += 1
+                continue
+            cfg = _config(run_dir, result)
+            target = _target(run_dir, cfg, self.tracking_uri, self.experiment)
+            client, experiment_id = self.store(target)
+            # check, then log: one upload of a folder at a time (a dry run writes no lock file)
+            with contextlib.nullcontext() if self.dry_run else folder_lock(run_dir, self.out):
+                _upload_locked(
+                    run_dir, cfg, result, target, client, experiment_id, self.parents,
+                    self.outcome, self.dry_run, self.live, self.out,
+                )  # fmt: skip
+
+    def close_parents(self, status: str = "FINISHED") -> None:
+        """End the sweep parents still RUNNING (their sweep could not close them)."""
+        for (target, _), parent in self.parents.items():
+            client = self.stores[target][0]
+            try:
+                if client.get_run(parent).info.status == "RUNNING":
+                    retry_locked(lambda c=client, p=parent: c.set_terminated(p, status))
+            except Exception as exc:
+                raise store_error(target.uri, exc) from None
 
 
 def _upload_locked(
@@ -277,35 +313,44 @@ def start_background_upload(
     """Start `python -m runner.background run_dir` (runner.upload), detached; its log.
 
     Nothing is started (None) when run_dir holds no results.json of this run (it
-    stopped before a result existed). The run folder's lock is taken here and handed
-    to the child as an open descriptor, so it is held from before the child exists
-    until the child exits: a concurrent `python -m runner.upload` of the folder, or a
-    test waiting for the upload (tests/conftest.py: wait_for_upload), waits for it.
-    The child has its own session (Ctrl-C in the terminal does not reach it), no
-    stdin, and writes to <run_dir>/upload.log; the store's URI is in its environment
-    (MLFLOW_TRACKING_URI), never on its command line, which every user can read.
+    stopped before a result existed).
     """
     try:
         if json.loads((run_dir / RESULTS_FILE).read_text()).get("run_uid") != run_uid:
             return None
     except (OSError, ValueError):
         return None
-    log = run_dir / LOG_FILE
+    start_logger(run_dir, ["runner.background", f"--after-pid={os.getpid()}"], target, cwd)
+    return run_dir / LOG_FILE
+
+
+def start_logger(
+    folder: Path, module: list[str], target: TrackingTarget, cwd: Path
+) -> subprocess.Popen:
+    """Start `python -m <module...> folder`, detached, holding the folder's upload lock.
+
+    The lock is taken here and handed to the child as an open descriptor, so it is
+    held from before the child exists until the child exits: a concurrent `python -m
+    runner.upload` of the folder, or a test waiting for the upload (tests/conftest.py:
+    wait_for_upload), waits for it. The child has its own session (Ctrl-C in the
+    terminal does not reach it), no stdin, and writes to <folder>/upload.log; the
+    store's URI is in its environment (MLFLOW_TRACKING_URI), never on its command
+    line, which every user can read.
+    """
     env = {**os.environ, "MLFLOW_TRACKING_URI": target.uri}
     root = str(Path(__file__).resolve().parent.parent)  # runner/ lives here
     if root not in _site_dirs():  # a checkout: the child imports the same runner
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "runner.background", f"--after-pid={os.getpid()}"]
-    command += ["--experiment", target.experiment]
+    command = [sys.executable, "-m", *module, "--experiment", target.experiment]
     try:
-        lock = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             if fcntl is not None:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 command.append(f"--lock-fd={lock}")
-            with log.open("ab") as sink:
-                subprocess.Popen(
-                    [*command, str(run_dir)],
+            with (folder / LOG_FILE).open("ab") as sink:
+                return subprocess.Popen(
+                    [*command, str(folder)],
                     cwd=cwd,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -321,7 +366,6 @@ def start_background_upload(
             f"the background upload to {mask_uri(target.uri)} could not start "
             f"({exc.strerror or exc})"
         ) from None
-    return log
 
 
 def wait_for_upload(run_dir: Path, timeout_s: float = 300) -> str:

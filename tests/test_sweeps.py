@@ -80,6 +80,7 @@ class WorkerProbe(Callback):
         jax = sys.modules.get("jax")
         state = {
             "pid": os.getpid(),
+            "mlflow_imported": mlflow is not None,
             "active_run": active.info.run_id if active is not None else None,
             "x64": bool(jax.config.jax_enable_x64) if jax is not None else None,
             "env": dict(os.environ),
@@ -90,12 +91,14 @@ class WorkerProbe(Callback):
 
 def test_parallel_preset_jobs_in_a_reused_worker_start_clean(tmp_path: Path) -> None:
     """Two loky workers, four jobs: float64 jobs first, so the float32 jobs land in workers
-    that already ran a float64 job (JAX's x64 switch is process-wide)."""
+    that already ran a float64 job (JAX's x64 switch is process-wide). Each job logs itself
+    in-process here (tracking.background=false), so MLflow state could leak between jobs."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     proc = cli(
         "-m",
         "hydra/launcher=parallel",
         "hydra.launcher.n_jobs=2",
+        "tracking.background=false",
         "backend=jax",
         "mode=apply",
         "dtype=float64,float32",
@@ -120,6 +123,7 @@ def test_parallel_preset_jobs_in_a_reused_worker_start_clean(tmp_path: Path) -> 
     assert len(pids) <= 2 and os.getpid() not in pids  # two loky workers, not this process
     assert all(p["start"]["pid"] == p["end"]["pid"] for p in probes.values())
     # no MLflow active run in any job, at its start or left behind at its end
+    assert {p["end"]["mlflow_imported"] for p in probes.values()} == {True}  # jobs logged
     assert {p[w]["active_run"] for p in probes.values() for w in ("start", "end")} == {None}
     # a job changes no environment variable for the next one; only importing JAX sets two
     # (jax/_src/cloud_tpu_init.py), and those the worker would have anyway for a JAX job

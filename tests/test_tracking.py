@@ -275,11 +275,19 @@ def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
         "mode=manual,apply,graph",
         "dtype=float32,float64",
         "steps=100",
+        "+hydra.callbacks.probe._target_=tests.test_sweeps.WorkerProbe",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
+    sweep = tmp_path / "sweep"
+    # the sweep's one logger records the jobs: no worker imports MLflow
+    probes = [json.loads(p.read_text()) for p in sweep.glob("*/probe_end.json")]
+    assert len(probes) == 6 and {p["mlflow_imported"] for p in probes} == {False}
+    assert "MLflow: logging this sweep to sqlite:///" in proc.stdout
+    log = (sweep / "upload.log").read_text()
+    assert log.count("uploaded ") == 7 and "uploaded 6, already recorded 0, skipped 0" in log
     runs = runs_of(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     jobs = [r for r in runs if r.data.tags.get("runner.kind") is None]
     parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
@@ -289,6 +297,14 @@ def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
     assert len({r.info.run_name for r in jobs}) == 6
     assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parents[0].info.run_id}
     assert {r.data.tags["sweep_id"] for r in jobs} == {parents[0].data.tags["sweep_id"]}
+    assert {r.data.tags["runner.logged"] for r in jobs} == {"background"}
+    results = {json.loads(p.read_text())["run_uid"] for p in sweep.glob("*/results.json")}
+    assert {r.data.tags["run_uid"] for r in jobs} == results
+    # the report the sweep printed is on its parent run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"comparison.md", "comparison.json", "convergence.png"} <= artifacts
+    assert parents[0].data.metrics["compare.rows"] == 6
 
 
 def test_secrets_are_masked() -> None:
