@@ -42,6 +42,11 @@ from runner.protocol import (
 
 # Quiet TensorFlow's C++ INFO/WARNING logs; must be set before the import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# `import tensorflow` loads Keras's optimizers eagerly: Keras 3's by default (~1.8 s
+# here, scikit-learn included), which this backend never uses. With legacy Keras it
+# loads tf_keras's instead, the ones this backend needs anyway; tf.keras is Keras 2
+# then, as in the notebook. A value the user set is kept.
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
 # Start-up lines TensorFlow writes to fd 2 before its log level applies (absl prints them
 # before InitializeLog), and the cuInit failure every GPU-less machine reports.
