@@ -99,6 +99,8 @@ CONVENTION = CONVENTIONS["tf"]
 
 # (loss, x, grad) as TensorFlow values.
 Values = tuple[Any, Any, Any]
+# What one update returns: (loss_i, grad_i, x_i or None), see _Run.loss().
+Step = tuple[Any, Any, Any]
 
 
 def _tf_dtype(name: str) -> tf.DType:
@@ -266,6 +268,7 @@ class _Run:
         self.np_dtype = np.dtype(spec.dtype)
         self.vector = problem.dim is not None
         self.kind = spec.update if spec.mode == "graph" else spec.mode
+        self.keep_x = not self.vector or spec.mode == "graph"  # see loss()
         opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
         with tf.device(device):
             self.p = _coefficients(problem, self.dtype)
@@ -282,49 +285,59 @@ class _Run:
                 # Create the optimizer's slots now, not inside the timed loop; no update.
                 self.opt.build([self.x])
 
-    def loss(self) -> tf.Tensor:
-        """No-argument loss, like the notebook's `f()`: reads the variable x."""
-        return self.spec.problem.loss(self.x, self.p, _OPS)
+    def loss(self) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """The notebook's no-argument `f()`, with the x it saw: (loss_i, x_i).
 
-    def loss_and_grad(self) -> tuple[tf.Tensor, tf.Tensor]:
+        x is read once, for the loss and as the step's recorded x_i: each read of a
+        variable is an op (up to ~27 us eager here), and the expression's two uses of x would read
+        it twice, the row a third time. The read is a snapshot, the update after it
+        leaves it alone. An eager run of a vector drops it (None): kept across the
+        update, it would make the update copy x instead of writing it in place.
+        """
+        x = self.x.value()
+        return self.spec.problem.loss(x, self.p, _OPS), (x if self.keep_x else None)
+
+    def loss_and_grad(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor | None]:
+        """(loss_i, grad_i, x_i), x_i as loss() gives it."""
         with tf.GradientTape() as tape:
-            loss = self.loss()
-        return loss, tape.gradient(loss, self.x)
+            loss, x = self.loss()
+        return loss, tape.gradient(loss, self.x), x
 
     def distance(self, x: Any) -> tf.Tensor:
         """||x - x*||_2, what vector problems record in place of x."""
         return tf.norm(x - self.x_star)
 
-    # One update each, returning (loss_i, grad_i) at the point before the update.
-    # They run eagerly (EagerProgram) and inside the compiled loop (graph mode).
+    # One update each, returning (loss_i, grad_i, x_i) at the point before the update
+    # (x_i as loss() gives it). They run eagerly (EagerProgram) and inside the compiled
+    # loop (graph mode).
 
-    def update_manual(self) -> tuple[tf.Tensor, tf.Tensor]:
-        loss, grad = self.loss_and_grad()
+    def update_manual(self) -> Step:
+        loss, grad, x = self.loss_and_grad()
         self.manual.update(self.x, grad)  # type: ignore[union-attr]
-        return loss, grad
+        return loss, grad, x
 
-    def update_apply(self) -> tuple[tf.Tensor, tf.Tensor]:
-        loss, grad = self.loss_and_grad()
+    def update_apply(self) -> Step:
+        loss, grad, x = self.loss_and_grad()
         self.opt.apply_gradients([(grad, self.x)])  # type: ignore[union-attr]
-        return loss, grad
+        return loss, grad, x
 
-    def update_minimize(self) -> tuple[tf.Tensor, tf.Tensor]:
+    def update_minimize(self) -> Step:
         """`opt.minimize(f, [x])`; f hands us the loss it computed, before the update.
 
         The gradient is the one minimize itself computed and applied, seen by
         `_Observed.apply_gradients`: no second differentiation, same arithmetic.
         """
-        seen: list[tf.Tensor] = []
+        seen: list[tuple[tf.Tensor, tf.Tensor | None]] = []
 
         def f() -> tf.Tensor:
-            y = self.loss()
-            seen.append(y)
-            return y
+            seen.append(self.loss())
+            return seen[0][0]
 
         self.opt.minimize(f, [self.x])  # type: ignore[union-attr]
-        return seen[0], self.opt.last_grads[0]  # type: ignore[union-attr]
+        (loss, x), grad = seen[0], self.opt.last_grads[0]  # type: ignore[union-attr]
+        return loss, grad, x
 
-    def updater(self) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
+    def updater(self) -> Callable[[], Step]:
         return {
             "manual": self.update_manual,
             "apply": self.update_apply,
@@ -333,7 +346,7 @@ class _Run:
 
     def final(self) -> Values:
         with tf.device(self.device):
-            loss, grad = self.loss_and_grad()
+            loss, grad, _x = self.loss_and_grad()
             return loss, self.x.read_value(), grad
 
 
@@ -351,13 +364,11 @@ class _EagerProgram:
     def step(self, record: bool) -> Values:
         run = self._run
         with tf.device(run.device):
-            x_i = None
-            if record:
-                # A resource variable's read is a snapshot: the update below copies on write.
-                x_i = run.distance(run.x) if run.vector else run.x.read_value()
-            loss, grad = self._update()
+            # A vector's row is its distance to x*, taken before the update writes x.
+            distance = run.distance(run.x) if record and run.vector else None
+            loss, grad, x_i = self._update()
             if record and run.vector:
-                grad = tf.norm(grad)
+                x_i, grad = distance, tf.norm(grad)
         return loss, x_i, grad
 
     def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
@@ -458,14 +469,13 @@ class _GraphProgram:
         """One update: (row x, loss_i, row grad) for step i."""
         run = self._run
         if not run.vector:
-            x_i = run.x.read_value()
-            loss, grad = self._update()
+            loss, grad, x_i = self._update()
             return x_i, loss, grad
         x_prev = self._x_prev
         assert x_prev is not None
         # The copy is made before the update writes x, so that write can be in place.
         with tf.control_dependencies([x_prev.assign(run.x, read_value=False)]):
-            loss, grad = self._update()
+            loss, grad, _x = self._update()
 
         def summaries() -> tuple[tf.Tensor, tf.Tensor]:
             return run.distance(x_prev.read_value()), tf.norm(grad)
@@ -525,7 +535,7 @@ class _GraphProgram:
         """
         run = self._run
         run.x.assign(tf.where(ok, run.x.read_value(), x_stop))
-        loss, grad = run.loss_and_grad()
+        loss, grad, _x = run.loss_and_grad()
         begin = self._window_start(start)
         return {
             "stopped_at": stopped_at,
@@ -550,8 +560,7 @@ class _GraphProgram:
         def latched(i: tf.Tensor, latch: tuple, first: bool) -> tuple:
             """Step i; a group's first writes its row. Notes the first non-finite loss."""
             ok, i_bad, x_bad = latch
-            x_i = run.x.read_value()  # a snapshot: the update below copies on write
-            loss, grad = self._update()
+            loss, grad, x_i = self._update()
             if first:  # recorded steps start groups (group divides every): slot or spare
                 slot = self._slot(i)
                 row_x, row_grad = (run.distance(x_i), tf.norm(grad)) if run.vector else (x_i, grad)
