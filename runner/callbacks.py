@@ -57,6 +57,10 @@ class SweepTracking(Callback):
         self.outage: TrackingError | None = None  # the store was away as the sweep started
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "BasicLauncher" not in _launcher(config):  # jobs elsewhere: this process waits
+            from runner.plots import preload_while_waiting
+
+            preload_while_waiting()
         tracking = _tracking(config)
         if not tracking.get("enabled", True):
             return
@@ -175,11 +179,15 @@ def stop_workers(config: DictConfig) -> None:
     Left alone they outlive a command that ends with os._exit (cli.exit_now), and a
     normal exit would wait for each to tear its frameworks down (TensorFlow: ~1.2 s).
     """
-    launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
-    if "joblib" in launcher:
+    if "joblib" in _launcher(config):
         from joblib.externals.loky import get_reusable_executor
 
         get_reusable_executor(reuse=True).shutdown(wait=True, kill_workers=True)
+
+
+def _launcher(config: DictConfig) -> str:
+    """The launcher's class path, e.g. hydra_plugins.hydra_joblib_launcher....JoblibLauncher."""
+    return str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
 
 
 def _report(sweep_dir: Path, experiment: str) -> tuple[dict[str, Path] | None, str]:
