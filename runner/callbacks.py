@@ -41,6 +41,7 @@ from runner.tracking import (
     read_sweep,
     resolve_target,
     retry_locked,
+    start_sweep_parent,
     store_error,
     write_sweep,
 )
@@ -73,7 +74,7 @@ class SweepTracking(Callback):
         try:
             if logs_in_background(tracking, target):
                 check_store(target)  # what MLflow would say at once, said before any job
-                write_sweep(sweep_dir, SweepInfo(sweep_id, None, "follower"), overrides=overrides)
+                write_sweep(sweep_dir, SweepInfo(sweep_id, None, "follower", overrides))
                 follow = ["runner.follow", f"--launcher-pid={os.getpid()}"]
                 _LOGGERS[sweep_dir] = start_logger(sweep_dir, follow, target, cwd)
                 return
@@ -87,14 +88,9 @@ class SweepTracking(Callback):
         except RunnerError as exc:  # a bad tracking setting
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        parent = retry_locked(
-            lambda: client.create_run(
-                experiment_id,
-                run_name=f"sweep {sweep_dir.name}",
-                tags={"sweep_id": sweep_id, "runner.kind": "sweep", "overrides": overrides},
-            )
+        start_sweep_parent(
+            client, experiment_id, sweep_dir, SweepInfo(sweep_id, None, "jobs", overrides)
         )
-        write_sweep(sweep_dir, SweepInfo(sweep_id, parent.info.run_id, "jobs"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         stop_workers(config)
@@ -167,7 +163,8 @@ class SweepTracking(Callback):
                 log_saved_report(client, experiment_id, report, sweep.parent_run_id, sweep.sweep_id)
         except Exception as exc:
             status = "FAILED"
-            print(f"error: the report is not in MLflow: {store_error(target.uri, exc)}")
+            why = store_error(target.uri, exc)
+            print(f"error: the report is not in MLflow: {why}", file=sys.stderr)
         finally:
             retry_locked(lambda: client.set_terminated(sweep.parent_run_id, status))
         return None

@@ -197,20 +197,19 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
     runs back from MLflow (results.json is what both read), without waiting for the
     store; the sweep's logging then attaches the files to the sweep's parent run.
     """
-    found = [p.parent for p in sorted(sweep_dir.glob(f"*/{RESULTS_FILE}"))]
-    found.sort(key=lambda folder: (folder / RESULTS_FILE).stat().st_mtime, reverse=True)
+    written = {path: path.stat().st_mtime for path in sweep_dir.glob(f"*/{RESULTS_FILE}")}
+    # newest first, as _latest_per_key expects
+    newest_first = sorted(sorted(written), key=written.__getitem__, reverse=True)
     rows = []
-    for folder in found:  # newest first, as _latest_per_key expects
+    for path in newest_first:
         try:
-            result = json.loads((folder / RESULTS_FILE).read_text())
+            result = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         if result.get("status") not in ("finished", "diverged"):
             continue  # skipped, interrupted: nothing to compare
-        started = datetime.fromtimestamp((folder / RESULTS_FILE).stat().st_mtime)
-        row = row_from_result(
-            result, run_id="", run_name=folder.name, started=started.isoformat(timespec="seconds")
-        )
+        started = datetime.fromtimestamp(written[path]).isoformat(timespec="seconds")
+        row = row_from_result(result, run_id="", run_name=path.parent.name, started=started)
         if row is not None:
             rows.append(row)
     if not rows:

@@ -27,18 +27,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from runner.compare import log_saved_report
 from runner.errors import RunnerError
-from runner.tracking import (
-    SWEEP_FILE,
-    mask_uri,
-    read_sweep,
-    resolve_target,
-    retry_locked,
-    store_error,
-)
+from runner.tracking import mask_uri, read_sweep, resolve_target, start_sweep_parent, store_error
 from runner.upload import Uploader, inherit_lock, run_dirs, timestamp
 
 DONE_FILE = "sweep_done.json"  # {"status": ..., "report": {name: path in the sweep folder}}
@@ -99,8 +92,12 @@ def follow(
     target = resolve_target({"uri": uri, "experiment": experiment}, Path.cwd())
     uploader = Uploader(uri, experiment, live=True, out=out)
     client, experiment_id = uploader.store(target)
-    sweep = read_sweep(sweep_dir)
-    parent = _create_parent(client, experiment_id, sweep_dir, target.uri)
+    try:
+        sweep = start_sweep_parent(client, experiment_id, sweep_dir, read_sweep(sweep_dir))
+    except Exception as exc:
+        raise store_error(uri, exc) from None
+    parent = sweep.parent_run_id
+    assert parent is not None
     uploader.parents[target, sweep.sweep_id] = parent
     done_file = sweep_dir / DONE_FILE
     uploaded: set[Path] = set()
@@ -124,23 +121,6 @@ def follow(
     finally:
         uploader.close_parents(done["status"])
     return uploader
-
-
-def _create_parent(client: Any, experiment_id: str, sweep_dir: Path, uri: str) -> str:
-    """The sweep's parent run, RUNNING while the sweep runs; its id goes into SWEEP_FILE."""
-    info = json.loads((sweep_dir / SWEEP_FILE).read_text())
-    tags = {"sweep_id": info["sweep_id"], "runner.kind": "sweep"}
-    tags["overrides"] = info.get("overrides", "")
-    try:
-        run = retry_locked(
-            lambda: client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
-        )
-    except Exception as exc:
-        raise store_error(uri, exc) from None
-    from runner.results import atomic_write
-
-    atomic_write(sweep_dir / SWEEP_FILE, json.dumps({**info, "parent_run_id": run.info.run_id}))
-    return run.info.run_id
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -592,6 +592,7 @@ class SweepInfo:
     # who logs the sweep's jobs: "jobs" (each job, in-process), "follower" (one
     # `python -m runner.follow` for the sweep) or "nobody" (its store was away)
     logged_by: str = "jobs"
+    overrides: str = ""  # the sweep's command-line overrides, a tag of its parent run
 
 
 def read_sweep(sweep_dir: Path) -> SweepInfo:
@@ -599,12 +600,34 @@ def read_sweep(sweep_dir: Path) -> SweepInfo:
     path = sweep_dir / SWEEP_FILE
     if path.exists():
         data = json.loads(path.read_text())
-        return SweepInfo(data["sweep_id"], data.get("parent_run_id"), data.get("logged_by", "jobs"))
+        return SweepInfo(
+            data["sweep_id"],
+            data.get("parent_run_id"),
+            data.get("logged_by", "jobs"),
+            data.get("overrides", ""),
+        )
     return SweepInfo(sweep_dir.as_posix(), None)
 
 
-def write_sweep(sweep_dir: Path, info: SweepInfo, **extra: Any) -> None:
-    atomic_write(sweep_dir / SWEEP_FILE, json.dumps({**asdict(info), **extra}))
+def write_sweep(sweep_dir: Path, info: SweepInfo) -> None:
+    atomic_write(sweep_dir / SWEEP_FILE, json.dumps(asdict(info)))
+
+
+def start_sweep_parent(
+    client: Any, experiment_id: str, sweep_dir: Path, sweep: SweepInfo
+) -> SweepInfo:
+    """Create the sweep's parent run (RUNNING while the sweep runs); its id goes to SWEEP_FILE.
+
+    Whoever logs the sweep creates it: the launcher (jobs log in-process) or the
+    sweep's logger (runner.follow).
+    """
+    tags = {"sweep_id": sweep.sweep_id, "runner.kind": "sweep", "overrides": sweep.overrides}
+    run = retry_locked(
+        lambda: client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
+    )
+    started = replace(sweep, parent_run_id=run.info.run_id)
+    write_sweep(sweep_dir, started)
+    return started
 
 
 @contextmanager
