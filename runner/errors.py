@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class RunnerError(Exception):
     """An expected failure with a message written for the user, not a bug."""
@@ -29,3 +31,9 @@ class DivergenceError(RunnerError):
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
+
+
+def installed_choices(names: Iterable[str]) -> str:
+    """The names an entry-point group offers, or why it offers none: run from a checkout
+    that was never installed, the project's own entry points are missing too."""
+    return ", ".join(sorted(names)) or "none (is the project installed? pip install -e .)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import EntryPoint, entry_points
 
-from runner.errors import ConfigError, MissingFrameworkError
+from runner.errors import ConfigError, MissingFrameworkError, installed_choices
 from runner.protocol import Backend
 
 BACKEND_GROUP = "gradient_runner.backends"
@@ -24,7 +24,7 @@ def load_backend(name: str) -> Backend:
     """Import and instantiate the backend registered as `name`."""
     found = backend_entry_points()
     if name not in found:
-        choices = ", ".join(sorted(found)) or "none (is the project installed? pip install -e .)"
+        choices = installed_choices(found)
         raise ConfigError(f"backend={name!r} is not installed; choose one of: {choices}")
     try:
         cls = found[name].load()

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, installed_choices
 
 PROBLEM_GROUP = "gradient_runner.problems"
 NUMPY_OPS = SimpleNamespace(sum=np.sum, matvec=np.matmul)
@@ -269,7 +269,8 @@ def build_problem(cfg: Mapping[str, Any]) -> Problem:
     name = values.pop("name", None)
     found = problem_classes()
     if name not in found:
-        raise ConfigError(f"problem={name!r} is unknown; choose one of: {', '.join(sorted(found))}")
+        choices = installed_choices(found)
+        raise ConfigError(f"problem={name!r} is unknown; choose one of: {choices}")
     cls = found[name].load()
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - allowed)

@@ -143,6 +143,19 @@ def test_bad_problem_settings(cfg, message) -> None:
     assert message in str(caught.value)
 
 
+def test_unknown_names_say_when_nothing_is_installed(monkeypatch) -> None:
+    """Run from a checkout that was never pip-installed, no entry point is registered."""
+    import runner.plugins
+    import runner.problems
+
+    for module in (runner.problems, runner.plugins):
+        monkeypatch.setattr(module, "entry_points", lambda group: [])
+    with pytest.raises(ConfigError, match=r"choose one of: none \(is the project installed"):
+        build_problem({"name": "quadratic"})
+    with pytest.raises(ConfigError, match=r"choose one of: none \(is the project installed"):
+        runner.plugins.load_backend("jax")
+
+
 def test_numpy_backend_matches_the_reference_and_the_notebook() -> None:
     from backends.numpy import NumpyBackend
     from runner.engine import run_minimize
