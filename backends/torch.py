@@ -58,8 +58,17 @@ _OPS = SimpleNamespace(sum=torch.sum, matvec=torch.matmul)
 #   scan_chunk:  steps per call of the compiled scan (update=manual); one host check per call.
 #   unroll:      most optimizer steps traced into one compiled call (update=apply|minimize); the
 #                largest power of two <= unroll that divides `steps` is used, so no call overruns.
-#   cpp_wrapper: Inductor's C++ wrapper, which runs the scan's loop in C++ instead of Python.
-_OPTIONS: dict[str, Any] = {"scan_chunk": 1000, "unroll": 4, "cpp_wrapper": True}
+#   cpp_wrapper: Inductor's C++ wrapper, which runs the scan's loop in C++ instead of Python:
+#                true, false or auto (on for the CPU only: on CUDA, torch 2.11 on an H100, it
+#                cannot generate the scan's while_loop, an AssertionError in
+#                codegen_subgraph_prefix, and the optimizer loop took 78 s to compile with it).
+_OPTIONS: dict[str, Any] = {"scan_chunk": 1000, "unroll": 4, "cpp_wrapper": "auto"}
+
+
+def _inductor_options(options: Mapping[str, Any], device: torch.device) -> dict[str, bool]:
+    wrapper = options["cpp_wrapper"]
+    return {"cpp_wrapper": device.type == "cpu" if wrapper == "auto" else bool(wrapper)}
+
 
 # How often (in steps) the compiled optimizer loop reads its divergence flag on the host.
 _CHECK_EVERY = 1000
@@ -196,6 +205,9 @@ class TorchBackend:
             value = spec.options.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 return f"options.{key}={value!r} must be an integer >= 1"
+        wrapper = spec.options.get("cpp_wrapper", "auto")
+        if not (isinstance(wrapper, bool) or wrapper == "auto"):
+            return f"options.cpp_wrapper={wrapper!r} must be true, false or auto"
         return None
 
     def prepare(self, spec: MinimizeSpec) -> Any:
@@ -576,7 +588,7 @@ class _ScanLoop:
         self._compiled = torch.compile(
             _own_code(run_chunk),
             fullgraph=True,
-            options={"cpp_wrapper": bool(options["cpp_wrapper"])},
+            options=_inductor_options(options, device),
         )
 
     step_multiple = 1
@@ -720,7 +732,7 @@ class _OptimizerLoop:
         self._compiled = torch.compile(
             _own_code(run_steps),
             fullgraph=True,
-            options={"cpp_wrapper": bool(options["cpp_wrapper"])},
+            options=_inductor_options(options, device),
         )
 
     def _reset(self) -> None:

@@ -418,6 +418,20 @@ def test_every_optimizer_setting_runs_in_every_mode() -> None:
                 assert BACKEND.unsupported(spec) is None, (name, hyper, mode, update, dtype)
 
 
+def test_cpp_wrapper_auto_is_on_for_the_cpu_only() -> None:
+    """On CUDA Inductor's C++ wrapper could not generate the scan (torch 2.11, an H100)."""
+    from backends.torch import _inductor_options
+
+    assert _inductor_options({"cpp_wrapper": "auto"}, torch.device("cpu")) == {"cpp_wrapper": True}
+    assert _inductor_options({"cpp_wrapper": "auto"}, torch.device("cuda:0")) == {
+        "cpp_wrapper": False
+    }
+    assert _inductor_options({"cpp_wrapper": True}, torch.device("cuda:0")) == {"cpp_wrapper": True}
+    problem, lr = PROBLEMS["quadratic_form"]
+    spec = make_spec(problem, "sgd", lr, {}, "graph", options={"cpp_wrapper": "yes"})
+    assert BACKEND.unsupported(spec) == "options.cpp_wrapper='yes' must be true, false or auto"
+
+
 def test_unsupported_reasons_are_one_line() -> None:
     problem, lr = PROBLEMS["quadratic_form"]
     bad_hyper = make_spec(problem, "adam", lr, {"weight_decay": 0.1}, "apply")
