@@ -72,7 +72,7 @@ def _minimize(
         outcome = run_minimize(
             backend,
             spec,
-            on_phase=_phase_printer(run.progress and spec.mode == "graph", spec.steps),
+            on_phase=_phase_printer(run.progress, spec.mode == "graph", spec.steps),
             progress=advance,
         )
     result = minimize_result(spec, outcome, identity)
@@ -142,11 +142,17 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
             bar.close()
 
 
-def _phase_printer(enabled: bool, steps: int) -> Callable[[str], None] | None:
-    """Compiling can take a while (torch.compile: 5-35 s): say which phase is running."""
+def _phase_printer(enabled: bool, compiled: bool, steps: int) -> Callable[[str], None] | None:
+    """Compiling can take a while (torch.compile: 5-35 s): say which phase is running.
+
+    The run line is printed in every mode: off a terminal the bar is off, and a log (or
+    a script waiting to interrupt the loop) still sees when the loop begins.
+    """
     if not enabled:
         return None
-    messages = {"compile": "compiling the loop ...", "run": f"running {steps} steps ..."}
+    messages = {"run": f"running {steps} steps ..."}
+    if compiled:
+        messages["compile"] = "compiling the loop ..."
 
     def announce(phase: str) -> None:
         if phase in messages:

@@ -8,6 +8,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -133,3 +134,49 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+class LiveRun:
+    """`python -m runner ARGS progress=true` in cwd, its stderr read line by line as it comes.
+
+    A signal test waits for the phase line printed as the loop starts, not a fixed sleep:
+    a loaded machine can spend many seconds importing and compiling first.
+    """
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runner", *args, "progress=true"],
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,  # a few lines: read once the run has ended
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[tuple[float, str]] = []
+        self.running = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+            if line.startswith("running "):  # the phase line printed as the loop starts
+                self.running.set()
+
+    def stop(self, signum: int, after: float) -> tuple[float, float]:
+        """Signal the run `after` s into its loop: (s to the saved line, s to the exit)."""
+        assert self.running.wait(240), self.lines
+        time.sleep(after)
+        sent = time.monotonic()
+        self.proc.send_signal(signum)
+        self.proc.wait(timeout=120)
+        exited = time.monotonic()
+        self._reader.join(10)
+        saved = [t for t, line in self.lines if line.endswith(": what was computed is saved")]
+        assert saved, self.lines
+        return saved[0] - sent, exited - sent
+
+    def stdout(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.read()

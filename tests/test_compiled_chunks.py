@@ -8,11 +8,7 @@ eager modes. Rows of docs/reliability.md.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +21,7 @@ from runner import engine
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock
 from runner.protocol import MinimizeSpec, Trajectory
 from tests.chunks import chunk_schedule, run_compiled, same_trajectory
-from tests.conftest import ROOT, single_result, statuses_in
+from tests.conftest import LiveRun, single_result, statuses_in
 from tests.specs import make_spec, notebook_spec
 
 # --- the engine's chunking, with a NumPy program -------------------------------------------
@@ -219,44 +215,6 @@ def test_jax_chunks_compile_nothing() -> None:
 # --- Ctrl-C and SIGTERM during a compiled run: the real CLI ------------------------------
 
 
-class _Run:
-    """`python -m runner ARGS progress=true` with stderr read as it comes, line by line."""
-
-    def __init__(self, cwd: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runner", *args, "progress=true"],
-            cwd=cwd,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[tuple[float, str]] = []
-        self.running = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append((time.monotonic(), line.rstrip("\n")))
-            if line.startswith("running "):  # the phase line printed as the loop starts
-                self.running.set()
-
-    def stop(self, signum: int, after: float) -> tuple[float, float]:
-        """Signal the run `after` s into its loop: (s to the saved line, s to the exit)."""
-        assert self.running.wait(240), self.lines
-        time.sleep(after)
-        sent = time.monotonic()
-        self.proc.send_signal(signum)
-        self.proc.wait(timeout=120)
-        exited = time.monotonic()
-        self._reader.join(10)
-        saved = [t for t, line in self.lines if line.endswith(": what was computed is saved")]
-        assert saved, self.lines
-        return saved[0] - sent, exited - sent
-
-
 def _assert_partial_run_saved(cwd: Path, steps: int) -> dict:
     result = single_result(cwd)
     assert result["status"] == "interrupted" and 0 < result["steps_run"] < steps
@@ -298,7 +256,7 @@ _DEFAULT = {("jax", "SIGTERM"), ("tf", "SIGINT"), ("tf-xla", "SIGTERM")}
 def test_signal_stops_a_compiled_run_and_saves_it(
     tmp_path: Path, args: tuple[str, ...], signum: int, code: int
 ) -> None:
-    run = _Run(tmp_path, *args, "mode=graph", f"steps={HUGE}", "tracking=off")
+    run = LiveRun(tmp_path, *args, "mode=graph", f"steps={HUGE}", "tracking=off")
     to_saved, to_exit = run.stop(signum, after=1.0)
     assert run.proc.returncode == code, run.lines
     word = "terminated" if signum == signal.SIGTERM else "interrupted"
@@ -314,7 +272,7 @@ def test_ctrl_c_during_a_compiled_run_is_killed_in_mlflow(tmp_path: Path) -> Non
     from mlflow import MlflowClient
 
     in_process = "tracking.background=false"  # the run is RUNNING in MLflow while it runs
-    run = _Run(tmp_path, "backend=jax", "mode=graph", f"steps={HUGE}", in_process)
+    run = LiveRun(tmp_path, "backend=jax", "mode=graph", f"steps={HUGE}", in_process)
     db = tmp_path / "outputs" / "mlflow.db"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "RUNNING" not in statuses_in(db):

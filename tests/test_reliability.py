@@ -26,7 +26,15 @@ from mlflow import MlflowClient
 
 from runner.results import atomic_write
 from runner.tracking import mask_text
-from tests.conftest import ROOT, cli, free_port, single_result, statuses_in, wait_for_upload
+from tests.conftest import (
+    ROOT,
+    LiveRun,
+    cli,
+    free_port,
+    single_result,
+    statuses_in,
+    wait_for_upload,
+)
 
 JAX = ("backend=jax",)
 
@@ -349,23 +357,11 @@ def test_atomic_write_never_leaves_a_truncated_file(tmp_path: Path, monkeypatch)
 
 def test_sigterm_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: Path) -> None:
     in_process = "tracking.background=false"  # the run is RUNNING in MLflow while it runs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", *JAX, "steps=100000000", "progress=false", in_process],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    live = LiveRun(tmp_path, *JAX, "steps=100000000", in_process)
+    live.stop(signal.SIGTERM, after=1.0)
+    assert live.proc.returncode == 143, live.lines
+    assert live.lines[-1][1] == "terminated: what was computed is saved"
     db = tmp_path / "outputs" / "mlflow.db"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and "RUNNING" not in statuses_in(db):
-        time.sleep(0.2)
-    time.sleep(1.5)  # the run is in its loop
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert err.strip().splitlines()[-1] == "terminated: what was computed is saved"
     result = single_result(tmp_path)
     assert result["status"] == "interrupted" and 0 < result["steps_run"] < 100_000_000
     run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))

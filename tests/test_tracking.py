@@ -22,11 +22,11 @@ from mlflow import MlflowClient
 from runner.tracking import config_params, mask_uri, thin
 from tests.conftest import (
     ROOT,
+    LiveRun,
     cli,
     free_port,
     run_dirs_in,
     single_result,
-    statuses_in,
     wait_for_upload,
 )
 
@@ -115,24 +115,10 @@ def test_diverged_run_is_failed_with_its_trajectory(tmp_path: Path) -> None:
 
 def test_ctrl_c_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: Path) -> None:
     """In-process logging: the run is RUNNING in MLflow while it runs, then KILLED."""
-    env_path = {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "backend=jax", "steps=100000000", "progress=false",
-         "tracking.background=false"],
-        cwd=tmp_path,
-        env={**os.environ, **env_path},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    live = LiveRun(tmp_path, "backend=jax", "steps=100000000", "tracking.background=false")
+    live.stop(signal.SIGINT, after=1.0)
+    assert live.proc.returncode == 130, live.lines
     db = tmp_path / "outputs" / "mlflow.db"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and "RUNNING" not in statuses_in(db):
-        time.sleep(0.2)
-    time.sleep(3)  # the loop is running
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
     result = single_result(tmp_path)
     assert result["status"] == "interrupted" and 0 < result["steps_run"] < 100_000_000
     (run,) = runs_of(f"sqlite:///{db}")
@@ -141,33 +127,14 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: 
     assert not list(tmp_path.rglob("upload.log"))  # no background upload
 
 
-def loop_started(pid: int, module: str = "jaxlib") -> bool:
-    """The framework's native library is mapped into the process: its import is done."""
-    try:
-        return module in Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return False
-
-
 def test_ctrl_c_in_background_mode_is_uploaded_as_killed(tmp_path: Path) -> None:
     """The background upload starts after Ctrl-C too, in its own session (the terminal's
     Ctrl-C does not reach it), and records the partial run as KILLED."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "backend=jax", "steps=100000000", "progress=false"],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not loop_started(proc.pid):
-        time.sleep(0.2)
-    time.sleep(3)  # JAX is imported; the loop is running
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted: what was computed is saved"
+    live = LiveRun(tmp_path, "backend=jax", "steps=100000000")
+    live.stop(signal.SIGINT, after=1.0)
+    assert live.proc.returncode == 130, live.lines
+    assert live.lines[-1][1] == "interrupted: what was computed is saved"
+    out = live.stdout()
     (run_dir,) = run_dirs_in(tmp_path)
     assert "in the background; its log: " in out
     log = wait_for_upload(run_dir)
