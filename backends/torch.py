@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backends.torch_isa import trust_probed_vec_isa
 from runner.errors import ConfigError, UnsupportedError
 from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.problems import compact
@@ -68,6 +69,11 @@ _OPTIONS: dict[str, Any] = {"scan_chunk": 1000, "unroll": 4, "cpp_wrapper": "aut
 def _inductor_options(options: Mapping[str, Any], device: torch.device) -> dict[str, bool]:
     wrapper = options["cpp_wrapper"]
     return {"cpp_wrapper": device.type == "cpu" if wrapper == "auto" else bool(wrapper)}
+
+
+def _before_compiling(device: torch.device) -> None:
+    if device.type == "cpu":  # Inductor's C++ kernels: probe the CPU's ISAs once per machine
+        trust_probed_vec_isa()
 
 
 # How often (in steps) the compiled optimizer loop reads its divergence flag on the host.
@@ -217,6 +223,7 @@ class TorchBackend:
             raise UnsupportedError(reason)
         run = _Run(spec, torch.device(self.resolved_device(spec.device)), _DTYPES[spec.dtype])
         if spec.mode == "graph":
+            _before_compiling(run.x0.device)
             options = {**_OPTIONS, **spec.options}
             loop_cls = _ScanLoop if spec.update == "manual" else _OptimizerLoop
             loop = loop_cls(spec, run, options)
@@ -246,6 +253,7 @@ class TorchBackend:
         dy_dx, *dy_dcoef = torch.autograd.grad(y, [x, *(p[k] for k in names)], create_graph=True)
         (d2y_dx2,) = torch.autograd.grad(dy_dx, x)
         constants = {k: _lift(v.detach()) for k, v in p.items()}
+        _before_compiling(device)
         compiled = _compiled_value_and_grad()
         compiled_dy_dx, compiled_y = compiled(problem, _lift(x.detach()), constants)
         return Derivatives(

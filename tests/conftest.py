@@ -43,14 +43,17 @@ def cli(
     return proc
 
 
-def python_code(code: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -c CODE` with the project importable and a minimal environment."""
+def python_code(
+    code: str, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -c CODE` with the project importable and a minimal environment
+    (plus `env`)."""
     return subprocess.run(
         [sys.executable, "-c", code],
         cwd=cwd,
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **(env or {})},
         timeout=timeout,
     )
 

@@ -399,3 +399,58 @@ def test_devices_and_versions(backend):
         backend.resolved_device("tpu")
     assert backend.versions() == {"torch": torch.__version__}
     assert (TorchBackend.name, TorchBackend.framework) == ("torch", "PyTorch")
+
+
+# Each process counts the dlopen probes Inductor runs (a spy around the real one).
+_VEC_ISA_PROBES = """
+import json
+from torch._inductor import config, cpu_vec_isa
+probes = []
+probe = cpu_vec_isa.VecISA._probe_load
+def counted(self, path):
+    probes.append(str(self))
+    return probe(self, path)
+cpu_vec_isa.VecISA._probe_load = counted
+from backends.torch_isa import trust_probed_vec_isa
+trust_probed_vec_isa()
+print(json.dumps({"probes": probes, "trusted": config.cpp.vec_isa_ok,
+                  "picked": str(cpu_vec_isa.pick_vec_isa())}))
+"""
+
+
+def test_the_vector_isa_probe_runs_once_per_machine(tmp_path):
+    import json
+    from collections import Counter
+
+    from backends.torch_isa import RECORD_FILE
+    from tests.conftest import python_code
+
+    cache = tmp_path / "inductor"
+    record_file = cache / RECORD_FILE
+
+    def process(**env: str) -> dict:
+        proc = python_code(
+            _VEC_ISA_PROBES, tmp_path, env={"TORCHINDUCTOR_CACHE_DIR": str(cache), **env}
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    first = process()
+    record = json.loads(record_file.read_text())
+    claimed = record["key"]["claimed"]
+    assert set(first["probes"]) == set(claimed)  # each claimed ISA probed (VNNI twice)
+    all_passed = record["passed"] == claimed
+    assert first["trusted"] is (True if all_passed else None)
+    second = process()
+    # trusted: the base probe of each claimed ISA is gone (AVX-512's own bf16/VNNI checks
+    # stay: Inductor runs them whatever vec_isa_ok says)
+    saved = Counter(claimed) if all_passed else Counter()
+    assert Counter(second["probes"]) == Counter(first["probes"]) - saved
+    assert (second["trusted"], second["picked"]) == (first["trusted"], first["picked"])
+    # a record from another torch (or CPU, or compiler) is probed again and replaced
+    record["key"]["torch"] = "0.0"
+    record_file.write_text(json.dumps(record))
+    assert set(process()["probes"]) == set(claimed)
+    assert json.loads(record_file.read_text())["key"]["torch"] == torch.__version__
+    # the user's own setting wins: nothing probed, nothing trusted
+    assert process(TORCHINDUCTOR_VEC_ISA_OK="0")["probes"] == []
