@@ -82,7 +82,27 @@ def _quiet_native_startup() -> Iterator[None]:
                 sys.stderr.write("\n".join(kept) + "\n")
 
 
-with _quiet_native_startup():
+@contextmanager
+def _without_tflite_jax() -> Iterator[None]:
+    """Keep JAX out of `import tensorflow`, which imports it when it is installed.
+
+    tensorflow.lite's util does `from jax import jit` (in a try, for TFLite's JAX
+    converter) as TensorFlow starts: ~0.6 s of JAX's import that a TF run never uses. A
+    None in sys.modules makes that import fail as if JAX were absent, for the duration
+    of TensorFlow's import only; `import jax` later in the process works as usual.
+    """
+    if "jax" in sys.modules:  # imported already (a worker that ran JAX jobs): no cost
+        yield
+        return
+    sys.modules["jax"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "jax" in sys.modules and sys.modules["jax"] is None:
+            del sys.modules["jax"]
+
+
+with _quiet_native_startup(), _without_tflite_jax():
     import tensorflow as tf
     import tf_keras
 

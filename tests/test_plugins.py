@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from runner.plugins import BACKEND_GROUP
 from tests.conftest import ROOT, cli, python_code, single_result
 
@@ -92,19 +94,21 @@ def test_installed_plugin_is_discovered_and_runs(tmp_path: Path) -> None:
     assert "choose one of: abacus, jax, numpy, tf, torch" in listed.stderr
 
 
-def test_a_run_imports_only_its_framework(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("backend", "framework"), [("jax", "jax"), ("tf", "tensorflow")])
+def test_a_run_imports_only_its_framework(tmp_path: Path, backend: str, framework: str) -> None:
+    # TensorFlow's own import would pull in JAX (tensorflow.lite); the TF backend keeps it out
     code = (
         "import atexit, json, sys\n"
         "atexit.register(lambda: print('LOADED', json.dumps(sorted(\n"
         "    m for m in ('tensorflow', 'torch', 'jax') if m in sys.modules))))\n"
-        "sys.argv = ['runner', 'backend=jax', 'steps=10', 'progress=false']\n"
+        f"sys.argv = ['runner', 'backend={backend}', 'steps=10', 'progress=false']\n"
         "from runner.cli import main\n"
         "main()\n"
     )
     proc = python_code(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout.split("LOADED", 1)[1])
-    assert loaded == ["jax"]
+    assert loaded == [framework]
 
 
 def test_core_imports_no_framework() -> None:
