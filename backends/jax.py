@@ -53,8 +53,11 @@ from runner.protocol import (
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any, jax.Array, jax.Array]]
 # x -> (loss(x), grad(x))
 ValueAndGrad = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
-# (x, opt_state, rows, k) -> (x_next, opt_state_next, rows with row k written): an eager step
-EagerStep = Callable[[jax.Array, Any, jax.Array, int], tuple[jax.Array, Any, jax.Array]]
+# (x, opt_state, rows, k) -> (x_next, opt_state_next, rows with row k written, k + 1): an
+# eager step; k is an int32 on the device, so no call converts a Python int
+EagerStep = Callable[
+    [jax.Array, Any, jax.Array, jax.Array], tuple[jax.Array, Any, jax.Array, jax.Array]
+]
 # (x, grad) -> what a recorded row holds: (x, grad) for scalars, (‖x − x*‖, ‖grad‖) for vectors
 Summary = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -221,6 +224,7 @@ class _EagerProgram:
         x0: jax.Array,
         opt_state: Any,
         rows: jax.Array,
+        row0: jax.Array,
     ) -> None:
         self._plain, self._recorded = steps
         self._value_and_grad = value_and_grad
@@ -228,19 +232,23 @@ class _EagerProgram:
         self._opt_state = opt_state
         self._rows = rows
         self._k = 0  # steps since the last drain
+        self._row0 = row0  # int32 0 on the device
+        self._next_row = row0  # = _k, on the device: the next step's row
         self._dtype = np.dtype(x0.dtype)
         self._on_cpu = all(d.platform == "cpu" for d in x0.devices())
 
     def step(self, record: bool) -> None:
         fn = self._recorded if record else self._plain
-        self._x, self._opt_state, self._rows = fn(self._x, self._opt_state, self._rows, self._k)
+        self._x, self._opt_state, self._rows, self._next_row = fn(
+            self._x, self._opt_state, self._rows, self._next_row
+        )
         self._k += 1
 
     def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # On CPU np.asarray is a view of the buffer (it waits for the queue); copy the
         # chunk's rows out of it.
         host = np.array(np.asarray(self._rows)[: self._k])
-        self._k = 0
+        self._k, self._next_row = 0, self._row0
         return host[:, 0], host[:, 1], host[:, 2]
 
     def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
@@ -264,14 +272,24 @@ def _eager_steps(step: StepFn, summary: Summary, vector: bool) -> tuple[EagerSte
     writes only the loss, so it computes no norm. Scalars use the recorded one for both.
     """
 
-    def recorded(x: jax.Array, state: Any, rows: jax.Array, k: Any) -> tuple[Any, ...]:
+    def recorded(x: jax.Array, state: Any, rows: jax.Array, k: jax.Array) -> tuple[Any, ...]:
         x_next, state, loss, grad = step(x, state)
         row = jnp.stack([loss, *summary(x, grad)])
-        return x_next, state, lax.dynamic_update_slice(rows, row[None], (k, 0))
+        return (
+            x_next,
+            state,
+            lax.dynamic_update_slice(rows, row[None], (k, jnp.zeros_like(k))),
+            k + 1,
+        )
 
-    def plain(x: jax.Array, state: Any, rows: jax.Array, k: Any) -> tuple[Any, ...]:
+    def plain(x: jax.Array, state: Any, rows: jax.Array, k: jax.Array) -> tuple[Any, ...]:
         x_next, state, loss, _grad = step(x, state)
-        return x_next, state, lax.dynamic_update_slice(rows, loss.reshape(1, 1), (k, 0))
+        return (
+            x_next,
+            state,
+            lax.dynamic_update_slice(rows, loss.reshape(1, 1), (k, jnp.zeros_like(k))),
+            k + 1,
+        )
 
     recorded_step = jax.jit(recorded)
     return (jax.jit(plain) if vector else recorded_step), recorded_step
@@ -577,13 +595,14 @@ class JaxBackend:
         plain, recorded = _eager_steps(step, summary, problem.dim is not None)
         eager_value_and_grad = jax.jit(value_and_grad)
         rows = jax.device_put(np.zeros((EAGER_CHUNK, 3), dtype), device)
+        row0 = jax.device_put(np.int32(0), device)
         # Warm-up: compile every step and final() here so run_s is steady state. JAX
         # arrays are immutable, so the program still starts from x0, opt_state0, rows.
         warm = {plain, recorded}
         jax.block_until_ready(
-            [fn(x0, opt_state0, rows, 0) for fn in warm] + [eager_value_and_grad(x0)]
+            [fn(x0, opt_state0, rows, row0) for fn in warm] + [eager_value_and_grad(x0)]
         )
-        return _EagerProgram((plain, recorded), eager_value_and_grad, x0, opt_state0, rows)
+        return _EagerProgram((plain, recorded), eager_value_and_grad, x0, opt_state0, rows, row0)
 
     def derivatives(self, spec: DerivativesSpec) -> Derivatives:
         dtype = _enable_dtype(spec.dtype)
