@@ -19,6 +19,8 @@ Vector problems (problem.dim set) record ||x_i - x*|| and ||grad_i|| in place of
 grad_i; final() and the trajectory's final_x / final_grad are the full vectors.
 Nothing here changes process-wide torch settings (threads, default dtype); Dynamo's
 ``trace_autograd_ops`` switch is patched only around the compiled optimizer loop's calls.
+The one process-wide setting is Inductor's ``cpp.vec_isa_ok``, set before compiling on
+the CPU once this machine's vector-ISA probe is known to pass (`backends.torch_isa`).
 """
 
 from __future__ import annotations
