@@ -42,7 +42,10 @@ def trust_probed_vec_isa() -> None:
         for isa in cpu_vec_isa.supported_vec_isa_list
         if all(flag in flags for flag in str(isa).split())
     ]
-    key = _machine_key(claimed)
+    try:
+        key = _machine_key(claimed)
+    except Exception:  # no usable C++ compiler: Inductor reports that itself, as before
+        return
     path = Path(cache_dir()) / RECORD_FILE
     record = _read(path)
     if record is None or record.get("key") != key:
