@@ -272,24 +272,17 @@ def _eager_steps(step: StepFn, summary: Summary, vector: bool) -> tuple[EagerSte
     writes only the loss, so it computes no norm. Scalars use the recorded one for both.
     """
 
+    def written(rows: jax.Array, row: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """rows with `row` at row k (column index in k's int type: x64 makes 0 an int64)."""
+        return lax.dynamic_update_slice(rows, row.reshape(1, -1), (k, jnp.zeros_like(k))), k + 1
+
     def recorded(x: jax.Array, state: Any, rows: jax.Array, k: jax.Array) -> tuple[Any, ...]:
         x_next, state, loss, grad = step(x, state)
-        row = jnp.stack([loss, *summary(x, grad)])
-        return (
-            x_next,
-            state,
-            lax.dynamic_update_slice(rows, row[None], (k, jnp.zeros_like(k))),
-            k + 1,
-        )
+        return x_next, state, *written(rows, jnp.stack([loss, *summary(x, grad)]), k)
 
     def plain(x: jax.Array, state: Any, rows: jax.Array, k: jax.Array) -> tuple[Any, ...]:
         x_next, state, loss, _grad = step(x, state)
-        return (
-            x_next,
-            state,
-            lax.dynamic_update_slice(rows, loss.reshape(1, 1), (k, jnp.zeros_like(k))),
-            k + 1,
-        )
+        return x_next, state, *written(rows, loss, k)
 
     recorded_step = jax.jit(recorded)
     return (jax.jit(plain) if vector else recorded_step), recorded_step

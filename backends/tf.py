@@ -98,8 +98,8 @@ def _without_tflite_jax() -> Iterator[None]:
     try:
         yield
     finally:
-        if "jax" in sys.modules and sys.modules["jax"] is None:
-            del sys.modules["jax"]
+        if sys.modules.get("jax") is None:  # ours, not a JAX that was imported meanwhile
+            sys.modules.pop("jax", None)
 
 
 with _quiet_native_startup(), _without_tflite_jax():

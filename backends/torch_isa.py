@@ -16,6 +16,7 @@ wins; an ISA that failed the probe keeps the probe in every process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 from pathlib import Path
@@ -28,8 +29,10 @@ from runner.results import atomic_write
 RECORD_FILE = "runner_vec_isa_probe.json"
 
 
+@functools.cache
 def trust_probed_vec_isa() -> None:
-    """Probe the CPU's vector ISAs once per machine (see the module docstring)."""
+    """Probe the CPU's vector ISAs once per machine (see the module docstring); the
+    record is read once per process, not on every compiled program's prepare()."""
     from torch._inductor import config, cpu_vec_isa
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
