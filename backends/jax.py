@@ -309,6 +309,8 @@ class _CompiledProgram:
     step) as arguments, so one compile serves every chunk; the state stays on the
     device between chunks, only the span's rows and its final state cross to the host.
     A span longer than the row buffers (ROWS_PER_CALL rows) takes several calls.
+    x and the state are donated, so the loop runs in their buffers; while the engine
+    holds a chunk's final x (a NumPy view of it, on CPU) JAX copies it instead.
     """
 
     def __init__(
@@ -340,7 +342,7 @@ class _CompiledProgram:
             bufs, stopped_at, x, state, final = self._executable(
                 self._x, self._opt_state, np.int32(start), np.int32(end)
             )
-            bufs, stopped_at, final = self._to_host((bufs, stopped_at, final))
+            bufs, stopped_at, final = self._to_host((bufs, stopped_at, (x, *final)))
             stopped_at = int(stopped_at)
             # Slot 0 holds the first recorded step >= start; rows at steps < stopped_at.
             kept = -(-stopped_at // every) - -(-start // every)
@@ -372,15 +374,10 @@ def _row_buffers(summary: Summary, x0: jax.Array, slots: int) -> tuple[jax.Array
     )
 
 
-def _finish(value_and_grad: ValueAndGrad, ok: jax.Array, x: jax.Array, bad: tuple) -> tuple:
-    """The final state: at x when ok, else the state latched at the non-finite loss."""
-    x_bad, loss_bad, grad_bad = bad
+def _finish(value_and_grad: ValueAndGrad, ok: jax.Array, x: jax.Array, loss_bad: jax.Array):
+    """(loss, grad) of the final state x; the loss the loop met there when it was not finite."""
     loss_end, grad_end = value_and_grad(x)
-    return (
-        jnp.where(ok, x, x_bad),
-        jnp.where(ok, loss_end, loss_bad),
-        jnp.where(ok, grad_end, grad_bad),
-    )
+    return jnp.where(ok, loss_end, loss_bad), grad_end
 
 
 def _flat_steps(
@@ -388,36 +385,33 @@ def _flat_steps(
 ) -> Callable[..., tuple]:
     """The per-step loop over steps i..end-1, recording into slot i // every − first.
 
-    One while_loop, the same body for every step, so it may start and end at any step:
-    it stops right after the first non-finite loss, and a recorded step (i % every == 0)
-    computes its row (for vector problems `summary(x, grad)` = (‖x − x*‖, ‖grad‖), in a
-    cond, so other steps compute no norm) and writes it to its slot; other steps write
-    zeros to a spare last slot, so the write has no branch. Returns (ok, step of the
-    last loss, x, state, (x, loss, grad) at that step, bufs).
+    One while_loop, the same body for every step, so it may start and end at any step.
+    A step whose loss is not finite leaves x as it was and ends the loop, so x is the
+    state at that loss with no copy of the previous x carried along (it is used for
+    x of 1e7 entries: each array carried or kept costs n). Every step computes its
+    row (for vector problems `summary(x, grad)` = (‖x − x*‖, ‖grad‖): two reductions
+    over x, with no branch, which in a cond cost a copy of x) and writes it to its
+    slot when recorded (i % every == 0), else to a spare last slot. Returns (ok, step
+    of the last loss, x, state, last loss, bufs).
     """
 
     def steps(i: jax.Array, end: jax.Array, x: jax.Array, state: Any, bufs: tuple) -> tuple:
-        row_x0, row_grad0 = (jnp.zeros_like(b[0]) for b in (bufs[0], bufs[2]))
-
         def cond(c: tuple) -> jax.Array:
-            i, _x, _state, _xp, loss_p, _gp, _bufs = c
+            i, _x, _state, loss_p, _bufs = c
             return (i < end) & jnp.isfinite(loss_p)
 
         def body(c: tuple) -> tuple:
-            i, x, state, _xp, _lp, _gp, (bx, bl, bg) = c
+            i, x, state, _lp, (bx, bl, bg) = c
             x_next, state, loss, grad = step(x, state)
-            recorded = i % every == 0
-            row_x, row_grad = lax.cond(
-                recorded, lambda: summary(x, grad), lambda: (row_x0, row_grad0)
-            )
-            k = jnp.where(recorded, i // every - first, capacity)
+            row_x, row_grad = summary(x, grad)
+            k = jnp.where(i % every == 0, i // every - first, capacity)
             bufs = (bx.at[k].set(row_x), bl.at[k].set(loss), bg.at[k].set(row_grad))
-            return i + 1, x_next, state, x, loss, grad, bufs
+            # A non-finite loss keeps x where it was: the loop ends with the state there.
+            return i + 1, jnp.where(jnp.isfinite(loss), x_next, x), state, loss, bufs
 
-        zero = jnp.zeros_like(x)
-        carry = (i, x, state, zero, jnp.zeros((), x.dtype), zero, bufs)
-        i, x, state, xp, lp, gp, bufs = lax.while_loop(cond, body, carry)
-        return jnp.isfinite(lp), i - 1, x, state, (xp, lp, gp), bufs
+        carry = (i, x, state, jnp.zeros((), x.dtype), bufs)
+        i, x, state, lp, bufs = lax.while_loop(cond, body, carry)
+        return jnp.isfinite(lp), i - 1, x, state, lp, bufs
 
     return steps
 
@@ -432,8 +426,8 @@ def _flat_loop(
         first = (start + every - 1) // every
         steps = _flat_steps(step, summary, every, capacity, first)
         bufs = _row_buffers(summary, x0, capacity + 1)
-        ok, last, x, state, bad, bufs = steps(start, end, x0, state0, bufs)
-        return bufs, jnp.where(ok, end, last), x, state, _finish(value_and_grad, ok, x, bad)
+        ok, last, x, state, loss_bad, bufs = steps(start, end, x0, state0, bufs)
+        return bufs, jnp.where(ok, end, last), x, state, _finish(value_and_grad, ok, x, loss_bad)
 
     return run
 
@@ -459,7 +453,7 @@ def _group_loop(
 
     def latched(i: Any, x: jax.Array, state: Any, latch: tuple) -> tuple:
         """Step i, noting in `latch` the step and state of the first non-finite loss."""
-        ok, i_bad, x_bad, loss_bad, grad_bad = latch
+        ok, i_bad, x_bad, loss_bad = latch
         x_next, state, loss, grad = step(x, state)
         finite = jnp.isfinite(loss)
         first = ok & ~finite
@@ -468,7 +462,6 @@ def _group_loop(
             jnp.where(first, i, i_bad),
             jnp.where(first, x, x_bad),
             jnp.where(first, loss, loss_bad),
-            jnp.where(first, grad, grad_bad),
         )
         return x_next, state, latch, loss, grad
 
@@ -493,20 +486,21 @@ def _group_loop(
                 x, state, latch, _loss, _grad = latched(i + j, x, state, latch)
             return g + 1, latch, x, state, bufs
 
-        zero = jnp.zeros_like(x0)
-        latch = (jnp.bool_(True), start, zero, jnp.zeros((), x0.dtype), zero)
+        latch = (jnp.bool_(True), start, jnp.zeros_like(x0), jnp.zeros((), x0.dtype))
         carry = (jnp.int32(0), latch, x0, state0, bufs)
-        _g, (ok, i_bad, *bad), x, state, bufs = lax.while_loop(cond, body, carry)
+        _g, (ok, i_bad, x_bad, loss_bad), x, state, bufs = lax.while_loop(cond, body, carry)
 
         def rest() -> tuple:
             steps = _flat_steps(step, summary, every, capacity, first)
             return steps(start + groups * group, end, x, state, bufs)
 
         def none() -> tuple:
-            return ok, i_bad, x, state, tuple(bad), bufs
+            return ok, i_bad, jnp.where(ok, x, x_bad), state, loss_bad, bufs
 
-        ok, last, x, state, bad, bufs = lax.cond(ok & (start + groups * group < end), rest, none)
-        return bufs, jnp.where(ok, end, last), x, state, _finish(value_and_grad, ok, x, bad)
+        ok, last, x, state, loss_bad, bufs = lax.cond(
+            ok & (start + groups * group < end), rest, none
+        )
+        return bufs, jnp.where(ok, end, last), x, state, _finish(value_and_grad, ok, x, loss_bad)
 
     return run
 
@@ -578,9 +572,13 @@ class JaxBackend:
             else:
                 loop = _flat_loop(step, value_and_grad, summary, every, capacity)
             i32 = np.int32(0)
-            executable = jax.jit(loop).lower(x0, opt_state0, i32, i32).compile()
+            # x and the optimizer state are donated: the loop runs in their buffers.
+            loop = jax.jit(loop, donate_argnums=(0, 1))
+            executable = loop.lower(x0, opt_state0, i32, i32).compile()
             # An empty chunk: an executable's first run pays one-time costs (~1 ms here).
-            jax.block_until_ready(executable(x0, opt_state0, i32, i32))
+            # It hands x0 and opt_state0 back, in the buffers the next call donates.
+            _bufs, _i, x0, opt_state0, _final = executable(x0, opt_state0, i32, i32)
+            jax.block_until_ready((x0, opt_state0))
             return _CompiledProgram(executable, x0, opt_state0, spec, group)
 
         # The eager steps jit the traceable step (minimize_step, jitted already as the

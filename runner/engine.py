@@ -126,25 +126,28 @@ def _run_compiled(
     none did), as an eager run does.
     """
     align = max(1, int(getattr(program, "step_multiple", 1)))
-    parts: list[Trajectory] = []
+    # Each chunk's rows, and the last chunk (its final state): an earlier chunk's final
+    # state (x and grad, n entries each) is let go as the next one comes.
+    rows: list[_Rows] = []
+    last: Trajectory | None = None
     length = -(-FIRST_CHUNK // align) * align
     try:
         done = 0
         while done < spec.steps:
             stop = min(done + length, spec.steps)
             start = time.perf_counter()
-            part = program.advance(stop)
+            last = program.advance(stop)
             elapsed = time.perf_counter() - start
-            parts.append(part)
-            done = part.stopped_at
+            rows.append(_Rows(last.steps, last.x, last.loss, last.grad))
+            done = last.stopped_at
             if done < stop:  # a non-finite loss: the run ends at its step
                 break
             if progress is not None:
                 progress(done)
             length = _next_chunk(length, elapsed, align)
     except KeyboardInterrupt:
-        return _joined(parts, spec), True
-    return _joined(parts, spec), False
+        return _joined(rows, last, spec), True
+    return _joined(rows, last, spec), False
 
 
 def _next_chunk(length: int, elapsed: float, align: int) -> int:
@@ -153,11 +156,11 @@ def _next_chunk(length: int, elapsed: float, align: int) -> int:
     return max(align, int(wanted) // align * align)
 
 
-def _joined(parts: list[Trajectory], spec: MinimizeSpec) -> Trajectory:
+def _joined(rows: list[_Rows], last: Trajectory | None, spec: MinimizeSpec) -> Trajectory:
     """The chunks' rows end to end, and the last chunk's final state (x0's if none ran)."""
-    if not parts:
+    if last is None:
         return _initial_state(spec)
-    return replace(parts[-1], **_joined_rows(parts))
+    return replace(last, **_joined_rows(rows))
 
 
 def _joined_rows(parts: Sequence[Any]) -> dict[str, np.ndarray]:

@@ -330,8 +330,12 @@ def test_no_compilation_after_prepare_for_vectors(backend, mode):
 @pytest.mark.parametrize(
     ("mode", "update"), [("manual", "apply"), ("apply", "apply"), ("graph", "apply")]
 )
-def test_vector_divergence_stops_at_the_references_first_non_finite_loss(backend, mode, update):
-    problem = PROBLEMS["rosenbrock"]
+# dim 32: past UNROLLED_SIZE, the compiled loop is the per-step one (_flat_steps).
+@pytest.mark.parametrize("dim", [4, 32])
+def test_vector_divergence_stops_at_the_references_first_non_finite_loss(
+    backend, mode, update, dim
+):
+    problem = Rosenbrock(dim=dim, x0=0.0)
     optimizer = OptimizerSpec("sgd", 0.05, {})
     with np.errstate(all="ignore"):
         xs, losses = reference_run(problem, optimizer, steps=60)
@@ -341,7 +345,7 @@ def test_vector_divergence_stops_at_the_references_first_non_finite_loss(backend
     traj = outcome.trajectory
     assert outcome.diverged and traj.stopped_at == first_bad
     np.testing.assert_array_equal(traj.steps, np.arange(0, first_bad, 5))
-    assert np.all(np.isfinite(traj.x)) and np.asarray(traj.final_x).shape == (4,)
+    assert np.all(np.isfinite(traj.x)) and np.asarray(traj.final_x).shape == (dim,)
     with np.errstate(all="ignore"):
         np.testing.assert_allclose(traj.final_x, xs[first_bad], rtol=1e-10)
 

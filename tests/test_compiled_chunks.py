@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,32 @@ def test_ctrl_c_keeps_the_chunks_that_completed() -> None:
     assert same_trajectory(engine._run_compiled(full, full.spec)[0], traj)
 
 
+class _HeldFinals(_NumpySgd):
+    """...noting, as each chunk starts, how many earlier chunks' final x are still held."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.finals: list[weakref.ref] = []
+        self.held: list[int] = []
+
+    def advance(self, stop: int) -> Trajectory:
+        self.held.append(sum(final() is not None for final in self.finals))
+        part = super().advance(stop)
+        final_x = np.array(part.final_x)  # a copy the program itself does not hold
+        self.finals.append(weakref.ref(final_x))
+        return replace(part, final_x=final_x)
+
+
+def test_only_the_last_chunks_final_state_is_held() -> None:
+    """A final state is n entries (x and grad); a run of many chunks keeps one of them."""
+    spec = _spec(1000, 7)
+    program = _HeldFinals(spec)
+    with chunk_schedule(10, 2):
+        traj, _ = engine._run_compiled(program, spec)
+    assert len(program.held) > 3 and program.held == [0] + [1] * (len(program.held) - 1)
+    assert same_trajectory(engine._run_compiled(_NumpySgd(spec), spec)[0], traj)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_ctrl_c_before_the_first_chunk_is_the_state_at_x0(dtype: str) -> None:
     problem = Rosenbrock(dim=3, x0=0.5)
@@ -156,6 +183,10 @@ CASES: list[tuple[str, MinimizeSpec]] = [
         "vector-diverges",
         make_spec(Rosenbrock(dim=4, x0=0.0), "sgd", 0.05, {}, "graph", steps=60, every=2),
     ),
+    (  # past the unrolled loops' size: the per-step loop stops it
+        "vector-diverges-flat",
+        make_spec(Rosenbrock(dim=32, x0=0.0), "sgd", 0.05, {}, "graph", steps=60, every=2),
+    ),
 ]  # fmt: skip
 
 # (first chunk, growth cap): one step (or row) at a time, doubling; odd sizes; one chunk.
@@ -186,9 +217,9 @@ def test_chunk_boundaries_change_no_bit(variant: str, case: MinimizeSpec) -> Non
         if variant.startswith("tf"):  # one trace (and XLA compile) served every chunk
             assert program._fn.experimental_get_tracing_count() == 1
     assert all(same_trajectory(traj, found[0]) for traj in found[1:])
-    assert found[0].stopped_at == {"diverges-in-a-row": 64, "vector-diverges": 7}.get(
-        next(name for name, s in CASES if s is case), spec.steps
-    )
+    stops = {"diverges-in-a-row": 64, "vector-diverges": 7, "vector-diverges-flat": 7}
+    name = next(name for name, s in CASES if s is case)
+    assert found[0].stopped_at == stops.get(name, spec.steps)
 
 
 def test_jax_chunks_compile_nothing() -> None:

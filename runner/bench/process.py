@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.bench.cases import FRAMEWORK_MODULE, ITEMSIZE, Best, Settings, Variant, first_line
+from runner.engine import FIRST_CHUNK
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -228,14 +229,19 @@ print(json.dumps({"baseline_bytes": base, "peak_bytes": peak,
 """
 
 
+MEMORY_STEPS = FIRST_CHUNK + 50
+
+
 def peak_memory(variant: Variant, n: int) -> dict[str, Any]:
     """Peak RSS of an n-dim float32 compiled run in a fresh process, against 3 x bytes(x).
 
     The baseline is the peak RSS after importing the framework and a tiny (n=16) run
     of the same mode, so the framework's own footprint and compile memory are in it.
-    Peak RSS is the process's VmHWM (see _PROBE for why not getrusage).
+    Peak RSS is the process's VmHWM (see _PROBE for why not getrusage). The run is
+    MEMORY_STEPS long, so that it takes more than one chunk like any longer run: a
+    program may hold more between chunks than in its first one.
     """
-    args = json.dumps([variant.backend, variant.mode, variant.jit_compile, n, 5])
+    args = json.dumps([variant.backend, variant.mode, variant.jit_compile, n, MEMORY_STEPS])
     with scratch_dir("memory") as cwd:
         _, proc = timed([sys.executable, "-c", _PROBE, args], cwd)
     checked(proc, f"memory probe {variant.label}")
