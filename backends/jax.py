@@ -46,7 +46,7 @@ from runner.protocol import (
     Derivatives,
     DerivativesSpec,
     MinimizeSpec,
-    Trajectory,
+    Span,
 )
 
 # (x, opt_state) -> (x_next, opt_state_next, loss(x), grad(x)): one update, traceable.
@@ -202,7 +202,33 @@ def make_minimize_step(optimizer: optax.GradientTransformation) -> Callable[...,
     return minimize_step
 
 
-class _EagerProgram:
+class _Program:
+    """What eager and compiled programs share: x on the device, final() and to_numpy()."""
+
+    def __init__(self, value_and_grad: ValueAndGrad, x0: jax.Array) -> None:
+        self._value_and_grad = value_and_grad  # jitted
+        self._x = x0
+        self._dtype = np.dtype(x0.dtype)
+        self._on_cpu = all(d.platform == "cpu" for d in x0.devices())
+
+    def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
+        # On CPU, np.asarray per value is ~1 us each (a view of the buffer; the first
+        # one waits for the queue), and one value (the final x or grad, n entries) stays
+        # a view. jnp.stack would cost ~5 us per value plus a fresh XLA compile (~0.8 s)
+        # for every new list length. On an accelerator, jax.device_get starts every
+        # device-to-host copy before waiting on any.
+        if self._on_cpu:
+            if len(values) == 1:
+                return np.asarray(values[0], dtype=self._dtype)[np.newaxis]
+            return np.array([np.asarray(v) for v in values], dtype=self._dtype)
+        return np.array(jax.device_get(list(values)), dtype=self._dtype)
+
+    def final(self) -> tuple[Any, Any, Any]:
+        loss, grad = self._value_and_grad(self._x)
+        return loss, self._x, grad
+
+
+class _EagerProgram(_Program):
     """The engine drives the loop; each step is one call of a jitted function.
 
     A RecordingEagerProgram: the jitted step also writes its row into `rows`, a chunk
@@ -226,16 +252,13 @@ class _EagerProgram:
         rows: jax.Array,
         row0: jax.Array,
     ) -> None:
+        super().__init__(value_and_grad, x0)
         self._plain, self._recorded = steps
-        self._value_and_grad = value_and_grad
-        self._x = x0
         self._opt_state = opt_state
         self._rows = rows
         self._k = 0  # steps since the last drain
         self._row0 = row0  # int32 0 on the device
         self._next_row = row0  # = _k, on the device: the next step's row
-        self._dtype = np.dtype(x0.dtype)
-        self._on_cpu = all(d.platform == "cpu" for d in x0.devices())
 
     def step(self, record: bool) -> None:
         fn = self._recorded if record else self._plain
@@ -250,19 +273,6 @@ class _EagerProgram:
         host = np.array(np.asarray(self._rows)[: self._k])
         self._k, self._next_row = 0, self._row0
         return host[:, 0], host[:, 1], host[:, 2]
-
-    def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
-        # On CPU, np.asarray per value is ~1 us each (a view of the buffer; the first
-        # one waits for the queue). jnp.stack would cost ~5 us per value plus a fresh
-        # XLA compile (~0.8 s) for every new list length. On an accelerator,
-        # jax.device_get starts every device-to-host copy before waiting on any.
-        if self._on_cpu:
-            return np.array([np.asarray(v) for v in values], dtype=self._dtype)
-        return np.array(jax.device_get(list(values)), dtype=self._dtype)
-
-    def final(self) -> tuple[Any, Any, Any]:
-        loss, grad = self._value_and_grad(self._x)
-        return loss, self._x, grad
 
 
 def _eager_steps(step: StepFn, summary: Summary, vector: bool) -> tuple[EagerStep, EagerStep]:
@@ -302,66 +312,57 @@ def _group(every: int) -> int:
     return max(d for d in range(1, min(every, UNROLL) + 1) if every % d == 0)
 
 
-class _CompiledProgram:
+class _CompiledProgram(_Program):
     """The loop as one ahead-of-time compiled XLA executable, called once per chunk.
 
     The executable takes the state (x, optimizer state) and the span (first step, end
     step) as arguments, so one compile serves every chunk; the state stays on the
-    device between chunks, only the span's rows and its final state cross to the host.
-    A span longer than the row buffers (ROWS_PER_CALL rows) takes several calls.
-    x and the state are donated, so the loop runs in their buffers; while the engine
-    holds a chunk's final x (a NumPy view of it, on CPU) JAX copies it instead.
+    device, only the span's rows cross to the host (final() is asked for once, when the
+    run ends). A span longer than the row buffers (ROWS_PER_CALL rows) takes several
+    calls. x and the state are donated, so the loop runs in their buffers: the engine
+    holds signals until advance() has stored the call's results (CompiledProgram).
     """
 
     def __init__(
-        self, executable: Any, x0: jax.Array, opt_state0: Any, spec: MinimizeSpec, group: int
+        self,
+        executable: Any,
+        value_and_grad: ValueAndGrad,
+        x0: jax.Array,
+        opt_state0: Any,
+        spec: MinimizeSpec,
+        group: int,
     ) -> None:
+        super().__init__(value_and_grad, x0)
         self._executable = executable
-        self._x, self._opt_state = x0, opt_state0
+        self._opt_state = opt_state0
         self._done = 0
-        self._spec = spec
+        self._every = spec.record.every
         self._capacity = min(spec.record.rows, ROWS_PER_CALL)
-        self._on_cpu = all(d.platform == "cpu" for d in x0.devices())
         # The grouped loop runs whole groups (and the run's last, shorter one).
         self.step_multiple = group
 
-    def _to_host(self, values: Any) -> Any:
-        """On CPU np.asarray views each buffer (~15 us a call, against ~70 us for
-        jax.device_get); on an accelerator device_get starts every copy before waiting."""
-        if self._on_cpu:
-            return jax.tree_util.tree_map(np.asarray, values)
-        return jax.device_get(values)
-
-    def advance(self, stop: int) -> Trajectory:
-        every = self._spec.record.every
+    def advance(self, stop: int) -> Span:
+        every = self._every
         begin = self._done
         parts = []
         while True:
             start = self._done
             end = min(stop, start + self._capacity * every)
-            bufs, stopped_at, x, state, final = self._executable(
+            bufs, stopped_at, self._x, self._opt_state = self._executable(
                 self._x, self._opt_state, np.int32(start), np.int32(end)
             )
-            bufs, stopped_at, final = self._to_host((bufs, stopped_at, (x, *final)))
-            stopped_at = int(stopped_at)
+            # On CPU np.asarray views a buffer (~15 us a call, against ~70 us for
+            # jax.device_get); the rows are copied out of it.
+            host = np.asarray if self._on_cpu else jax.device_get
+            stopped_at = self._done = int(host(stopped_at))
             # Slot 0 holds the first recorded step >= start; rows at steps < stopped_at.
             kept = -(-stopped_at // every) - -(-start // every)
-            parts.append([np.array(b[:kept]) for b in bufs])
-            self._x, self._opt_state, self._done = x, state, stopped_at
+            parts.append([np.array(host(b)[:kept]) for b in bufs])
             if stopped_at < end or stopped_at == stop:
                 break
         x_rows, loss_rows, grad_rows = (np.concatenate(c) for c in zip(*parts, strict=True))
-        final_x, final_loss, final_grad = final
-        return Trajectory(
-            steps=np.arange(-(-begin // every) * every, self._done, every, dtype=np.int64),
-            x=x_rows,
-            loss=loss_rows,
-            grad=grad_rows,
-            final_x=np.asarray(final_x),
-            final_loss=float(final_loss),
-            final_grad=np.asarray(final_grad),
-            stopped_at=self._done,
-        )
+        steps = np.arange(-(-begin // every) * every, stopped_at, every, dtype=np.int64)
+        return Span(steps, x_rows, loss_rows, grad_rows, stopped_at)
 
 
 def _row_buffers(summary: Summary, x0: jax.Array, slots: int) -> tuple[jax.Array, ...]:
@@ -372,12 +373,6 @@ def _row_buffers(summary: Summary, x0: jax.Array, slots: int) -> tuple[jax.Array
         jnp.zeros((slots,), x0.dtype),
         jnp.zeros((slots, *row_grad.shape), row_grad.dtype),
     )
-
-
-def _finish(value_and_grad: ValueAndGrad, ok: jax.Array, x: jax.Array, loss_bad: jax.Array):
-    """(loss, grad) of the final state x; the loss the loop met there when it was not finite."""
-    loss_end, grad_end = value_and_grad(x)
-    return jnp.where(ok, loss_end, loss_bad), grad_end
 
 
 def _flat_steps(
@@ -392,7 +387,7 @@ def _flat_steps(
     row (for vector problems `summary(x, grad)` = (‖x − x*‖, ‖grad‖): two reductions
     over x, with no branch, which in a cond cost a copy of x) and writes it to its
     slot when recorded (i % every == 0), else to a spare last slot. Returns (ok, step
-    of the last loss, x, state, last loss, bufs).
+    of the last loss, x, state, bufs).
     """
 
     def steps(i: jax.Array, end: jax.Array, x: jax.Array, state: Any, bufs: tuple) -> tuple:
@@ -411,30 +406,29 @@ def _flat_steps(
 
         carry = (i, x, state, jnp.zeros((), x.dtype), bufs)
         i, x, state, lp, bufs = lax.while_loop(cond, body, carry)
-        return jnp.isfinite(lp), i - 1, x, state, lp, bufs
+        return jnp.isfinite(lp), i - 1, x, state, bufs
 
     return steps
 
 
 def _flat_loop(
-    step: StepFn, value_and_grad: ValueAndGrad, summary: Summary, every: int, capacity: int
+    step: StepFn, summary: Summary, every: int, capacity: int
 ) -> Callable[..., tuple[Any, ...]]:
     """Steps start..end-1 as a traceable function of (x, opt_state, start, end): see
-    `_flat_steps`. Returns (row buffers, stopped_at, x, state, final (x, loss, grad))."""
+    `_flat_steps`. Returns (row buffers, stopped_at, x, state)."""
 
     def run(x0: jax.Array, state0: Any, start: jax.Array, end: jax.Array) -> tuple:
         first = (start + every - 1) // every
         steps = _flat_steps(step, summary, every, capacity, first)
         bufs = _row_buffers(summary, x0, capacity + 1)
-        ok, last, x, state, loss_bad, bufs = steps(start, end, x0, state0, bufs)
-        return bufs, jnp.where(ok, end, last), x, state, _finish(value_and_grad, ok, x, loss_bad)
+        ok, last, x, state, bufs = steps(start, end, x0, state0, bufs)
+        return bufs, jnp.where(ok, end, last), x, state
 
     return run
 
 
 def _group_loop(
     step: StepFn,
-    value_and_grad: ValueAndGrad,
     summary: Summary,
     every: int,
     capacity: int,
@@ -453,16 +447,11 @@ def _group_loop(
 
     def latched(i: Any, x: jax.Array, state: Any, latch: tuple) -> tuple:
         """Step i, noting in `latch` the step and state of the first non-finite loss."""
-        ok, i_bad, x_bad, loss_bad = latch
+        ok, i_bad, x_bad = latch
         x_next, state, loss, grad = step(x, state)
         finite = jnp.isfinite(loss)
         first = ok & ~finite
-        latch = (
-            ok & finite,
-            jnp.where(first, i, i_bad),
-            jnp.where(first, x, x_bad),
-            jnp.where(first, loss, loss_bad),
-        )
+        latch = (ok & finite, jnp.where(first, i, i_bad), jnp.where(first, x, x_bad))
         return x_next, state, latch, loss, grad
 
     def run(x0: jax.Array, state0: Any, start: jax.Array, end: jax.Array) -> tuple:
@@ -486,21 +475,19 @@ def _group_loop(
                 x, state, latch, _loss, _grad = latched(i + j, x, state, latch)
             return g + 1, latch, x, state, bufs
 
-        latch = (jnp.bool_(True), start, jnp.zeros_like(x0), jnp.zeros((), x0.dtype))
+        latch = (jnp.bool_(True), start, jnp.zeros_like(x0))
         carry = (jnp.int32(0), latch, x0, state0, bufs)
-        _g, (ok, i_bad, x_bad, loss_bad), x, state, bufs = lax.while_loop(cond, body, carry)
+        _g, (ok, i_bad, x_bad), x, state, bufs = lax.while_loop(cond, body, carry)
 
         def rest() -> tuple:
             steps = _flat_steps(step, summary, every, capacity, first)
             return steps(start + groups * group, end, x, state, bufs)
 
         def none() -> tuple:
-            return ok, i_bad, jnp.where(ok, x, x_bad), state, loss_bad, bufs
+            return ok, i_bad, jnp.where(ok, x, x_bad), state, bufs
 
-        ok, last, x, state, loss_bad, bufs = lax.cond(
-            ok & (start + groups * group < end), rest, none
-        )
-        return bufs, jnp.where(ok, end, last), x, state, _finish(value_and_grad, ok, x, loss_bad)
+        ok, last, x, state, bufs = lax.cond(ok & (start + groups * group < end), rest, none)
+        return bufs, jnp.where(ok, end, last), x, state
 
     return run
 
@@ -562,38 +549,39 @@ class JaxBackend:
         # run's device: init() makes some leaves (the count) on the default device.
         opt_state0 = jax.device_put(init(x0), device)
         summary = _summary(problem, dtype, device)
+        # final(): the state where the run stopped, computed once at its end.
+        final_value_and_grad = jax.jit(value_and_grad)
 
         if spec.mode == "graph":
             capacity = min(spec.record.rows, ROWS_PER_CALL)
             every = spec.record.every
             group = _group(every) if x0.size <= UNROLLED_SIZE else 1
             if group > 1:
-                loop = _group_loop(step, value_and_grad, summary, every, capacity, group)
+                loop = _group_loop(step, summary, every, capacity, group)
             else:
-                loop = _flat_loop(step, value_and_grad, summary, every, capacity)
+                loop = _flat_loop(step, summary, every, capacity)
             i32 = np.int32(0)
             # x and the optimizer state are donated: the loop runs in their buffers.
             loop = jax.jit(loop, donate_argnums=(0, 1))
             executable = loop.lower(x0, opt_state0, i32, i32).compile()
             # An empty chunk: an executable's first run pays one-time costs (~1 ms here).
             # It hands x0 and opt_state0 back, in the buffers the next call donates.
-            _bufs, _i, x0, opt_state0, _final = executable(x0, opt_state0, i32, i32)
-            jax.block_until_ready((x0, opt_state0))
-            return _CompiledProgram(executable, x0, opt_state0, spec, group)
+            _bufs, _i, x0, opt_state0 = executable(x0, opt_state0, i32, i32)
+            jax.block_until_ready((x0, opt_state0, final_value_and_grad(x0)))
+            return _CompiledProgram(executable, final_value_and_grad, x0, opt_state0, spec, group)
 
         # The eager steps jit the traceable step (minimize_step, jitted already as the
         # idiom, is inlined into them).
         plain, recorded = _eager_steps(step, summary, problem.dim is not None)
-        eager_value_and_grad = jax.jit(value_and_grad)
         rows = jax.device_put(np.zeros((EAGER_CHUNK, 3), dtype), device)
         row0 = jax.device_put(np.int32(0), device)
         # Warm-up: compile every step and final() here so run_s is steady state. JAX
         # arrays are immutable, so the program still starts from x0, opt_state0, rows.
         warm = {plain, recorded}
         jax.block_until_ready(
-            [fn(x0, opt_state0, rows, row0) for fn in warm] + [eager_value_and_grad(x0)]
+            [fn(x0, opt_state0, rows, row0) for fn in warm] + [final_value_and_grad(x0)]
         )
-        return _EagerProgram((plain, recorded), eager_value_and_grad, x0, opt_state0, rows, row0)
+        return _EagerProgram((plain, recorded), final_value_and_grad, x0, opt_state0, rows, row0)
 
     def derivatives(self, spec: DerivativesSpec) -> Derivatives:
         dtype = _enable_dtype(spec.dtype)

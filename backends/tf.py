@@ -37,7 +37,7 @@ from runner.protocol import (
     Derivatives,
     DerivativesSpec,
     MinimizeSpec,
-    Trajectory,
+    Span,
 )
 
 # Quiet TensorFlow's C++ INFO/WARNING logs; must be set before the import.
@@ -370,7 +370,25 @@ class _Run:
             return loss, self.x.read_value(), grad
 
 
-class _EagerProgram:
+class _Program:
+    """What eager and graph programs share: the run's state, read by final() and to_numpy()."""
+
+    _run: _Run
+
+    def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
+        # Stack on the run's device, then one transfer to the host; one value (the final
+        # x or grad, n entries) goes as it is: stacking would copy it (and cost an op).
+        if len(values) == 1:
+            return np.asarray(values[0].numpy(), dtype=self._run.np_dtype)[np.newaxis]
+        with tf.device(self._run.device):
+            stacked = tf.stack(list(values))
+        return np.asarray(stacked.numpy(), dtype=self._run.np_dtype)
+
+    def final(self) -> Values:
+        return self._run.final()
+
+
+class _EagerProgram(_Program):
     """manual | apply | minimize, one eager step at a time (TF eager: ~300 us a step).
 
     Recorded steps return x_i and grad_i for the scalar problem, and the summaries
@@ -391,15 +409,6 @@ class _EagerProgram:
                 x_i, grad = distance, tf.norm(grad)
         return loss, x_i, grad
 
-    def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
-        # Stack on the run's device, then one transfer to the host.
-        with tf.device(self._run.device):
-            stacked = tf.stack(list(values))
-        return np.asarray(stacked.numpy(), dtype=self._run.np_dtype)
-
-    def final(self) -> Values:
-        return self._run.final()
-
 
 # For XLA-compiled loops over an x of at most UNROLLED_SIZE entries: steps run in groups
 # of up to UNROLL written out one after the other, with no per-step exit test.
@@ -414,14 +423,15 @@ def _group(every: int) -> int:
     return max(d for d in range(1, min(every, UNROLL) + 1) if every % d == 0)
 
 
-class _GraphProgram:
+class _GraphProgram(_Program):
     """The loop in one `tf.function` (optionally XLA), called once per chunk.
 
     The function takes the chunk's first and end step as tensors of a fixed signature,
     so prepare()'s empty call traces (and with XLA compiles) it once and every chunk
     reuses it; x and the optimizer's state are variables, so a chunk goes on where the
-    last one stopped, and only the chunk's rows and final state cross to the host.
-    Rows go into preallocated variables of `rows + 1` slots, written in place.
+    last one stopped, and only the chunk's rows cross to the host (the final state is
+    read once, eagerly, when the run ends: final()). Rows go into preallocated
+    variables of `rows + 1` slots, written in place.
 
     The chunk is one `tf.while_loop` over its steps that stops at the first non-finite
     loss, so it may start and end at any step (without XLA every op costs ~1 us of
@@ -475,7 +485,14 @@ class _GraphProgram:
         # Trace/compile now, with an empty chunk: no step runs, so x and the optimizer stay
         # fresh. Twice: the first call after tracing costs ~0.5 ms more than later ones.
         for _ in range(2):
-            self._fn(*(tf.constant(0, tf.int32),) * 2)
+            empty = self._fn(*(tf.constant(0, tf.int32),) * 2)
+        # (loss, x, grad) where the last call stopped (x0 here), as TensorFlow values: the
+        # call computes them in its graph (a call of its own costs ~0.5 ms), and they reach
+        # the host only as the run's final state.
+        self._final: Values | None = empty["final"]
+
+    def final(self) -> Values:
+        return self._final if self._final is not None else self._run.final()
 
     # -- one loop over the chunk's steps -----------------------------------------------------
 
@@ -549,7 +566,7 @@ class _GraphProgram:
         return minimum(first_row, last_start)
 
     def _finish(self, start: tf.Tensor, ok: tf.Tensor, stopped_at: tf.Tensor, x_stop: tf.Tensor):
-        """The call's outputs: its rows' window and the final state.
+        """The call's outputs: the step it stopped at, its rows' window, the state there.
 
         Stopped by a non-finite loss, x went on past that step: x_stop is put back.
         """
@@ -561,9 +578,7 @@ class _GraphProgram:
             "stopped_at": stopped_at,
             # A gather: with XLA, tf.slice's begin would be a compile-time constant.
             "rows": tf.stack([tf.gather(b, begin + tf.range(self._window)) for b in self._buffers]),
-            "final_x": run.x.read_value(),
-            "final_loss": loss,
-            "final_grad": grad,
+            "final": (loss, run.x.read_value(), grad),
         }
 
     # -- with XLA, a small x: a loop over groups of steps -------------------------------------
@@ -610,13 +625,15 @@ class _GraphProgram:
             )
             return self._finish(start, ok, tf.where(ok, end, last), x_last)
 
-    def advance(self, stop: int) -> Trajectory:
+    def advance(self, stop: int) -> Span:
         every, begin = self._every, self._done
         parts = []
         while True:  # one call, or several when the span has more rows than a window
             start = self._done
             end = min(stop, start + (self._window - 1) * every)
+            self._final = None  # the last call's final state goes before this one runs
             out = self._fn(tf.constant(start, tf.int32), tf.constant(end, tf.int32))
+            self._final = out["final"]
             stopped_at = int(out["stopped_at"])
             # The rows at recorded steps start <= i < stopped_at, in the window.
             first, last = -(-start // every), -(-stopped_at // every)
@@ -626,16 +643,8 @@ class _GraphProgram:
             if stopped_at < end or stopped_at == stop:
                 break
         x, loss, grad = np.concatenate(parts, axis=1).astype(self._run.np_dtype, copy=False)
-        return Trajectory(
-            steps=np.arange(-(-begin // every) * every, stopped_at, every, dtype=np.int64),
-            x=x,
-            loss=loss,
-            grad=grad,
-            final_x=out["final_x"].numpy(),
-            final_loss=float(out["final_loss"]),
-            final_grad=out["final_grad"].numpy(),
-            stopped_at=stopped_at,
-        )
+        steps = np.arange(-(-begin // every) * every, stopped_at, every, dtype=np.int64)
+        return Span(steps, x, loss, grad, stopped_at)
 
 
 def _warm_up(spec: MinimizeSpec, device: str) -> None:

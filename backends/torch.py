@@ -49,7 +49,7 @@ from runner.protocol import (
     DerivativesSpec,
     MinimizeSpec,
     RecordPlan,
-    Trajectory,
+    Span,
 )
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -147,8 +147,11 @@ class _Run:
         return torch.linalg.vector_norm(x - x_star), torch.linalg.vector_norm(grad)
 
     def final(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, x, grad) at x, once after a compiled loop: plain autograd."""
-        leaf = x.detach().reshape(self.x0.shape).clone().requires_grad_(True)
+        """(loss, x, grad) at x, once after a compiled loop: plain autograd.
+
+        The leaf shares x's memory (no copy of n entries): nothing writes x after this.
+        """
+        leaf = x.detach().reshape(self.x0.shape).requires_grad_(True)
         loss = self.loss(leaf)
         (grad,) = torch.autograd.grad(loss, leaf)
         return loss, leaf, grad
@@ -401,7 +404,17 @@ def _initial_state(opt: torch.optim.Optimizer, x: torch.Tensor) -> dict[str, tor
 # --------------------------------------------------------------------------- eager modes
 
 
-class _Eager:
+class _Program:
+    """What every program hands the engine the same way: framework values to host arrays."""
+
+    def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
+        # One value (the final x or grad, n entries) is not stacked, which would copy it.
+        if len(values) == 1:
+            return values[0].detach()[None].cpu().numpy()
+        return torch.stack([v.detach() for v in values]).cpu().numpy()
+
+
+class _Eager(_Program):
     """Shared state of the eager programs: x as a leaf tensor and the loss at it."""
 
     def __init__(self, spec: MinimizeSpec, run: _Run) -> None:
@@ -415,9 +428,6 @@ class _Eager:
         if self._run.vector:
             return self._run.row(x.detach(), grad)
         return x.detach().clone(), grad.clone()
-
-    def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
-        return torch.stack([v.detach() for v in values]).cpu().numpy()
 
     def final(self) -> tuple[Any, Any, Any]:
         loss = self._run.loss(self._x)
@@ -513,29 +523,18 @@ class _Rows:
             torch.zeros(record.rows + 1, dtype=dtype, device=device) for _ in range(3)
         )
 
-    def trajectory(
-        self, start: int, stopped_at: int, final: tuple[Any, Any, Any], shape
-    ) -> Trajectory:
-        """Rows at steps start <= i < stopped_at, and the final state, copied to the host."""
+    def span(self, start: int, stopped_at: int) -> Span:
+        """Rows at steps start <= i < stopped_at, copied to the host."""
         every = self.record.every
         begin, end = -(-start // every), -(-stopped_at // every)
-        final_loss, final_x, final_grad = (
-            v.detach().reshape(s).cpu().numpy().copy()
-            for v, s in zip(final, ((), shape, shape), strict=True)
-        )
-        return Trajectory(
-            steps=np.arange(begin * every, stopped_at, every, dtype=np.int64),
-            x=self.x[begin:end].cpu().numpy().copy(),
-            loss=self.loss[begin:end].cpu().numpy().copy(),
-            grad=self.grad[begin:end].cpu().numpy().copy(),
-            final_x=final_x,
-            final_loss=float(final_loss),
-            final_grad=final_grad,
-            stopped_at=stopped_at,
+        return Span(
+            np.arange(begin * every, stopped_at, every, dtype=np.int64),
+            *(rows[begin:end].cpu().numpy().copy() for rows in (self.x, self.loss, self.grad)),
+            stopped_at,
         )
 
 
-class _ScanLoop:
+class _ScanLoop(_Program):
     """update=manual: a torch.compile'd `scan` over a chunk of steps, the hand rule inside.
 
     The scan carries (x, stop, rule state); each iteration takes g with
@@ -620,7 +619,7 @@ class _ScanLoop:
         x, state = self._start_state()
         self._compiled(x, self._tensor(self._spec.steps), self._tensor(0), *state)
 
-    def advance(self, stop: int) -> Trajectory:
+    def advance(self, stop: int) -> Span:
         start = self._done
         x, state = self._carry
         limit = self._tensor(stop)
@@ -631,11 +630,13 @@ class _ScanLoop:
             if stopped_at < stop:
                 break
         self._done, self._carry = stopped_at, (x, tuple(state))
-        final = self._run.final(x)
-        return self._rows.trajectory(start, stopped_at, final, self._run.x0.shape)
+        return self._rows.span(start, stopped_at)
+
+    def final(self) -> tuple[Any, Any, Any]:
+        return self._run.final(self._carry[0])
 
 
-class _OptimizerLoop:
+class _OptimizerLoop(_Program):
     """update=apply|minimize: the torch.optim optimizer's own step, compiled with the gradient.
 
     A compiled call runs `unroll` whole steps (loss, autograd, optimizer step, the row write
@@ -661,9 +662,10 @@ class _OptimizerLoop:
     counter's dtype: with torch's float32 counter a float64 run's Adam is 2.7e-7 (relative)
     off its eager result after 100 steps, Adagrad 9e-9 (its lr rounded to float32); with the
     counter in the run's dtype both agree with the reference to 1e-16.
-    A step past a non-finite loss cannot be skipped inside the optimizer, so the state at
-    the first such step (x_i, loss_i, g_i) is latched on device, and rows at later steps are
-    dropped; `unroll` is reduced to a power of two dividing `steps`, so no call overruns.
+    A step past a non-finite loss cannot be skipped inside the optimizer, so x at the
+    first such step is latched on device (final() computes its loss and gradient), and
+    rows at later steps are dropped; `unroll` is reduced to a power of two dividing
+    `steps`, so no call overruns.
     """
 
     def __init__(self, spec: MinimizeSpec, run: _Run, options: Mapping[str, Any]) -> None:
@@ -685,13 +687,9 @@ class _OptimizerLoop:
         self._unroll = unroll = math.gcd(steps, 1 << (int(options["unroll"]).bit_length() - 1))
         self._i = i = torch.zeros(_ONE, dtype=torch.int64, device=device)
         self._stop = stop = torch.full(_ONE, steps, device=device)
-        # The state at the first non-finite loss, latched on device: x, loss, grad.
-        self._latched = (
-            torch.zeros_like(x),
-            torch.zeros(_ONE, dtype=dtype, device=device),
-            torch.zeros_like(x),
-        )
-        latched_x, latched_loss, latched_grad = self._latched
+        # x at the first non-finite loss, latched on device (final() recomputes its loss
+        # and grad there).
+        self._latched_x = latched_x = torch.zeros_like(x)
         minimize = spec.update == "minimize"
 
         def loss_and_grad(p: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -710,8 +708,6 @@ class _OptimizerLoop:
             rows.grad.index_put_((slot,), _lift(grad_row).clone())
             first_bad = (i < stop) & ~torch.isfinite(loss)
             latched_x.copy_(torch.where(first_bad, x.detach(), latched_x))
-            latched_loss.copy_(torch.where(first_bad, loss, latched_loss))
-            latched_grad.copy_(torch.where(first_bad, grad, latched_grad))
             stop.copy_(torch.where(first_bad, i, stop))
 
         def one_step(p: Mapping[str, torch.Tensor], x_star: Any) -> None:
@@ -755,8 +751,7 @@ class _OptimizerLoop:
                 state[key].copy_(fresh)
             self._i.zero_()
             self._stop.fill_(self._spec.steps)
-            for kept in self._latched:
-                kept.zero_()
+            self._latched_x.zero_()
         self._done = 0
 
     def warm_up(self) -> None:
@@ -770,7 +765,7 @@ class _OptimizerLoop:
         """A compiled call runs `unroll` steps, so a chunk is a whole number of calls."""
         return self._unroll
 
-    def advance(self, stop: int) -> Trajectory:
+    def advance(self, stop: int) -> Span:
         start = self._done
         calls = (stop - start) // self._unroll
         check = max(1, _CHECK_EVERY // self._unroll)
@@ -782,9 +777,9 @@ class _OptimizerLoop:
                     break
         stopped_at = min(int(self._stop), stop)
         self._done = stopped_at
-        if stopped_at < stop:
-            x, loss, grad = self._latched
-            final = (loss, x, grad)
-        else:
-            final = self._run.final(self._x)
-        return self._rows.trajectory(start, stopped_at, final, self._run.x0.shape)
+        return self._rows.span(start, stopped_at)
+
+    def final(self) -> tuple[Any, Any, Any]:
+        """At x, or at the x latched at the first non-finite loss (x went on past it)."""
+        diverged = int(self._stop) < self._spec.steps
+        return self._run.final(self._latched_x if diverged else self._x)

@@ -7,8 +7,11 @@ chunk's losses and rows every CHECK_EVERY steps, never one per step.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,6 +25,7 @@ from runner.protocol import (
     EagerProgram,
     MinimizeSpec,
     RecordingEagerProgram,
+    Span,
     Trajectory,
 )
 
@@ -121,46 +125,67 @@ def _run_compiled(
     """Advance the program chunk by chunk: (trajectory, interrupted by Ctrl-C).
 
     Chunk boundaries are multiples of the program's step_multiple. Ctrl-C (or SIGTERM)
-    lands in a chunk's call or between calls; either way the run ends with the rows and
-    the final state of the chunks that completed (the state at x0, computed here, if
-    none did), as an eager run does.
+    takes effect between chunks (see `_signals_between_chunks`), so the run ends with
+    the rows of the chunks that completed and the program's state where the last of
+    them stopped (x0 if none did), as an eager run does. Nothing of the state crosses
+    to the host until then.
     """
     align = max(1, int(getattr(program, "step_multiple", 1)))
-    # Each chunk's rows, and the last chunk (its final state): an earlier chunk's final
-    # state (x and grad, n entries each) is let go as the next one comes.
-    rows: list[_Rows] = []
-    last: Trajectory | None = None
+    spans: list[Span] = []
+    done = 0
     length = -(-FIRST_CHUNK // align) * align
     try:
-        done = 0
-        while done < spec.steps:
-            stop = min(done + length, spec.steps)
-            start = time.perf_counter()
-            last = program.advance(stop)
-            elapsed = time.perf_counter() - start
-            rows.append(_Rows(last.steps, last.x, last.loss, last.grad))
-            done = last.stopped_at
-            if done < stop:  # a non-finite loss: the run ends at its step
-                break
-            if progress is not None:
-                progress(done)
-            length = _next_chunk(length, elapsed, align)
+        with _signals_between_chunks() as caught:
+            while done < spec.steps and not caught:
+                stop = min(done + length, spec.steps)
+                start = time.perf_counter()
+                spans.append(program.advance(stop))
+                elapsed = time.perf_counter() - start
+                done = spans[-1].stopped_at
+                if done < stop:  # a non-finite loss: the run ends at its step
+                    break
+                if progress is not None:
+                    progress(done)
+                length = _next_chunk(length, elapsed, align)
     except KeyboardInterrupt:
-        return _joined(rows, last, spec), True
-    return _joined(rows, last, spec), False
+        return _final_trajectory(program, spans, done), True
+    return _final_trajectory(program, spans, done), False
+
+
+@contextmanager
+def _signals_between_chunks() -> Iterator[list[int]]:
+    """Notes SIGINT and SIGTERM while the chunks run; the first is raised, by its own
+    handler, once they stop.
+
+    Python runs a signal's handler between bytecodes, so Ctrl-C during a compiled call
+    would raise right after the call returns, dropping its results: a program that gave
+    the call its state's buffers (JAX's donation) would have none left, and one that
+    makes several calls per chunk would be past the rows it handed back. Noted instead,
+    the signal ends the loop after the chunk, as if it had come between chunks. Handlers
+    can only be set in the main thread, the only one Python raises signals in.
+    """
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def note(signum: int, _frame: Any) -> None:
+        caught.append(signum)
+
+    handlers = {signum: signal.signal(signum, note) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _next_chunk(length: int, elapsed: float, align: int) -> int:
     """Steps for the next chunk: towards CHUNK_S seconds, at most CHUNK_GROWTH times more."""
     wanted = length * min(CHUNK_GROWTH, CHUNK_S / max(elapsed, 1e-9))
     return max(align, int(wanted) // align * align)
-
-
-def _joined(rows: list[_Rows], last: Trajectory | None, spec: MinimizeSpec) -> Trajectory:
-    """The chunks' rows end to end, and the last chunk's final state (x0's if none ran)."""
-    if last is None:
-        return _initial_state(spec)
-    return replace(last, **_joined_rows(rows))
 
 
 def _joined_rows(parts: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -205,7 +230,7 @@ def _run_eager(
     """
     source = program if isinstance(program, RecordingEagerProgram) else _HostRecorder(program)
     every = spec.record.every
-    chunks: list[_Rows] = []
+    chunks: list[Span] = []
     drained = 0  # steps whose losses and rows are on the host
 
     def drain(check: bool) -> int | None:
@@ -219,7 +244,7 @@ def _run_eager(
         if stop is not None:
             steps = steps[: int(np.searchsorted(steps, stop))]
         at = steps - start
-        chunks.append(_Rows(steps, xs[at], losses[at], grads[at]))
+        chunks.append(Span(steps, xs[at], losses[at], grads[at], drained if stop is None else stop))
         return stop
 
     step, total, chunk = source.step, spec.steps, CHECK_EVERY
@@ -230,23 +255,13 @@ def _run_eager(
             if done - drained >= chunk or done == total:
                 stop = drain(check=True)
                 if stop is not None:
-                    return _eager_trajectory(program, chunks, stop), done, False
+                    return _final_trajectory(program, chunks, stop), done, False
                 if progress is not None:
                     progress(done)
     except KeyboardInterrupt:
         drain(check=False)
-        return _eager_trajectory(program, chunks, drained), drained, True
-    return _eager_trajectory(program, chunks, drained), drained, False
-
-
-@dataclass(frozen=True)
-class _Rows:
-    """One chunk's recorded rows, on the host."""
-
-    steps: np.ndarray
-    x: np.ndarray
-    loss: np.ndarray
-    grad: np.ndarray
+        return _final_trajectory(program, chunks, drained), drained, True
+    return _final_trajectory(program, chunks, drained), drained, False
 
 
 class _HostRecorder:
@@ -288,12 +303,15 @@ class _HostRecorder:
         return spread
 
 
-def _eager_trajectory(
-    program: EagerProgram | RecordingEagerProgram, chunks: list[_Rows], stopped_at: int
+def _final_trajectory(
+    program: EagerProgram | RecordingEagerProgram | CompiledProgram,
+    spans: list[Span],
+    stopped_at: int,
 ) -> Trajectory:
+    """The spans' rows end to end and the program's state where it stopped, on the host."""
     final_loss, final_x, final_grad = program.final()
     return Trajectory(
-        **_joined_rows(chunks),
+        **_joined_rows(spans),
         final_x=program.to_numpy([final_x])[0],
         final_loss=float(program.to_numpy([final_loss])[0]),
         final_grad=program.to_numpy([final_grad])[0],

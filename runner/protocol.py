@@ -85,12 +85,26 @@ class Derivatives:
 
 
 @dataclass(frozen=True)
-class Trajectory:
-    """What a compiled loop hands back: recorded rows and the state where it stopped.
+class Span:
+    """The rows of a span of steps, on the host: what CompiledProgram.advance() hands back.
 
-    `stopped_at` equals the requested step count on success (for
-    CompiledProgram.advance(), its stop); a loop that meets a non-finite loss stops at
-    that step and reports it, with the rows before it.
+    `stopped_at` is the step the span ran to: advance()'s stop, or the step of the first
+    non-finite loss, with the rows before it.
+    """
+
+    steps: np.ndarray  # int64, recorded step indices
+    x: np.ndarray  # x at each recorded step (scalar problems: 1-D)
+    loss: np.ndarray
+    grad: np.ndarray
+    stopped_at: int
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """A run's recorded rows and the state where it stopped.
+
+    `stopped_at` equals the requested step count on success; a run that meets a
+    non-finite loss stops at that step and reports it, with the rows before it.
     """
 
     steps: np.ndarray  # int64, recorded step indices
@@ -158,12 +172,16 @@ class CompiledProgram(Protocol):
     The engine runs it in chunks, so that Ctrl-C and SIGTERM (seen by Python only
     between calls into compiled code) take effect within a chunk's time: advance(stop)
     runs from the program's current step (0 after prepare()) to the absolute step
-    `stop` and returns that span: rows at its recorded steps i (i % every == 0, absolute
-    step numbers), `stopped_at` (== stop, or the step of the first non-finite loss, after
-    which the engine calls no more) and final_x / final_loss / final_grad, the state at
-    stopped_at. `stop` is a multiple of `step_multiple` or the run's last step. One
-    compiled executable (traced function) serves every chunk: prepare() pays all the
-    compiling, and a chunk boundary changes no number.
+    `stop` and returns that Span: rows at its recorded steps i (i % every == 0, absolute
+    step numbers) and `stopped_at` (== stop, or the step of the first non-finite loss,
+    after which the engine calls no more). `stop` is a multiple of `step_multiple` or
+    the run's last step. One compiled executable (traced function) serves every chunk:
+    prepare() pays all the compiling, and a chunk boundary changes no number.
+
+    The state stays on the framework's side between chunks: the engine asks for it once,
+    with final() and to_numpy() as from an eager program, when the run ends. The engine
+    delivers SIGINT and SIGTERM that arrive during advance() after it returns (in the
+    main thread), so a program may give its state's buffers to the compiled call.
     """
 
     # The engine's chunk boundaries are multiples of this: 1 for a loop that can stop
@@ -172,7 +190,13 @@ class CompiledProgram(Protocol):
     # this many steps, so it bounds how soon Ctrl-C can take effect.
     step_multiple: int
 
-    def advance(self, stop: int) -> Trajectory: ...
+    def advance(self, stop: int) -> Span: ...
+
+    def to_numpy(self, values: Sequence[Any]) -> np.ndarray: ...
+
+    def final(self) -> tuple[Any, Any, Any]:
+        """(loss, x, grad) at the state where the last advance() stopped (x0 before one)."""
+        ...
 
 
 @runtime_checkable

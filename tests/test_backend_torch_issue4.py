@@ -324,7 +324,7 @@ def _tensors(program: Any) -> dict[str, torch.Tensor]:
         found["x"] = program._x
     if isinstance(program, _OptimizerLoop):
         found |= {"i": program._i, "stop": program._stop, "grad": program._x.grad}
-        found |= {f"latched{i}": t for i, t in enumerate(program._latched)}
+        found["latched_x"] = program._latched_x
         found |= {f"fresh.{k}": v for k, v in program._fresh.items()}
     if isinstance(program, _ScanLoop | _OptimizerLoop):
         found |= {"rows.x": program._rows.x, "rows.loss": program._rows.loss}
