@@ -188,7 +188,7 @@ def _next_chunk(length: int, elapsed: float, align: int) -> int:
     return max(align, int(wanted) // align * align)
 
 
-def _joined_rows(parts: Sequence[Any]) -> dict[str, np.ndarray]:
+def _joined_rows(parts: Sequence[Span]) -> dict[str, np.ndarray]:
     """steps, x, loss, grad of consecutive chunks end to end; chunks without rows add none."""
     with_rows = [part for part in parts if part.steps.size]
     if not with_rows:
@@ -198,7 +198,8 @@ def _joined_rows(parts: Sequence[Any]) -> dict[str, np.ndarray]:
 
 
 def _initial_state(spec: MinimizeSpec) -> Trajectory:
-    """Step 0 of a run no chunk of which completed: x0, its loss and analytic gradient in NumPy."""
+    """Step 0 of a run stopped while it compiled: x0, its loss and analytic gradient in NumPy
+    (there is no program yet to ask)."""
     problem, dtype = spec.problem, np.dtype(spec.dtype)
     x0 = np.array(problem.x0_array(), dtype)  # a copy: x0_array may be a broadcast view
     p = {k: np.asarray(v, dtype) for k, v in problem.coefficients.items()}
