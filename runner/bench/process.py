@@ -204,6 +204,7 @@ import json, resource, sys
 from runner.bench.cases import spec_for, Variant
 from runner.engine import run_minimize
 from runner.plugins import load_backend
+from runner.results import RunIdentity, minimize_result, trajectory_rows
 
 def peak_rss():
     # VmHWM is this process's own high-water mark. ru_maxrss is not: Linux carries the
@@ -220,9 +221,17 @@ def peak_rss():
 backend, mode, jit, n, steps = json.loads(sys.argv[1])
 variant = Variant(backend, mode, jit)
 b = load_backend(backend)
-run_minimize(b, spec_for(variant, steps, dim=16))
+identity = RunIdentity(backend, b.framework, "cpu", {})
+
+def run(dim):  # the run and its record (results.json's and trajectory.csv's numbers)
+    spec = spec_for(variant, steps, dim=dim)
+    out = run_minimize(b, spec)
+    minimize_result(spec, out, identity), trajectory_rows(spec, out)
+    return out
+
+run(16)
 base = peak_rss()
-out = run_minimize(b, spec_for(variant, steps, dim=n))
+out = run(n)
 peak = peak_rss()
 print(json.dumps({"baseline_bytes": base, "peak_bytes": peak,
                   "shape": list(out.trajectory.final_x.shape)}))
@@ -239,7 +248,8 @@ def peak_memory(variant: Variant, n: int) -> dict[str, Any]:
     of the same mode, so the framework's own footprint and compile memory are in it.
     Peak RSS is the process's VmHWM (see _PROBE for why not getrusage). The run is
     MEMORY_STEPS long, so that it takes more than one chunk like any longer run: a
-    program may hold more between chunks than in its first one.
+    program may hold more between chunks than in its first one; and its record is
+    computed (results.json's norms and errors), as the CLI does.
     """
     args = json.dumps([variant.backend, variant.mode, variant.jit_compile, n, MEMORY_STEPS])
     with scratch_dir("memory") as cwd:

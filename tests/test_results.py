@@ -1,0 +1,69 @@
+"""results.json and trajectory.csv of a vector run: float64 norms and errors, a block at a time.
+
+A run at n = 1e7 holds x in float32 (40 MB); its record must not cost several times that
+(a float64 copy of x, its differences, a Python list of its entries).
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from runner.engine import MinimizeOutcome, Timings
+from runner.problems import Quadratic
+from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan, Trajectory
+from runner.results import BLOCK, RunIdentity, _abs_error, minimize_result, norm, trajectory_rows
+
+IDENTITY = RunIdentity("numpy", "NumPy", "cpu", {})
+
+
+@pytest.mark.parametrize("n", [1, BLOCK, 3 * BLOCK + 5])
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_norm_and_error_match_the_whole_array_expressions(n: int, broadcast: bool) -> None:
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n).astype(np.float32)
+    target = np.broadcast_to(0.5, (n,)) if broadcast else rng.normal(size=n)
+    diff = x.astype(np.float64) - target
+    assert _abs_error(x, target) == np.max(np.abs(diff))  # a max is exact in any order
+    if n <= BLOCK:  # one block: the same dot product, the same bits
+        assert norm(x, target) == np.linalg.norm(diff)
+        assert norm(x) == np.linalg.norm(x.astype(np.float64))
+    else:
+        assert norm(x, target) == pytest.approx(np.linalg.norm(diff), rel=1e-13)
+
+
+def test_a_nan_or_inf_anywhere_reaches_the_error_and_norm() -> None:
+    x = np.zeros(2 * BLOCK + 1, np.float32)
+    x[BLOCK + 3] = np.nan
+    assert np.isnan(_abs_error(x, 0.0)) and np.isnan(norm(x))
+    x[BLOCK + 3] = np.inf
+    assert _abs_error(x, 0.0) == np.inf and norm(x) == np.inf
+
+
+def test_a_large_vector_is_recorded_in_a_fraction_of_its_own_bytes() -> None:
+    n = 1_000_000
+    problem = Quadratic(x0=0.0, dim=n)
+    spec = MinimizeSpec(
+        problem, OptimizerSpec("sgd", 0.1), "graph", 10, "float32", RecordPlan(10, 1)
+    )
+    rows = np.zeros(10, np.float32)
+    final_x = np.full(n, 0.75, np.float32)
+    trajectory = Trajectory(
+        np.arange(10), rows, rows, rows, final_x, 1.5, np.full(n, -0.5, np.float32), 10
+    )
+    outcome = MinimizeOutcome(trajectory, Timings(0.1, 0.2, 10))
+    tracemalloc.start()
+    try:
+        result = minimize_result(spec, outcome, IDENTITY)
+        columns = trajectory_rows(spec, outcome)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < final_x.nbytes / 2, peak  # a float64 copy alone would be 2x
+    assert result["x"] is None and result["error"]["x"] == 0.25
+    assert result["error"]["dist"] == pytest.approx(0.25 * np.sqrt(n), rel=1e-12)
+    assert result["grad_norm"] == pytest.approx(0.5 * np.sqrt(n), rel=1e-12)
+    assert columns["dist"][-1] == result["error"]["dist"]
+    assert columns["grad_norm"][-1] == result["grad_norm"]
