@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,6 +124,21 @@ def test_ctrl_c_during_a_chunk_takes_effect_when_it_returns() -> None:
     full = _NumpySgd(_spec(350, 7))
     assert same_trajectory(engine._run_compiled(full, full.spec)[0], traj)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_run_in_another_thread_leaves_the_signal_handlers_alone() -> None:
+    """Only the main thread may set handlers (and only it receives KeyboardInterrupt)."""
+    spec = _spec(1000, 7)
+    found: list[Any] = []
+    before = signal.getsignal(signal.SIGINT)
+    thread = threading.Thread(
+        target=lambda: found.append(engine._run_compiled(_NumpySgd(spec), spec))
+    )
+    thread.start()
+    thread.join()
+    ((traj, interrupted),) = found
+    assert not interrupted and traj.stopped_at == 1000
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
