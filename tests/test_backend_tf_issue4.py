@@ -273,7 +273,8 @@ def _tensors(program: Any) -> dict[str, Any]:
         found |= {f"manual.{k}": v for k, v in run.manual.state.items()}
     if isinstance(program, _GraphProgram):
         found |= {f"buffer{i}": b for i, b in enumerate(program._buffers)}
-        found["x_prev"] = program._x_prev
+        if program._x_prev is not None:  # vectors under update=minimize
+            found["x_prev"] = program._x_prev
     return found
 
 
