@@ -128,10 +128,12 @@ class _Run:
             # size n, and x0_array's read-only broadcast view becomes a writable vector.
             return torch.as_tensor(np.array(value, np_dtype), device=device)
 
-        self.x0 = const(problem.x0_array())
+        # x0 and x* stored once when they are one number broadcast (a scalar x0, scalar
+        # coefficients), seen through expand() with x's shape: no memory of size n. What
+        # the loops update are copies (clone() of an expanded tensor is dense).
+        x0 = problem.x0_array()
+        self.x0 = const(compact(x0)).expand(np.shape(x0))
         self.p = {k: const(v) for k, v in problem.coefficients.items()}
-        # x* stored once when it is one number broadcast (scalar coefficients), seen
-        # through expand() with x's shape: no memory of size n.
         x_star = const(compact(problem.optimum()[0])) if self.vector else None
         self.x_star = None if x_star is None else x_star.expand(self.x0.shape)
         self.lr = const(spec.optimizer.lr)
