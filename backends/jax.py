@@ -345,15 +345,15 @@ class _CompiledProgram(_Program):
         every = self._every
         begin = self._done
         parts = []
+        # On CPU np.asarray views a buffer (~15 us a call, against ~70 us for
+        # jax.device_get); the rows are copied out of it.
+        host = np.asarray if self._on_cpu else jax.device_get
         while True:
             start = self._done
             end = min(stop, start + self._capacity * every)
             bufs, stopped_at, self._x, self._opt_state = self._executable(
                 self._x, self._opt_state, np.int32(start), np.int32(end)
             )
-            # On CPU np.asarray views a buffer (~15 us a call, against ~70 us for
-            # jax.device_get); the rows are copied out of it.
-            host = np.asarray if self._on_cpu else jax.device_get
             stopped_at = self._done = int(host(stopped_at))
             # Slot 0 holds the first recorded step >= start; rows at steps < stopped_at.
             kept = -(-stopped_at // every) - -(-start // every)

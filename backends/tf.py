@@ -436,9 +436,10 @@ class _GraphProgram(_Program):
     The function takes the chunk's first and end step as tensors of a fixed signature,
     so prepare()'s empty call traces (and with XLA compiles) it once and every chunk
     reuses it; x and the optimizer's state are variables, so a chunk goes on where the
-    last one stopped, and only the chunk's rows cross to the host (the final state is
-    read once, eagerly, when the run ends: final()). Rows go into preallocated
-    variables of `rows + 1` slots, written in place.
+    last one stopped, and only the chunk's rows cross to the host (each call also
+    computes the state where it stopped, kept as TensorFlow values until final() is
+    asked for at the run's end). Rows go into preallocated variables of `rows + 1`
+    slots, written in place.
 
     The chunk is one `tf.while_loop` over its steps that stops at the first non-finite
     loss, so it may start and end at any step (without XLA every op costs ~1 us of
@@ -570,21 +571,18 @@ class _GraphProgram(_Program):
         i, ok = tf.while_loop(cond, body, (start, tf.constant(True)))
         last = i - 1
         # The x of that step: its row (scalar problems: the spare slot holds unrecorded
-        # steps), x_prev (vectors, update=minimize) or x itself (other vectors).
+        # steps) or x_prev (vectors that keep it); None where x stopped there itself
+        # (vectors updated only after a finite loss, see _step).
         if not self._run.vector:
             x_last = tf.gather(xs, self._slot(tf.maximum(last, 0)))
-        elif self._x_prev is not None:
-            x_last = self._x_prev.read_value()
         else:
-            x_last = self._run.x.read_value()
+            x_last = None if self._x_prev is None else self._x_prev.read_value()
         return ok, last, x_last
 
     def _flat_chunk(self, start: tf.Tensor, stop: tf.Tensor) -> dict:
         with tf.device(self._run.device):
             ok, last, x_last = self._flat_loop(start, stop)
-            # A vector updated by manual or apply is where it stopped already.
-            guarded = self._run.vector and self._x_prev is None
-            return self._finish(start, ok, tf.where(ok, stop, last), None if guarded else x_last)
+            return self._finish(start, ok, tf.where(ok, stop, last), x_last)
 
     def _window_start(self, start: Any) -> Any:
         """The first row of a call's window: its first recorded step's (kept in bounds)."""
@@ -598,7 +596,8 @@ class _GraphProgram(_Program):
     ):
         """The call's outputs: the step it stopped at, its rows' window, the state there.
 
-        Stopped by a non-finite loss, x went on past that step: x_stop is put back.
+        Stopped by a non-finite loss, x went on past that step: x_stop is put back
+        (None: x did not go on).
         """
         run = self._run
         if x_stop is not None:

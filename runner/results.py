@@ -93,6 +93,7 @@ def _status(spec: MinimizeSpec, outcome: MinimizeOutcome) -> str:
     traj = outcome.trajectory
     # the loop checks the loss before each update; the state after the last one is
     # checked here, so a run that overflows on its very last step is not "finished"
+    # (the largest |x| is finite when every entry is: no n-sized mask)
     finite = np.isfinite(traj.final_loss) and np.isfinite(_abs_error(traj.final_x, 0.0))
     return "finished" if traj.stopped_at == spec.steps and finite else "diverged"
 
