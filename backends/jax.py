@@ -60,6 +60,8 @@ EagerStep = Callable[
 ]
 # (x, grad) -> what a recorded row holds: (x, grad) for scalars, (‖x − x*‖, ‖grad‖) for vectors
 Summary = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# x -> (loss(x), *summary(x, grad(x))): a step's row, computed from x alone
+Observe = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 CONVENTION: Convention = CONVENTIONS["jax"]
 OPTIMIZERS = ("sgd", "adam", "adagrad", "rmsprop")
@@ -328,13 +330,13 @@ class _CompiledProgram(_Program):
         executable: Any,
         value_and_grad: ValueAndGrad,
         x0: jax.Array,
-        opt_state0: Any,
+        carry0: Any,
         spec: MinimizeSpec,
         group: int,
     ) -> None:
         super().__init__(value_and_grad, x0)
         self._executable = executable
-        self._opt_state = opt_state0
+        self._carry = carry0  # the loop's: the optimizer state (and the next row)
         self._done = 0
         self._every = spec.record.every
         self._capacity = min(spec.record.rows, ROWS_PER_CALL)
@@ -351,8 +353,8 @@ class _CompiledProgram(_Program):
         while True:
             start = self._done
             end = min(stop, start + self._capacity * every)
-            bufs, stopped_at, self._x, self._opt_state = self._executable(
-                self._x, self._opt_state, np.int32(start), np.int32(end)
+            bufs, stopped_at, self._x, self._carry = self._executable(
+                self._x, self._carry, np.int32(start), np.int32(end)
             )
             stopped_at = self._done = int(host(stopped_at))
             # Slot 0 holds the first recorded step >= start; rows at steps < stopped_at.
@@ -365,9 +367,9 @@ class _CompiledProgram(_Program):
         return Span(steps, x_rows, loss_rows, grad_rows, stopped_at)
 
 
-def _row_buffers(summary: Summary, x0: jax.Array, slots: int) -> tuple[jax.Array, ...]:
+def _row_buffers(observe: Observe, x0: jax.Array, slots: int) -> tuple[jax.Array, ...]:
     """Zeroed row buffers: (row x, loss, row grad) for `slots` rows."""
-    row_x, row_grad = jax.eval_shape(summary, x0, x0)
+    _loss, row_x, row_grad = jax.eval_shape(observe, x0)
     return (
         jnp.zeros((slots, *row_x.shape), row_x.dtype),
         jnp.zeros((slots,), x0.dtype),
@@ -376,53 +378,62 @@ def _row_buffers(summary: Summary, x0: jax.Array, slots: int) -> tuple[jax.Array
 
 
 def _flat_steps(
-    step: StepFn, summary: Summary, every: int, capacity: int, first: jax.Array
+    step: StepFn, observe: Observe, every: int, capacity: int, first: jax.Array
 ) -> Callable[..., tuple]:
     """The per-step loop over steps i..end-1, recording into slot i // every − first.
 
     One while_loop, the same body for every step, so it may start and end at any step.
-    A step whose loss is not finite leaves x as it was and ends the loop, so x is the
-    state at that loss with no copy of the previous x carried along (it is used for
-    x of 1e7 entries: each array carried or kept costs n). Every step computes its
-    row (for vector problems `summary(x, grad)` = (‖x − x*‖, ‖grad‖): two reductions
-    over x, with no branch, which in a cond cost a copy of x) and writes it to its
-    slot when recorded (i % every == 0), else to a spare last slot. Returns (ok, step
-    of the last loss, x, state, bufs).
+    The row of step i (its loss and `summary(x_i, grad)`, "the head") is computed at
+    the end of the iteration before, from the x that iteration just updated in place:
+    every reduction then reads x after the update, so XLA keeps one x and no copy of it
+    (reductions of x_i beside its in-place update cost a copy of x, an n-sized
+    temporary and a pass over it each step; x may have 1e7 entries). Step i writes the
+    head to its slot when recorded (i % every == 0), else to a spare last slot; a head
+    whose loss is not finite leaves x as it was and ends the loop, so x is the state at
+    that loss with no previous x carried along. Returns (ok, step of
+    the last loss, x, state, the head of the step after, bufs).
     """
 
-    def steps(i: jax.Array, end: jax.Array, x: jax.Array, state: Any, bufs: tuple) -> tuple:
+    def steps(
+        i: jax.Array, end: jax.Array, x: jax.Array, state: Any, head: tuple, bufs: tuple
+    ) -> tuple:
         def cond(c: tuple) -> jax.Array:
-            i, _x, _state, loss_p, _bufs = c
-            return (i < end) & jnp.isfinite(loss_p)
+            i, _x, _state, _head, ok, _bufs = c
+            return (i < end) & ok
 
         def body(c: tuple) -> tuple:
-            i, x, state, _lp, (bx, bl, bg) = c
-            x_next, state, loss, grad = step(x, state)
-            row_x, row_grad = summary(x, grad)
+            i, x, state, (loss, row_x, row_grad), _ok, (bx, bl, bg) = c
             k = jnp.where(i % every == 0, i // every - first, capacity)
             bufs = (bx.at[k].set(row_x), bl.at[k].set(loss), bg.at[k].set(row_grad))
-            # A non-finite loss keeps x where it was: the loop ends with the state there.
-            return i + 1, jnp.where(jnp.isfinite(loss), x_next, x), state, loss, bufs
+            ok = jnp.isfinite(loss)
+            x_next, state_next, _loss, _grad = step(x, state)
+            x = jnp.where(ok, x_next, x)
+            return i + 1, x, state_next, observe(x), ok, bufs
 
-        carry = (i, x, state, jnp.zeros((), x.dtype), bufs)
-        i, x, state, lp, bufs = lax.while_loop(cond, body, carry)
-        return jnp.isfinite(lp), i - 1, x, state, bufs
+        i, x, state, head, ok, bufs = lax.while_loop(
+            cond, body, (i, x, state, head, jnp.bool_(True), bufs)
+        )
+        return ok, i - 1, x, state, head, bufs
 
     return steps
 
 
 def _flat_loop(
-    step: StepFn, summary: Summary, every: int, capacity: int
+    step: StepFn, observe: Observe, every: int, capacity: int
 ) -> Callable[..., tuple[Any, ...]]:
-    """Steps start..end-1 as a traceable function of (x, opt_state, start, end): see
-    `_flat_steps`. Returns (row buffers, stopped_at, x, state)."""
+    """Steps start..end-1 as a traceable function of (x, (opt_state, head), start, end):
+    see `_flat_steps`. The head (the next step's row) is carried from call to call, so
+    each step's row comes from the same code whatever the chunks; a run's first call
+    (start 0) computes x0's. Returns (row buffers, stopped_at, x, (state, head))."""
 
-    def run(x0: jax.Array, state0: Any, start: jax.Array, end: jax.Array) -> tuple:
+    def run(x0: jax.Array, carry: tuple, start: jax.Array, end: jax.Array) -> tuple:
+        state0, head = carry
+        head = lax.cond(start == 0, observe, lambda _x: head, x0)
         first = (start + every - 1) // every
-        steps = _flat_steps(step, summary, every, capacity, first)
-        bufs = _row_buffers(summary, x0, capacity + 1)
-        ok, last, x, state, bufs = steps(start, end, x0, state0, bufs)
-        return bufs, jnp.where(ok, end, last), x, state
+        steps = _flat_steps(step, observe, every, capacity, first)
+        bufs = _row_buffers(observe, x0, capacity + 1)
+        ok, last, x, state, head, bufs = steps(start, end, x0, state0, head, bufs)
+        return bufs, jnp.where(ok, end, last), x, (state, head)
 
     return run
 
@@ -430,6 +441,7 @@ def _flat_loop(
 def _group_loop(
     step: StepFn,
     summary: Summary,
+    observe: Observe,
     every: int,
     capacity: int,
     group: int,
@@ -457,7 +469,7 @@ def _group_loop(
     def run(x0: jax.Array, state0: Any, start: jax.Array, end: jax.Array) -> tuple:
         first = (start + every - 1) // every
         groups = (end - start) // group
-        bufs = _row_buffers(summary, x0, capacity + 1)
+        bufs = _row_buffers(observe, x0, capacity + 1)
 
         def cond(c: tuple) -> jax.Array:
             g, latch, *_ = c
@@ -480,8 +492,11 @@ def _group_loop(
         _g, (ok, i_bad, x_bad), x, state, bufs = lax.while_loop(cond, body, carry)
 
         def rest() -> tuple:
-            steps = _flat_steps(step, summary, every, capacity, first)
-            return steps(start + groups * group, end, x, state, bufs)
+            steps = _flat_steps(step, observe, every, capacity, first)
+            ok, last, x_end, state_end, _head, bufs_end = steps(
+                start + groups * group, end, x, state, observe(x), bufs
+            )
+            return ok, last, x_end, state_end, bufs_end
 
         def none() -> tuple:
             return ok, i_bad, jnp.where(ok, x, x_bad), state, bufs
@@ -549,6 +564,11 @@ class JaxBackend:
         # run's device: init() makes some leaves (the count) on the default device.
         opt_state0 = jax.device_put(init(x0), device)
         summary = _summary(problem, dtype, device)
+
+        def observe(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            loss, grad = value_and_grad(x)
+            return loss, *summary(x, grad)
+
         # final(): the state where the run stopped, computed once at its end.
         final_value_and_grad = jax.jit(value_and_grad)
 
@@ -557,18 +577,25 @@ class JaxBackend:
             every = spec.record.every
             group = _group(every) if x0.size <= UNROLLED_SIZE else 1
             if group > 1:
-                loop = _group_loop(step, summary, every, capacity, group)
+                loop = _group_loop(step, summary, observe, every, capacity, group)
+                carry0 = opt_state0
             else:
-                loop = _flat_loop(step, summary, every, capacity)
+                loop = _flat_loop(step, observe, every, capacity)
+                # The head, which the first call (start 0) computes.
+                head = jax.eval_shape(observe, x0)
+                carry0 = (
+                    opt_state0,
+                    tuple(jnp.zeros(h.shape, h.dtype, device=device) for h in head),
+                )
             i32 = np.int32(0)
-            # x and the optimizer state are donated: the loop runs in their buffers.
+            # x and the loop's carry are donated: the loop runs in their buffers.
             loop = jax.jit(loop, donate_argnums=(0, 1))
-            executable = loop.lower(x0, opt_state0, i32, i32).compile()
+            executable = loop.lower(x0, carry0, i32, i32).compile()
             # An empty chunk: an executable's first run pays one-time costs (~1 ms here).
-            # It hands x0 and opt_state0 back, in the buffers the next call donates.
-            _bufs, _i, x0, opt_state0 = executable(x0, opt_state0, i32, i32)
-            jax.block_until_ready((x0, opt_state0, final_value_and_grad(x0)))
-            return _CompiledProgram(executable, final_value_and_grad, x0, opt_state0, spec, group)
+            # It hands x0 and carry0 back, in the buffers the next call donates.
+            _bufs, _i, x0, carry0 = executable(x0, carry0, i32, i32)
+            jax.block_until_ready((x0, carry0, final_value_and_grad(x0)))
+            return _CompiledProgram(executable, final_value_and_grad, x0, carry0, spec, group)
 
         # The eager steps jit the traceable step (minimize_step, jitted already as the
         # idiom, is inlined into them).

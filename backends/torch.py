@@ -419,17 +419,23 @@ class _Program:
 class _Eager(_Program):
     """Shared state of the eager programs: x as a leaf tensor and the loss at it."""
 
+    # Whether step() updates x in place (the optimizer's parameter), so that a recorded
+    # x_i must be a copy. Gradients are never copied: autograd.grad and backward() after
+    # zero_grad() (set_to_none) make a fresh tensor each step, and the single-tensor
+    # (foreach=False) torch.optim updates read it without writing it.
+    _x_in_place = True
+
     def __init__(self, spec: MinimizeSpec, run: _Run) -> None:
         self._run = run
         self._x = run.x0.clone().requires_grad_(True)
 
     def _row(self, record: bool, x: torch.Tensor, grad: torch.Tensor) -> tuple[Any, Any]:
-        """The recorded (x_i, grad_i) or their norms; copies only on recorded steps."""
+        """The recorded (x_i, grad_i) or their norms; a copy of x only if x is updated in place."""
         if not record:
             return None, None
         if self._run.vector:
             return self._run.row(x.detach(), grad)
-        return x.detach().clone(), grad.clone()
+        return (x.detach().clone() if self._x_in_place else x.detach()), grad
 
     def final(self) -> tuple[Any, Any, Any]:
         loss = self._run.loss(self._x)
@@ -440,9 +446,14 @@ class _Eager(_Program):
 class _Manual(_Eager):
     """torch.autograd.grad for g, then the update by hand (`_HandRule`) under no_grad.
 
-    The rule's state (moments, accumulators) is on x's device; the step count t is a host
-    int, as torch.optim keeps its own counter on the host in eager mode.
+    The rule returns a new x, which becomes the next step's leaf: x_i stays as it was, so
+    the row needs no copy of it, and no copy_ writes x_next back (two tensor ops a step
+    fewer than an in-place update plus a recorded copy). The rule's state (moments,
+    accumulators) is on x's device; the step count t is a host int, as torch.optim keeps
+    its own counter on the host in eager mode.
     """
+
+    _x_in_place = False
 
     def __init__(self, spec: MinimizeSpec, run: _Run) -> None:
         super().__init__(spec, run)
@@ -454,14 +465,13 @@ class _Manual(_Eager):
         x = self._x
         loss = self._run.loss(x)
         (grad,) = torch.autograd.grad(loss, x)
-        x_i, grad_i = self._row(record, x, grad)
         self._t += 1
         with torch.no_grad():
             x_next, self._state = self._rule.update(
                 x.detach(), grad, self._state, self._t, self._run.lr
             )
-            x.copy_(x_next)
-        return loss.detach(), x_i, grad_i
+        self._x = x_next.requires_grad_(True)
+        return loss.detach(), *self._row(record, x, grad)
 
 
 class _Apply(_Eager):
@@ -475,7 +485,6 @@ class _Apply(_Eager):
         self._opt.zero_grad()
         loss = self._run.loss(self._x)
         loss.backward()
-        # Copied before step(): foreach SGD (the CUDA default) may update grads in place.
         x_i, grad_i = self._row(record, self._x, self._x.grad)
         self._opt.step()
         return loss.detach(), x_i, grad_i

@@ -351,7 +351,8 @@ def test_vector_divergence_stops_at_the_references_first_non_finite_loss(
 
 
 def _leaves_on(program, device) -> bool:
-    state = program._args if hasattr(program, "_args") else (program._x, program._opt_state)
+    # A compiled program's loop carries the optimizer state (and the next row) as _carry.
+    state = (program._x, program._carry if hasattr(program, "_carry") else program._opt_state)
     leaves = jax.tree_util.tree_leaves(state)
     return bool(leaves) and all(leaf.devices() == {device} for leaf in leaves)
 
