@@ -154,8 +154,8 @@ def _run_compiled(
 
 @contextmanager
 def _signals_between_chunks() -> Iterator[list[int]]:
-    """Notes SIGINT and SIGTERM while the chunks run; the first is raised, by its own
-    handler, once they stop.
+    """Notes SIGINT and SIGTERM while the chunks (or eager steps) run; the first is
+    raised, by its own handler, once they stop.
 
     Python runs a signal's handler between bytecodes, so Ctrl-C during a compiled call
     would raise right after the call returns, dropping its results: a program that gave
@@ -249,19 +249,30 @@ def _run_eager(
         return stop
 
     step, total, chunk = source.step, spec.steps, CHECK_EVERY
+    diverged: tuple[int, int] | None = None  # (step of the first non-finite loss, steps run)
     try:
-        for i in range(total):
-            step(i % every == 0)
-            done = i + 1
-            if done - drained >= chunk or done == total:
-                stop = drain(check=True)
-                if stop is not None:
-                    return _final_trajectory(program, chunks, stop), done, False
-                if progress is not None:
-                    progress(done)
+        # A signal during a step takes effect once it returns: no step is cut in two
+        # (its update made, its row not taken), and a step may give its buffers to a call.
+        with _signals_between_chunks() as caught:
+            for i in range(total):
+                if caught:
+                    break
+                step(i % every == 0)
+                done = i + 1
+                if done - drained >= chunk or done == total:
+                    stop = drain(check=True)
+                    if stop is not None:
+                        diverged = (stop, done)
+                        break
+                    if progress is not None:
+                        progress(done)
     except KeyboardInterrupt:
-        drain(check=False)
-        return _final_trajectory(program, chunks, drained), drained, True
+        if diverged is None:
+            drain(check=False)
+            return _final_trajectory(program, chunks, drained), drained, True
+        return _final_trajectory(program, chunks, diverged[0]), diverged[1], True
+    if diverged is not None:
+        return _final_trajectory(program, chunks, diverged[0]), diverged[1], False
     return _final_trajectory(program, chunks, drained), drained, False
 
 

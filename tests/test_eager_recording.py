@@ -8,6 +8,8 @@ the steps that ran when Ctrl-C lands. Framework-free: the programs here are NumP
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 
@@ -32,9 +34,14 @@ def spec_for(steps: int, every: int) -> MinimizeSpec:
 class Values:
     """step() returns (loss, x, grad) per step, like the TF and torch programs."""
 
-    def __init__(self, bad_at: int | None = None, interrupt_at: int | None = None) -> None:
+    def __init__(
+        self,
+        bad_at: int | None = None,
+        interrupt_at: int | None = None,
+        signal_at: int | None = None,
+    ) -> None:
         self.x, self.i = 0.0, 0
-        self.bad_at, self.interrupt_at = bad_at, interrupt_at
+        self.bad_at, self.interrupt_at, self.signal_at = bad_at, interrupt_at, signal_at
 
     def _advance(self) -> tuple[float, float, float]:
         if self.i == self.interrupt_at:
@@ -43,6 +50,8 @@ class Values:
         loss = np.inf if self.i == self.bad_at else (x - 1.0) ** 2
         grad = 2 * x - 2
         self.x, self.i = x - LR * grad, self.i + 1
+        if self.i - 1 == self.signal_at:  # Ctrl-C after the update, before the step returns
+            signal.raise_signal(signal.SIGINT)
         return loss, x, grad
 
     def step(self, record: bool) -> tuple[float, float | None, float | None]:
@@ -121,6 +130,18 @@ def test_ctrl_c_keeps_exactly_the_steps_that_ran(program, interrupt_at):
     np.testing.assert_array_equal(traj.steps, np.arange(interrupt_at))
     assert traj.x.shape == traj.loss.shape == traj.grad.shape == (interrupt_at,)
     assert traj.final_x == found.x
+
+
+@pytest.mark.parametrize("program", [Recording, Values])
+@pytest.mark.parametrize("signal_at", [0, 999, 1234])
+def test_ctrl_c_during_a_step_takes_effect_when_it_returns(program, signal_at):
+    """The step is kept whole: its update made and its row taken, none after it."""
+    found = program(signal_at=signal_at)
+    traj, executed, interrupted = _run_eager(found, spec_for(5000, 1), None)
+    assert interrupted and executed == traj.stopped_at == signal_at + 1 == found.i
+    np.testing.assert_array_equal(traj.steps, np.arange(signal_at + 1))
+    assert traj.final_x == found.x and traj.x[-1] != found.x
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # --- problems: a coefficient given as one number stays one number ---------------------
