@@ -60,8 +60,6 @@ EagerStep = Callable[
 ]
 # (x, grad) -> what a recorded row holds: (x, grad) for scalars, (‖x − x*‖, ‖grad‖) for vectors
 Summary = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-# x -> (loss(x), *summary(x, grad(x))): a step's row, computed from x alone
-Observe = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 CONVENTION: Convention = CONVENTIONS["jax"]
 OPTIMIZERS = ("sgd", "adam", "adagrad", "rmsprop")
@@ -305,7 +303,8 @@ def _eager_steps(step: StepFn, summary: Summary, vector: bool) -> tuple[EagerSte
 # run's row count, if smaller); advance() splits a longer span into several calls.
 ROWS_PER_CALL = 1 << 14
 # For an x of at most UNROLLED_SIZE entries, steps run in groups of up to UNROLL written
-# out one after the other, with no per-step exit test (larger ones test each step).
+# out one after the other, with no per-step exit test (`_group_loop`, groups of one step
+# when `every` has no other divisor); a larger x runs `_flat_loop`, which tests each step.
 UNROLL = 12
 UNROLLED_SIZE = 16
 
@@ -318,12 +317,13 @@ def _group(every: int) -> int:
 class _CompiledProgram(_Program):
     """The loop as one ahead-of-time compiled XLA executable, called once per chunk.
 
-    The executable takes the state (x, optimizer state) and the span (first step, end
-    step) as arguments, so one compile serves every chunk; the state stays on the
-    device, only the span's rows cross to the host (final() is asked for once, when the
-    run ends). A span longer than the row buffers (ROWS_PER_CALL rows) takes several
-    calls. x and the state are donated, so the loop runs in their buffers: the engine
-    holds signals until advance() has stored the call's results (CompiledProgram).
+    The executable takes the state (x and the loop's carry: the optimizer state, and
+    for the per-step loop the next step's row) and the span (first step, end step) as
+    arguments, so one compile serves every chunk; the state stays on the device, only
+    the span's rows cross to the host (final() is asked for once, when the run ends). A
+    span longer than the row buffers (ROWS_PER_CALL rows) takes several calls. x and the
+    carry are donated, so the loop runs in their buffers: the engine holds signals until
+    advance() has stored the call's results (CompiledProgram).
     """
 
     def __init__(
@@ -368,9 +368,9 @@ class _CompiledProgram(_Program):
         return Span(steps, x_rows, loss_rows, grad_rows, stopped_at)
 
 
-def _row_buffers(observe: Observe, x0: jax.Array, slots: int) -> tuple[jax.Array, ...]:
+def _row_buffers(summary: Summary, x0: jax.Array, slots: int) -> tuple[jax.Array, ...]:
     """Zeroed row buffers: (row x, loss, row grad) for `slots` rows."""
-    _loss, row_x, row_grad = jax.eval_shape(observe, x0)
+    row_x, row_grad = jax.eval_shape(summary, x0, x0)
     return (
         jnp.zeros((slots, *row_x.shape), row_x.dtype),
         jnp.zeros((slots,), x0.dtype),
@@ -378,26 +378,34 @@ def _row_buffers(observe: Observe, x0: jax.Array, slots: int) -> tuple[jax.Array
     )
 
 
-def _flat_steps(
-    step: StepFn, observe: Observe, every: int, capacity: int, first: jax.Array
-) -> Callable[..., tuple]:
-    """The per-step loop over steps i..end-1, recording into slot i // every − first.
+def _flat_loop(
+    step: StepFn, value_and_grad: ValueAndGrad, summary: Summary, every: int, capacity: int
+) -> Callable[..., tuple[Any, ...]]:
+    """The per-step loop (for a vector x), as (x, (opt_state, head), start, end) -> ...
 
-    One while_loop, the same body for every step, so it may start and end at any step.
-    The row of step i (its loss and `summary(x_i, grad)`, "the head") is computed at
-    the end of the iteration before, from the x that iteration just updated in place:
-    every reduction then reads x after the update, so XLA keeps one x and no copy of it
-    (reductions of x_i beside its in-place update cost a copy of x, an n-sized
-    temporary and a pass over it each step; x may have 1e7 entries). Step i writes the
-    head to its slot when recorded (i % every == 0), else to a spare last slot; a head
-    whose loss is not finite leaves x as it was and ends the loop, so x is the state at
-    that loss with no previous x carried along. Returns (ok, step of
-    the last loss, x, state, the head of the step after, bufs).
+    One while_loop over steps start..end-1, the same body for every step, so it may
+    start and end at any step; step i records into slot i // every − first. The row of
+    step i (its loss and `summary(x_i, grad)`, "the head") is computed at the end of the
+    iteration before, from the x that iteration just updated in place: every reduction
+    then reads x after the update, so XLA keeps one x and no copy of it (reductions of
+    x_i beside its in-place update cost a copy of x, an n-sized temporary and a pass
+    over it each step; x may have 1e7 entries). Step i writes the head to its slot when
+    recorded (i % every == 0), else to a spare last slot; a head whose loss is not finite
+    leaves x as it was and ends the loop, so x is the state at that loss with no previous
+    x carried along. The head is carried from call to call, so each step's row comes from
+    the same code whatever the chunks; a run's first call (start 0) computes x0's.
+    Returns (row buffers, stopped_at, x, (state, head)).
     """
 
-    def steps(
-        i: jax.Array, end: jax.Array, x: jax.Array, state: Any, head: tuple, bufs: tuple
-    ) -> tuple:
+    def observe(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        loss, grad = value_and_grad(x)
+        return loss, *summary(x, grad)
+
+    def run(x0: jax.Array, carry: tuple, start: jax.Array, end: jax.Array) -> tuple:
+        state0, head = carry
+        head = lax.cond(start == 0, observe, lambda _x: head, x0)
+        first = (start + every - 1) // every
+
         def cond(c: tuple) -> jax.Array:
             i, _x, _state, _head, ok, _bufs = c
             return (i < end) & ok
@@ -411,30 +419,10 @@ def _flat_steps(
             x = jnp.where(ok, x_next, x)
             return i + 1, x, state_next, observe(x), ok, bufs
 
-        i, x, state, head, ok, bufs = lax.while_loop(
-            cond, body, (i, x, state, head, jnp.bool_(True), bufs)
-        )
-        return ok, i - 1, x, state, head, bufs
-
-    return steps
-
-
-def _flat_loop(
-    step: StepFn, observe: Observe, every: int, capacity: int
-) -> Callable[..., tuple[Any, ...]]:
-    """Steps start..end-1 as a traceable function of (x, (opt_state, head), start, end):
-    see `_flat_steps`. The head (the next step's row) is carried from call to call, so
-    each step's row comes from the same code whatever the chunks; a run's first call
-    (start 0) computes x0's. Returns (row buffers, stopped_at, x, (state, head))."""
-
-    def run(x0: jax.Array, carry: tuple, start: jax.Array, end: jax.Array) -> tuple:
-        state0, head = carry
-        head = lax.cond(start == 0, observe, lambda _x: head, x0)
-        first = (start + every - 1) // every
-        steps = _flat_steps(step, observe, every, capacity, first)
-        bufs = _row_buffers(observe, x0, capacity + 1)
-        ok, last, x, state, head, bufs = steps(start, end, x0, state0, head, bufs)
-        return bufs, jnp.where(ok, end, last), x, (state, head)
+        bufs = _row_buffers(summary, x0, capacity + 1)
+        carry = (start, x0, state0, head, jnp.bool_(True), bufs)
+        i, x, state, head, ok, bufs = lax.while_loop(cond, body, carry)
+        return bufs, jnp.where(ok, end, i - 1), x, (state, head)
 
     return run
 
@@ -442,7 +430,6 @@ def _flat_loop(
 def _group_loop(
     step: StepFn,
     summary: Summary,
-    observe: Observe,
     every: int,
     capacity: int,
     group: int,
@@ -454,8 +441,8 @@ def _group_loop(
     its slot when recorded, else to the spare last slot), and no step has an exit test:
     each only latches the first non-finite loss's step and state, a few selects beside
     the update's own arithmetic, and a group that met one ends the loop. The run's last
-    steps that make no whole group go through `_flat_steps`. Every step is computed by
-    the same code whatever the chunks (they are whole groups), so chunking changes no bit.
+    steps that make no whole group run as groups of one. Every step is computed by the
+    same code whatever the chunks (they are whole groups), so chunking changes no bit.
     """
 
     def latched(i: Any, x: jax.Array, state: Any, latch: tuple) -> tuple:
@@ -469,41 +456,35 @@ def _group_loop(
 
     def run(x0: jax.Array, state0: Any, start: jax.Array, end: jax.Array) -> tuple:
         first = (start + every - 1) // every
-        groups = (end - start) // group
-        bufs = _row_buffers(observe, x0, capacity + 1)
+        whole = start + (end - start) // group * group  # where the whole groups end
 
-        def cond(c: tuple) -> jax.Array:
-            g, latch, *_ = c
-            return (g < groups) & latch[0]
+        def steps(size: int) -> tuple[Callable, Callable]:
+            """cond and body of a while_loop over groups of `size` steps from i to stop."""
 
-        def body(c: tuple) -> tuple:
-            g, latch, x, state, (bx, bl, bg) = c
-            i = start + g * group
-            x_i = x
-            x, state, latch, loss, grad = latched(i, x, state, latch)
-            row_x, row_grad = summary(x_i, grad)
-            k = jnp.where(i % every == 0, i // every - first, capacity)
-            bufs = (bx.at[k].set(row_x), bl.at[k].set(loss), bg.at[k].set(row_grad))
-            for j in range(1, group):
-                x, state, latch, _loss, _grad = latched(i + j, x, state, latch)
-            return g + 1, latch, x, state, bufs
+            def cond(c: tuple) -> jax.Array:
+                i, stop, latch, *_ = c
+                return (i < stop) & latch[0]
+
+            def body(c: tuple) -> tuple:
+                i, stop, latch, x, state, (bx, bl, bg) = c
+                x_i = x
+                x, state, latch, loss, grad = latched(i, x, state, latch)
+                row_x, row_grad = summary(x_i, grad)
+                k = jnp.where(i % every == 0, i // every - first, capacity)
+                bufs = (bx.at[k].set(row_x), bl.at[k].set(loss), bg.at[k].set(row_grad))
+                for j in range(1, size):
+                    x, state, latch, _loss, _grad = latched(i + j, x, state, latch)
+                return i + size, stop, latch, x, state, bufs
+
+            return cond, body
 
         latch = (jnp.bool_(True), start, jnp.zeros_like(x0))
-        carry = (jnp.int32(0), latch, x0, state0, bufs)
-        _g, (ok, i_bad, x_bad), x, state, bufs = lax.while_loop(cond, body, carry)
-
-        def rest() -> tuple:
-            steps = _flat_steps(step, observe, every, capacity, first)
-            ok, last, x_end, state_end, _head, bufs_end = steps(
-                start + groups * group, end, x, state, observe(x), bufs
-            )
-            return ok, last, x_end, state_end, bufs_end
-
-        def none() -> tuple:
-            return ok, i_bad, jnp.where(ok, x, x_bad), state, bufs
-
-        ok, last, x, state, bufs = lax.cond(ok & (start + groups * group < end), rest, none)
-        return bufs, jnp.where(ok, end, last), x, state
+        carry = (start, whole, latch, x0, state0, _row_buffers(summary, x0, capacity + 1))
+        carry = lax.while_loop(*steps(group), carry)
+        if group > 1:
+            carry = lax.while_loop(*steps(1), (carry[0], end, *carry[2:]))
+        _i, _stop, (ok, i_bad, x_bad), x, state, bufs = carry
+        return bufs, jnp.where(ok, end, i_bad), jnp.where(ok, x, x_bad), state
 
     return run
 
@@ -565,11 +546,6 @@ class JaxBackend:
         # run's device: init() makes some leaves (the count) on the default device.
         opt_state0 = jax.device_put(init(x0), device)
         summary = _summary(problem, dtype, device)
-
-        def observe(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-            loss, grad = value_and_grad(x)
-            return loss, *summary(x, grad)
-
         # final(): the state where the run stopped, computed once at its end.
         final_value_and_grad = jax.jit(value_and_grad)
 
@@ -577,13 +553,13 @@ class JaxBackend:
             capacity = min(spec.record.rows, ROWS_PER_CALL)
             every = spec.record.every
             group = _group(every) if x0.size <= UNROLLED_SIZE else 1
-            if group > 1:
-                loop = _group_loop(step, summary, observe, every, capacity, group)
+            if x0.size <= UNROLLED_SIZE:
+                loop = _group_loop(step, summary, every, capacity, group)
                 carry0 = opt_state0
             else:
-                loop = _flat_loop(step, observe, every, capacity)
-                # The head, which the first call (start 0) computes.
-                head = jax.eval_shape(observe, x0)
+                loop = _flat_loop(step, value_and_grad, summary, every, capacity)
+                # The head (loss, row x, row grad), which the first call (start 0) computes.
+                head = (jax.ShapeDtypeStruct((), x0.dtype), *jax.eval_shape(summary, x0, x0))
                 carry0 = (
                     opt_state0,
                     tuple(jnp.zeros(h.shape, h.dtype, device=device) for h in head),
