@@ -250,6 +250,7 @@ def _run_eager(
 
     step, total, chunk = source.step, spec.steps, CHECK_EVERY
     diverged: tuple[int, int] | None = None  # (step of the first non-finite loss, steps run)
+    interrupted = False
     try:
         # A signal during a step takes effect once it returns: no step is cut in two
         # (its update made, its row not taken), and a step may give its buffers to a call.
@@ -267,13 +268,12 @@ def _run_eager(
                     if progress is not None:
                         progress(done)
     except KeyboardInterrupt:
+        interrupted = True
         if diverged is None:
             drain(check=False)
-            return _final_trajectory(program, chunks, drained), drained, True
-        return _final_trajectory(program, chunks, diverged[0]), diverged[1], True
     if diverged is not None:
-        return _final_trajectory(program, chunks, diverged[0]), diverged[1], False
-    return _final_trajectory(program, chunks, drained), drained, False
+        return _final_trajectory(program, chunks, diverged[0]), diverged[1], interrupted
+    return _final_trajectory(program, chunks, drained), drained, interrupted
 
 
 class _HostRecorder:

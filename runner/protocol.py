@@ -123,7 +123,8 @@ class EagerProgram(Protocol):
     step(record) performs update i and returns (loss_i, x_i, grad_i) evaluated at the
     point before the update, as framework values (no host transfer). x_i and grad_i may
     be None when record is False, so that a framework that must copy x to snapshot it
-    only pays for that on recorded steps.
+    only pays for that on recorded steps. Ctrl-C acts between steps: the core holds
+    SIGINT and SIGTERM until step() returns.
     """
 
     def step(self, record: bool) -> tuple[Any, Any, Any]: ...
@@ -147,8 +148,10 @@ class RecordingEagerProgram(Protocol):
     The core still drives the loop and says which steps are recorded. step(record)
     performs update i and keeps loss_i and, when record is True, the row (x_i, grad_i)
     on the framework's side, so the core holds no framework value per step. drain() is
-    called at least every EAGER_CHUNK steps and after the last one. A step cut short
-    by KeyboardInterrupt leaves the program as if it had not run.
+    called at least every EAGER_CHUNK steps and after the last one. The core holds
+    Ctrl-C (SIGINT, SIGTERM) until a step returns, so a step may give its buffers to a
+    call; a step that raises KeyboardInterrupt itself leaves the program as if it had
+    not run.
     """
 
     def step(self, record: bool) -> None: ...
