@@ -16,6 +16,7 @@ problems (problem.dim set) record ||x_i - x*|| and ||grad_i|| in place of x_i, g
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -108,6 +109,21 @@ with _quiet_native_startup(), _without_tflite_jax():
 
     tf.config.list_physical_devices()  # device discovery: where cuInit complains
 
+
+class _NoRetracingWarningPerRun(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning about our programs.
+
+    Each run builds its own loop function and traces it once; TF counts traces per
+    Python code object, so the runs of one process (an Optuna search, a sweep's worker)
+    add up to "frequent retracing" that no run does.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message and "_GraphProgram" in message)
+
+
+tf.get_logger().addFilter(_NoRetracingWarningPerRun())
 
 _OPTIONS = ("jit_compile",)
 

@@ -6,6 +6,8 @@ TF eager costs ~0.3-2 ms a step here, so eager cases stay at <= 200 steps except
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -236,3 +238,12 @@ def test_unsupported_names_the_reason() -> None:
     assert "'lion' is unknown" in BACKEND.unsupported(make_spec("apply", name="lion"))
     with pytest.raises(ConfigError, match="weight_decay"):
         BACKEND.prepare(make_spec("apply", hyper={"weight_decay": 0.1}))
+
+
+def test_runs_in_one_process_do_not_warn_of_retracing(caplog: pytest.LogCaptureFixture) -> None:
+    """Each run traces its own loop once; TF would count them together as retracing."""
+    spec = make_spec("graph", steps=3)
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for _ in range(6):
+            run_minimize(BACKEND, spec)
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
