@@ -268,6 +268,9 @@ def _run_eager(
                     if progress is not None:
                         progress(done)
     except KeyboardInterrupt:
+        # A signal in the chunk that diverged: the rows end at the divergence, the state
+        # is where the loop stopped (run_minimize replays to the exact state only for
+        # runs that were not interrupted).
         interrupted = True
         if diverged is None:
             drain(check=False)
