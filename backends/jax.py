@@ -393,7 +393,7 @@ def _flat_loop(
     recorded (i % every == 0), else to a spare last slot; a head whose loss is not finite
     leaves x as it was and ends the loop, so x is the state at that loss with no previous
     x carried along. The head is carried from call to call, so each step's row comes from
-    the same code whatever the chunks; a run's first call (start 0) computes x0's.
+    the same code whatever the chunks; prepare()'s empty call (end 0) computes x0's.
     Returns (row buffers, stopped_at, x, (state, head)).
     """
 
@@ -403,7 +403,7 @@ def _flat_loop(
 
     def run(x0: jax.Array, carry: tuple, start: jax.Array, end: jax.Array) -> tuple:
         state0, head = carry
-        head = lax.cond(start == 0, observe, lambda _x: head, x0)
+        head = lax.cond(end == 0, observe, lambda _x: head, x0)  # prepare()'s empty call
         first = (start + every - 1) // every
 
         def cond(c: tuple) -> jax.Array:
@@ -558,7 +558,7 @@ class JaxBackend:
                 carry0 = opt_state0
             else:
                 loop = _flat_loop(step, value_and_grad, summary, every, capacity)
-                # The head (loss, row x, row grad), which the first call (start 0) computes.
+                # The head (loss, row x, row grad), which the empty call below computes.
                 head = (jax.ShapeDtypeStruct((), x0.dtype), *jax.eval_shape(summary, x0, x0))
                 carry0 = (
                     opt_state0,
@@ -569,7 +569,8 @@ class JaxBackend:
             loop = jax.jit(loop, donate_argnums=(0, 1))
             executable = loop.lower(x0, carry0, i32, i32).compile()
             # An empty chunk: an executable's first run pays one-time costs (~1 ms here).
-            # It hands x0 and carry0 back, in the buffers the next call donates.
+            # It hands x0 and carry0 back (the per-step loop's with x0's head computed), in
+            # the buffers the next call donates.
             _bufs, _i, x0, carry0 = executable(x0, carry0, i32, i32)
             jax.block_until_ready((x0, carry0, final_value_and_grad(x0)))
             return _CompiledProgram(executable, final_value_and_grad, x0, carry0, spec, group)

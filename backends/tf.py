@@ -428,7 +428,7 @@ class _EagerProgram(_Program):
         self._update = run.updater()
         # A tf.device scope costs ~30 us a step (5% of an SGD step here); it is left out
         # where TF eager puts ops anyway (the first GPU if there is one, else the CPU).
-        self._scoped = run.device != _default_device()
+        self._scoped = run.device != _device_name("auto")
 
     def step(self, record: bool) -> Values:
         if self._scoped:
@@ -706,9 +706,19 @@ class _GraphProgram(_Program):
         return Span(steps, x, loss, grad, stopped_at)
 
 
-def _default_device() -> str:
-    """Where TF eager runs an op given no device: the first GPU, if there is one, else the CPU."""
-    return (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))[0].name
+def _device_name(requested: str) -> str:
+    """TF's name for device=cpu|gpu|auto; "auto" is also where TF eager runs an op given
+    no device (the first GPU, if there is one, else the CPU)."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if requested == "gpu" and not gpus:
+        raise ConfigError(
+            "device=gpu: TensorFlow sees no GPU on this machine; use device=cpu or device=auto"
+        )
+    if requested in ("gpu", "auto") and gpus:
+        return gpus[0].name
+    if requested in ("cpu", "auto", "gpu"):
+        return tf.config.list_logical_devices("CPU")[0].name
+    raise ConfigError(f"device={requested!r} is unknown; choose one of cpu, gpu, auto")
 
 
 def _warm_up(spec: MinimizeSpec, device: str) -> None:
@@ -728,16 +738,7 @@ class TensorFlowBackend:
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}
 
     def resolved_device(self, requested: str) -> str:
-        gpus = tf.config.list_logical_devices("GPU")
-        if requested == "gpu" and not gpus:
-            raise ConfigError(
-                "device=gpu: TensorFlow sees no GPU on this machine; use device=cpu or device=auto"
-            )
-        if requested in ("gpu", "auto") and gpus:
-            return gpus[0].name
-        if requested in ("cpu", "auto", "gpu"):
-            return tf.config.list_logical_devices("CPU")[0].name
-        raise ConfigError(f"device={requested!r} is unknown; choose one of cpu, gpu, auto")
+        return _device_name(requested)
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         if spec.mode not in MODES:

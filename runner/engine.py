@@ -125,7 +125,7 @@ def _run_compiled(
     """Advance the program chunk by chunk: (trajectory, interrupted by Ctrl-C).
 
     Chunk boundaries are multiples of the program's step_multiple. Ctrl-C (or SIGTERM)
-    takes effect between chunks (see `_signals_between_chunks`), so the run ends with
+    takes effect between chunks (see `_signals_held`), so the run ends with
     the rows of the chunks that completed and the program's state where the last of
     them stopped (x0 if none did), as an eager run does. Nothing of the state crosses
     to the host until then.
@@ -135,7 +135,7 @@ def _run_compiled(
     done = 0
     length = -(-FIRST_CHUNK // align) * align
     try:
-        with _signals_between_chunks() as caught:
+        with _signals_held() as caught:
             while done < spec.steps and not caught:
                 stop = min(done + length, spec.steps)
                 start = time.perf_counter()
@@ -153,7 +153,7 @@ def _run_compiled(
 
 
 @contextmanager
-def _signals_between_chunks() -> Iterator[list[int]]:
+def _signals_held() -> Iterator[list[int]]:
     """Notes SIGINT and SIGTERM while the chunks (or eager steps) run; the first is
     raised, by its own handler, once they stop.
 
@@ -254,7 +254,7 @@ def _run_eager(
     try:
         # A signal during a step takes effect once it returns: no step is cut in two
         # (its update made, its row not taken), and a step may give its buffers to a call.
-        with _signals_between_chunks() as caught:
+        with _signals_held() as caught:
             for i in range(total):
                 if caught:
                     break
