@@ -60,6 +60,8 @@ EagerStep = Callable[
 ]
 # (x, grad) -> what a recorded row holds: (x, grad) for scalars, (‖x − x*‖, ‖grad‖) for vectors
 Summary = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+# (x, operands) -> (loss, ||x - x*||, ||grad||): the per-step loop's row of a vector x.
+Observe = Callable[[jax.Array, tuple], tuple[jax.Array, jax.Array, jax.Array]]
 
 CONVENTION: Convention = CONVENTIONS["jax"]
 OPTIMIZERS = ("sgd", "adam", "adagrad", "rmsprop")
@@ -329,6 +331,7 @@ class _CompiledProgram(_Program):
     def __init__(
         self,
         executable: Any,
+        operands: tuple,
         value_and_grad: ValueAndGrad,
         x0: jax.Array,
         carry0: Any,
@@ -337,6 +340,7 @@ class _CompiledProgram(_Program):
     ) -> None:
         super().__init__(value_and_grad, x0)
         self._executable = executable
+        self._operands = operands  # the executable's last arguments, the same every call
         self._carry = carry0  # the loop's: the optimizer state (and the next row)
         self._done = 0
         self._every = spec.record.every
@@ -355,7 +359,7 @@ class _CompiledProgram(_Program):
             start = self._done
             end = min(stop, start + self._capacity * every)
             bufs, stopped_at, self._x, self._carry = self._executable(
-                self._x, self._carry, np.int32(start), np.int32(end)
+                self._x, self._carry, np.int32(start), np.int32(end), *self._operands
             )
             stopped_at = self._done = int(host(stopped_at))
             # Slot 0 holds the first recorded step >= start; rows at steps < stopped_at.
@@ -368,20 +372,15 @@ class _CompiledProgram(_Program):
         return Span(steps, x_rows, loss_rows, grad_rows, stopped_at)
 
 
-def _row_buffers(summary: Summary, x0: jax.Array, slots: int) -> tuple[jax.Array, ...]:
-    """Zeroed row buffers: (row x, loss, row grad) for `slots` rows."""
-    row_x, row_grad = jax.eval_shape(summary, x0, x0)
-    return (
-        jnp.zeros((slots, *row_x.shape), row_x.dtype),
-        jnp.zeros((slots,), x0.dtype),
-        jnp.zeros((slots, *row_grad.shape), row_grad.dtype),
-    )
+def _row_buffers(row: tuple[Any, Any, Any], slots: int) -> tuple[jax.Array, ...]:
+    """Zeroed buffers for `slots` rows shaped like `row`: (row x, loss, row grad)."""
+    return tuple(jnp.zeros((slots, *value.shape), value.dtype) for value in row)
 
 
 def _flat_loop(
-    step: StepFn, value_and_grad: ValueAndGrad, summary: Summary, every: int, capacity: int
+    step: StepFn, observe: Observe, every: int, capacity: int
 ) -> Callable[..., tuple[Any, ...]]:
-    """The per-step loop (for a vector x), as (x, (opt_state, head), start, end) -> ...
+    """The per-step loop (for a vector x), as (x, (opt_state, head), start, end, operands) -> ...
 
     One while_loop over steps start..end-1, the same body for every step, so it may
     start and end at any step; step i records into slot i // every − first. The row of
@@ -394,16 +393,15 @@ def _flat_loop(
     leaves x as it was and ends the loop, so x is the state at that loss with no previous
     x carried along. The head is carried from call to call, so each step's row comes from
     the same code whatever the chunks; prepare()'s empty call (end 0) computes x0's.
+    `observe(x, operands)` computes the head from `operands` (the problem's data), which
+    come in as arguments of the executable: see _observe for why.
     Returns (row buffers, stopped_at, x, (state, head)).
     """
 
-    def observe(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        loss, grad = value_and_grad(x)
-        return loss, *summary(x, grad)
-
-    def run(x0: jax.Array, carry: tuple, start: jax.Array, end: jax.Array) -> tuple:
+    def run(x0: jax.Array, carry: tuple, start: jax.Array, end: jax.Array, operands: Any) -> tuple:
         state0, head = carry
-        head = lax.cond(end == 0, observe, lambda _x: head, x0)  # prepare()'s empty call
+        # prepare()'s empty call (end 0) computes x0's head
+        head = lax.cond(end == 0, observe, lambda _x, _o: head, x0, operands)
         first = (start + every - 1) // every
 
         def cond(c: tuple) -> jax.Array:
@@ -417,9 +415,10 @@ def _flat_loop(
             ok = jnp.isfinite(loss)
             x_next, state_next, _loss, _grad = step(x, state)
             x = jnp.where(ok, x_next, x)
-            return i + 1, x, state_next, observe(x), ok, bufs
+            return i + 1, x, state_next, observe(x, operands), ok, bufs
 
-        bufs = _row_buffers(summary, x0, capacity + 1)
+        loss, row_x, row_grad = head
+        bufs = _row_buffers((row_x, loss, row_grad), capacity + 1)
         carry = (start, x0, state0, head, jnp.bool_(True), bufs)
         i, x, state, head, ok, bufs = lax.while_loop(cond, body, carry)
         return bufs, jnp.where(ok, end, i - 1), x, (state, head)
@@ -479,7 +478,9 @@ def _group_loop(
             return cond, body
 
         latch = (jnp.bool_(True), start, jnp.zeros_like(x0))
-        carry = (start, whole, latch, x0, state0, _row_buffers(summary, x0, capacity + 1))
+        row_x, row_grad = jax.eval_shape(summary, x0, x0)
+        row = (row_x, jax.ShapeDtypeStruct((), x0.dtype), row_grad)
+        carry = (start, whole, latch, x0, state0, _row_buffers(row, capacity + 1))
         carry = lax.while_loop(*steps(group), carry)
         if group > 1:
             carry = lax.while_loop(*steps(1), (carry[0], end, *carry[2:]))
@@ -545,9 +546,14 @@ class JaxBackend:
         # Every leaf of the optimizer state (moments, accumulators, Adam's count) on the
         # run's device: init() makes some leaves (the count) on the default device.
         opt_state0 = jax.device_put(init(x0), device)
-        summary = _summary(problem, dtype, device)
-        # final(): the state where the run stopped, computed once at its end.
-        final_value_and_grad = jax.jit(value_and_grad)
+        x_star = _put(compact(problem.optimum()[0]), dtype, device)  # one number if a broadcast
+        summary = _summary(problem, x_star)
+        # final(): the state where the run stopped, computed once at its end; the loss and
+        # the gradient each from their own operands (see _apart).
+        apart = jax.jit(_apart(problem))
+
+        def final_value_and_grad(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return apart(x, p, p)
 
         if spec.mode == "graph":
             capacity = min(spec.record.rows, ROWS_PER_CALL)
@@ -555,25 +561,30 @@ class JaxBackend:
             group = _group(every) if x0.size <= UNROLLED_SIZE else 1
             if x0.size <= UNROLLED_SIZE:
                 loop = _group_loop(step, summary, every, capacity, group)
-                carry0 = opt_state0
+                carry0, operands = opt_state0, ()
             else:
-                loop = _flat_loop(step, value_and_grad, summary, every, capacity)
+                observe = _observe(_apart(problem))
+                # The head's operands: the loss's and the gradient's coefficients, and x*.
+                operands = ((p, p, x_star),)
                 # The head (loss, row x, row grad), which the empty call below computes.
-                head = (jax.ShapeDtypeStruct((), x0.dtype), *jax.eval_shape(summary, x0, x0))
+                head = jax.eval_shape(observe, x0, *operands)
                 carry0 = (
                     opt_state0,
                     tuple(jnp.zeros(h.shape, h.dtype, device=device) for h in head),
                 )
+                loop = _flat_loop(step, observe, every, capacity)
             i32 = np.int32(0)
             # x and the loop's carry are donated: the loop runs in their buffers.
             loop = jax.jit(loop, donate_argnums=(0, 1))
-            executable = loop.lower(x0, carry0, i32, i32).compile()
+            executable = loop.lower(x0, carry0, i32, i32, *operands).compile()
             # An empty chunk: an executable's first run pays one-time costs (~1 ms here).
             # It hands x0 and carry0 back (the per-step loop's with x0's head computed), in
             # the buffers the next call donates.
-            _bufs, _i, x0, carry0 = executable(x0, carry0, i32, i32)
+            _bufs, _i, x0, carry0 = executable(x0, carry0, i32, i32, *operands)
             jax.block_until_ready((x0, carry0, final_value_and_grad(x0)))
-            return _CompiledProgram(executable, final_value_and_grad, x0, carry0, spec, group)
+            return _CompiledProgram(
+                executable, operands, final_value_and_grad, x0, carry0, spec, group
+            )
 
         # The eager steps jit the traceable step (minimize_step, jitted already as the
         # idiom, is inlined into them).
@@ -643,16 +654,48 @@ def _optax_step(
     return functools.partial(minimize_step, loss_fn)
 
 
-def _summary(problem: Any, dtype: Any, device: jax.Device) -> Summary:
+def _summary(problem: Any, x_star: jax.Array) -> Summary:
     """What a recorded row holds: x and grad (scalar problems) or their distances (vectors)."""
     if problem.dim is None:
         return lambda x, grad: (x, grad)
-    x_star = _put(compact(problem.optimum()[0]), dtype, device)  # one number if a broadcast
+    return functools.partial(_distances, x_star=x_star)
 
-    def distances(x: jax.Array, grad: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return jnp.linalg.norm(x - x_star), jnp.linalg.norm(grad)
 
-    return distances
+def _distances(x: jax.Array, grad: jax.Array, x_star: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A vector's row: (||x - x*||, ||grad||)."""
+    return jnp.linalg.norm(x - x_star), jnp.linalg.norm(grad)
+
+
+def _apart(problem: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """(x, p_loss, p_grad) -> (loss, grad): the loss and the gradient from their own operands.
+
+    The same numbers as jax.value_and_grad, for XLA on the CPU: it sums in YNNPACK
+    fusions, and a fusion that cannot take a broadcast of a scalar shared with another
+    fusion gets it as an n-sized array, written each time. The loss's and the
+    gradient's coefficients, given as one closed-over constant (b, shared with the
+    update too), cost the loop an n-sized array per shared constant written and read
+    each step (15.7 ms a step at n = 1e7 against 8.8 ms without), and final() one. As
+    separate arguments of the executable they are opaque to XLA, so none is shared.
+    """
+
+    def loss(x: jax.Array, p: Any) -> jax.Array:
+        return problem.loss(x, p, OPS)
+
+    def value_and_grad(x: jax.Array, p_loss: Any, p_grad: Any) -> tuple[jax.Array, jax.Array]:
+        return loss(x, p_loss), jax.grad(loss)(x, p_grad)
+
+    return value_and_grad
+
+
+def _observe(value_and_grad: Callable[..., tuple[jax.Array, jax.Array]]) -> Observe:
+    """A vector's head (loss, ||x - x*||, ||grad||) from x and (p_loss, p_grad, x*)."""
+
+    def observe(x: jax.Array, operands: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+        p_loss, p_grad, x_star = operands
+        loss, grad = value_and_grad(x, p_loss, p_grad)
+        return loss, *_distances(x, grad, x_star)
+
+    return observe
 
 
 def _enable_dtype(name: str) -> Any:
