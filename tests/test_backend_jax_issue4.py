@@ -429,3 +429,16 @@ def test_unsupported_reasons_name_the_combination(backend, monkeypatch):
     assert "optax.adagrad" in backend.unsupported(spec_for(problem, adagrad, "apply"))
     assert "optax.adagrad" in backend.unsupported(spec_for(problem, adagrad, "graph", "minimize"))
     assert backend.unsupported(spec_for(problem, adagrad, "graph", "manual")) is None
+
+
+@pytest.mark.parametrize("update", ["manual", "apply", "minimize"])
+def test_vector_loop_holds_no_n_sized_temporary(backend, update):
+    # XLA on the CPU writes a scalar's broadcast that two fusions read as an n-sized
+    # array, every step: with the coefficients as shared constants the loop held two.
+    problem = Quadratic(a=1.0, b=-2.0, c=1.0, x0=0.0, dim=100_000)
+    spec = spec_for(problem, OptimizerSpec("sgd", 0.01), "graph", update, steps=20, dtype="float32")
+    program = backend.prepare(spec)
+    temp = program._executable.memory_analysis().temp_size_in_bytes
+    assert temp < 4 * problem.dim, temp
+    traj = run_minimize(backend, spec).trajectory
+    assert traj.stopped_at == 20 and np.isfinite(traj.final_loss)
