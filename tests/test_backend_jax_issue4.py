@@ -41,6 +41,19 @@ PROBLEMS = {
     "quadratic_form": QuadraticForm(dim=5, cond=10.0, seed=3, x0=1.0),
     "rosenbrock": Rosenbrock(dim=4, x0=0.0),
 }
+# Past UNROLLED_SIZE: graph mode runs the per-step loop, whose rows get the problem's data
+# as arguments of the executable (per-entry coefficients included).
+FLAT_PROBLEMS = {
+    "quadratic_dim32": Quadratic(
+        a=tuple(np.linspace(0.5, 3.0, 32)),
+        b=tuple(np.linspace(-2.0, 1.0, 32)),
+        c=0.5,
+        x0=tuple(np.linspace(-1.0, 2.0, 32)),
+        dim=32,
+    ),
+    "quadratic_form_dim32": QuadraticForm(dim=32, cond=10.0, seed=3, x0=1.0),
+    "rosenbrock_dim32": Rosenbrock(dim=32, x0=0.0),
+}
 # (name, lr, hyper): learning rates that still move x after 100 steps but do not reach
 # the noise floor around x*, where sign-like rules (rmsprop) amplify rounding.
 OPTIMIZERS = {
@@ -61,7 +74,7 @@ def backend() -> JaxBackend:
 
 def optimizer_for(problem_id: str, optimizer_id: str) -> OptimizerSpec:
     name, lr, hyper = OPTIMIZERS[optimizer_id]
-    if problem_id == "rosenbrock" and name == "sgd":
+    if problem_id.startswith("rosenbrock") and name == "sgd":
         lr = 1e-3  # Rosenbrock's curvature (b=100) needs a small SGD step
     return OptimizerSpec(name, lr, hyper)
 
@@ -163,6 +176,9 @@ SPOT_CHECKS = [
     ("graph", "manual", "quadratic_form", "sgd_nesterov", 1),
     ("graph", "manual", "rosenbrock", "adam", 3),
     ("graph", "manual", "quadratic_dim4", "rmsprop", 1),
+    ("graph", "apply", "quadratic_dim32", "adam", 1),
+    ("graph", "minimize", "quadratic_form_dim32", "sgd_momentum", 3),
+    ("graph", "manual", "rosenbrock_dim32", "adam", 1),
 ]
 
 
@@ -170,7 +186,7 @@ SPOT_CHECKS = [
 def test_minimize_and_graph_match_numpy_reference(
     backend, mode, update, problem_id, optimizer_id, every
 ):
-    problem = PROBLEMS[problem_id]
+    problem = {**PROBLEMS, **FLAT_PROBLEMS}[problem_id]
     optimizer = optimizer_for(problem_id, optimizer_id)
     xs, losses = reference_run(problem, optimizer)
     spec = spec_for(problem, optimizer, mode, update, every=every)
