@@ -5,7 +5,9 @@ jitted step and returned updated, so the "snapshot of x before the update" that
 the engine records is simply the old array (no copy). Each run's coefficients,
 learning rate, x* and optimizer are closed over by the jitted functions built in
 prepare(): they are constants of the compiled program, which keeps a step's
-dispatch at one argument (x) plus the optimizer state.
+dispatch at one argument (x) plus the optimizer state. The exceptions are once per
+call or per run: the vector loop's row and final() take the coefficients and x* as
+arguments (see _apart).
 
 Optimizers: `apply`, `minimize` and graph with update=apply|minimize run optax's own
 `sgd`, `adam`, `adagrad`, `rmsprop` with the hyperparameters `runner.optimizers.resolve`
@@ -394,7 +396,7 @@ def _flat_loop(
     x carried along. The head is carried from call to call, so each step's row comes from
     the same code whatever the chunks; prepare()'s empty call (end 0) computes x0's.
     `observe(x, operands)` computes the head from `operands` (the problem's data), which
-    come in as arguments of the executable: see _observe for why.
+    come in as arguments of the executable: see _apart for why.
     Returns (row buffers, stopped_at, x, (state, head)).
     """
 
@@ -671,11 +673,12 @@ def _apart(problem: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
 
     The same numbers as jax.value_and_grad, for XLA on the CPU: it sums in YNNPACK
     fusions, and a fusion that cannot take a broadcast of a scalar shared with another
-    fusion gets it as an n-sized array, written each time. The loss's and the
-    gradient's coefficients, given as one closed-over constant (b, shared with the
-    update too), cost the loop an n-sized array per shared constant written and read
-    each step (15.7 ms a step at n = 1e7 against 8.8 ms without), and final() one. As
-    separate arguments of the executable they are opaque to XLA, so none is shared.
+    fusion gets it as an n-sized array, written each time. As closed-over constants,
+    the loss's and the gradient's coefficients (b, also the update's) and x* (= c = 1
+    in the default problem: equal constants are merged) cost the per-step loop two such
+    arrays, written and read every step (14.9 ms a step at n = 1e7 against 6.9-8.3 ms),
+    and final() one. Separate arguments of the executable, one per use, are opaque to
+    XLA, so none is shared.
     """
 
     def loss(x: jax.Array, p: Any) -> jax.Array:
