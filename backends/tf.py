@@ -479,9 +479,10 @@ class _GraphProgram(_Program):
     recorded losses by an ulp). Vector problems record the summaries ||x_i - x*|| and
     ||grad_i|| (with every > 1, in a `tf.cond` that computes them on recorded steps
     only). So that a loop stopped by a non-finite loss can hand back the state there,
-    a vector's update=manual|apply step updates x only after a finite loss (without
-    XLA), or x_i is copied into one more variable before each update (update=minimize,
-    which computes the loss inside the update; and with XLA, which fuses the copy).
+    a vector's update=manual|apply step updates x only after a finite loss, or x_i is
+    copied into one more variable before each update (update=minimize, which computes
+    the loss inside the update). With XLA, a vector's loop computes each row after the
+    update before it instead, and needs no copy (_head_chunk).
 
     With XLA and a small x (the scalar problem) the chunk is whole rows instead: the
     row's first step writes its row, then its other steps run in groups of UNROLL with
@@ -510,19 +511,28 @@ class _GraphProgram(_Program):
                 for _ in ("x", "loss", "grad")
             ]
             # A vector loop keeps x_i aside, to hand back the state at a non-finite loss:
-            # minimize computes the loss and updates x in one call. Without XLA, manual and
-            # apply update only after a finite loss instead (see _step), with no copy:
-            # 1.6-2.2 ms a step against 2.0-2.7 at 1e6 entries, 34-42 against 41-45 ms at
-            # 1e7, one n-sized variable less. With XLA the conditional update ran 10-20%
-            # slower than the copy, which XLA fuses into the step.
+            # minimize computes the loss and updates x in one call (without XLA; with XLA,
+            # the grouped loop's per-step tail, x of up to UNROLLED_SIZE entries). Without
+            # XLA, manual and apply update only after a finite loss instead (see _step),
+            # with no copy: 1.6-2.2 ms a step against 2.0-2.7 at 1e6 entries, 34-42
+            # against 41-45 ms at 1e7, one n-sized variable less. With XLA a larger x
+            # needs neither (_head_chunk): its row, computed after the update before it,
+            # is kept between calls in `_head`.
+            headed = jit_compile and run.vector and not grouped
             self._x_prev = (
                 tf.Variable(tf.zeros_like(run.x), trainable=False, name="x_prev")
-                if run.vector and (run.kind == "minimize" or jit_compile)
+                if run.vector and not headed and (run.kind == "minimize" or jit_compile)
+                else None
+            )
+            self._head = (
+                [tf.Variable(tf.zeros([], run.dtype), trainable=False) for _ in range(3)]
+                if headed
                 else None
             )
         i32 = tf.TensorSpec([], tf.int32)
+        chunk = self._group_chunk if grouped else self._head_chunk if headed else self._flat_chunk
         self._fn = tf.function(
-            self._group_chunk if grouped else self._flat_chunk,
+            chunk,
             input_signature=[i32, i32],
             jit_compile=jit_compile,
             reduce_retracing=False,
@@ -639,6 +649,49 @@ class _GraphProgram(_Program):
             "rows": tf.stack([tf.gather(b, begin + tf.range(self._window)) for b in self._buffers]),
             "final": (loss, run.x.read_value(), grad),
         }
+
+    # -- with XLA, a vector x: each step's row computed after the update before it -----------
+
+    def _head_chunk(self, start: tf.Tensor, end: tf.Tensor) -> dict:
+        """Steps start..end-1, stopping at the first non-finite loss, with no copy of x.
+
+        The row of step i (loss, ||x_i - x*||, ||grad_i||, "the head") is computed at the
+        end of the iteration before, from x just updated; the loop runs while the head's
+        loss is finite, so it stops with x at that loss (nothing to put back) and writes
+        that row after it. The head is kept between calls (the first call computes x0's).
+        With the x_i of every step copied aside instead (to hand back the state at a
+        non-finite loss), XLA wrote a copy of x and read it back every step.
+        """
+        run = self._run
+        xs, losses, grads = self._buffers
+
+        def observe() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            loss, grad, x = run.loss_and_grad()
+            return loss, run.distance(x), tf.norm(grad)
+
+        def write(i: tf.Tensor, loss: tf.Tensor, dist: tf.Tensor, grad_norm: tf.Tensor) -> None:
+            slot = self._slot(i)
+            for buffer, value in ((xs, dist), (losses, loss), (grads, grad_norm)):
+                buffer.scatter_update(tf.IndexedSlices(value, slot))
+
+        def cond(i: tf.Tensor, loss: tf.Tensor, *_: tf.Tensor) -> tf.Tensor:
+            return tf.logical_and(i < end, tf.math.is_finite(loss))
+
+        def body(i: tf.Tensor, *head: tf.Tensor) -> tuple:
+            write(i, *head)
+            self._update()
+            return (i + 1, *observe())
+
+        with tf.device(run.device):
+            head = tf.cond(
+                tf.equal(end, 0), observe, lambda: tuple(v.read_value() for v in self._head)
+            )
+            i, *head = tf.while_loop(cond, body, (start, *head))
+            write(i, *head)  # the non-finite row (or step end's, which its call rewrites)
+            for variable, value in zip(self._head, head, strict=True):
+                variable.assign(value)
+            ok = tf.math.is_finite(head[0])
+            return self._finish(start, ok, tf.where(ok, end, i), None)
 
     # -- with XLA, a small x: a loop over groups of steps -------------------------------------
 
