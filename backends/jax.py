@@ -379,6 +379,13 @@ def _row_buffers(row: tuple[Any, Any, Any], slots: int) -> tuple[jax.Array, ...]
     return tuple(jnp.zeros((slots, *value.shape), value.dtype) for value in row)
 
 
+def _with_row(bufs: tuple, i: Any, row: tuple, every: int, first: Any, spare: int) -> tuple:
+    """`bufs` with step i's row (row x, loss, row grad) in slot i // every − first when
+    step i is recorded, else in the spare slot."""
+    k = jnp.where(i % every == 0, i // every - first, spare)
+    return tuple(buf.at[k].set(value) for buf, value in zip(bufs, row, strict=True))
+
+
 def _flat_loop(
     step: StepFn, observe: Observe, every: int, capacity: int
 ) -> Callable[..., tuple[Any, ...]]:
@@ -386,7 +393,7 @@ def _flat_loop(
 
     One while_loop over steps start..end-1, the same body for every step, so it may
     start and end at any step; step i records into slot i // every − first. The row of
-    step i (its loss and `summary(x_i, grad)`, "the head") is computed at the end of the
+    step i (its loss, ‖x_i − x*‖ and ‖grad_i‖, "the head") is computed at the end of the
     iteration before, from the x that iteration just updated in place: every reduction
     then reads x after the update, so XLA keeps one x and no copy of it (reductions of
     x_i beside its in-place update cost a copy of x, an n-sized temporary and a pass
@@ -411,9 +418,8 @@ def _flat_loop(
             return (i < end) & ok
 
         def body(c: tuple) -> tuple:
-            i, x, state, (loss, row_x, row_grad), _ok, (bx, bl, bg) = c
-            k = jnp.where(i % every == 0, i // every - first, capacity)
-            bufs = (bx.at[k].set(row_x), bl.at[k].set(loss), bg.at[k].set(row_grad))
+            i, x, state, (loss, row_x, row_grad), _ok, bufs = c
+            bufs = _with_row(bufs, i, (row_x, loss, row_grad), every, first, capacity)
             ok = jnp.isfinite(loss)
             x_next, state_next, _loss, _grad = step(x, state)
             x = jnp.where(ok, x_next, x)
@@ -467,12 +473,11 @@ def _group_loop(
                 return (i < stop) & latch[0]
 
             def body(c: tuple) -> tuple:
-                i, stop, latch, x, state, (bx, bl, bg) = c
+                i, stop, latch, x, state, bufs = c
                 x_i = x
                 x, state, latch, loss, grad = latched(i, x, state, latch)
                 row_x, row_grad = summary(x_i, grad)
-                k = jnp.where(i % every == 0, i // every - first, capacity)
-                bufs = (bx.at[k].set(row_x), bl.at[k].set(loss), bg.at[k].set(row_grad))
+                bufs = _with_row(bufs, i, (row_x, loss, row_grad), every, first, capacity)
                 for j in range(1, size):
                     x, state, latch, _loss, _grad = latched(i + j, x, state, latch)
                 return i + size, stop, latch, x, state, bufs
@@ -552,10 +557,11 @@ class JaxBackend:
         summary = _summary(problem, x_star)
         # final(): the state where the run stopped, computed once at its end; the loss and
         # the gradient each from their own operands (see _apart).
-        apart = jax.jit(_apart(problem))
+        value_and_grad_apart = _apart(problem)
+        final_apart = jax.jit(value_and_grad_apart)
 
         def final_value_and_grad(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-            return apart(x, p, p)
+            return final_apart(x, p, p)
 
         if spec.mode == "graph":
             capacity = min(spec.record.rows, ROWS_PER_CALL)
@@ -565,7 +571,7 @@ class JaxBackend:
                 loop = _group_loop(step, summary, every, capacity, group)
                 carry0, operands = opt_state0, ()
             else:
-                observe = _observe(_apart(problem))
+                observe = _observe(value_and_grad_apart)
                 # The head's operands: the loss's and the gradient's coefficients, and x*.
                 operands = ((p, p, x_star),)
                 # The head (loss, row x, row grad), which the empty call below computes.

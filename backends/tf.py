@@ -521,7 +521,7 @@ class _GraphProgram(_Program):
             headed = jit_compile and run.vector and not grouped
             self._x_prev = (
                 tf.Variable(tf.zeros_like(run.x), trainable=False, name="x_prev")
-                if run.vector and not headed and (run.kind == "minimize" or jit_compile)
+                if run.vector and (grouped if jit_compile else run.kind == "minimize")
                 else None
             )
             self._head = (
@@ -556,6 +556,12 @@ class _GraphProgram(_Program):
         if self._every == 1:
             return i
         return tf.where(i % self._every == 0, i // self._every, self._rows_n)
+
+    def _write_row(self, i: tf.Tensor, row_x: Any, loss: Any, row_grad: Any) -> None:
+        """Step i's row into its slot (`_slot`): one scatter per buffer."""
+        slot = self._slot(i)
+        for buffer, value in zip(self._buffers, (row_x, loss, row_grad), strict=True):
+            buffer.scatter_update(tf.IndexedSlices(value, slot))
 
     def _step(self, i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """One update: (row x, loss_i, row grad) for step i."""
@@ -593,7 +599,6 @@ class _GraphProgram(_Program):
 
         Returns (ok, the step of the last loss, x there).
         """
-        xs, losses, grads = self._buffers
 
         def cond(i: tf.Tensor, ok: tf.Tensor) -> tf.Tensor:
             return tf.logical_and(ok, i < stop)
@@ -601,10 +606,7 @@ class _GraphProgram(_Program):
         def body(i: tf.Tensor, ok: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             row_x, loss, row_grad = self._step(i)
             # A row written at the stopping step lands in a slot that advance() drops.
-            slot = self._slot(i)
-            xs.scatter_update(tf.IndexedSlices(row_x, slot))
-            losses.scatter_update(tf.IndexedSlices(loss, slot))
-            grads.scatter_update(tf.IndexedSlices(row_grad, slot))
+            self._write_row(i, row_x, loss, row_grad)
             return i + 1, tf.math.is_finite(loss)
 
         i, ok = tf.while_loop(cond, body, (start, tf.constant(True)))
@@ -613,7 +615,7 @@ class _GraphProgram(_Program):
         # steps) or x_prev (vectors that keep it); None where x stopped there itself
         # (vectors updated only after a finite loss, see _step).
         if not self._run.vector:
-            x_last = tf.gather(xs, self._slot(tf.maximum(last, 0)))
+            x_last = tf.gather(self._buffers[0], self._slot(tf.maximum(last, 0)))
         else:
             x_last = None if self._x_prev is None else self._x_prev.read_value()
         return ok, last, x_last
@@ -663,16 +665,13 @@ class _GraphProgram(_Program):
         non-finite loss), XLA wrote a copy of x and read it back every step.
         """
         run = self._run
-        xs, losses, grads = self._buffers
 
         def observe() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             loss, grad, x = run.loss_and_grad()
             return loss, run.distance(x), tf.norm(grad)
 
         def write(i: tf.Tensor, loss: tf.Tensor, dist: tf.Tensor, grad_norm: tf.Tensor) -> None:
-            slot = self._slot(i)
-            for buffer, value in ((xs, dist), (losses, loss), (grads, grad_norm)):
-                buffer.scatter_update(tf.IndexedSlices(value, slot))
+            self._write_row(i, dist, loss, grad_norm)
 
         def cond(i: tf.Tensor, loss: tf.Tensor, *_: tf.Tensor) -> tf.Tensor:
             return tf.logical_and(i < end, tf.math.is_finite(loss))
@@ -701,7 +700,6 @@ class _GraphProgram(_Program):
         The run's last steps that make no whole group go through the per-step loop.
         """
         run, group = self._run, self.step_multiple
-        xs, losses, grads = self._buffers
         groups = (end - start) // group
 
         def latched(i: tf.Tensor, latch: tuple, first: bool) -> tuple:
@@ -709,11 +707,8 @@ class _GraphProgram(_Program):
             ok, i_bad, x_bad = latch
             loss, grad, x_i = self._update()
             if first:  # recorded steps start groups (group divides every): slot or spare
-                slot = self._slot(i)
                 row_x, row_grad = (run.distance(x_i), tf.norm(grad)) if run.vector else (x_i, grad)
-                xs.scatter_update(tf.IndexedSlices(row_x, slot))
-                losses.scatter_update(tf.IndexedSlices(loss, slot))
-                grads.scatter_update(tf.IndexedSlices(row_grad, slot))
+                self._write_row(i, row_x, loss, row_grad)
             finite = tf.math.is_finite(loss)
             bad = tf.logical_and(ok, tf.logical_not(finite))
             return tf.logical_and(ok, finite), tf.where(bad, i, i_bad), tf.where(bad, x_i, x_bad)
