@@ -61,6 +61,7 @@ def minimize_result(
             "compile_s": outcome.timings.compile_s,
             "run_s": outcome.timings.run_s,
             "step_us": outcome.timings.step_us,
+            "final_s": outcome.timings.final_s,
         },
     }
     if problem.dim is not None:  # vectors: the norms a reader compares first

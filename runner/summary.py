@@ -42,7 +42,7 @@ def minimize_summary(result: Mapping[str, Any]) -> str:
         f"|loss - loss*| = {result['error']['loss']:.3g}",
         *([_vector_line(result)] if "x_norm" in result else []),
         f"timing    compile {timings['compile_s']:.3f} s   run {timings['run_s']:.3f} s   "
-        f"{timings['step_us']:.3g} us/step",
+        f"{timings['step_us']:.3g} us/step   final state {timings['final_s']:.3f} s",
     ]
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from runner import engine
 from runner.protocol import CompiledProgram, MinimizeSpec, Trajectory
@@ -20,15 +21,29 @@ def chunk_schedule(first: int, growth: float) -> Iterator[None]:
         engine.FIRST_CHUNK, engine.CHUNK_GROWTH = saved
 
 
+def compiled_loop(
+    program: CompiledProgram, spec: MinimizeSpec, progress: Any = None
+) -> tuple[Trajectory, bool]:
+    """The engine's compiled loop and the final state after it: (trajectory, interrupted)."""
+    loop = engine._run_compiled(program, spec, progress)
+    return engine._final_trajectory(program, loop), loop.interrupted
+
+
+def eager_loop(program: Any, spec: MinimizeSpec) -> tuple[Trajectory, int, bool]:
+    """The engine's eager loop and the final state: (trajectory, steps executed, interrupted)."""
+    loop = engine._run_eager(program, spec, None)
+    return engine._final_trajectory(program, loop), loop.executed, loop.interrupted
+
+
 def run_compiled(
     program: CompiledProgram, spec: MinimizeSpec, first: int | None = None, growth: float = 2
 ) -> Trajectory:
     """Advance a prepared program to the end; `first` given: chunks of first, x growth, ..."""
     if first is None:
-        trajectory, interrupted = engine._run_compiled(program, spec)
+        trajectory, interrupted = compiled_loop(program, spec)
     else:
         with chunk_schedule(first, growth):
-            trajectory, interrupted = engine._run_compiled(program, spec)
+            trajectory, interrupted = compiled_loop(program, spec)
     assert not interrupted
     return trajectory
 

@@ -9,7 +9,7 @@ jax = pytest.importorskip("jax")
 pytest.importorskip("optax")
 
 from backends.jax import JaxBackend, make_minimize_step  # noqa: E402
-from runner.engine import _run_compiled, run_minimize  # noqa: E402
+from runner.engine import run_minimize  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.problems import Quadratic  # noqa: E402
 from runner.protocol import (  # noqa: E402
@@ -18,6 +18,7 @@ from runner.protocol import (  # noqa: E402
     OptimizerSpec,
     RecordPlan,
 )
+from tests.chunks import compiled_loop  # noqa: E402
 from tests.specs import notebook_spec  # noqa: E402
 
 # (mode, update): the three eager modes, and graph with each inner update.
@@ -212,7 +213,7 @@ def test_no_compilation_after_prepare(backend, mode):
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         if mode == "graph":
-            _run_compiled(program, spec)
+            compiled_loop(program, spec)
         else:
             assert [program.step(i % 4 == 0) for i in range(30)] == [None] * 30
             losses, xs, grads = program.drain()

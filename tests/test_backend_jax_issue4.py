@@ -22,11 +22,12 @@ pytest.importorskip("optax")
 import backends.jax as jax_backend  # noqa: E402
 from backends.jax import JaxBackend  # noqa: E402
 from runner import reference  # noqa: E402
-from runner.engine import _run_compiled, run_minimize  # noqa: E402
+from runner.engine import run_minimize  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.optimizers import CONVENTIONS, Convention, resolve  # noqa: E402
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock  # noqa: E402
 from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan, Trajectory  # noqa: E402
+from tests.chunks import compiled_loop  # noqa: E402
 
 JAX = CONVENTIONS["jax"]
 STEPS = 100
@@ -332,7 +333,7 @@ def test_no_compilation_after_prepare_for_vectors(backend, mode):
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         if mode == "graph":
-            _run_compiled(program, spec)
+            compiled_loop(program, spec)
         else:
             for i in range(30):
                 program.step(i % 4 == 0)

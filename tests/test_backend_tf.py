@@ -17,13 +17,14 @@ pytest.importorskip("tf_keras")
 import tensorflow as tf
 
 from backends.tf import TensorFlowBackend, _get_gradient
-from runner.engine import _run_compiled, run_minimize
+from runner.engine import run_minimize
 from runner.errors import ConfigError
 from runner.problems import Quadratic
 from runner.protocol import (
     DerivativesSpec,
     MinimizeSpec,
 )
+from tests.chunks import compiled_loop
 from tests.specs import notebook_spec
 
 BACKEND = TensorFlowBackend()
@@ -174,7 +175,7 @@ def test_graph_prepare_traces_once_and_run_does_not_retrace() -> None:
     program = BACKEND.prepare(spec)
     assert program._fn.experimental_get_tracing_count() == 1
     assert int(program._run.opt.iterations) == 0 and float(program._run.x) == 0.0
-    first, _ = _run_compiled(program, spec)
+    first, _ = compiled_loop(program, spec)
     assert program._fn.experimental_get_tracing_count() == 1
     assert int(program._run.opt.iterations) == 30
     assert first.steps.tolist() == [0, 4, 8, 12, 16, 20, 24, 28]

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ import pytest
 from runner import engine
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock
 from runner.protocol import MinimizeSpec, Span
-from tests.chunks import chunk_schedule, run_compiled, same_trajectory
+from tests.chunks import chunk_schedule, compiled_loop, run_compiled, same_trajectory
 from tests.conftest import LiveRun, single_result
 from tests.specs import make_spec, notebook_spec
 
@@ -84,14 +86,14 @@ def test_chunks_are_aligned_and_cover_the_run() -> None:
     program = _NumpySgd(spec, step_multiple=6)
     ticks: list[int] = []
     with chunk_schedule(10, 2):
-        traj, interrupted = engine._run_compiled(program, spec, ticks.append)
+        traj, interrupted = compiled_loop(program, spec, ticks.append)
     assert not interrupted and ticks == program.stops and program.stops[-1] == 1000
     assert program.stops[:4] == [12, 36, 84, 180]  # 12 (10 rounded up to 6), then x2
     assert all(stop % 6 == 0 for stop in program.stops[:-1])
     np.testing.assert_array_equal(traj.steps, np.arange(0, 1000, 7))
     whole = _NumpySgd(spec)
     with chunk_schedule(10**9, 2):
-        assert same_trajectory(engine._run_compiled(whole, spec)[0], traj)
+        assert same_trajectory(compiled_loop(whole, spec)[0], traj)
     assert whole.stops == [1000]
 
 
@@ -105,12 +107,12 @@ def test_ctrl_c_keeps_the_chunks_that_completed() -> None:
     spec = _spec(1000, 7)
     program = _NumpySgd(spec, interrupt_at=3)
     with chunk_schedule(50, 2):
-        traj, interrupted = engine._run_compiled(program, spec)
+        traj, interrupted = compiled_loop(program, spec)
     assert interrupted and program.stops == [50, 150, 350]
     assert traj.stopped_at == 150
     np.testing.assert_array_equal(traj.steps, np.arange(0, 150, 7))
     full = _NumpySgd(_spec(150, 7))
-    assert same_trajectory(engine._run_compiled(full, full.spec)[0], traj)
+    assert same_trajectory(compiled_loop(full, full.spec)[0], traj)
 
 
 def test_ctrl_c_during_a_chunk_takes_effect_when_it_returns() -> None:
@@ -118,11 +120,11 @@ def test_ctrl_c_during_a_chunk_takes_effect_when_it_returns() -> None:
     spec = _spec(1000, 7)
     program = _NumpySgd(spec, signal_at=3)
     with chunk_schedule(50, 2):
-        traj, interrupted = engine._run_compiled(program, spec)
+        traj, interrupted = compiled_loop(program, spec)
     assert interrupted and program.stops == [50, 150, 350] and traj.stopped_at == 350
     assert program.finals == 1
     full = _NumpySgd(_spec(350, 7))
-    assert same_trajectory(engine._run_compiled(full, full.spec)[0], traj)
+    assert same_trajectory(compiled_loop(full, full.spec)[0], traj)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -131,9 +133,7 @@ def test_a_run_in_another_thread_leaves_the_signal_handlers_alone() -> None:
     spec = _spec(1000, 7)
     found: list[Any] = []
     before = signal.getsignal(signal.SIGINT)
-    thread = threading.Thread(
-        target=lambda: found.append(engine._run_compiled(_NumpySgd(spec), spec))
-    )
+    thread = threading.Thread(target=lambda: found.append(compiled_loop(_NumpySgd(spec), spec)))
     thread.start()
     thread.join()
     ((traj, interrupted),) = found
@@ -145,7 +145,7 @@ def test_a_run_in_another_thread_leaves_the_signal_handlers_alone() -> None:
 def test_ctrl_c_before_the_first_chunk_is_the_state_at_x0(dtype: str) -> None:
     problem = Rosenbrock(dim=3, x0=0.5)
     spec = make_spec(problem, "sgd", 0.01, {}, "graph", dtype=dtype, steps=100, every=5)
-    traj, interrupted = engine._run_compiled(_NumpySgd(spec, interrupt_at=1), spec)
+    traj, interrupted = compiled_loop(_NumpySgd(spec, interrupt_at=1), spec)
     assert interrupted and traj.stopped_at == 0 and traj.steps.size == traj.x.size == 0
     x0 = np.asarray(problem.x0_array(), dtype)
     np.testing.assert_array_equal(traj.final_x, x0)
@@ -171,6 +171,25 @@ def test_ctrl_c_while_compiling_is_an_interrupted_run_at_step_0(mode: str) -> No
     assert outcome.timings.steps_run == 0 and outcome.trajectory.stopped_at == 0
     assert outcome.trajectory.steps.size == 0
     assert outcome.trajectory.final_x == np.float32(spec.problem.x0)
+
+
+class _SlowFinal(_NumpySgd):
+    """A program whose final state takes READ_BACK_S to reach the host (n = 1e7 on a GPU)."""
+
+    READ_BACK_S = 0.3
+
+    def final(self) -> tuple[Any, Any, Any]:
+        time.sleep(self.READ_BACK_S)
+        return super().final()
+
+
+def test_the_final_read_back_is_timed_apart_from_the_steps() -> None:
+    """step_us is the loop's alone: a run's one-off read-back is final_s, not spread over steps."""
+    spec = _spec(100, 7)
+    backend = SimpleNamespace(prepare=lambda s: _SlowFinal(s))
+    timings = engine.run_minimize(backend, spec).timings  # type: ignore[arg-type]
+    assert timings.final_s >= _SlowFinal.READ_BACK_S > timings.run_s
+    assert timings.step_us == timings.run_s / 100 * 1e6
 
 
 # --- every backend: a chunk boundary changes no bit ----------------------------------------

@@ -13,9 +13,10 @@ import signal
 import numpy as np
 import pytest
 
-from runner.engine import CHECK_EVERY, _run_eager
+from runner.engine import CHECK_EVERY
 from runner.problems import Quadratic, QuadraticForm, compact
 from runner.protocol import MinimizeSpec, OptimizerSpec, RecordingEagerProgram, RecordPlan
+from tests.chunks import eager_loop
 
 LR = 0.01
 
@@ -95,8 +96,8 @@ def test_the_fakes_are_what_they_stand_for():
 def test_recording_and_value_programs_give_the_same_trajectory(steps, every):
     spec = spec_for(steps, every)
     recording = Recording()
-    traj, executed, interrupted = _run_eager(recording, spec, None)
-    plain, *_ = _run_eager(Values(), spec, None)
+    traj, executed, interrupted = eager_loop(recording, spec)
+    plain, *_ = eager_loop(Values(), spec)
     assert executed == traj.stopped_at == steps and not interrupted
     assert recording.drains == -(-steps // CHECK_EVERY)
     np.testing.assert_array_equal(traj.steps, np.arange(0, steps, every))
@@ -114,7 +115,7 @@ def test_recording_and_value_programs_give_the_same_trajectory(steps, every):
 @pytest.mark.parametrize("program", [Recording, Values])
 @pytest.mark.parametrize("bad_at", [0, 999, 1000, 1537])
 def test_divergence_ends_the_trajectory_at_the_first_non_finite_loss(program, bad_at):
-    traj, executed, interrupted = _run_eager(program(bad_at=bad_at), spec_for(5000, 2), None)
+    traj, executed, interrupted = eager_loop(program(bad_at=bad_at), spec_for(5000, 2))
     assert traj.stopped_at == bad_at and not interrupted
     assert executed == (bad_at // CHECK_EVERY + 1) * CHECK_EVERY  # the chunk ran to its end
     np.testing.assert_array_equal(traj.steps, np.arange(0, bad_at, 2))
@@ -125,7 +126,7 @@ def test_divergence_ends_the_trajectory_at_the_first_non_finite_loss(program, ba
 @pytest.mark.parametrize("interrupt_at", [0, 1000, 1234])
 def test_ctrl_c_keeps_exactly_the_steps_that_ran(program, interrupt_at):
     found = program(interrupt_at=interrupt_at)
-    traj, executed, interrupted = _run_eager(found, spec_for(5000, 1), None)
+    traj, executed, interrupted = eager_loop(found, spec_for(5000, 1))
     assert interrupted and executed == traj.stopped_at == interrupt_at == found.i
     np.testing.assert_array_equal(traj.steps, np.arange(interrupt_at))
     assert traj.x.shape == traj.loss.shape == traj.grad.shape == (interrupt_at,)
@@ -137,7 +138,7 @@ def test_ctrl_c_keeps_exactly_the_steps_that_ran(program, interrupt_at):
 def test_ctrl_c_during_a_step_takes_effect_when_it_returns(program, signal_at):
     """The step is kept whole: its update made and its row taken, none after it."""
     found = program(signal_at=signal_at)
-    traj, executed, interrupted = _run_eager(found, spec_for(5000, 1), None)
+    traj, executed, interrupted = eager_loop(found, spec_for(5000, 1))
     assert interrupted and executed == traj.stopped_at == signal_at + 1 == found.i
     np.testing.assert_array_equal(traj.steps, np.arange(signal_at + 1))
     assert traj.final_x == found.x and traj.x[-1] != found.x
