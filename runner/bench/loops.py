@@ -283,17 +283,17 @@ def numba_floor() -> tuple[float, Callable[[int], float]]:
 
 
 def numpy_update(n: int) -> Callable[[int], None]:
-    """The n-dim SGD step x -= lr*(2*a*x + b) in NumPy, in place with out=: run(steps)."""
-    a = np.full(n, A, np.float32)
-    b = np.full(n, B, np.float32)
+    """The n-dim SGD step x -= lr*(2*a*x + b) in NumPy, in place with out=: run(steps).
+
+    a and b are numbers, as in the runner's problem.
+    """
     x = np.zeros(n, np.float32)
     t = np.empty(n, np.float32)
-    two, lr = np.float32(2.0), np.float32(LR)
+    two_a, b, lr = np.float32(2.0 * A), np.float32(B), np.float32(LR)
 
     def run(steps: int) -> None:
         for _ in range(steps):
-            np.multiply(a, two, out=t)
-            np.multiply(t, x, out=t)
+            np.multiply(x, two_a, out=t)
             np.add(t, b, out=t)
             np.multiply(t, lr, out=t)
             np.subtract(x, t, out=x)
