@@ -13,6 +13,7 @@ from runner.engine import run_minimize  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.problems import Quadratic  # noqa: E402
 from runner.protocol import (  # noqa: E402
+    EAGER_CHUNK,
     DerivativesSpec,
     MinimizeSpec,
     OptimizerSpec,
@@ -92,6 +93,21 @@ def test_float64_matches_closed_form_at_every_row(backend, mode, update):
     np.testing.assert_allclose(traj.loss, problem.loss(traj.x, p), rtol=1e-15, atol=1e-15)
     np.testing.assert_allclose(traj.grad, problem.grad(traj.x), rtol=1e-15, atol=1e-15)
     assert traj.final_loss == pytest.approx(problem.loss(float(traj.final_x), p), abs=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["manual", "apply", "minimize"])
+def test_eager_rows_span_several_chunk_buffers(backend, mode):
+    """The device buffer is drained and its cursor rewound every EAGER_CHUNK steps."""
+    problem = Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5)
+    lr, steps = 0.0005, 2 * EAGER_CHUNK + 345
+    spec = spec_for(mode, problem=problem, lr=lr, steps=steps, dtype="float64")
+    traj = run_minimize(backend, spec).trajectory
+    np.testing.assert_array_equal(traj.steps, np.arange(steps))
+    expected = problem.sgd_closed_form(lr, traj.steps.astype(np.float64))
+    np.testing.assert_allclose(traj.x, expected, rtol=1e-12)
+    np.testing.assert_allclose(traj.grad, problem.grad(traj.x), rtol=1e-15, atol=1e-15)
+    loss = problem.loss(traj.x, problem.coefficients)
+    np.testing.assert_allclose(traj.loss, loss, rtol=1e-15, atol=1e-15)
 
 
 @pytest.mark.parametrize(("mode", "update"), MODES, ids=MODE_IDS)
