@@ -7,6 +7,7 @@ chunk's losses and rows every CHECK_EVERY steps, never one per step.
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 import time
@@ -80,10 +81,11 @@ def run_minimize(
     compile_s = time.perf_counter() - start
     announce("run")
     start = time.perf_counter()
-    if spec.mode == "graph":
-        loop = _run_compiled(program, spec, progress)  # type: ignore[arg-type]
-    else:
-        loop = _run_eager(program, spec, progress)  # type: ignore[arg-type]
+    with _objects_so_far_frozen():
+        if spec.mode == "graph":
+            loop = _run_compiled(program, spec, progress)  # type: ignore[arg-type]
+        else:
+            loop = _run_eager(program, spec, progress)  # type: ignore[arg-type]
     run_s = time.perf_counter() - start
     trajectory = _final_trajectory(program, loop)
     final_s = time.perf_counter() - start - run_s
@@ -92,6 +94,24 @@ def run_minimize(
         trajectory = _state_at_divergence(backend, spec, trajectory)
     timings = Timings(compile_s, run_s, loop.executed, final_s)
     return MinimizeOutcome(trajectory, timings, loop.interrupted)
+
+
+@contextmanager
+def _objects_so_far_frozen() -> Iterator[None]:
+    """The loop runs with every object that exists before it out of the collector's view.
+
+    An eager loop keeps a chunk's framework values alive until it drains them, so
+    Python's collector promotes them and now and then runs a full collection, which
+    scans every object the framework made (~170,000 after importing torch). Timed with
+    gc.callbacks, torch eager, 10,000 steps: one or two full collections a run, 55-150
+    ms in all (5-15 us a step); frozen (gc.freeze), none, and the young collections
+    cost the same (~4 ms a run). What the loop makes is collected as usual.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass(frozen=True)

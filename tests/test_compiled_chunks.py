@@ -7,6 +7,7 @@ eager modes. Rows of docs/reliability.md.
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import threading
@@ -190,6 +191,24 @@ def test_the_final_read_back_is_timed_apart_from_the_steps() -> None:
     timings = engine.run_minimize(backend, spec).timings  # type: ignore[arg-type]
     assert timings.final_s >= _SlowFinal.READ_BACK_S > timings.run_s
     assert timings.step_us == timings.run_s / 100 * 1e6
+
+
+class _SeesTheCollector(_NumpySgd):
+    """Notes how many objects the collector has frozen when each chunk runs."""
+
+    def advance(self, stop: int) -> Span:
+        self.frozen_during.append(gc.get_freeze_count())
+        return super().advance(stop)
+
+
+def test_the_loop_runs_with_the_objects_before_it_frozen() -> None:
+    """No full collection rescans the framework's objects while steps run (engine docstring)."""
+    before = gc.get_freeze_count()
+    program = _SeesTheCollector(_spec(100, 7))
+    program.frozen_during = []
+    engine.run_minimize(SimpleNamespace(prepare=lambda _s: program), program.spec)  # type: ignore[arg-type]
+    assert program.frozen_during and min(program.frozen_during) > before
+    assert gc.get_freeze_count() == before  # unfrozen after the loop
 
 
 # --- every backend: a chunk boundary changes no bit ----------------------------------------
