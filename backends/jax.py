@@ -284,7 +284,7 @@ def _rewind(rows: jax.Array) -> jax.Array:
 
 
 def _eager_steps(step: StepFn, summary: Summary, vector: bool) -> tuple[EagerStep, EagerStep]:
-    """(plain, recorded) eager steps, which also write row k of the chunk buffer.
+    """(plain, recorded) eager steps, which also write their row at the chunk buffer's cursor.
 
     The recorded step writes (loss, *summary(x, grad)); for vectors the plain step
     writes only the loss, so it computes no norm. Scalars use the recorded one for both.
