@@ -82,6 +82,7 @@ def test_quick_values_are_sane(quick) -> None:
         assert positive_finite(row["stream_gbps"]) and positive_finite(row["update_step_us"])
     for row in vectors["rows"]:  # measured, or said why not
         assert positive_finite(row["gbps"]) if "gbps" in row else row["unsupported"]
+        assert positive_finite(row["final_s"]) if "gbps" in row else "final_s" not in row
     verdicts = {t["verdict"] for t in results["targets"]}
     assert verdicts <= {"MET", "NOT MET", "not measured"}
     assert any(t["target"].startswith("runner / hand-written") for t in results["targets"])
@@ -98,6 +99,7 @@ def test_quick_is_logged_to_mlflow(quick) -> None:
     assert run.info.run_name == "bench"
     assert run.info.status == "FINISHED"
     assert run.data.metrics["ratio.jax_graph.1000"] > 0
+    assert run.data.metrics["vector_final_s.jax_graph.n1000"] > 0
     assert run.data.params["quick"] == "True"
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.md", "results.json", "step_time.png", "n_scaling.png"} <= logged

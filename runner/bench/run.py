@@ -43,6 +43,7 @@ def bench_metrics(results: Mapping[str, Any]) -> dict[str, float]:
             key = metric_name(f"{row['label']}.n{row['n']}")
             metrics[f"vector_step_us.{key}"] = row["step_us"]
             metrics[f"vector_gbps.{key}"] = row["gbps"]
+            metrics[f"vector_final_s.{key}"] = row["final_s"]
     for row in results["vectors"]["numpy"]:
         metrics[f"numpy_stream_gbps.n{row['n']}"] = row["stream_gbps"]
     for steps, ns in results["floor"]["ns_per_step"].items():
