@@ -283,12 +283,23 @@ def _rewind(rows: jax.Array) -> jax.Array:
     return rows.at[-1, 0].set(0)
 
 
-def _eager_steps(step: StepFn, summary: Summary, vector: bool) -> tuple[EagerStep, EagerStep]:
-    """(plain, recorded) eager steps, which also write their row at the chunk buffer's cursor.
+def _eager_steps(
+    step: StepFn, summary: Summary, vector: bool, state0: Any
+) -> tuple[EagerStep, EagerStep, Any]:
+    """(plain, recorded, the state they carry from state0): eager steps, which also write
+    their row at the chunk buffer's cursor.
 
     The recorded step writes (loss, *summary(x, grad)); for vectors the plain step
     writes only the loss, so it computes no norm. Scalars use the recorded one for both.
+    A state that holds no array (optax's sgd without momentum: two empty namedtuples) is
+    closed over, and the steps carry None in its place: flattening optax's namedtuples
+    at every call cost ~1.4 us of a ~7.6 us call (a jitted micro-benchmark).
     """
+    stateless = not jax.tree_util.tree_leaves(state0)
+
+    def stepped(x: jax.Array, state: Any) -> tuple[Any, ...]:
+        x_next, state, loss, grad = step(x, state0 if stateless else state)
+        return x_next, None if stateless else state, loss, grad
 
     def written(rows: jax.Array, row: jax.Array) -> jax.Array:
         """rows with `row` at the cursor's row, and the cursor on one row."""
@@ -297,16 +308,17 @@ def _eager_steps(step: StepFn, summary: Summary, vector: bool) -> tuple[EagerSte
         return rows.at[-1, 0].add(1)
 
     def recorded(x: jax.Array, state: Any, rows: jax.Array) -> tuple[Any, ...]:
-        x_next, state, loss, grad = step(x, state)
+        x_next, state, loss, grad = stepped(x, state)
         return x_next, state, written(rows, jnp.stack([loss, *summary(x, grad)]))
 
     def plain(x: jax.Array, state: Any, rows: jax.Array) -> tuple[Any, ...]:
-        x_next, state, loss, _grad = step(x, state)
+        x_next, state, loss, _grad = stepped(x, state)
         return x_next, state, written(rows, loss)
 
     # The chunk buffer is donated: each step writes its row in place, with no new buffer.
     recorded_step = jax.jit(recorded, donate_argnums=2)
-    return (jax.jit(plain, donate_argnums=2) if vector else recorded_step), recorded_step
+    plain_step = jax.jit(plain, donate_argnums=2) if vector else recorded_step
+    return plain_step, recorded_step, None if stateless else state0
 
 
 # Rows one compiled call writes at most: its row buffers have this many slots (or the
@@ -602,7 +614,9 @@ class JaxBackend:
 
         # The eager steps jit the traceable step (minimize_step, jitted already as the
         # idiom, is inlined into them).
-        plain, recorded = _eager_steps(step, summary, problem.dim is not None)
+        plain, recorded, opt_state0 = _eager_steps(
+            step, summary, problem.dim is not None, opt_state0
+        )
         rows = jax.device_put(np.zeros((EAGER_CHUNK + 1, 3), dtype), device)
         # Warm-up: compile every step and final() here so run_s is steady state. x0 and
         # opt_state0 are not donated, so the program still starts from them; the rows
