@@ -348,6 +348,10 @@ class _Run:
         """||x - x*||_2, what vector problems record in place of x."""
         return tf.norm(x - self.x_star)
 
+    def row(self, x: Any, grad: Any) -> tuple[Any, Any]:
+        """What a recorded row holds: (x, grad), or (||x - x*||, ||grad||) for vectors."""
+        return (self.distance(x), tf.norm(grad)) if self.vector else (x, grad)
+
     # One update each, returning (loss_i, grad_i, x_i) at the point before the update
     # (x_i as loss() gives it). They run eagerly (EagerProgram) and inside the compiled
     # loop (graph mode).
@@ -587,7 +591,7 @@ class _GraphProgram(_Program):
         """A vector's row (||x_i - x*||, ||grad_i||), computed on recorded steps only."""
 
         def summaries() -> tuple[tf.Tensor, tf.Tensor]:
-            return self._run.distance(x_i), tf.norm(grad)
+            return self._run.row(x_i, grad)
 
         if self._every == 1:
             return summaries()
@@ -668,7 +672,7 @@ class _GraphProgram(_Program):
 
         def observe() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             loss, grad, x = run.loss_and_grad()
-            return loss, run.distance(x), tf.norm(grad)
+            return loss, *run.row(x, grad)
 
         def write(i: tf.Tensor, loss: tf.Tensor, dist: tf.Tensor, grad_norm: tf.Tensor) -> None:
             self._write_row(i, dist, loss, grad_norm)
@@ -707,7 +711,7 @@ class _GraphProgram(_Program):
             ok, i_bad, x_bad = latch
             loss, grad, x_i = self._update()
             if first:  # recorded steps start groups (group divides every): slot or spare
-                row_x, row_grad = (run.distance(x_i), tf.norm(grad)) if run.vector else (x_i, grad)
+                row_x, row_grad = run.row(x_i, grad)
                 self._write_row(i, row_x, loss, row_grad)
             finite = tf.math.is_finite(loss)
             bad = tf.logical_and(ok, tf.logical_not(finite))
