@@ -5,7 +5,8 @@ jitted step and returned updated, so the "snapshot of x before the update" that
 the engine records is simply the old array (no copy). Each run's coefficients,
 learning rate, x* and optimizer are closed over by the jitted functions built in
 prepare(): they are constants of the compiled program, which keeps a step's
-dispatch at one argument (x) plus the optimizer state. The exceptions are once per
+dispatch to what it carries (x, the optimizer state and the chunk of rows, or for a
+scalar x the chunk alone: see _eager_steps). The exceptions are once per
 call or per run: the vector loop's row and final() take the coefficients and x* as
 arguments (see _apart).
 
@@ -55,9 +56,9 @@ from runner.protocol import (
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any, jax.Array, jax.Array]]
 # x -> (loss(x), grad(x))
 ValueAndGrad = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
-# (x, opt_state, rows) -> (x_next, opt_state_next, rows with the step's row written at the
-# buffer's cursor, which moves on): an eager step (see _EagerProgram)
-EagerStep = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any, jax.Array]]
+# (chunk) -> (chunk,) or (x, opt_state, chunk) -> (x_next, opt_state_next, chunk): one
+# eager step, its row written at the chunk's cursor, which moves on (see _eager_steps)
+EagerStep = Callable[..., tuple]
 # (x, grad) -> what a recorded row holds: (x, grad) for scalars, (‖x − x*‖, ‖grad‖) for vectors
 Summary = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 # (x, operands) -> (loss, ||x - x*||, ||grad||): the per-step loop's row of a vector x.
@@ -233,21 +234,18 @@ class _Program:
 class _EagerProgram(_Program):
     """The engine drives the loop; each step is one call of a jitted function.
 
-    A RecordingEagerProgram: the jitted step also writes its row into `rows`, a chunk
-    buffer on the device (EAGER_CHUNK + 1 rows of 3 in the run dtype: loss, x row, grad
-    row), at the row its last row's first entry (the cursor) names, and moves the cursor
-    on; drain() reads the chunk back in one transfer and sets the cursor back to 0. The
-    cursor lives in the buffer (exact as a float: it stays below EAGER_CHUNK) so that a
-    step's call takes and returns one array fewer than with a device counter beside it:
-    scalar SGD, 10,000 steps, 5.7-5.8 against 6.7-7.1 us a step (manual; apply and
-    minimize 6.4-6.8 against 7.4-8.0). Nothing is kept per step on the Python side:
-    holding three arrays a step for the engine and reading each back with np.asarray
-    cost ~33 us/step against ~10 us with a buffer (scalar float32 SGD, this CPU; the
-    hand-written jitted loop: ~5 us). The row holds (x, grad) for scalar problems,
-    written on every step (it costs nothing extra), and (‖x − x*‖, ‖grad‖) for vectors,
-    computed by a second jitted step on recorded steps only. The buffer is donated to
-    each step (~1 us a step less): the engine holds Ctrl-C until a step has returned and
-    its outputs are stored, so no step is cut short with its buffer gone.
+    A RecordingEagerProgram: the jitted step also writes its row into a chunk buffer on
+    the device (`_chunk`: EAGER_CHUNK + 2 rows of 3 in the run dtype), at the row its
+    last row's first entry (the cursor) names, and moves the cursor on; drain() reads
+    the chunk back in one transfer and rewinds it. Nothing is kept per step on the
+    Python side: holding three arrays a step for the engine and reading each back with
+    np.asarray cost ~33 us/step against ~10 us with a buffer (scalar float32 SGD, this
+    CPU; the hand-written jitted loop: ~5 us). The buffer is donated to each step (~1 us
+    a step less): the engine holds Ctrl-C until a step has returned and its outputs are
+    stored, so no step is cut short with its buffer gone.
+
+    What a step carries is `_eager_steps`'s choice: the chunk alone, with x and the
+    optimizer state in the row after the last one written, or (x, state, chunk).
     """
 
     def __init__(
@@ -255,70 +253,123 @@ class _EagerProgram(_Program):
         steps: tuple[EagerStep, EagerStep],
         value_and_grad: ValueAndGrad,
         x0: jax.Array,
-        opt_state: Any,
-        rows: jax.Array,
+        carry: tuple,
     ) -> None:
         super().__init__(value_and_grad, x0)
         self._plain, self._recorded = steps
-        self._opt_state = opt_state
-        self._rows = _rewind(rows)
+        self._carry = carry  # (chunk,) or (x, state, chunk)
         self._k = 0  # steps since the last drain
+        self._device = x0.devices().pop()
 
     def step(self, record: bool) -> None:
         fn = self._recorded if record else self._plain
-        self._x, self._opt_state, self._rows = fn(self._x, self._opt_state, self._rows)
+        self._carry = fn(*self._carry)
         self._k += 1
 
     def drain(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        *apart, chunk = self._carry
         # On CPU np.asarray is a view of the buffer (it waits for the queue); copy the
         # chunk's rows out of it.
-        host = np.array(np.asarray(self._rows)[: self._k])
-        self._k, self._rows = 0, _rewind(self._rows)
+        host = np.array(np.asarray(chunk)[: self._k])
+        self._k, self._carry = 0, (*apart, _rewind(chunk))
         return host[:, 0], host[:, 1], host[:, 2]
+
+    def final(self) -> tuple[Any, Any, Any]:
+        *apart, chunk = self._carry
+        if apart:
+            self._x = apart[0]
+        else:  # x is in the row at the cursor: read on the host, no function to compile
+            host = np.asarray(chunk)
+            # Put back on the device, committed like x0: final()'s function is not compiled again.
+            self._x = jax.device_put(host[int(host[-1, 0]), 0], self._device)
+        return super().final()
+
+
+def _chunk(dtype: Any, device: jax.Device, carried: Sequence[Any] = ()) -> jax.Array:
+    """A chunk buffer with `carried` at the start of row 0 and the cursor at 0."""
+    chunk = np.zeros((EAGER_CHUNK + 2, 3), dtype)
+    chunk[0, : len(carried)] = [np.asarray(value) for value in carried]
+    return jax.device_put(chunk, device)
+
+
+def _cursor(chunk: jax.Array) -> jax.Array:
+    """The row the next step writes (exact as a float: it stays below EAGER_CHUNK + 1)."""
+    return chunk[-1, 0].astype(jnp.int32)
+
+
+def _carried(chunk: jax.Array) -> jax.Array:
+    """The row at the cursor: x and the optimizer state where they are carried in it."""
+    return lax.dynamic_index_in_dim(chunk, _cursor(chunk), keepdims=False)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _rewind(rows: jax.Array) -> jax.Array:
-    """The chunk buffer with its cursor back at row 0."""
-    return rows.at[-1, 0].set(0)
+def _rewind(chunk: jax.Array) -> jax.Array:
+    """The chunk with its cursor back at row 0 and the row at the cursor moved there."""
+    return chunk.at[0].set(_carried(chunk)).at[-1, 0].set(0)
+
+
+def _written(chunk: jax.Array, block: jax.Array) -> jax.Array:
+    """The chunk with `block` (rows of up to 3) at the cursor, and the cursor one row on."""
+    chunk = lax.dynamic_update_slice(chunk, block, (_cursor(chunk), jnp.int32(0)))
+    return chunk.at[-1, 0].add(1)
 
 
 def _eager_steps(
-    step: StepFn, summary: Summary, vector: bool, state0: Any
-) -> tuple[EagerStep, EagerStep, Any]:
-    """(plain, recorded, the state they carry from state0): eager steps, which also write
-    their row at the chunk buffer's cursor.
+    step: StepFn, summary: Summary, x0: jax.Array, state0: Any
+) -> tuple[EagerStep, EagerStep, Callable[[], tuple]]:
+    """(plain, recorded, start): eager steps that write their row at the chunk's cursor,
+    and start() -> a fresh carry at x0 and state0 (the steps donate its chunk).
 
-    The recorded step writes (loss, *summary(x, grad)); for vectors the plain step
-    writes only the loss, so it computes no norm. Scalars use the recorded one for both.
-    A state that holds no array (optax's sgd without momentum: two empty namedtuples) is
-    closed over, and the steps carry None in its place: flattening optax's namedtuples
-    at every call cost ~1.4 us of a ~7.6 us call (a jitted micro-benchmark).
+    A scalar x whose optimizer state is at most two numbers of its dtype (every
+    optimizer but Adam, whose count is an integer) is carried in the chunk, so a step
+    takes and returns one array: each step writes its row and, in the row after it, x
+    and the state it hands on, and the next step reads them there. Scalar SGD, 10,000
+    steps: ~4.9 us a step against ~6.7 with (x, state, chunk) carried apart (a
+    jitted-call micro-benchmark; the hand-written `x = step(x)`: ~4.6 us), since every
+    array a call takes or returns costs ~1 us. Otherwise the steps carry (x, state,
+    chunk): the recorded step writes (loss, *summary(x, grad)), and for vectors the
+    plain step writes only the loss, so it computes no norm. A state that holds no
+    array (optax's sgd without momentum: two empty namedtuples) is then closed over and
+    carried as None: flattening optax's namedtuples at every call cost ~1.4 us.
     """
-    stateless = not jax.tree_util.tree_leaves(state0)
+    dtype, device = x0.dtype, x0.devices().pop()
+    leaves, treedef = jax.tree_util.tree_flatten(state0)
+    if (
+        x0.shape == ()
+        and len(leaves) <= 2
+        and all(leaf.shape == () and leaf.dtype == dtype for leaf in leaves)
+    ):
+
+        def packed(chunk: jax.Array) -> tuple[jax.Array]:
+            x, *state = _carried(chunk)[: 1 + len(leaves)]
+            x_next, state, loss, grad = step(x, jax.tree_util.tree_unflatten(treedef, state))
+            handed_on = [x_next, *jax.tree_util.tree_leaves(state)]
+            handed_on += [jnp.zeros((), dtype)] * (3 - len(handed_on))
+            block = jnp.stack([jnp.stack([loss, *summary(x, grad)]), jnp.stack(handed_on)])
+            return (_written(chunk, block),)
+
+        packed_step = jax.jit(packed, donate_argnums=0)
+        return packed_step, packed_step, lambda: (_chunk(dtype, device, [x0, *leaves]),)
+
+    stateless = not leaves
 
     def stepped(x: jax.Array, state: Any) -> tuple[Any, ...]:
         x_next, state, loss, grad = step(x, state0 if stateless else state)
         return x_next, None if stateless else state, loss, grad
 
-    def written(rows: jax.Array, row: jax.Array) -> jax.Array:
-        """rows with `row` at the cursor's row, and the cursor on one row."""
-        k = rows[-1, 0].astype(jnp.int32)
-        rows = lax.dynamic_update_slice(rows, row.reshape(1, -1), (k, jnp.int32(0)))
-        return rows.at[-1, 0].add(1)
-
-    def recorded(x: jax.Array, state: Any, rows: jax.Array) -> tuple[Any, ...]:
+    def recorded(x: jax.Array, state: Any, chunk: jax.Array) -> tuple[Any, ...]:
         x_next, state, loss, grad = stepped(x, state)
-        return x_next, state, written(rows, jnp.stack([loss, *summary(x, grad)]))
+        return x_next, state, _written(chunk, jnp.stack([loss, *summary(x, grad)])[None])
 
-    def plain(x: jax.Array, state: Any, rows: jax.Array) -> tuple[Any, ...]:
+    def plain(x: jax.Array, state: Any, chunk: jax.Array) -> tuple[Any, ...]:
         x_next, state, loss, _grad = stepped(x, state)
-        return x_next, state, written(rows, loss)
+        return x_next, state, _written(chunk, loss.reshape(1, 1))
 
     # The chunk buffer is donated: each step writes its row in place, with no new buffer.
     recorded_step = jax.jit(recorded, donate_argnums=2)
-    plain_step = jax.jit(plain, donate_argnums=2) if vector else recorded_step
-    return plain_step, recorded_step, None if stateless else state0
+    plain_step = jax.jit(plain, donate_argnums=2) if x0.shape else recorded_step
+    carried_state0 = None if stateless else state0
+    return plain_step, recorded_step, lambda: (x0, carried_state0, _chunk(dtype, device))
 
 
 # Rows one compiled call writes at most: its row buffers have this many slots (or the
@@ -614,17 +665,13 @@ class JaxBackend:
 
         # The eager steps jit the traceable step (minimize_step, jitted already as the
         # idiom, is inlined into them).
-        plain, recorded, opt_state0 = _eager_steps(
-            step, summary, problem.dim is not None, opt_state0
-        )
-        rows = jax.device_put(np.zeros((EAGER_CHUNK + 1, 3), dtype), device)
-        # Warm-up: compile every step and final() here so run_s is steady state. x0 and
-        # opt_state0 are not donated, so the program still starts from them; the rows
-        # are (the first step overwrites what the warm-up wrote).
+        plain, recorded, start = _eager_steps(step, summary, x0, opt_state0)
+        # Warm-up: compile every step, the chunk's rewind and final() here so run_s is
+        # steady state, on carries of their own (the steps donate the chunk).
         for fn in {plain, recorded}:
-            _x, _state, rows = fn(x0, opt_state0, rows)
-        jax.block_until_ready((rows, final_value_and_grad(x0)))
-        return _EagerProgram((plain, recorded), final_value_and_grad, x0, opt_state0, rows)
+            chunk = fn(*start())[-1]
+        jax.block_until_ready((_rewind(chunk), final_value_and_grad(x0)))
+        return _EagerProgram((plain, recorded), final_value_and_grad, x0, start())
 
     def derivatives(self, spec: DerivativesSpec) -> Derivatives:
         dtype = _enable_dtype(spec.dtype)

@@ -26,7 +26,13 @@ from runner.engine import run_minimize  # noqa: E402
 from runner.errors import ConfigError  # noqa: E402
 from runner.optimizers import CONVENTIONS, Convention, resolve  # noqa: E402
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock  # noqa: E402
-from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan, Trajectory  # noqa: E402
+from runner.protocol import (  # noqa: E402
+    EAGER_CHUNK,
+    MinimizeSpec,
+    OptimizerSpec,
+    RecordPlan,
+    Trajectory,
+)
 from tests.chunks import compiled_loop  # noqa: E402
 
 JAX = CONVENTIONS["jax"]
@@ -162,6 +168,23 @@ def test_float64_matches_numpy_reference(backend, problem_id, optimizer_id, mode
     traj = run_minimize(backend, spec_for(problem, optimizer, mode)).trajectory
     assert traj.x.dtype == np.float64 and np.asarray(traj.final_x).dtype == np.float64
     assert_matches_reference(traj, problem, xs, losses)
+
+
+@pytest.mark.parametrize("mode", ["manual", "apply"])
+@pytest.mark.parametrize(
+    ("name", "lr", "hyper"),
+    [("sgd", 2e-5, {"momentum": 0.9}), ("rmsprop", 2e-4, {"momentum": 0.5}), ("adam", 4e-4, {})],
+)
+def test_eager_state_goes_on_across_chunk_buffers(backend, name, lr, hyper, mode):
+    """x and the optimizer state go on where the last chunk left them, whether a step
+    carries them in the chunk buffer (a scalar x and up to two state numbers: momentum's
+    trace, rmsprop's mean square and trace) or apart (Adam's integer count)."""
+    problem, optimizer = PROBLEMS["quadratic"], OptimizerSpec(name, lr, hyper)
+    steps = 2 * EAGER_CHUNK + 345  # small steps: x does not reach x* (see OPTIMIZERS)
+    xs, losses = reference_run(problem, optimizer, steps=steps)
+    assert_meaningful(problem, xs)
+    spec = spec_for(problem, optimizer, mode, steps=steps, every=7)
+    assert_matches_reference(run_minimize(backend, spec).trajectory, problem, xs, losses, 7)
 
 
 # -- minimize and graph: spot checks --------------------------------------------------------
@@ -321,14 +344,19 @@ def test_eager_vector_step_records_summaries_and_final_returns_vectors(backend, 
 
 
 @pytest.mark.parametrize("mode", ["manual", "minimize", "graph"])
-def test_no_compilation_after_prepare_for_vectors(backend, mode):
+@pytest.mark.parametrize(
+    ("problem_id", "optimizer_id"),
+    [("rosenbrock", "adam"), ("quadratic", "sgd_momentum")],  # x apart; x in the chunk
+)
+def test_no_compilation_after_prepare(backend, mode, problem_id, optimizer_id):
     compiles: list[float] = []
 
     def listener(event: str, duration: float, **_: object) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(duration)
 
-    spec = spec_for(PROBLEMS["rosenbrock"], OptimizerSpec("adam", 0.01), mode, steps=30, every=4)
+    optimizer = optimizer_for(problem_id, optimizer_id)
+    spec = spec_for(PROBLEMS[problem_id], optimizer, mode, steps=30, every=4)
     program = backend.prepare(spec)
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
