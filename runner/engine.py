@@ -286,25 +286,27 @@ def _run_eager(
         chunks.append(Span(steps, xs[at], losses[at], grads[at], drained if stop is None else stop))
         return stop
 
-    step, total, chunk = source.step, spec.steps, CHECK_EVERY
+    step, total = source.step, spec.steps
     diverged: tuple[int, int] | None = None  # (step of the first non-finite loss, steps run)
     interrupted = False
     try:
         # A signal during a step takes effect once it returns: no step is cut in two
         # (its update made, its row not taken), and a step may give its buffers to a call.
+        # The steps a signal leaves of a chunk are drained and checked like a whole one.
         with _signals_held() as caught:
-            for i in range(total):
+            for begin in range(0, total, CHECK_EVERY):
+                for i in range(begin, min(begin + CHECK_EVERY, total)):
+                    if caught:
+                        break
+                    step(i % every == 0)
+                stop = drain(check=True)
+                if stop is not None:
+                    diverged = (stop, drained)
+                    break
                 if caught:
                     break
-                step(i % every == 0)
-                done = i + 1
-                if done - drained >= chunk or done == total:
-                    stop = drain(check=True)
-                    if stop is not None:
-                        diverged = (stop, done)
-                        break
-                    if progress is not None:
-                        progress(done)
+                if progress is not None:
+                    progress(drained)
     except KeyboardInterrupt:
         # A signal in the chunk that diverged: the rows end at the divergence, the state
         # is where the loop stopped (run_minimize replays to the exact state only for

@@ -145,6 +145,16 @@ def test_ctrl_c_during_a_step_takes_effect_when_it_returns(program, signal_at):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.parametrize("program", [Recording, Values])
+def test_ctrl_c_after_a_non_finite_loss_in_the_same_chunk_ends_at_that_loss(program):
+    """The steps a signal leaves of a chunk are checked like a whole chunk's."""
+    found = program(bad_at=1100, signal_at=1500)
+    traj, executed, interrupted = eager_loop(found, spec_for(5000, 1))
+    assert interrupted and executed == found.i == 1501 and traj.stopped_at == 1100
+    np.testing.assert_array_equal(traj.steps, np.arange(1100))
+    assert np.all(np.isfinite(traj.loss))
+
+
 # --- problems: a coefficient given as one number stays one number ---------------------
 
 
