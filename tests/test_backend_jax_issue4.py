@@ -396,8 +396,8 @@ def test_vector_divergence_stops_at_the_references_first_non_finite_loss(
 
 
 def _leaves_on(program, device) -> bool:
-    # A compiled program's loop carries the optimizer state (and the next row) as _carry.
-    state = (program._x, program._carry if hasattr(program, "_carry") else program._opt_state)
+    # Both programs keep what their calls carry (the optimizer state, rows) as _carry.
+    state = (program._x, program._carry)
     leaves = jax.tree_util.tree_leaves(state)
     return bool(leaves) and all(leaf.devices() == {device} for leaf in leaves)
 
@@ -423,10 +423,14 @@ def _gpu():
     ("mode", "update"),
     [("manual", "apply"), ("apply", "apply"), ("graph", "apply"), ("graph", "manual")],
 )
-@pytest.mark.parametrize("problem_id", ["quadratic_form", "rosenbrock"])
-def test_gpu_float64_matches_numpy_reference(backend, problem_id, mode, update):
+@pytest.mark.parametrize(
+    ("problem_id", "optimizer_id"),
+    # x apart from the chunk; a scalar x and momentum's trace carried in it (eager modes)
+    [("quadratic_form", "adam"), ("rosenbrock", "adam"), ("quadratic", "sgd_momentum")],
+)
+def test_gpu_float64_matches_numpy_reference(backend, problem_id, optimizer_id, mode, update):
     problem = PROBLEMS[problem_id]
-    optimizer = optimizer_for(problem_id, "adam")
+    optimizer = optimizer_for(problem_id, optimizer_id)
     spec = dataclasses.replace(spec_for(problem, optimizer, mode, update), device="gpu")
     assert backend.resolved_device("gpu") == str(_gpu())
     assert _leaves_on(backend.prepare(spec), _gpu())
