@@ -616,10 +616,7 @@ class JaxBackend:
             init, rule = manual_rule(opt, lr)
             step = _manual_step(rule, value_and_grad)
         else:
-            # lr as a Python number: optax negates a device lr eagerly, an op of its own to
-            # compile in every run (~15 ms with a warm cache, ~50 ms cold); inside the
-            # jitted step the number is the same constant in x's dtype.
-            optimizer = native_optimizer(opt, spec.optimizer.lr)
+            optimizer = native_optimizer(opt, lr)
             init = optimizer.init
             step = _optax_step(update, loss_fn, value_and_grad, optimizer)
         # Every leaf of the optimizer state (moments, accumulators, Adam's count) on the
