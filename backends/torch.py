@@ -99,6 +99,15 @@ def _lift(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(_ONE) if t.dim() == 0 else t
 
 
+def _lifted(p: Mapping[str, torch.Tensor]) -> tuple[dict, Callable[[Mapping], dict]]:
+    """The coefficients lifted for compiled code (see `_ONE`), and the view back to
+    their own shapes that the compiled code takes."""
+    shapes = {k: v.shape for k, v in p.items()}
+    return {k: _lift(v) for k, v in p.items()}, lambda p1: {
+        k: v.view(shapes[k]) for k, v in p1.items()
+    }
+
+
 def _own_code(fn: Callable) -> Callable:
     """A copy of `fn` with a code object of its own, for torch.compile.
 
@@ -137,6 +146,7 @@ class _Run:
         x_star = const(compact(problem.optimum()[0])) if self.vector else None
         self.x_star = None if x_star is None else x_star.expand(self.x0.shape)
         self.lr = const(spec.optimizer.lr)
+        self._final: Callable[[torch.Tensor], tuple] | None = None  # see compile_final
 
     def loss(self, x: torch.Tensor, p: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         return self.problem.loss(x, self.p if p is None else p, _OPS)
@@ -149,14 +159,46 @@ class _Run:
         return torch.linalg.vector_norm(x - x_star), torch.linalg.vector_norm(grad)
 
     def final(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, x, grad) at x, once after a compiled loop: plain autograd.
+        """(loss, x, grad) at x, once after a compiled loop: a vector's from the function
+        `compile_final` made, a scalar's by plain autograd.
 
         The leaf shares x's memory (no copy of n entries): nothing writes x after this.
         """
-        leaf = x.detach().reshape(self.x0.shape).requires_grad_(True)
+        leaf = x.detach().reshape(self.x0.shape)
+        if self._final is not None:
+            grad, loss = self._final(_lift(leaf))
+            return loss, leaf, grad
+        leaf.requires_grad_(True)
         loss = self.loss(leaf)
         (grad,) = torch.autograd.grad(loss, leaf)
         return loss, leaf, grad
+
+    def compile_final(self, options: Mapping[str, Any], x: torch.Tensor) -> None:
+        """final()'s loss and gradient as one compiled function, for a vector x.
+
+        Plain autograd holds ~4n of temporaries at once; the compiled pass holds only the
+        gradient. n = 1e7, update=apply, 150 steps: peak RSS 7.3x -> 3.2x bytes(x) over
+        the baseline (with the loop's x.grad dropped before it), the read-back 0.106 ->
+        0.014 s; prepare() pays ~0.1-0.2 s more with Inductor's cache warm, ~1.6 s cold.
+        Compiled and run once here, at the loop's x: a dense tensor like the one final()
+        gets (x0 is a broadcast view, whose strides Dynamo guards).
+        """
+        if not self.vector:
+            return
+        p1, unlift = _lifted(self.p)
+        shape = self.x0.shape
+
+        def value_and_grad(x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            p = unlift(p1)
+            return torch.func.grad_and_value(lambda x: self.loss(x, p))(x1.view(shape))
+
+        compiled = torch.compile(
+            _own_code(value_and_grad),
+            fullgraph=True,
+            options=_inductor_options(options, self.x0.device),
+        )
+        compiled(_lift(x.detach()))
+        self._final = compiled
 
 
 def _value_and_grad(problem: Any, x: torch.Tensor, p: Mapping[str, torch.Tensor]):
@@ -235,6 +277,7 @@ class TorchBackend:
             loop_cls = _ScanLoop if spec.update == "manual" else _OptimizerLoop
             loop = loop_cls(spec, run, options)
             loop.warm_up()
+            run.compile_final(options, loop.x)
             return loop
         program_cls = {"manual": _Manual, "apply": _Apply, "minimize": _Minimize}[spec.mode]
         return program_cls(spec, run)
@@ -565,8 +608,7 @@ class _ScanLoop(_Program):
         self._spec, self._run = spec, run
         device, dtype = run.x0.device, run.x0.dtype
         shape = run.x0.shape
-        p1 = {k: _lift(v) for k, v in run.p.items()}
-        shapes = {k: v.shape for k, v in run.p.items()}
+        p1, unlift = _lifted(run.p)
         lr1 = _lift(run.lr)
         x_star1 = None if run.x_star is None else _lift(run.x_star)
         self._rule = rule = _HandRule(_resolved(spec))
@@ -579,7 +621,7 @@ class _ScanLoop(_Program):
         from torch._higher_order_ops.scan import scan  # ~1.6 s to import: graph mode only
 
         def run_chunk(x1: torch.Tensor, stop1: torch.Tensor, start: torch.Tensor, *state1):
-            p = {k: v.view(shapes[k]) for k, v in p1.items()}
+            p = unlift(p1)
             lr = lr1.view(())
             x_star = None if x_star1 is None else x_star1.view(shape)
             index = start + offsets
@@ -643,8 +685,12 @@ class _ScanLoop(_Program):
         self._done, self._carry = stopped_at, (x, tuple(state))
         return self._rows.span(start, stopped_at)
 
+    @property
+    def x(self) -> torch.Tensor:
+        return self._carry[0]
+
     def final(self) -> tuple[Any, Any, Any]:
-        return self._run.final(self._carry[0])
+        return self._run.final(self.x)
 
 
 class _OptimizerLoop(_Program):
@@ -684,8 +730,7 @@ class _OptimizerLoop(_Program):
         self._spec, self._run = spec, run
         device, dtype = run.x0.device, run.x0.dtype
         shape = run.x0.shape
-        p1 = {k: _lift(v) for k, v in run.p.items()}
-        shapes = {k: v.shape for k, v in run.p.items()}
+        p1, unlift = _lifted(run.p)
         x_star1 = None if run.x_star is None else _lift(run.x_star)
         self._x = x = _lift(run.x0.clone()).requires_grad_(True)
         x.grad = torch.zeros_like(x)
@@ -741,7 +786,7 @@ class _OptimizerLoop(_Program):
                 i.add_(1)
 
         def run_steps() -> None:
-            p = {k: v.view(shapes[k]) for k, v in p1.items()}
+            p = unlift(p1)
             x_star = None if x_star1 is None else x_star1.view(shape)
             for _ in range(unroll):
                 one_step(p, x_star)
@@ -756,6 +801,8 @@ class _OptimizerLoop(_Program):
         """Back to x0 with a fresh optimizer's state, in place (see the class docstring)."""
         with torch.no_grad():
             self._x.copy_(_lift(self._run.x0))
+            if self._x.grad is None:  # final() drops it
+                self._x.grad = torch.zeros_like(self._x)
             self._x.grad.zero_()
             state = self._opt.state[self._x]
             for key, fresh in self._fresh.items():
@@ -790,7 +837,12 @@ class _OptimizerLoop(_Program):
         self._done = stopped_at
         return self._rows.span(start, stopped_at)
 
+    @property
+    def x(self) -> torch.Tensor:
+        return self._x
+
     def final(self) -> tuple[Any, Any, Any]:
         """At x, or at the x latched at the first non-finite loss (x went on past it)."""
         diverged = int(self._stop) < self._spec.steps
+        self._x.grad = None  # the loop's, n entries: final() computes its own
         return self._run.final(self._latched_x if diverged else self._x)

@@ -329,6 +329,28 @@ def test_graph_vector_problems_match_reference(backend, update, name, hyper):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("update", ["manual", "apply"])
+def test_graph_vector_final_is_compiled_by_prepare(backend, update):
+    """A vector's final loss and gradient come from one function that prepare() compiled
+    (at the loop's dense x: x0 is a broadcast view, whose strides Dynamo guards), so
+    final() compiles nothing; they are plain autograd's at the same x."""
+    from torch._dynamo.utils import counters
+
+    from backends.torch import _Run
+
+    problem, lr = VECTORS["rosenbrock3"]
+    spec = spec_for("graph", update, problem=problem, lr=lr, steps=50, dtype="float64")
+    program = backend.prepare(spec)
+    graphs = counters["stats"]["unique_graphs"]
+    traj = run_compiled(program, spec)
+    assert counters["stats"]["unique_graphs"] == graphs, "final() compiled"
+    eager = _Run(spec, torch.device("cpu"), torch.float64)  # not compiled: plain autograd
+    loss, _x, grad = eager.final(torch.as_tensor(traj.final_x))
+    assert traj.final_loss == pytest.approx(float(loss), rel=1e-14)
+    np.testing.assert_allclose(traj.final_grad, grad.numpy(), rtol=1e-14)
+
+
+@pytest.mark.slow
 def test_many_graph_programs_in_one_process(backend):
     """Each program has its own Dynamo cache: no recompile limit after 8 prepare() calls."""
     for _ in range(10):
