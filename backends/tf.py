@@ -243,6 +243,9 @@ class _Manual:
         self.name = opt.name
         self.dtype = dtype
         self.lr = self._c(opt.lr)
+        # The notebook's `-lr` (In [29]: `x.assign_add(- lr * dx)`), negated once: eagerly
+        # each `-lr` is an op of its own, every step. Negation is exact: the same product.
+        self.neg_lr = self._c(-opt.lr)
         self.t = tf.Variable(0, dtype=tf.int64, trainable=False, name="t")
 
         def slot(name: str, value: float = 0.0) -> tf.Variable:
@@ -271,7 +274,7 @@ class _Manual:
         opt, s, lr, c = self.opt, self.state, self.lr, self._c
         if self.name == "sgd":
             if not opt["momentum"]:
-                x.assign_add(-lr * g)  # the notebook's In [29], bit for bit
+                x.assign_add(self.neg_lr * g)  # the notebook's In [29], bit for bit
                 return
             mu = c(opt["momentum"])
             buf = s["buf"].assign(mu * s["buf"] + g)
