@@ -99,13 +99,14 @@ def _lift(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(_ONE) if t.dim() == 0 else t
 
 
-def _lifted(p: Mapping[str, torch.Tensor]) -> tuple[dict, Callable[[Mapping], dict]]:
-    """The coefficients lifted for compiled code (see `_ONE`), and the view back to
-    their own shapes that the compiled code takes."""
-    shapes = {k: v.shape for k, v in p.items()}
-    return {k: _lift(v) for k, v in p.items()}, lambda p1: {
-        k: v.view(shapes[k]) for k, v in p1.items()
-    }
+def _lifted(p: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """The coefficients lifted for compiled code (see `_ONE`), and their own shapes."""
+    return {k: _lift(v) for k, v in p.items()}, {k: v.shape for k, v in p.items()}
+
+
+def _viewed(p1: Mapping[str, torch.Tensor], shapes: Mapping[str, Any]) -> dict:
+    """Inside compiled code: lifted coefficients viewed back to their own shapes."""
+    return {k: v.view(shapes[k]) for k, v in p1.items()}
 
 
 def _own_code(fn: Callable) -> Callable:
@@ -185,27 +186,27 @@ class _Run:
         """
         if not self.vector:
             return
-        p1, unlift = _lifted(self.p)
-        shape = self.x0.shape
-
-        def value_and_grad(x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            p = unlift(p1)
-            return torch.func.grad_and_value(lambda x: self.loss(x, p))(x1.view(shape))
-
+        p1, shapes = _lifted(self.p)
         compiled = torch.compile(
-            _own_code(value_and_grad),
+            _own_code(_value_and_grad),
             fullgraph=True,
             options=_inductor_options(options, self.x0.device),
         )
-        compiled(_lift(x.detach()))
-        self._final = compiled
+        problem, shape = self.problem, self.x0.shape
+        self._final = lambda x1: compiled(problem, x1, p1, shape, shapes)
+        self._final(_lift(x.detach()))
 
 
-def _value_and_grad(problem: Any, x: torch.Tensor, p: Mapping[str, torch.Tensor]):
-    """(dy/dx, y) at x: the notebook's get_gradient, written with torch.func."""
-    scalars = {k: v.view(()) for k, v in p.items()}
-    grad, value = torch.func.grad_and_value(lambda v: problem.loss(v, scalars, _OPS))(x.view(()))
-    return grad, value
+def _value_and_grad(
+    problem: Any, x1: torch.Tensor, p1: Mapping[str, torch.Tensor], shape: Any, shapes: Any
+):
+    """(dy/dx, y) at x: the notebook's get_gradient, written with torch.func.
+
+    Compiled: x and the coefficients come lifted (see `_ONE`) and are viewed back to
+    `shape` and `shapes` here.
+    """
+    p = _viewed(p1, shapes)
+    return torch.func.grad_and_value(lambda x: problem.loss(x, p, _OPS))(x1.view(shape))
 
 
 @functools.cache
@@ -302,10 +303,10 @@ class TorchBackend:
         # create_graph=True keeps dy/dx differentiable, so d2y/dx2 is autograd of autograd.
         dy_dx, *dy_dcoef = torch.autograd.grad(y, [x, *(p[k] for k in names)], create_graph=True)
         (d2y_dx2,) = torch.autograd.grad(dy_dx, x)
-        constants = {k: _lift(v.detach()) for k, v in p.items()}
+        constants, shapes = _lifted({k: v.detach() for k, v in p.items()})
         _before_compiling(device)
         compiled = _compiled_value_and_grad()
-        compiled_dy_dx, compiled_y = compiled(problem, _lift(x.detach()), constants)
+        compiled_dy_dx, compiled_y = compiled(problem, _lift(x.detach()), constants, (), shapes)
         return Derivatives(
             y=float(y.detach()),
             dy_dx=float(dy_dx.detach()),
@@ -608,7 +609,7 @@ class _ScanLoop(_Program):
         self._spec, self._run = spec, run
         device, dtype = run.x0.device, run.x0.dtype
         shape = run.x0.shape
-        p1, unlift = _lifted(run.p)
+        p1, shapes = _lifted(run.p)
         lr1 = _lift(run.lr)
         x_star1 = None if run.x_star is None else _lift(run.x_star)
         self._rule = rule = _HandRule(_resolved(spec))
@@ -621,7 +622,7 @@ class _ScanLoop(_Program):
         from torch._higher_order_ops.scan import scan  # ~1.6 s to import: graph mode only
 
         def run_chunk(x1: torch.Tensor, stop1: torch.Tensor, start: torch.Tensor, *state1):
-            p = unlift(p1)
+            p = _viewed(p1, shapes)
             lr = lr1.view(())
             x_star = None if x_star1 is None else x_star1.view(shape)
             index = start + offsets
@@ -730,7 +731,7 @@ class _OptimizerLoop(_Program):
         self._spec, self._run = spec, run
         device, dtype = run.x0.device, run.x0.dtype
         shape = run.x0.shape
-        p1, unlift = _lifted(run.p)
+        p1, shapes = _lifted(run.p)
         x_star1 = None if run.x_star is None else _lift(run.x_star)
         self._x = x = _lift(run.x0.clone()).requires_grad_(True)
         x.grad = torch.zeros_like(x)
@@ -786,7 +787,7 @@ class _OptimizerLoop(_Program):
                 i.add_(1)
 
         def run_steps() -> None:
-            p = unlift(p1)
+            p = _viewed(p1, shapes)
             x_star = None if x_star1 is None else x_star1.view(shape)
             for _ in range(unroll):
                 one_step(p, x_star)
