@@ -58,7 +58,8 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _OPS = SimpleNamespace(sum=torch.sum, matvec=torch.matmul)
 
 # spec.options this backend reads (graph mode only), with their defaults.
-#   scan_chunk:  steps per call of the compiled scan (update=manual); one host check per call.
+#   scan_chunk:  most steps per call of the compiled scan (update=manual); one host check
+#                per call. Fewer for a large x: see _SCAN_ENTRIES.
 #   unroll:      most optimizer steps traced into one compiled call (update=apply|minimize); the
 #                largest power of two <= unroll that divides `steps` is used, so no call overruns.
 #   cpp_wrapper: Inductor's C++ wrapper, which runs the scan's loop in C++ instead of Python:
@@ -77,6 +78,13 @@ def _before_compiling(device: torch.device) -> None:
     if device.type == "cpu":  # Inductor's C++ kernels: probe the CPU's ISAs once per machine
         trust_probed_vec_isa()
 
+
+# Most x entries one compiled scan call updates (steps x entries). A scan has one static
+# length, and the engine sizes chunks by time (Ctrl-C waits at most ~0.25 s), so the length
+# is the program's step_multiple: were it longer than a chunk, the rest would be computed and
+# masked. With 1000 steps at n = 1e7 one call took 14 s; the engine then asked for ~13 steps
+# at a time and each call still ran 130 (steps=130: 262 ms a step against 14).
+_SCAN_ENTRIES = 1 << 20
 
 # How often (in steps) the compiled optimizer loop reads its divergence flag on the host.
 _CHECK_EVERY = 1000
@@ -600,8 +608,10 @@ class _ScanLoop(_Program):
     preallocated buffers inside the same compiled call. The host reads `stop` once per
     chunk and ends the loop there, so a diverging run stops within one chunk. Chunks have
     one static length (steps past `stop` are masked) and start at any step, so one compile
-    serves the run and advance() can stop anywhere. Inductor's C++ wrapper runs the scan's loop in
-    C++ (about 1.2 us/step here, against 7.5 with the Python wrapper).
+    serves the run and advance() can stop anywhere; that length is the step_multiple the
+    engine sizes its chunks by, so only a run's last call computes steps it then masks.
+    Inductor's C++ wrapper runs the scan's loop in C++ (about 1.2 us/step here, against 7.5
+    with the Python wrapper).
     """
 
     def __init__(self, spec: MinimizeSpec, run: _Run, options: Mapping[str, Any]) -> None:
@@ -614,7 +624,8 @@ class _ScanLoop(_Program):
         x_star1 = None if run.x_star is None else _lift(run.x_star)
         self._rule = rule = _HandRule(_resolved(spec))
         self._rows = rows = _Rows(spec.record, dtype, device)
-        self._chunk = chunk = min(steps, int(options["scan_chunk"]))
+        entries = max(1, _SCAN_ENTRIES // run.x0.numel())
+        self._chunk = chunk = max(1, min(steps, int(options["scan_chunk"]), entries))
         offsets = torch.arange(chunk, device=device)
         self._done = 0
         self._carry = self._start_state()
@@ -654,12 +665,19 @@ class _ScanLoop(_Program):
             options=_inductor_options(options, device),
         )
 
-    step_multiple = 1
+    @property
+    def step_multiple(self) -> int:
+        """The scan's static length: a chunk is a whole number of calls (see _SCAN_ENTRIES)."""
+        return self._chunk
 
     def _start_state(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """x0 and the rule's initial state, every one lifted (see `_ONE`)."""
-        state = tuple(_lift(s) for s in self._rule.init(self._run.x0))
-        return _lift(self._run.x0.clone()), state
+        """x0 and the rule's initial state, dense and lifted (see `_ONE`).
+
+        Dense: x0 is a broadcast view, and a clone of one of a single entry keeps its
+        stride 0, which the scan refuses as a carry whose next value has stride 1.
+        """
+        x = self._run.x0.clone(memory_format=torch.contiguous_format)
+        return _lift(x), tuple(_lift(s) for s in self._rule.init(x))
 
     def _reset(self) -> None:
         """Back to step 0 (the compiled scan keeps no state of its own)."""

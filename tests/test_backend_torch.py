@@ -284,6 +284,28 @@ def test_graph_float64_closed_form_and_thinning(backend, update):
 
 
 @pytest.mark.slow
+def test_graph_scan_computes_no_step_the_engine_did_not_ask_for(backend, monkeypatch):
+    # The engine shrinks its chunks while calls are slow (Ctrl-C latency): with every call
+    # "slow" they are as short as the program allows. 400 steps in scans of 16 are then 25
+    # calls; were chunks shorter than the scan, each would compute 16 steps for each 1 asked.
+    from runner import engine
+
+    monkeypatch.setattr(engine, "CHUNK_S", 1e-9)
+    spec = spec_for("graph", "manual", problem=OTHER, lr=0.05, steps=400, dtype="float64",
+                    options={"scan_chunk": 16})  # fmt: skip
+    program = backend.prepare(spec)
+    compiled, calls = program._compiled, []
+
+    def counted(*args):
+        calls.append(int(args[2]))  # the chunk's first step
+        return compiled(*args)
+
+    program._compiled = counted
+    assert_closed_form(run_compiled(program, spec), OTHER, 0.05, 400, 1)
+    assert calls == list(range(0, 400, 16))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("update", UPDATES)
 def test_graph_divergence_stops_at_first_non_finite_loss(backend, update):
     # Divergence (step 65) lands in the 5th scan chunk of 16 / the 17th call of 4 steps.

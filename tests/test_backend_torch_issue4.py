@@ -46,6 +46,7 @@ QUADRATIC_DIM4 = Quadratic(a=(1.0, 2.0, 3.0, 0.5), b=(-1.0, 0.5, 2.0, -3.0), c=0
 PROBLEMS: dict[str, tuple[Any, float]] = {
     "quadratic": (Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5), 0.05),
     "quadratic_dim4": (dataclasses.replace(QUADRATIC_DIM4, x0=(3.0, -3.0, 3.0, -3.0)), 0.02),
+    "quadratic_dim1": (Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5, dim=1), 0.05),  # x0 broadcast
     "quadratic_form": (QuadraticForm(dim=4, cond=10.0, seed=0), 0.05),
     "rosenbrock": (Rosenbrock(dim=3), 1e-3),
 }
@@ -269,6 +270,7 @@ SPOT = [
     ("apply", "quadratic", "adagrad", "float64"),  # the scalar problem, lifted to shape (1,)
     ("minimize", "rosenbrock", "rmsprop-momentum", "float64"),
     ("manual", "quadratic_dim4", "rmsprop-momentum", "float64"),
+    ("manual", "quadratic_dim1", "sgd-momentum", "float64"),  # the carry of one entry
     ("manual", "quadratic_form", "adam", "float64"),
     ("manual", "rosenbrock", "adagrad", "float64"),
     ("apply", "rosenbrock", "adam", "float32"),
