@@ -453,10 +453,12 @@ class _EagerProgram(_Program):
         return loss, x_i, grad
 
 
-# For XLA-compiled loops over an x of at most UNROLLED_SIZE entries: steps run in groups
-# of up to UNROLL written out one after the other, with no per-step exit test.
+# Loops over an x of at most UNROLLED_SIZE entries run steps in groups of up to UNROLL
+# written out one after the other, with no per-step exit test; without XLA, groups of at
+# least GROUP_WITHOUT_XLA steps (see _GraphProgram).
 UNROLL = 12
 UNROLLED_SIZE = 16
+GROUP_WITHOUT_XLA = 4
 # Rows one call hands back at most; advance() splits a longer span into several calls.
 ROWS_PER_CALL = 1 << 14
 
@@ -464,6 +466,26 @@ ROWS_PER_CALL = 1 << 14
 def _group(every: int) -> int:
     """The largest divisor of `every` that is at most UNROLL."""
     return max(d for d in range(1, min(every, UNROLL) + 1) if every % d == 0)
+
+
+@contextmanager
+def _op_by_op() -> Iterator[None]:
+    """Grappler's arithmetic optimizer off for the calls inside, as the caller had it after.
+
+    It rewrites expressions (the loss's sum among them) into forms that round
+    differently, and whether it can depends on the rest of the graph: a loop over
+    groups of steps recorded the loss at step 7 of the notebook's problem one ulp off
+    the per-step loop's and the eager run's (0.7536419 against 0.75364196). Off, a
+    graph computes each op as eager TensorFlow does. The setting is read when a
+    function is called (it goes into the call op), not when it is traced, so it is set
+    around every call.
+    """
+    saved = tf.config.optimizer.get_experimental_options().get("arithmetic_optimization")
+    tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({"arithmetic_optimization": saved})
 
 
 class _GraphProgram(_Program):
@@ -491,11 +513,17 @@ class _GraphProgram(_Program):
     the loss inside the update). With XLA, a vector's loop computes each row after the
     update before it instead, and needs no copy (_head_chunk).
 
-    With XLA and a small x (the scalar problem) the chunk is whole rows instead: the
-    row's first step writes its row, then its other steps run in groups of UNROLL with
-    no per-step exit test, each step only latching the first non-finite loss's step and
-    x (a few selects XLA fuses with the update: ~5 ns a step here, against ~12 for the
-    per-step tested loop); the run's last, shorter row tests each step.
+    With a small x (the scalar problem) the chunk is whole rows instead: the row's first
+    step writes its row, then its other steps run in groups of UNROLL with no per-step
+    exit test, each step only latching the first non-finite loss's step and x (with XLA
+    a few selects fused with the update: ~5 ns a step here, against ~12 for the per-step
+    tested loop); the run's last, shorter row tests each step. Without XLA a group saves
+    the loop's own ops per iteration (each loop variable passes Merge, Switch, Identity
+    and NextIteration) and the row's scatters, and pays the latch's ops every step: at
+    every = 20 (groups of 10) 9.3-10.1 us a step against 13.2-13.8 for the per-step loop
+    (the notebook's loop 7.8-8.5), at every = 2 (groups of 2) 14.0-15.3 against 13.2-14.5,
+    at every = 1 17 against 12.5: groups of fewer than GROUP_WITHOUT_XLA steps use the
+    per-step loop.
     """
 
     def __init__(self, run: _Run) -> None:
@@ -504,10 +532,12 @@ class _GraphProgram(_Program):
         self._every = spec.record.every
         self._update = run.updater()
         jit_compile = bool(spec.options.get("jit_compile", False))
-        grouped = jit_compile and run.x.shape.num_elements() <= UNROLLED_SIZE
+        group = _group(self._every)
+        least = 1 if jit_compile else GROUP_WITHOUT_XLA
+        grouped = run.x.shape.num_elements() <= UNROLLED_SIZE and group >= least
         # Steps a loop iteration runs: the largest divisor of every up to UNROLL (so that
         # recorded steps start groups); 1 for the per-step loop, which can stop anywhere.
-        self.step_multiple = _group(self._every) if grouped else 1
+        self.step_multiple = group if grouped else 1
         self._done = 0
         self._rows_n = spec.record.rows
         # A call hands back a window of this many rows (all of them, up to ROWS_PER_CALL).
@@ -528,7 +558,7 @@ class _GraphProgram(_Program):
             headed = jit_compile and run.vector and not grouped
             self._x_prev = (
                 tf.Variable(tf.zeros_like(run.x), trainable=False, name="x_prev")
-                if run.vector and (grouped if jit_compile else run.kind == "minimize")
+                if run.vector and (grouped or (not jit_compile and run.kind == "minimize"))
                 else None
             )
             self._head = (
@@ -539,15 +569,12 @@ class _GraphProgram(_Program):
         i32 = tf.TensorSpec([], tf.int32)
         chunk = self._group_chunk if grouped else self._head_chunk if headed else self._flat_chunk
         self._fn = tf.function(
-            chunk,
-            input_signature=[i32, i32],
-            jit_compile=jit_compile,
-            reduce_retracing=False,
+            chunk, input_signature=[i32, i32], jit_compile=jit_compile, reduce_retracing=False
         )
         # Trace/compile now, with an empty chunk: no step runs, so x and the optimizer stay
         # fresh. Twice: the first call after tracing costs ~0.5 ms more than later ones.
         for _ in range(2):
-            empty = self._fn(*(tf.constant(0, tf.int32),) * 2)
+            empty = self._call(0, 0)
         # (loss, x, grad) where the last call stopped (x0 here), as TensorFlow values: the
         # call computes them in its graph (a call of its own costs ~0.5 ms), and they reach
         # the host only as the run's final state.
@@ -555,6 +582,11 @@ class _GraphProgram(_Program):
 
     def final(self) -> Values:
         return self._final if self._final is not None else self._run.final()
+
+    def _call(self, start: int, end: int) -> dict:
+        """The chunk function over steps start..end-1, Grappler set as `_op_by_op` says."""
+        with _op_by_op():
+            return self._fn(tf.constant(start, tf.int32), tf.constant(end, tf.int32))
 
     # -- one loop over the chunk's steps -----------------------------------------------------
 
@@ -699,7 +731,7 @@ class _GraphProgram(_Program):
             ok = tf.math.is_finite(head[0])
             return self._finish(start, ok, tf.where(ok, end, i), None)
 
-    # -- with XLA, a small x: a loop over groups of steps -------------------------------------
+    # -- a small x: a loop over groups of steps -----------------------------------------------
 
     def _group_chunk(self, start: tf.Tensor, end: tf.Tensor) -> dict:
         """Steps start..end-1 in groups of `group` steps (start: a group's first step).
@@ -746,7 +778,7 @@ class _GraphProgram(_Program):
             start = self._done
             end = min(stop, start + (self._window - 1) * every)
             self._final = None  # the last call's final state goes before this one runs
-            out = self._fn(tf.constant(start, tf.int32), tf.constant(end, tf.int32))
+            out = self._call(start, end)
             self._final = out["final"]
             stopped_at = int(out["stopped_at"])
             # The rows at recorded steps start <= i < stopped_at, in the window.

@@ -130,6 +130,23 @@ def test_record_every_7_of_50(mode: str, update: str) -> None:
     assert traj.final_x == full.final_x and traj.stopped_at == 50
 
 
+@pytest.mark.parametrize("update", ["apply", "manual"])
+def test_graph_rows_are_the_eager_rows_bit_for_bit(update: str) -> None:
+    """The per-step loop (every 1) and groups of steps (every 10) compute each op as eager
+    TensorFlow does: Grappler's arithmetic optimizer, which rewrote the grouped loop's loss
+    sum into one that rounds differently, is off for the runner's calls and only for them."""
+    eager = run_minimize(BACKEND, make_spec(update, "apply", steps=200)).trajectory
+    before = tf.config.optimizer.get_experimental_options()
+    for every in (1, 10):
+        graph = run_minimize(BACKEND, make_spec("graph", update, steps=200, every=every))
+        traj = graph.trajectory
+        np.testing.assert_array_equal(traj.steps, eager.steps[::every])
+        for key in ("x", "loss", "grad"):
+            np.testing.assert_array_equal(getattr(traj, key), getattr(eager, key)[::every])
+        assert traj.final_x == eager.final_x and traj.final_loss == eager.final_loss
+    assert tf.config.optimizer.get_experimental_options() == before
+
+
 # --- divergence --------------------------------------------------------------------------
 
 
