@@ -515,15 +515,16 @@ class _GraphProgram(_Program):
 
     With a small x (the scalar problem) the chunk is whole rows instead: the row's first
     step writes its row, then its other steps run in groups of UNROLL with no per-step
-    exit test, each step only latching the first non-finite loss's step and x (with XLA
-    a few selects fused with the update: ~5 ns a step here, against ~12 for the per-step
-    tested loop); the run's last, shorter row tests each step. Without XLA a group saves
-    the loop's own ops per iteration (each loop variable passes Merge, Switch, Identity
-    and NextIteration) and the row's scatters, and pays the latch's ops every step: at
-    every = 20 (groups of 10) 9.3-10.1 us a step against 13.2-13.8 for the per-step loop
-    (the notebook's loop 7.8-8.5), at every = 2 (groups of 2) 14.0-15.3 against 13.2-14.5,
-    at every = 1 17 against 12.5: groups of fewer than GROUP_WITHOUT_XLA steps use the
-    per-step loop.
+    exit test; the group notes the first non-finite loss's step and x (with XLA a few
+    selects a step, fused with the update: ~5 ns a step here, against ~12 for the
+    per-step tested loop; without XLA a few ops a group, counting the finite losses
+    before the first that is not); the run's last, shorter row tests each step. Without
+    XLA a group saves the loop's own ops per iteration (each loop variable passes Merge,
+    Switch, Identity and NextIteration) and the row's scatters: at every = 20 (groups of
+    10) 7.1-7.7 us a step against 13.2-13.8 for the per-step loop (the notebook's loop
+    7.7-8.4); with selects every step it was 9.2-9.8, and groups of 2 were no faster than
+    the per-step loop (14.0-15.3 against 13.2-14.5), so groups of fewer than
+    GROUP_WITHOUT_XLA steps use the per-step loop.
     """
 
     def __init__(self, run: _Run) -> None:
@@ -741,25 +742,45 @@ class _GraphProgram(_Program):
         run, group = self._run, self.step_multiple
         groups = (end - start) // group
 
-        def latched(i: tf.Tensor, latch: tuple, first: bool) -> tuple:
-            """Step i; a group's first writes its row. Notes the first non-finite loss."""
+        def each_step(i: tf.Tensor, latch: tuple, losses: list, xs: list) -> tuple:
+            """(ok, first bad step, x there), carried on by selects per step, which XLA fuses."""
             ok, i_bad, x_bad = latch
-            loss, grad, x_i = self._update()
-            if first:  # recorded steps start groups (group divides every): slot or spare
-                row_x, row_grad = run.row(x_i, grad)
-                self._write_row(i, row_x, loss, row_grad)
-            finite = tf.math.is_finite(loss)
-            bad = tf.logical_and(ok, tf.logical_not(finite))
-            return tf.logical_and(ok, finite), tf.where(bad, i, i_bad), tf.where(bad, x_i, x_bad)
+            for j, (loss, x_j) in enumerate(zip(losses, xs, strict=True)):
+                finite = tf.math.is_finite(loss)
+                bad = tf.logical_and(ok, tf.logical_not(finite))
+                ok, i_bad, x_bad = (
+                    tf.logical_and(ok, finite),
+                    tf.where(bad, i + j, i_bad),
+                    tf.where(bad, x_j, x_bad),
+                )
+            return ok, i_bad, x_bad
+
+        def once(i: tf.Tensor, _latch: tuple, losses: list, xs: list) -> tuple:
+            """The same with a few ops a group: the steps before the first bad one, counted.
+            (The loop enters a group only while every loss was finite: nothing to carry.)"""
+            finite = tf.cast(tf.math.is_finite(tf.stack(losses)), tf.int32)
+            good = tf.reduce_sum(tf.math.cumprod(finite))
+            return good == group, i + good, tf.gather(tf.stack(xs), tf.minimum(good, group - 1))
+
+        # Without XLA each op costs ~0.15-1 us: once a group is 7.1-7.7 us a step against
+        # 9.2-9.8 per step (every = 20); with XLA the stack and gather cost ~70x the step.
+        first_bad = each_step if self._run.spec.options.get("jit_compile") else once
 
         def cond(g: tf.Tensor, ok: tf.Tensor, *_: tf.Tensor) -> tf.Tensor:
             return tf.logical_and(ok, g < groups)
 
         def body(g: tf.Tensor, *latch: tf.Tensor) -> tuple:
+            """One group; its first step writes its row."""
             i = start + g * group
+            losses, xs = [], []
             for j in range(group):
-                latch = latched(i + j, latch, j == 0)
-            return (g + 1, *latch)
+                loss, grad, x_i = self._update()
+                if j == 0:  # recorded steps start groups (group divides every): slot or spare
+                    row_x, row_grad = run.row(x_i, grad)
+                    self._write_row(i, row_x, loss, row_grad)
+                losses.append(loss)
+                xs.append(x_i)
+            return (g + 1, *first_bad(i, latch, losses, xs))
 
         with tf.device(run.device):
             carry = (tf.constant(0, tf.int32), tf.constant(True), start, tf.zeros_like(run.x))

@@ -164,13 +164,16 @@ def _first_nonfinite_loss_float32(a: float, b: float, c: float, lr: float, steps
     raise AssertionError("the replay did not diverge")
 
 
-DIVERGE = [(m, u, 3) for m, u in ALL] + [(m, u, 8) for m, u in GRAPH]
-DIVERGE_IDS = [f"{name}-every{e}" for name, (*_, e) in zip(ids(ALL + GRAPH), DIVERGE, strict=True)]
+DIVERGE = [(m, u, 3) for m, u in ALL] + [(m, u, e) for e in (8, 6) for m, u in GRAPH]
+DIVERGE_IDS = [
+    f"{name}-every{e}" for name, (*_, e) in zip(ids(ALL + GRAPH + GRAPH), DIVERGE, strict=True)
+]
 
 
 @pytest.mark.parametrize(("mode", "update", "every"), DIVERGE, ids=DIVERGE_IDS)
 def test_divergence_stops_at_the_first_nonfinite_loss(mode: str, update: str, every: int) -> None:
-    """every=3: the stopping step (64) is not a recorded one; every=8: it is."""
+    """every=3: the stopping step (64) is not a recorded one; every=8: it is, and starts a
+    group of 8 steps; every=6: it is the 5th of a group of 6."""
     stop, x_stop = _first_nonfinite_loss_float32(1.0, -2.0, 1.0, 1.5, 100)
     assert stop == 64
     spec = make_spec(mode, update, lr=1.5, steps=100, every=every)
