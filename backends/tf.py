@@ -469,17 +469,24 @@ def _group(every: int) -> int:
 
 
 @contextmanager
-def _op_by_op() -> Iterator[None]:
-    """Grappler's arithmetic optimizer off for the calls inside, as the caller had it after.
+def _op_by_op(on: bool) -> Iterator[None]:
+    """Grappler's arithmetic optimizer off for the calls inside (if on), as it was after.
 
     It rewrites expressions (the loss's sum among them) into forms that round
-    differently, and whether it can depends on the rest of the graph: a loop over
-    groups of steps recorded the loss at step 7 of the notebook's problem one ulp off
-    the per-step loop's and the eager run's (0.7536419 against 0.75364196). Off, a
-    graph computes each op as eager TensorFlow does. The setting is read when a
+    differently, and whether it can depends on the rest of the graph: the loop over
+    groups of steps without XLA recorded the loss at step 7 of the notebook's problem one
+    ulp off the per-step loop's and the eager run's (0.7536419 against 0.75364196). Off,
+    a graph computes each op as eager TensorFlow does. Loops over x of at most
+    UNROLLED_SIZE entries turn it off, grouped or not, so that record_every changes no
+    bit; a larger x keeps it: its rewrite of Pow(x, 2) into Square(x) (the same bits)
+    is what makes such a loop fast (n = 1e7: 47.6 ms a step with it, 145.6 without),
+    and there rows may differ from eager's in the last bit. The setting is read when a
     function is called (it goes into the call op), not when it is traced, so it is set
     around every call.
     """
+    if not on:
+        yield
+        return
     saved = tf.config.optimizer.get_experimental_options().get("arithmetic_optimization")
     tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False})
     try:
@@ -534,11 +541,12 @@ class _GraphProgram(_Program):
         self._update = run.updater()
         jit_compile = bool(spec.options.get("jit_compile", False))
         group = _group(self._every)
-        least = 1 if jit_compile else GROUP_WITHOUT_XLA
-        grouped = run.x.shape.num_elements() <= UNROLLED_SIZE and group >= least
+        small = run.x.shape.num_elements() <= UNROLLED_SIZE
+        grouped = small and group >= (1 if jit_compile else GROUP_WITHOUT_XLA)
         # Steps a loop iteration runs: the largest divisor of every up to UNROLL (so that
         # recorded steps start groups); 1 for the per-step loop, which can stop anywhere.
         self.step_multiple = group if grouped else 1
+        self._op_by_op = small and not jit_compile
         self._done = 0
         self._rows_n = spec.record.rows
         # A call hands back a window of this many rows (all of them, up to ROWS_PER_CALL).
@@ -586,7 +594,7 @@ class _GraphProgram(_Program):
 
     def _call(self, start: int, end: int) -> dict:
         """The chunk function over steps start..end-1, Grappler set as `_op_by_op` says."""
-        with _op_by_op():
+        with _op_by_op(self._op_by_op):
             return self._fn(tf.constant(start, tf.int32), tf.constant(end, tf.int32))
 
     # -- one loop over the chunk's steps -----------------------------------------------------
