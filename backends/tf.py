@@ -463,9 +463,17 @@ GROUP_WITHOUT_XLA = 4
 ROWS_PER_CALL = 1 << 14
 
 
-def _group(every: int) -> int:
-    """The largest divisor of `every` that is at most UNROLL."""
-    return max(d for d in range(1, min(every, UNROLL) + 1) if every % d == 0)
+def _group(every: int, xla: bool) -> int:
+    """Steps a loop iteration runs, such that its recorded steps sit where j % every == 0.
+
+    The largest divisor of `every` up to UNROLL (a group's first step is its only
+    recorded one); without XLA, where that is under GROUP_WITHOUT_XLA, the largest
+    multiple of `every` up to UNROLL instead (every = 1: 12 steps, each writing its row).
+    """
+    divisor = max(d for d in range(1, min(every, UNROLL) + 1) if every % d == 0)
+    if xla or divisor >= GROUP_WITHOUT_XLA:
+        return divisor
+    return max(divisor, UNROLL // every * every)
 
 
 @contextmanager
@@ -539,14 +547,14 @@ class _GraphProgram(_Program):
         spec = run.spec
         self._every = spec.record.every
         self._update = run.updater()
-        jit_compile = bool(spec.options.get("jit_compile", False))
-        group = _group(self._every)
+        self._xla = jit_compile = bool(spec.options.get("jit_compile", False))
+        group = _group(self._every, jit_compile)
         small = run.x.shape.num_elements() <= UNROLLED_SIZE
         grouped = small and group >= (1 if jit_compile else GROUP_WITHOUT_XLA)
-        # Steps a loop iteration runs: the largest divisor of every up to UNROLL (so that
-        # recorded steps start groups); 1 for the per-step loop, which can stop anywhere.
+        # Steps a loop iteration runs (`_group`); 1 for the per-step loop, which can stop
+        # anywhere.
         self.step_multiple = group if grouped else 1
-        self._op_by_op = small and not jit_compile
+        self._ops_as_eager = small and not jit_compile
         self._done = 0
         self._rows_n = spec.record.rows
         # A call hands back a window of this many rows (all of them, up to ROWS_PER_CALL).
@@ -594,7 +602,7 @@ class _GraphProgram(_Program):
 
     def _call(self, start: int, end: int) -> dict:
         """The chunk function over steps start..end-1, Grappler set as `_op_by_op` says."""
-        with _op_by_op(self._op_by_op):
+        with _op_by_op(self._ops_as_eager):
             return self._fn(tf.constant(start, tf.int32), tf.constant(end, tf.int32))
 
     # -- one loop over the chunk's steps -----------------------------------------------------
@@ -772,20 +780,24 @@ class _GraphProgram(_Program):
 
         # Without XLA each op costs ~0.15-1 us: once a group is 7.1-7.7 us a step against
         # 9.2-9.8 per step (every = 20); with XLA the stack and gather cost ~70x the step.
-        first_bad = each_step if self._run.spec.options.get("jit_compile") else once
+        first_bad = each_step if self._xla else once
 
         def cond(g: tf.Tensor, ok: tf.Tensor, *_: tf.Tensor) -> tf.Tensor:
             return tf.logical_and(ok, g < groups)
 
         def body(g: tf.Tensor, *latch: tf.Tensor) -> tuple:
-            """One group; its first step writes its row."""
+            """One group; its recorded steps write their rows (slot or spare, see _slot)."""
             i = start + g * group
             losses, xs = [], []
             for j in range(group):
                 loss, grad, x_i = self._update()
-                if j == 0:  # recorded steps start groups (group divides every): slot or spare
+                # Recorded steps have j % every == 0: with group dividing every only a
+                # group's first step, which _slot sends to its row or the spare; with group
+                # a multiple of every, groups start at multiples of every (a call starts
+                # at a multiple of the group or where a window of rows ended).
+                if j % self._every == 0:
                     row_x, row_grad = run.row(x_i, grad)
-                    self._write_row(i, row_x, loss, row_grad)
+                    self._write_row(i + j, row_x, loss, row_grad)
                 losses.append(loss)
                 xs.append(x_i)
             return (g + 1, *first_bad(i, latch, losses, xs))
