@@ -528,9 +528,10 @@ class _GraphProgram(_Program):
     the loss inside the update). With XLA, a vector's loop computes each row after the
     update before it instead, and needs no copy (_head_chunk).
 
-    With a small x (the scalar problem) the chunk is whole rows instead: the row's first
-    step writes its row, then its other steps run in groups of UNROLL with no per-step
-    exit test; the group notes the first non-finite loss's step and x (with XLA a few
+    With a small x (the scalar problem) the chunk runs groups of steps instead (see
+    `_group`: a divisor of every, whose first step writes the row, or without XLA a
+    multiple of it, whose recorded steps write theirs) with no per-step exit test; the
+    group notes the first non-finite loss's step and x (with XLA a few
     selects a step, fused with the update: ~5 ns a step here, against ~12 for the
     per-step tested loop; without XLA a few ops a group, counting the finite losses
     before the first that is not); the run's last, shorter row tests each step. Without
