@@ -534,13 +534,14 @@ class _GraphProgram(_Program):
     group notes the first non-finite loss's step and x (with XLA a few
     selects a step, fused with the update: ~5 ns a step here, against ~12 for the
     per-step tested loop; without XLA a few ops a group, counting the finite losses
-    before the first that is not); the run's last, shorter row tests each step. Without
-    XLA a group saves the loop's own ops per iteration (each loop variable passes Merge,
-    Switch, Identity and NextIteration) and the row's scatters: at every = 20 (groups of
-    10) 7.1-7.7 us a step against 13.2-13.8 for the per-step loop (the notebook's loop
-    7.7-8.4); with selects every step it was 9.2-9.8, and groups of 2 were no faster than
-    the per-step loop (14.0-15.3 against 13.2-14.5), so groups of fewer than
-    GROUP_WITHOUT_XLA steps use the per-step loop.
+    before the first that is not); the steps after the chunk's last whole group test
+    each step. Without XLA a group saves the loop's own ops per iteration (each loop
+    variable passes Merge, Switch, Identity and NextIteration) and, for a divisor of
+    every, the row's scatters: at every = 20 (groups of 10) 7.1-7.7 us a step against
+    13.2-13.8 for the per-step loop (the notebook's loop 7.7-8.4); with selects every
+    step it was 9.2-9.8. Groups of 2 were no faster than the per-step loop (14.0-15.3
+    against 13.2-14.5), so a divisor under GROUP_WITHOUT_XLA gives way to a multiple of
+    every (every = 1, 5000 steps: 1.16-1.39 times the notebook's loop, 1.43-1.50 per step).
     """
 
     def __init__(self, run: _Run) -> None:
