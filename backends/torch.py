@@ -148,7 +148,7 @@ class _Run:
 
         # x0 and x* stored once when they are one number broadcast (a scalar x0, scalar
         # coefficients), seen through expand() with x's shape: no memory of size n. What
-        # the loops update are copies (clone() of an expanded tensor is dense).
+        # the loops update are dense copies (x0_copy).
         x0 = problem.x0_array()
         self.x0 = const(compact(x0)).expand(np.shape(x0))
         self.p = {k: const(v) for k, v in problem.coefficients.items()}
@@ -159,6 +159,14 @@ class _Run:
 
     def loss(self, x: torch.Tensor, p: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         return self.problem.loss(x, self.p if p is None else p, _OPS)
+
+    def x0_copy(self) -> torch.Tensor:
+        """A dense, writable copy of x0, for a program to update.
+
+        Dense: x0 is a broadcast view, and a plain clone of one of a single entry keeps its
+        stride 0, which the compiled scan refuses as a carry whose next value has stride 1.
+        """
+        return self.x0.clone(memory_format=torch.contiguous_format)
 
     def row(self, x: torch.Tensor, grad: torch.Tensor, x_star: torch.Tensor | None = None):
         """What a recorded row holds: (x, grad), or (||x - x*||, ||grad||) for vectors."""
@@ -479,7 +487,7 @@ class _Eager(_Program):
 
     def __init__(self, spec: MinimizeSpec, run: _Run) -> None:
         self._run = run
-        self._x = run.x0.clone().requires_grad_(True)
+        self._x = run.x0_copy().requires_grad_(True)
 
     def _row(self, record: bool, x: torch.Tensor, grad: torch.Tensor) -> tuple[Any, Any]:
         """The recorded (x_i, grad_i) or their norms; a copy of x only if x is updated in place."""
@@ -625,7 +633,7 @@ class _ScanLoop(_Program):
         self._rule = rule = _HandRule(_resolved(spec))
         self._rows = rows = _Rows(spec.record, dtype, device)
         entries = max(1, _SCAN_ENTRIES // run.x0.numel())
-        self._chunk = chunk = max(1, min(steps, int(options["scan_chunk"]), entries))
+        self._chunk = chunk = min(steps, int(options["scan_chunk"]), entries)
         offsets = torch.arange(chunk, device=device)
         self._done = 0
         self._carry = self._start_state()
@@ -671,12 +679,8 @@ class _ScanLoop(_Program):
         return self._chunk
 
     def _start_state(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """x0 and the rule's initial state, dense and lifted (see `_ONE`).
-
-        Dense: x0 is a broadcast view, and a clone of one of a single entry keeps its
-        stride 0, which the scan refuses as a carry whose next value has stride 1.
-        """
-        x = self._run.x0.clone(memory_format=torch.contiguous_format)
+        """x0 and the rule's initial state, dense (`_Run.x0_copy`) and lifted (see `_ONE`)."""
+        x = self._run.x0_copy()
         return _lift(x), tuple(_lift(s) for s in self._rule.init(x))
 
     def _reset(self) -> None:
@@ -751,7 +755,7 @@ class _OptimizerLoop(_Program):
         shape = run.x0.shape
         p1, shapes = _lifted(run.p)
         x_star1 = None if run.x_star is None else _lift(run.x_star)
-        self._x = x = _lift(run.x0.clone()).requires_grad_(True)
+        self._x = x = _lift(run.x0_copy()).requires_grad_(True)
         x.grad = torch.zeros_like(x)
         self._opt = opt = _native(x, _resolved(spec))
         opt.state[x].clear()  # Adagrad fills its state in __init__, with a 0-d counter
