@@ -190,15 +190,17 @@ class _Run:
         (grad,) = torch.autograd.grad(loss, leaf)
         return loss, leaf, grad
 
-    def compile_final(self, options: Mapping[str, Any], x: torch.Tensor) -> None:
+    def compile_final(self, options: Mapping[str, Any]) -> None:
         """final()'s loss and gradient as one compiled function, for a vector x.
 
         Plain autograd holds ~4n of temporaries at once; the compiled pass holds only the
         gradient. n = 1e7, update=apply, 150 steps: peak RSS 7.3x -> 3.2x bytes(x) over
         the baseline (with the loop's x.grad dropped before it), the read-back 0.106 ->
         0.014 s; prepare() pays ~0.1-0.2 s more with Inductor's cache warm, ~1.6 s cold.
-        Compiled and run once here, at the loop's x: a dense tensor like the one final()
-        gets (x0 is a broadcast view, whose strides Dynamo guards).
+        Compiled and run once here, at a dense copy of x0 like the x final() gets (x0
+        is a broadcast view, whose strides Dynamo guards), before the loop allocates x
+        and its gradient: run beside them (and a latch since removed), its gradient made
+        the run's peak 4n.
         """
         if not self.vector:
             return
@@ -210,7 +212,7 @@ class _Run:
         )
         problem, shape = self.problem, self.x0.shape
         self._final = lambda x1: compiled(problem, x1, p1, shape, shapes)
-        self._final(_lift(x.detach()))
+        self._final(_lift(self.x0_copy()))
 
 
 def _value_and_grad(
@@ -291,10 +293,10 @@ class TorchBackend:
         if spec.mode == "graph":
             _before_compiling(run.x0.device)
             options = {**_OPTIONS, **spec.options}
+            run.compile_final(options)  # before the loop's own n-sized tensors exist
             loop_cls = _ScanLoop if spec.update == "manual" else _OptimizerLoop
             loop = loop_cls(spec, run, options)
             loop.warm_up()
-            run.compile_final(options, loop.x)
             return loop
         program_cls = {"manual": _Manual, "apply": _Apply, "minimize": _Minimize}[spec.mode]
         return program_cls(spec, run)
@@ -742,10 +744,10 @@ class _OptimizerLoop(_Program):
     counter's dtype: with torch's float32 counter a float64 run's Adam is 2.7e-7 (relative)
     off its eager result after 100 steps, Adagrad 9e-9 (its lr rounded to float32); with the
     counter in the run's dtype both agree with the reference to 1e-16.
-    A step past a non-finite loss cannot be skipped inside the optimizer, so x at the
-    first such step is latched on device (final() computes its loss and gradient), and
-    rows at later steps are dropped; `unroll` is reduced to a power of two dividing
-    `steps`, so no call overruns.
+    A step past a non-finite loss cannot be skipped inside the optimizer: the loop notes
+    that step on device and goes on to the next check, its later rows are dropped, and
+    x and the optimizer's state there are replayed from x0 (`_rewind`). `unroll` is
+    reduced to a power of two dividing `steps`, so no call overruns.
     """
 
     def __init__(self, spec: MinimizeSpec, run: _Run, options: Mapping[str, Any]) -> None:
@@ -760,15 +762,11 @@ class _OptimizerLoop(_Program):
         self._opt = opt = _native(x, _resolved(spec))
         opt.state[x].clear()  # Adagrad fills its state in __init__, with a 0-d counter
         opt.state[x].update(_initial_state(opt, x))
-        self._fresh = {k: v.clone() for k, v in opt.state[x].items()}
         opt_step = inspect.unwrap(type(opt).step)
         self._rows = rows = _Rows(spec.record, dtype, device)
         self._unroll = unroll = math.gcd(steps, 1 << (int(options["unroll"]).bit_length() - 1))
         self._i = i = torch.zeros(_ONE, dtype=torch.int64, device=device)
         self._stop = stop = torch.full(_ONE, steps, device=device)
-        # x at the first non-finite loss, latched on device (final() recomputes its loss
-        # and grad there).
-        self._latched_x = latched_x = torch.zeros_like(x)
         minimize = spec.update == "minimize"
 
         def loss_and_grad(p: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -778,7 +776,7 @@ class _OptimizerLoop(_Program):
             return loss, grad
 
         def record(loss: torch.Tensor, grad: torch.Tensor, x_star: Any) -> None:
-            """Row i and the divergence latch, read while x is still x_i."""
+            """Row i and the divergence check, read while x is still x_i."""
             loss = _lift(loss.detach())
             x_row, grad_row = run.row(x.detach().view(shape), grad.view(shape), x_star)
             slot = torch.where(i % every == 0, i // every, n_rows)
@@ -786,7 +784,6 @@ class _OptimizerLoop(_Program):
             rows.loss.index_put_((slot,), loss)
             rows.grad.index_put_((slot,), _lift(grad_row).clone())
             first_bad = (i < stop) & ~torch.isfinite(loss)
-            latched_x.copy_(torch.where(first_bad, x.detach(), latched_x))
             stop.copy_(torch.where(first_bad, i, stop))
 
         def one_step(p: Mapping[str, torch.Tensor], x_star: Any) -> None:
@@ -808,17 +805,21 @@ class _OptimizerLoop(_Program):
             with torch.no_grad():
                 i.add_(1)
 
-        def run_steps() -> None:
-            p = _viewed(p1, shapes)
-            x_star = None if x_star1 is None else x_star1.view(shape)
-            for _ in range(unroll):
-                one_step(p, x_star)
+        def compiled_steps(count: int) -> Callable[[], None]:
+            def run_steps() -> None:
+                p = _viewed(p1, shapes)
+                x_star = None if x_star1 is None else x_star1.view(shape)
+                for _ in range(count):
+                    one_step(p, x_star)
 
-        self._compiled = torch.compile(
-            _own_code(run_steps),
-            fullgraph=True,
-            options=_inductor_options(options, device),
-        )
+            return torch.compile(
+                _own_code(run_steps), fullgraph=True, options=_inductor_options(options, device)
+            )
+
+        self._compiled = compiled_steps(unroll)
+        # One step a call, for a replay that stops inside a call: compiled then (_rewind).
+        self._compiled_steps = compiled_steps
+        self._one_step: Callable[[], None] | None = None
 
     def _reset(self) -> None:
         """Back to x0 with a fresh optimizer's state, in place (see the class docstring)."""
@@ -827,12 +828,12 @@ class _OptimizerLoop(_Program):
             if self._x.grad is None:  # final() drops it
                 self._x.grad = torch.zeros_like(self._x)
             self._x.grad.zero_()
+            # A fresh state made again, not a copy kept: that would hold n entries per moment.
             state = self._opt.state[self._x]
-            for key, fresh in self._fresh.items():
+            for key, fresh in _initial_state(self._opt, self._x).items():
                 state[key].copy_(fresh)
             self._i.zero_()
             self._stop.fill_(self._spec.steps)
-            self._latched_x.zero_()
         self._done = 0
 
     def warm_up(self) -> None:
@@ -857,15 +858,33 @@ class _OptimizerLoop(_Program):
                 if (n % check == 0 or n == calls) and int(self._stop) < stop:
                     break
         stopped_at = min(int(self._stop), stop)
+        if stopped_at < stop:
+            self._rewind(stopped_at)
         self._done = stopped_at
         return self._rows.span(start, stopped_at)
 
-    @property
-    def x(self) -> torch.Tensor:
-        return self._x
+    def _rewind(self, stopped_at: int) -> None:
+        """x and the optimizer's state at step `stopped_at` (a non-finite loss), from x0.
+
+        The loop went on past that step, to the next check. Latching x there instead (a
+        select into a third n-sized tensor every step) cost 36% of a step at n = 1e7
+        (4.75 against 3.04 ms) and made the run's peak 3n; a replay costs only a run that
+        stops, as long again as the steps before it, and it runs the same compiled steps
+        (the last few, to step inside a call, one step a call) from the same values.
+        """
+        self._reset()
+        calls, rest = divmod(stopped_at, self._unroll)
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            for _ in range(calls):
+                self._compiled()
+            if rest and self._one_step is None:
+                self._one_step = self._compiled_steps(1)
+            for _ in range(rest):
+                self._one_step()
+        if int(self._stop) != self._spec.steps:
+            raise RuntimeError(f"replaying to step {stopped_at}, a loss before it was not finite")
+        self._stop.fill_(stopped_at)
 
     def final(self) -> tuple[Any, Any, Any]:
-        """At x, or at the x latched at the first non-finite loss (x went on past it)."""
-        diverged = int(self._stop) < self._spec.steps
         self._x.grad = None  # the loop's, n entries: final() computes its own
-        return self._run.final(self._latched_x if diverged else self._x)
+        return self._run.final(self._x)

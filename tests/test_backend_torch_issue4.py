@@ -308,6 +308,33 @@ def test_graph_divergence_with_momentum_stops_with_the_state_at_that_step(update
     check_diverged_with_state("graph", update)
 
 
+@pytest.mark.slow
+def test_graph_replay_to_a_non_finite_loss_is_a_run_that_ends_there() -> None:
+    # SGD with momentum, lr past stable: the float32 loss overflows at step 81, inside a
+    # call of 4 steps, so the replay from x0 ends with one single-step call (_rewind).
+    problem = QuadraticForm(dim=6, cond=10.0, seed=3, x0=1.0)
+
+    def run(steps: int) -> Any:
+        spec = make_spec(problem, "sgd", 0.35, {"momentum": 0.5}, "graph", dtype="float32",
+                         steps=steps, every=3)  # fmt: skip
+        program = BACKEND.prepare(spec)
+        # Of size n the loop holds x (its gradient and the optimizer's momentum are x's and
+        # the optimizer's), and nothing else: no latch, no copy of the fresh state.
+        held = {
+            name
+            for name, value in vars(program).items()
+            for t in (value.values() if isinstance(value, dict) else [value])
+            if isinstance(t, torch.Tensor) and t.numel() == problem.dim
+        }
+        assert held == {"_x"}
+        return run_compiled(program, spec)
+
+    stopped = run(400)  # unroll 4
+    assert stopped.stopped_at == 81 and not np.isfinite(stopped.final_loss)
+    ended = run(81)  # gcd(81, 4) = 1: every call one step, none past it
+    assert same_trajectory(stopped, ended)  # every row, x and grad at step 81, bit for bit
+
+
 # --- devices --------------------------------------------------------------------------------
 
 
@@ -326,8 +353,6 @@ def _tensors(program: Any) -> dict[str, torch.Tensor]:
         found["x"] = program._x
     if isinstance(program, _OptimizerLoop):
         found |= {"i": program._i, "stop": program._stop, "grad": program._x.grad}
-        found["latched_x"] = program._latched_x
-        found |= {f"fresh.{k}": v for k, v in program._fresh.items()}
     if isinstance(program, _ScanLoop | _OptimizerLoop):
         found |= {"rows.x": program._rows.x, "rows.loss": program._rows.loss}
         found["rows.grad"] = program._rows.grad
