@@ -868,9 +868,10 @@ class _OptimizerLoop(_Program):
 
         The loop went on past that step, to the next check. Latching x there instead (a
         select into a third n-sized tensor every step) cost 36% of a step at n = 1e7
-        (4.75 against 3.04 ms) and made the run's peak 3n; a replay costs only a run that
-        stops, as long again as the steps before it, and it runs the same compiled steps
-        (the last few, to step inside a call, one step a call) from the same values.
+        (4.75 against 3.04 ms) and made the run's peak 3n. A replay costs only a run that
+        stops (its steps up to there again, in its run time) and runs the same compiled
+        steps from the same values: whole calls, then one step a call up to a stop inside
+        a call (that graph compiled on first use).
         """
         self._reset()
         calls, rest = divmod(stopped_at, self._unroll)
