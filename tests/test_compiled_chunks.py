@@ -306,6 +306,11 @@ def _assert_partial_run_saved(cwd: Path, steps: int) -> dict:
 
 
 HUGE = 2_000_000_000  # steps: hours of any compiled loop here
+# A stopped run is saved within this many seconds of the signal: chunks last ~0.25 s and
+# saving took ~0.3 s on an idle 2-core host, but 2.27 s once under load (JAX, in-process
+# MLflow, a CI run beside other guests), so the bound leaves room; a loop that ignored the
+# signal would run for hours.
+SAVED_WITHIN_S = 5.0
 
 
 _BACKENDS = {
@@ -341,9 +346,8 @@ def test_signal_stops_a_compiled_run_and_saves_it(
     assert run.proc.returncode == code, run.lines
     word = "terminated" if signum == signal.SIGTERM else "interrupted"
     assert run.lines[-1][1] == f"{word}: what was computed is saved"
-    # Chunks last ~0.25 s: the loop stops and the run is saved well within 2 s (measured
-    # ~0.3 s); the exit then waits for the framework's own teardown (TensorFlow: ~2-3 s).
-    assert to_saved < 2.0, (to_saved, run.lines)
+    # The exit then waits for the framework's own teardown (TensorFlow: ~2-3 s).
+    assert to_saved < SAVED_WITHIN_S, (to_saved, run.lines)
     assert to_exit < 30.0
     _assert_partial_run_saved(tmp_path, HUGE)
 
@@ -356,7 +360,7 @@ def test_ctrl_c_during_a_compiled_run_is_killed_in_mlflow(tmp_path: Path) -> Non
     to_saved, _ = run.stop(signal.SIGINT, after=1.0)
     db = tmp_path / "outputs" / "mlflow.db"
     assert run.proc.returncode == 130, run.lines
-    assert to_saved < 2.0, (to_saved, run.lines)
+    assert to_saved < SAVED_WITHIN_S, (to_saved, run.lines)
     result = _assert_partial_run_saved(tmp_path, HUGE)
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     experiment = client.get_experiment_by_name("gradient-runner")
