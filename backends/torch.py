@@ -746,7 +746,7 @@ class _OptimizerLoop(_Program):
     counter in the run's dtype both agree with the reference to 1e-16.
     A step past a non-finite loss cannot be skipped inside the optimizer: the loop notes
     that step on device and goes on to the next check, its later rows are dropped, and
-    x and the optimizer's state there are replayed from x0 (`_rewind`). `unroll` is
+    x and the optimizer's state there are replayed from x0 by final() (`_rewind`). `unroll` is
     reduced to a power of two dividing `steps`, so no call overruns.
     """
 
@@ -858,8 +858,6 @@ class _OptimizerLoop(_Program):
                 if (n % check == 0 or n == calls) and int(self._stop) < stop:
                     break
         stopped_at = min(int(self._stop), stop)
-        if stopped_at < stop:
-            self._rewind(stopped_at)
         self._done = stopped_at
         return self._rows.span(start, stopped_at)
 
@@ -869,9 +867,9 @@ class _OptimizerLoop(_Program):
         The loop went on past that step, to the next check. Latching x there instead (a
         select into a third n-sized tensor every step) cost 36% of a step at n = 1e7
         (4.75 against 3.04 ms) and made the run's peak 3n. A replay costs only a run that
-        stops (its steps up to there again, in its run time) and runs the same compiled
-        steps from the same values: whole calls, then one step a call up to a stop inside
-        a call (that graph compiled on first use).
+        stops (its steps up to there again, timed with the final state, not as steps) and
+        runs the same compiled steps from the same values: whole calls, then one step a
+        call up to a stop inside a call (that graph compiled on first use).
         """
         self._reset()
         calls, rest = divmod(stopped_at, self._unroll)
@@ -887,5 +885,9 @@ class _OptimizerLoop(_Program):
         self._stop.fill_(stopped_at)
 
     def final(self) -> tuple[Any, Any, Any]:
+        """At x, or at the first non-finite loss, where the loop went on past (`_rewind`)."""
+        stopped_at = int(self._stop)
+        if stopped_at < self._spec.steps:
+            self._rewind(stopped_at)
         self._x.grad = None  # the loop's, n entries: final() computes its own
         return self._run.final(self._x)
