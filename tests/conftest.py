@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -83,15 +82,6 @@ def wait_for_upload(run_dir: Path, timeout: float = 180) -> str:
 
     assert (run_dir / LOCK_FILE).exists(), f"no background upload was started for {run_dir}"
     return wait(run_dir, timeout)
-
-
-def statuses_in(db: Path) -> list[str]:
-    """Run statuses straight from the SQLite file, read-only (never races the writer)."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return [row[0] for row in con.execute("SELECT status FROM runs")]
-    except sqlite3.Error:
-        return []
 
 
 def free_port() -> int:
