@@ -79,7 +79,7 @@ class Row:
     status: str  # finished | diverged
     steps: int
     steps_run: int
-    x: float | list[float]
+    x: float | list[float] | None  # None: more entries than results.json lists
     loss: float
     error_x: float
     error_loss: float
@@ -523,9 +523,12 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
     """Per mode x dtype x optimizer, the largest difference of final x between backends.
 
     A group "all" per dtype x optimizer compares every row with every other, across modes.
-    Diverged rows have no final x to compare and are left out.
+    Diverged rows have no final x to compare and are left out, and so are vectors too long
+    for results.json to list (it keeps their norms only).
     """
-    usable = [r for r in rows if r.status != "diverged" and np.all(np.isfinite(r.x))]
+    usable = [
+        r for r in rows if r.status != "diverged" and r.x is not None and np.all(np.isfinite(r.x))
+    ]
     groups: dict[tuple[str, str, str], list[Row]] = {}
     for row in usable:
         groups.setdefault((row.mode, row.dtype, row.optimizer), []).append(row)
@@ -632,6 +635,8 @@ def relative_text(value: float) -> str:
 
 def exact_text(value: Any, dtype: str) -> str:
     """Shortest text that reads back as the same value in the run's dtype (a list: its head)."""
+    if value is None:
+        return "(too long to list)"
     if isinstance(value, list):
         head = ", ".join(exact_text(v, dtype) for v in value[:3])
         return f"[{head}{', ...' if len(value) > 3 else ''}] (n={len(value)})"
@@ -706,7 +711,9 @@ def terminal_text(rows: Sequence[Row], agreement: Sequence[Agreement], title: st
         parts.append("cross-backend agreement of final x (largest difference per mode)")
         parts.append(text_table(AGREEMENT_HEADERS, [agreement_cells(a) for a in agreement]))
     else:
-        parts.append("cross-backend agreement: no mode has runs from two backends")
+        parts.append(
+            "cross-backend agreement: no mode has a finite, listed final x from two backends"
+        )
     return "\n".join(parts)
 
 

@@ -340,3 +340,20 @@ def test_function_logs_to_a_given_run(store: dict, tmp_path: Path) -> None:
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == ARTIFACTS
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"  # its owner ends it
     assert "vs fastest" in found.text and set(found.files) >= {"markdown", "csv"}
+
+
+def test_a_sweep_of_vectors_too_long_to_list_gets_its_report(tmp_path: Path) -> None:
+    # results.json keeps the norms of an x of more than 10,000 entries, not x: the sweep's
+    # report lists the runs and compares no final x (it failed on x = None before).
+    sweep = tmp_path / "sweep"
+    code, out, err = finish(
+        start(
+            "runner", "-m", "backend=numpy,jax", "mode=manual", "problem.dim=20000", "steps=3",
+            "tracking=off", f"hydra.sweep.dir={sweep}", "progress=false", cwd=tmp_path,
+        )
+    )  # fmt: skip
+    assert code == 0 and "error" not in err, err
+    assert "no mode has a finite, listed final x from two backends" in out
+    rows = read_csv(sweep / "compare" / "comparison.csv")
+    assert sorted(r["backend"] for r in rows) == ["jax", "numpy"]
+    assert {r["final_x"] for r in rows} == {""}
