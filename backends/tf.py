@@ -552,7 +552,7 @@ class _GraphProgram(_Program):
         self._xla = jit_compile = bool(spec.options.get("jit_compile", False))
         group = _group(self._every, jit_compile)
         small = run.x.shape.num_elements() <= UNROLLED_SIZE
-        grouped = small and group >= (1 if jit_compile else GROUP_WITHOUT_XLA)
+        grouped = small and (jit_compile or group >= GROUP_WITHOUT_XLA)
         # Steps a loop iteration runs (`_group`); 1 for the per-step loop, which can stop
         # anywhere.
         self.step_multiple = group if grouped else 1

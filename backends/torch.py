@@ -86,6 +86,10 @@ def _before_compiling(device: torch.device) -> None:
 # at a time and each call still ran 130 (steps=130: 262 ms a step against 14).
 _SCAN_ENTRIES = 1 << 20
 
+# Around every call of the compiled optimizer loop (see _OptimizerLoop): Dynamo traces
+# torch.autograd.grad into the graph.
+_autograd_ops_traced = functools.partial(torch._dynamo.config.patch, trace_autograd_ops=True)
+
 # How often (in steps) the compiled optimizer loop reads its divergence flag on the host.
 _CHECK_EVERY = 1000
 
@@ -838,7 +842,7 @@ class _OptimizerLoop(_Program):
 
     def warm_up(self) -> None:
         """Compile with one call on the real objects (Dynamo guards them), then reset."""
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with _autograd_ops_traced():
             self._compiled()
         self._reset()
 
@@ -852,7 +856,7 @@ class _OptimizerLoop(_Program):
         calls = (stop - start) // self._unroll
         check = max(1, _CHECK_EVERY // self._unroll)
         # The patch only matters if a guard ever failed and Dynamo traced again.
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with _autograd_ops_traced():
             for n in range(1, calls + 1):
                 self._compiled()
                 if (n % check == 0 or n == calls) and int(self._stop) < stop:
@@ -873,7 +877,7 @@ class _OptimizerLoop(_Program):
         """
         self._reset()
         calls, rest = divmod(stopped_at, self._unroll)
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with _autograd_ops_traced():
             for _ in range(calls):
                 self._compiled()
             if rest and self._one_step is None:
