@@ -90,6 +90,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of the session's mlflow server share one xdist worker (see pyproject's
+    --dist loadgroup), so the server starts once a run, not once per worker."""
+    for item in items:
+        if "mlflow_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("mlflow-server"))
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` (SQLite backend, local artifact root) on a free loopback port."""

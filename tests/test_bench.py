@@ -21,7 +21,8 @@ from runner.bench.report import all_targets, longest, ratio_targets
 from runner.bench.run import parse_args
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.timeout(180)
+# One worker runs the quick benchmark (the module's fixture) for every test of it.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("bench-quick")]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

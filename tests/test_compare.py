@@ -25,7 +25,8 @@ import pytest
 from runner.compare import optimizer_label
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.timeout(240)
+# One worker builds the module's store (a ~30 s fixture) and runs every test of it.
+pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("compare-store")]
 
 EXPERIMENT = "gradient-runner"
 SECOND = "torch" if (ROOT / "backends" / "torch.py").exists() else "tf"
