@@ -823,10 +823,10 @@ class _OptimizerLoop(_Program):
                 _own_code(run_steps), fullgraph=True, options=_inductor_options(options, device)
             )
 
-        self._compiled = compiled_steps(unroll)
-        # One step a call, for a replay that stops inside a call: compiled then (_rewind).
-        self._compiled_steps = compiled_steps
-        self._one_step: Callable[[], None] | None = None
+        # By step count, each compiled once: `unroll` now, one step a call only for a replay
+        # that stops inside a call (_rewind).
+        self._compiled_steps = functools.cache(compiled_steps)
+        self._compiled = self._compiled_steps(unroll)
 
     def _reset(self) -> None:
         """Back to x0 with a fresh optimizer's state, in place (see the class docstring)."""
@@ -883,10 +883,8 @@ class _OptimizerLoop(_Program):
         with _autograd_ops_traced():
             for _ in range(calls):
                 self._compiled()
-            if rest and self._one_step is None:
-                self._one_step = self._compiled_steps(1)
             for _ in range(rest):
-                self._one_step()
+                self._compiled_steps(1)()
         if int(self._stop) != self._spec.steps:
             raise RuntimeError(f"replaying to step {stopped_at}, a loss before it was not finite")
         self._stop.fill_(stopped_at)
