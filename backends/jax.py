@@ -42,14 +42,12 @@ from runner.errors import ConfigError
 from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.problems import compact
 from runner.protocol import (
-    DTYPES,
     EAGER_CHUNK,
-    GRAPH_UPDATES,
-    MODES,
     Derivatives,
     DerivativesSpec,
     MinimizeSpec,
     Span,
+    outside_vocabulary,
 )
 
 # (x, opt_state) -> (x_next, opt_state_next, loss(x), grad(x)): one update, traceable.
@@ -579,12 +577,9 @@ class JaxBackend:
         return str(_device(requested))
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
-        if spec.mode not in MODES:
-            return f"mode={spec.mode} is unknown; backend=jax runs {', '.join(MODES)}"
-        if spec.mode == "graph" and spec.update not in GRAPH_UPDATES:
-            return f"update={spec.update} is unknown; graph mode runs {', '.join(GRAPH_UPDATES)}"
-        if spec.dtype not in DTYPES:
-            return f"dtype={spec.dtype} is not supported; backend=jax runs {', '.join(DTYPES)}"
+        outside = outside_vocabulary(spec)
+        if outside:
+            return outside
         name = spec.optimizer.name
         if name not in OPTIMIZERS:
             return f"optimizer={name}: backend=jax maps {', '.join(OPTIMIZERS)} to optax"

@@ -32,13 +32,11 @@ from runner.errors import ConfigError
 from runner.optimizers import CONVENTIONS, Resolved, resolve
 from runner.problems import compact
 from runner.protocol import (
-    DTYPES,
-    GRAPH_UPDATES,
-    MODES,
     Derivatives,
     DerivativesSpec,
     MinimizeSpec,
     Span,
+    outside_vocabulary,
 )
 
 # Quiet TensorFlow's C++ INFO/WARNING logs; must be set before the import.
@@ -871,12 +869,9 @@ class TensorFlowBackend:
         return _device_name(requested)
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
-        if spec.mode not in MODES:
-            return f"mode={spec.mode} is not one of {', '.join(MODES)}"
-        if spec.dtype not in DTYPES:
-            return f"dtype={spec.dtype} is not one of {', '.join(DTYPES)}"
-        if spec.mode == "graph" and spec.update not in GRAPH_UPDATES:
-            return f"update={spec.update} is not one of {', '.join(GRAPH_UPDATES)}"
+        outside = outside_vocabulary(spec)
+        if outside:
+            return outside
         try:
             resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
         except ConfigError as exc:

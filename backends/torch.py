@@ -42,14 +42,12 @@ from runner.errors import ConfigError, UnsupportedError
 from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.problems import compact
 from runner.protocol import (
-    DTYPES,
-    GRAPH_UPDATES,
-    MODES,
     Derivatives,
     DerivativesSpec,
     MinimizeSpec,
     RecordPlan,
     Span,
+    outside_vocabulary,
 )
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -266,12 +264,9 @@ class TorchBackend:
         raise ConfigError(f"device={requested!r} is unknown; choose one of cpu, gpu, auto")
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
-        if spec.mode not in MODES:
-            return f"mode={spec.mode} is unknown; choose one of {', '.join(MODES)}"
-        if spec.mode == "graph" and spec.update not in GRAPH_UPDATES:
-            return f"update={spec.update} is unknown; choose one of {', '.join(GRAPH_UPDATES)}"
-        if spec.dtype not in DTYPES:
-            return f"dtype={spec.dtype} is not supported; choose one of {', '.join(DTYPES)}"
+        outside = outside_vocabulary(spec)
+        if outside:
+            return outside
         try:
             _resolved(spec)
         except ConfigError as exc:  # the core checks the vocabulary; a bare spec is checked here

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, not_allowed
 from runner.optimizers import validate_hyper
 from runner.problems import Problem, build_problem
 from runner.protocol import (
@@ -117,7 +117,7 @@ def positive_float(key: str, value: Any) -> float:
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+        raise ConfigError(not_allowed(key, value, allowed))
     return value
 
 

@@ -33,6 +33,11 @@ class DivergenceError(RunnerError):
         self.step = step
 
 
+def not_allowed(key: str, value: object, allowed: Iterable[str]) -> str:
+    """The one wording for a setting outside its vocabulary, wherever it is checked."""
+    return f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}"
+
+
 def installed_choices(names: Iterable[str]) -> str:
     """The names an entry-point group offers, or why it offers none: run from a checkout
     that was never installed, the project's own entry points are missing too."""

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from runner.errors import not_allowed
 from runner.problems import Problem
 
 MODES = ("manual", "apply", "minimize", "graph")
@@ -226,9 +227,26 @@ class Backend(Protocol):
         ...
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
-        """A one-line reason when this backend cannot run `spec`, else None."""
+        """A one-line reason when this backend cannot run `spec`, else None (a backend
+        that runs every mode, update and dtype starts with `outside_vocabulary`)."""
         ...
 
     def prepare(self, spec: MinimizeSpec) -> EagerProgram | CompiledProgram: ...
 
     def derivatives(self, spec: DerivativesSpec) -> Derivatives: ...
+
+
+def outside_vocabulary(spec: MinimizeSpec) -> str | None:
+    """Why a spec's mode, graph update or dtype is none of the shared vocabulary, else None.
+
+    The config layer checks these before a framework is imported; a backend is also
+    handed bare specs (the benchmark, tests, third-party callers), so its unsupported()
+    checks them again, in the config layer's words.
+    """
+    checks = [("mode", spec.mode, MODES), ("dtype", spec.dtype, DTYPES)]
+    if spec.mode == "graph":
+        checks.append(("mode.update", spec.update, GRAPH_UPDATES))
+    for key, value, allowed in checks:
+        if value not in allowed:
+            return not_allowed(key, value, allowed)
+    return None

@@ -7,9 +7,13 @@ from typing import Any
 import numpy as np
 
 from runner.problems import Quadratic
-from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan
+from runner.protocol import GRAPH_UPDATES, MODES, MinimizeSpec, OptimizerSpec, RecordPlan
 
 STEPS = 100
+# (mode, update): each eager mode (update is read in graph mode only), then graph with
+# each inner update; the ids name them as the README's tables do.
+MODE_UPDATES = [(m, "apply") for m in MODES if m != "graph"] + [("graph", u) for u in GRAPH_UPDATES]
+MODE_IDS = [m if m != "graph" else f"graph-{u}" for m, u in MODE_UPDATES]
 
 
 def make_spec(

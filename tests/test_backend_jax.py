@@ -20,18 +20,7 @@ from runner.protocol import (  # noqa: E402
     RecordPlan,
 )
 from tests.chunks import compiled_loop  # noqa: E402
-from tests.specs import notebook_spec  # noqa: E402
-
-# (mode, update): the three eager modes, and graph with each inner update.
-MODES = [
-    ("manual", "apply"),
-    ("apply", "apply"),
-    ("minimize", "apply"),
-    ("graph", "apply"),
-    ("graph", "minimize"),
-    ("graph", "manual"),
-]
-MODE_IDS = ["manual", "apply", "minimize", "graph-apply", "graph-minimize", "graph-manual"]
+from tests.specs import MODE_IDS, MODE_UPDATES, notebook_spec  # noqa: E402
 
 # float32 stall points at the defaults: the notebook rounds lr*g before subtracting;
 # XLA contracts x - lr*g into one fused multiply-add and stalls one ulp lower.
@@ -62,7 +51,7 @@ def replay_float32(problem: Quadratic, lr: float, steps: int) -> tuple[np.ndarra
     return np.array(xs, dtype=f), np.array(losses, dtype=f)
 
 
-@pytest.mark.parametrize(("mode", "update"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 def test_float32_defaults_converge(backend, mode, update):
     outcome = run_minimize(backend, spec_for(mode, update))
     traj = outcome.trajectory
@@ -75,7 +64,7 @@ def test_float32_defaults_converge(backend, mode, update):
     assert traj.final_loss == pytest.approx(0.0, abs=1e-10)
 
 
-@pytest.mark.parametrize(("mode", "update"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 def test_float64_matches_closed_form_at_every_row(backend, mode, update):
     problem = Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5)
     lr, steps = 0.05, 200
@@ -110,7 +99,7 @@ def test_eager_rows_span_several_chunk_buffers(backend, mode):
     np.testing.assert_allclose(traj.loss, loss, rtol=1e-15, atol=1e-15)
 
 
-@pytest.mark.parametrize(("mode", "update"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 def test_record_thinning(backend, mode, update):
     problem = Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5)
     traj = run_minimize(
@@ -125,7 +114,7 @@ def test_record_thinning(backend, mode, update):
 
 
 @pytest.mark.parametrize("every", [1, 5])
-@pytest.mark.parametrize(("mode", "update"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 def test_divergence_stops_at_first_non_finite_loss(backend, mode, update, every):
     problem = Quadratic(a=1.0, b=-2.0, c=1.0, x0=0.0)  # |1 - 2*a*lr| = 2: diverges
     lr, steps = 1.5, 200

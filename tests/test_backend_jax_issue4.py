@@ -34,6 +34,7 @@ from runner.protocol import (  # noqa: E402
     Trajectory,
 )
 from tests.chunks import compiled_loop  # noqa: E402
+from tests.specs import MODE_UPDATES  # noqa: E402
 
 JAX = CONVENTIONS["jax"]
 STEPS = 100
@@ -443,14 +444,7 @@ def test_gpu_float64_matches_numpy_reference(backend, problem_id, optimizer_id, 
 
 def test_every_optimizer_runs_in_every_mode(backend):
     for optimizer_id in OPTIMIZERS:
-        for mode, update in [
-            ("manual", "apply"),
-            ("apply", "apply"),
-            ("minimize", "apply"),
-            ("graph", "apply"),
-            ("graph", "minimize"),
-            ("graph", "manual"),
-        ]:
+        for mode, update in MODE_UPDATES:
             optimizer = optimizer_for("quadratic", optimizer_id)
             spec = spec_for(PROBLEMS["quadratic"], optimizer, mode, update)
             assert backend.unsupported(spec) is None, (optimizer_id, mode, update)

@@ -26,7 +26,7 @@ from runner.errors import ConfigError
 from runner.optimizers import CONVENTIONS, resolve
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock
 from runner.protocol import RecordPlan, Trajectory
-from tests.specs import STEPS, make_spec, rel
+from tests.specs import MODE_IDS, MODE_UPDATES, STEPS, make_spec, rel
 
 BACKEND = TensorFlowBackend()
 TF = CONVENTIONS["tf"]
@@ -202,18 +202,8 @@ def test_native_optimizers_get_the_resolved_hyperparameters() -> None:
 
 # --- float32: every problem in every mode ---------------------------------------------------
 
-MODES = [
-    ("manual", "apply"),
-    ("apply", "apply"),
-    ("minimize", "apply"),
-    ("graph", "apply"),
-    ("graph", "minimize"),
-    ("graph", "manual"),
-]
-MODE_IDS = [m if m != "graph" else f"graph-{u}" for m, u in MODES]
 
-
-@pytest.mark.parametrize(("mode", "update"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 @pytest.mark.parametrize("problem_id", ["quadratic_dim4", "quadratic_form", "rosenbrock"])
 def test_float32_runs_every_problem(problem_id: str, mode: str, update: str) -> None:
     problem, lr = PROBLEMS[problem_id]
@@ -230,7 +220,7 @@ def test_float32_runs_every_problem(problem_id: str, mode: str, update: str) -> 
 # --- vector recording: summaries per row, thinned the same way in every mode -------------
 
 
-@pytest.mark.parametrize(("mode", "update"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 def test_vector_rows_every_7_are_the_full_rows_thinned(mode: str, update: str) -> None:
     problem, lr = PROBLEMS["rosenbrock"]
     name, hyper = OPTIMIZERS["rmsprop-momentum"]
@@ -263,7 +253,7 @@ def _float32_rosenbrock_stop(lr: float, steps: int) -> tuple[int, np.ndarray]:
     raise AssertionError("did not diverge")
 
 
-@pytest.mark.parametrize(("mode", "update"), MODES, ids=MODE_IDS)
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 def test_vector_divergence_stops_with_the_state_at_that_step(mode: str, update: str) -> None:
     stop, x_stop = _float32_rosenbrock_stop(0.01, 50)
     assert stop == 3
@@ -306,7 +296,7 @@ def _check_placement(device: str) -> None:
     problem, lr = PROBLEMS["quadratic_form"]
     want = BACKEND.resolved_device(device)
     for (mode, update), (name, hyper) in zip(
-        MODES,
+        MODE_UPDATES,
         [OPTIMIZERS[k] for k in ("adam", "rmsprop-momentum", "sgd-momentum")] * 2,
         strict=True,
     ):
@@ -343,7 +333,7 @@ def test_every_tensor_is_on_the_gpu_for_device_gpu() -> None:
 def test_every_optimizer_setting_runs_in_every_mode() -> None:
     problem, lr = PROBLEMS["quadratic_form"]
     for name, hyper in OPTIMIZERS.values():
-        for mode, update in MODES:
+        for mode, update in MODE_UPDATES:
             for dtype in ("float32", "float64"):
                 spec = make_spec(problem, name, lr, hyper, mode, update, dtype=dtype)
                 assert BACKEND.unsupported(spec) is None

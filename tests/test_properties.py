@@ -20,16 +20,9 @@ from runner.engine import run_minimize
 from runner.problems import Quadratic
 from runner.protocol import DerivativesSpec, MinimizeSpec, OptimizerSpec, RecordPlan
 from runner.results import RunIdentity, minimize_result
+from tests.specs import MODE_UPDATES
 
 BACKENDS = ["jax", "tf"]
-MODES = [
-    ("manual", "apply"),
-    ("apply", "apply"),
-    ("minimize", "apply"),
-    ("graph", "apply"),
-    ("graph", "minimize"),
-    ("graph", "manual"),
-]
 SETTINGS = settings(
     max_examples=25,
     deadline=None,  # the first example of a mode compiles; later ones are fast
@@ -77,7 +70,7 @@ def spec(
     x0=coefficient,
     fraction=stable_fraction,
     steps=st.integers(1, 150),
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(MODE_UPDATES),
 )
 def test_float64_trajectory_is_the_closed_form(backend, a, b, c, x0, fraction, steps, mode):
     problem = Quadratic(a=a, b=b, c=c, x0=x0)
@@ -122,7 +115,7 @@ IDENTITY = RunIdentity("any", "any", "cpu", {})
     x0=coefficient,
     factor=st.floats(0.01, 1e4),  # lr = factor / a: stable below 1, diverging above
     steps=st.integers(1, 300),
-    mode=st.sampled_from(MODES),
+    mode=st.sampled_from(MODE_UPDATES),
     dtype=st.sampled_from(["float32", "float64"]),
 )
 # float32, lr=1.5: the loss first overflows at step 64, i.e. in the state after the last

@@ -7,6 +7,7 @@ fails on purpose), and so are the signals.
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import os
@@ -34,6 +35,7 @@ from tests.conftest import (
     single_result,
     wait_for_upload,
 )
+from tests.specs import MODE_IDS, MODE_UPDATES
 
 JAX = ("backend=jax",)
 
@@ -612,15 +614,6 @@ def test_parallel_sweep_of_24_runs_on_one_sqlite_store(tmp_path: Path) -> None:
 
 # --- determinism: the same config twice gives the same bits ------------------------------
 
-DETERMINISM_MODES = [
-    ("manual", "apply"),
-    ("apply", "apply"),
-    ("minimize", "apply"),
-    ("graph", "apply"),
-    ("graph", "minimize"),
-    ("graph", "manual"),
-]
-
 
 def _backend(name: str):
     if name == "jax":
@@ -667,12 +660,44 @@ def _twice(backend_name: str, mode: str, update: str, dtype: str) -> None:
     assert first.stopped_at == second.stopped_at == 150
 
 
+@pytest.mark.parametrize("backend_name", ["jax", "tf", "torch"])
+def test_a_bare_spec_outside_the_vocabulary_is_refused_as_the_cli_refuses_it(backend_name):
+    """Backends are handed specs that never passed the config layer (the benchmark,
+    third-party callers): each refuses a bad mode, update or dtype in the CLI's words."""
+    from runner.errors import RunnerError
+    from runner.problems import Quadratic
+    from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan
+
+    backend = _backend(backend_name)
+    spec = MinimizeSpec(
+        problem=Quadratic(),
+        optimizer=OptimizerSpec("sgd", 0.01, {}),
+        mode="graph",
+        steps=10,
+        dtype="float32",
+        record=RecordPlan(10, 1),
+        update="apply",
+    )
+    assert backend.unsupported(spec) is None
+    refused = {
+        "mode='warp' is not allowed; choose one of: manual, apply, minimize, graph": {
+            "mode": "warp"
+        },
+        "mode.update='sgd' is not allowed; choose one of: apply, minimize, manual": {
+            "update": "sgd"
+        },
+        "dtype='float16' is not allowed; choose one of: float32, float64": {"dtype": "float16"},
+    }
+    for reason, change in refused.items():
+        assert backend.unsupported(dataclasses.replace(spec, **change)) == reason
+        with pytest.raises(RunnerError, match=re.escape(reason)):
+            backend.prepare(dataclasses.replace(spec, **change))
+    # an eager mode reads no update: a graph-only word there is no reason to refuse
+    assert backend.unsupported(dataclasses.replace(spec, mode="manual", update="sgd")) is None
+
+
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
-@pytest.mark.parametrize(
-    ("mode", "update"),
-    DETERMINISM_MODES,
-    ids=["manual", "apply", "minimize", "graph-apply", "graph-minimize", "graph-manual"],
-)
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 @pytest.mark.parametrize("backend_name", ["jax", "tf"])
 def test_same_config_twice_is_bit_identical(backend_name, mode, update, dtype) -> None:
     _twice(backend_name, mode, update, dtype)
