@@ -84,9 +84,13 @@ def _before_compiling(device: torch.device) -> None:
 # at a time and each call still ran 130 (steps=130: 262 ms a step against 14).
 _SCAN_ENTRIES = 1 << 20
 
-# Around every call of the compiled optimizer loop (see _OptimizerLoop): Dynamo traces
-# torch.autograd.grad into the graph.
-_autograd_ops_traced = functools.partial(torch._dynamo.config.patch, trace_autograd_ops=True)
+
+def _autograd_ops_traced() -> Any:
+    """Around every call of the compiled optimizer loop (see _OptimizerLoop): Dynamo
+    traces torch.autograd.grad into the graph. A function, not a module-level partial:
+    naming torch._dynamo imports it (~1 s), which a run that compiles nothing never pays."""
+    return torch._dynamo.config.patch(trace_autograd_ops=True)
+
 
 # How often (in steps) the compiled optimizer loop reads its divergence flag on the host.
 _CHECK_EVERY = 1000

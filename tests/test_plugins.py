@@ -94,13 +94,16 @@ def test_installed_plugin_is_discovered_and_runs(tmp_path: Path) -> None:
     assert "choose one of: abacus, jax, numpy, tf, torch" in listed.stderr
 
 
-@pytest.mark.parametrize(("backend", "framework"), [("jax", "jax"), ("tf", "tensorflow")])
+@pytest.mark.parametrize(
+    ("backend", "framework"), [("jax", "jax"), ("tf", "tensorflow"), ("torch", "torch")]
+)
 def test_a_run_imports_only_its_framework(tmp_path: Path, backend: str, framework: str) -> None:
-    # TensorFlow's own import would pull in JAX (tensorflow.lite); the TF backend keeps it out
+    # TensorFlow's own import would pull in JAX (tensorflow.lite); the TF backend keeps it
+    # out. An eager torch run never imports Dynamo (~1 s), which only compiling needs.
     code = (
         "import atexit, json, sys\n"
         "atexit.register(lambda: print('LOADED', json.dumps(sorted(\n"
-        "    m for m in ('tensorflow', 'torch', 'jax') if m in sys.modules))))\n"
+        "    m for m in ('tensorflow', 'torch', 'torch._dynamo', 'jax') if m in sys.modules))))\n"
         f"sys.argv = ['runner', 'backend={backend}', 'steps=10', 'progress=false']\n"
         "from runner.cli import main\n"
         "main()\n"
