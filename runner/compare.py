@@ -41,6 +41,7 @@ import numpy as np
 
 from runner.errors import RunnerError
 from runner.optimizers import HYPERPARAMETERS
+from runner.protocol import MODES
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
 from runner.tracking import (
     TrackingTarget,
@@ -486,12 +487,11 @@ def _latest_per_key(rows: Iterable[Row]) -> dict[tuple[str, str, str, str], Row]
     return latest
 
 
-MODE_ORDER = ("manual", "apply", "minimize", "graph")  # eager to compiled, as in the README
-
-
 def _mode_order(mode: str) -> tuple[int, str]:
+    """Eager to compiled, as the README's tables go (MODES' order); a mode a plugin
+    defines comes after them."""
     name = mode.split("/")[0]
-    return (MODE_ORDER.index(name) if name in MODE_ORDER else len(MODE_ORDER), mode)
+    return (MODES.index(name) if name in MODES else len(MODES), mode)
 
 
 def _row_order(row: Row) -> tuple[Any, ...]:

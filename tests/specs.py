@@ -14,6 +14,19 @@ STEPS = 100
 # each inner update; the ids name them as the README's tables do.
 MODE_UPDATES = [(m, "apply") for m in MODES if m != "graph"] + [("graph", u) for u in GRAPH_UPDATES]
 MODE_IDS = [m if m != "graph" else f"graph-{u}" for m, u in MODE_UPDATES]
+# name -> (optimizer, hyper); each of our settings appears at least once.
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sgd": ("sgd", {}),
+    "sgd-momentum": ("sgd", {"momentum": 0.9}),
+    "sgd-nesterov": ("sgd", {"momentum": 0.9, "nesterov": True}),
+    "adam": ("adam", {}),
+    "adagrad": ("adagrad", {}),
+    "rmsprop": ("rmsprop", {"rho": 0.8}),
+    # RMSprop with momentum hovers around the minimum in steps of ~lr, where rounding
+    # differences grow ~10x per 10 steps (with rho=0.8, 1e-16 -> 1e-10 in 100 steps even
+    # between two NumPy writings of the same rule); rho=0.9 stays near 1e-12.
+    "rmsprop-momentum": ("rmsprop", {"momentum": 0.5}),
+}
 
 
 def make_spec(

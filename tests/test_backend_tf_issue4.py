@@ -26,7 +26,7 @@ from runner.errors import ConfigError
 from runner.optimizers import CONVENTIONS, resolve
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock
 from runner.protocol import RecordPlan, Trajectory
-from tests.specs import MODE_IDS, MODE_UPDATES, STEPS, make_spec, rel
+from tests.specs import MODE_IDS, MODE_UPDATES, OPTIMIZERS, STEPS, make_spec, rel
 
 BACKEND = TensorFlowBackend()
 TF = CONVENTIONS["tf"]
@@ -57,19 +57,6 @@ FLAT_PROBLEMS: dict[str, tuple[Any, float]] = {
     ),
     "quadratic_form_dim32": (QuadraticForm(dim=32, cond=10.0, seed=0), 0.05),
     "rosenbrock_dim32": (Rosenbrock(dim=32), 1e-3),
-}
-# name -> (optimizer, hyper); each of our settings appears at least once.
-OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sgd": ("sgd", {}),
-    "sgd-momentum": ("sgd", {"momentum": 0.9}),
-    "sgd-nesterov": ("sgd", {"momentum": 0.9, "nesterov": True}),
-    "adam": ("adam", {}),
-    "adagrad": ("adagrad", {}),
-    "rmsprop": ("rmsprop", {"rho": 0.8}),
-    # RMSprop with momentum hovers around the minimum in steps of ~lr, where rounding
-    # differences grow ~10x per 10 steps (with rho=0.8, 1e-16 -> 1e-10 in 100 steps even
-    # between two NumPy writings of the same rule); rho=0.9 stays near 1e-12.
-    "rmsprop-momentum": ("rmsprop", {"momentum": 0.5}),
 }
 # The full matrix takes one optimizer each; the other settings run on some problems.
 MATRIX = [

@@ -32,7 +32,7 @@ from runner.optimizers import CONVENTIONS, resolve  # noqa: E402
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock  # noqa: E402
 from runner.protocol import Trajectory  # noqa: E402
 from tests.chunks import run_compiled, same_trajectory  # noqa: E402
-from tests.specs import STEPS, make_spec, rel  # noqa: E402
+from tests.specs import OPTIMIZERS, STEPS, make_spec, rel  # noqa: E402
 
 BACKEND = TorchBackend()
 TORCH = CONVENTIONS["torch"]
@@ -49,16 +49,6 @@ PROBLEMS: dict[str, tuple[Any, float]] = {
     "quadratic_dim1": (Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5, dim=1), 0.05),  # x0 broadcast
     "quadratic_form": (QuadraticForm(dim=4, cond=10.0, seed=0), 0.05),
     "rosenbrock": (Rosenbrock(dim=3), 1e-3),
-}
-# name -> (optimizer, hyper); each of our settings appears at least once.
-OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sgd": ("sgd", {}),
-    "sgd-momentum": ("sgd", {"momentum": 0.9}),
-    "sgd-nesterov": ("sgd", {"momentum": 0.9, "nesterov": True}),
-    "adam": ("adam", {}),
-    "adagrad": ("adagrad", {}),
-    "rmsprop": ("rmsprop", {"rho": 0.8}),
-    "rmsprop-momentum": ("rmsprop", {"momentum": 0.5}),
 }
 MATRIX = [(p, o) for p in PROBLEMS for o in OPTIMIZERS]
 EAGER = ["manual", "apply", "minimize"]
