@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from runner.config import build_run_config
-from runner.protocol import MinimizeSpec
+from runner.protocol import MODES, MinimizeSpec
 
 DEFAULT_BACKENDS = ("tf", "torch", "jax")
 FRAMEWORK_MODULE = {"tf": "tensorflow", "torch": "torch", "jax": "jax"}
-EAGER_MODES = ("manual", "apply", "minimize")
+EAGER_MODES = tuple(m for m in MODES if m != "graph")
 # The least a step must move: a, b and c are numbers (as the CLI's problem.a=1 gives
 # them), so x read once and written once; counting them as n-vectors overstated every
 # bandwidth 2.5x.
@@ -80,7 +80,7 @@ def variants(backends: Sequence[str], quick: bool) -> list[Variant]:
     """Every mode of every backend, plus TF graph with XLA; --quick skips torch.compile."""
     found = []
     for backend in backends:
-        for mode in (*EAGER_MODES, "graph"):
+        for mode in MODES:
             if quick and backend == "torch" and mode == "graph":
                 continue  # ~12 s of torch.compile: full run only
             found.append(Variant(backend, mode))
