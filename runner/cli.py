@@ -71,8 +71,10 @@ def check_group_choices(args: list[str]) -> None:
         options = group_options(group)
         for value in values.split(","):
             if value not in options:
+                article = "an" if group[0] in "aeiou" else "a"  # an optimizer choice
                 raise RunnerError(
-                    f"{group}={value} is not a {group} choice; choose one of: {', '.join(options)}"
+                    f"{group}={value} is not {article} {group} choice; "
+                    f"choose one of: {', '.join(options)}"
                 )
 
 

@@ -100,6 +100,7 @@ MORE_BAD_INPUTS = [
     (["optimizer.lr=0"], "optimizer.lr=0 is not allowed; give a finite number > 0"),
     (["stepz=3"], "stepz is not a setting of this config (misspelt?); to add a new key on"),
     (["problem=cubic"], "problem=cubic is not a problem choice; choose one of: "),
+    (["optimizer=adamw"], "optimizer=adamw is not an optimizer choice; choose one of: "),
 ]
 
 
