@@ -680,19 +680,24 @@ def test_a_bare_spec_outside_the_vocabulary_is_refused_as_the_cli_refuses_it(bac
         update="apply",
     )
     assert backend.unsupported(spec) is None
-    refused = {
-        "mode='warp' is not allowed; choose one of: manual, apply, minimize, graph": {
-            "mode": "warp"
-        },
-        "mode.update='sgd' is not allowed; choose one of: apply, minimize, manual": {
-            "update": "sgd"
-        },
-        "dtype='float16' is not allowed; choose one of: float32, float64": {"dtype": "float16"},
-    }
-    for reason, change in refused.items():
-        assert backend.unsupported(dataclasses.replace(spec, **change)) == reason
+    refused = [
+        (
+            "mode",
+            "warp",
+            "mode='warp' is not allowed; choose one of: manual, apply, minimize, graph",
+        ),
+        (
+            "update",
+            "sgd",
+            "mode.update='sgd' is not allowed; choose one of: apply, minimize, manual",
+        ),
+        ("dtype", "float16", "dtype='float16' is not allowed; choose one of: float32, float64"),
+    ]
+    for field, value, reason in refused:
+        bad = dataclasses.replace(spec, **{field: value})
+        assert backend.unsupported(bad) == reason
         with pytest.raises(RunnerError, match=re.escape(reason)):
-            backend.prepare(dataclasses.replace(spec, **change))
+            backend.prepare(bad)
     # an eager mode reads no update: a graph-only word there is no reason to refuse
     assert backend.unsupported(dataclasses.replace(spec, mode="manual", update="sgd")) is None
 
