@@ -17,7 +17,8 @@ import numpy as np
 from runner.errors import not_allowed
 from runner.problems import Problem
 
-MODES = ("manual", "apply", "minimize", "graph")
+EAGER_MODES = ("manual", "apply", "minimize")  # the core steps them; "graph" compiles a loop
+MODES = (*EAGER_MODES, "graph")
 GRAPH_UPDATES = ("apply", "minimize", "manual")
 DTYPES = ("float32", "float64")
 

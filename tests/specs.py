@@ -7,13 +7,21 @@ from typing import Any
 import numpy as np
 
 from runner.problems import Quadratic
-from runner.protocol import GRAPH_UPDATES, MODES, MinimizeSpec, OptimizerSpec, RecordPlan
+from runner.protocol import EAGER_MODES, GRAPH_UPDATES, MinimizeSpec, OptimizerSpec, RecordPlan
 
 STEPS = 100
 # (mode, update): each eager mode (update is read in graph mode only), then graph with
 # each inner update; the ids name them as the README's tables do.
-MODE_UPDATES = [(m, "apply") for m in MODES if m != "graph"] + [("graph", u) for u in GRAPH_UPDATES]
-MODE_IDS = [m if m != "graph" else f"graph-{u}" for m, u in MODE_UPDATES]
+EAGER_UPDATES = [(m, "apply") for m in EAGER_MODES]
+GRAPH_MODE_UPDATES = [("graph", u) for u in GRAPH_UPDATES]
+MODE_UPDATES = EAGER_UPDATES + GRAPH_MODE_UPDATES
+
+
+def mode_ids(cases: list[tuple[str, str]]) -> list[str]:
+    return [m if m != "graph" else f"graph-{u}" for m, u in cases]
+
+
+MODE_IDS = mode_ids(MODE_UPDATES)
 # name -> (optimizer, hyper); each of our settings appears at least once.
 OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("sgd", {}),

@@ -25,13 +25,17 @@ from runner.protocol import (
     MinimizeSpec,
 )
 from tests.chunks import compiled_loop
-from tests.specs import notebook_spec
+from tests.specs import (
+    EAGER_UPDATES,
+    GRAPH_MODE_UPDATES,
+    MODE_IDS,
+    MODE_UPDATES,
+    mode_ids,
+    notebook_spec,
+)
 
 BACKEND = TensorFlowBackend()
 NOTEBOOK_X = np.float32(0.99999857)  # the notebook's x after 1000 steps, every TF variant
-EAGER = [("manual", "apply"), ("apply", "apply"), ("minimize", "apply")]
-GRAPH = [("graph", "apply"), ("graph", "minimize"), ("graph", "manual")]
-ALL = EAGER + GRAPH
 OTHER = Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5)
 
 
@@ -39,14 +43,14 @@ def make_spec(mode: str, update: str = "apply", *, jit_compile: bool = False, **
     return notebook_spec(mode, update, options={"jit_compile": jit_compile}, **kw)
 
 
-def ids(cases: list[tuple[str, str]]) -> list[str]:
-    return [m if m != "graph" else f"graph-{u}" for m, u in cases]
-
-
 # --- the notebook: 1000 float32 steps from x0 = 0 -------------------------------------
 
 
-@pytest.mark.parametrize(("mode", "update"), EAGER + GRAPH[:2], ids=ids(EAGER + GRAPH[:2]))
+@pytest.mark.parametrize(
+    ("mode", "update"),
+    EAGER_UPDATES + GRAPH_MODE_UPDATES[:2],
+    ids=mode_ids(EAGER_UPDATES + GRAPH_MODE_UPDATES[:2]),
+)
 def test_notebook_variants_end_exactly_where_the_notebook_does(mode: str, update: str) -> None:
     traj = run_minimize(BACKEND, make_spec(mode, update)).trajectory
     assert traj.stopped_at == 1000
@@ -79,7 +83,7 @@ def _coefs64(problem: Quadratic) -> dict[str, np.float64]:
     return {k: np.float64(v) for k, v in problem.coefficients.items()}
 
 
-@pytest.mark.parametrize(("mode", "update"), ALL, ids=ids(ALL))
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 def test_float64_follows_the_closed_form(mode: str, update: str) -> None:
     spec = make_spec(mode, update, problem=OTHER, lr=0.05, steps=200, dtype="float64")
     traj = run_minimize(BACKEND, spec).trajectory
@@ -97,7 +101,7 @@ def test_float64_follows_the_closed_form(mode: str, update: str) -> None:
     assert float(traj.final_grad) == pytest.approx(OTHER.grad(float(traj.final_x)), abs=1e-14)
 
 
-@pytest.mark.parametrize(("mode", "update"), ALL, ids=ids(ALL))
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 def test_momentum_matches_keras2_sgd_from_fresh_state(mode: str, update: str) -> None:
     """Keras 2 SGD: m = -lr*g + mu*m; x += m (manual: the same rule as buf = mu*buf + g,
     x -= lr*buf). Also proves prepare() left the optimizer state and x fresh."""
@@ -118,7 +122,7 @@ def test_momentum_matches_keras2_sgd_from_fresh_state(mode: str, update: str) ->
 # --- recording ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("mode", "update"), ALL, ids=ids(ALL))
+@pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
 def test_record_every_7_of_50(mode: str, update: str) -> None:
     traj = run_minimize(BACKEND, make_spec(mode, update, steps=50, every=7)).trajectory
     np.testing.assert_array_equal(traj.steps, [0, 7, 14, 21, 28, 35, 42, 49])
@@ -164,9 +168,14 @@ def _first_nonfinite_loss_float32(a: float, b: float, c: float, lr: float, steps
     raise AssertionError("the replay did not diverge")
 
 
-DIVERGE = [(m, u, 3) for m, u in ALL] + [(m, u, e) for e in (8, 6) for m, u in GRAPH]
+DIVERGE = [(m, u, 3) for m, u in MODE_UPDATES] + [
+    (m, u, e) for e in (8, 6) for m, u in GRAPH_MODE_UPDATES
+]
 DIVERGE_IDS = [
-    f"{name}-every{e}" for name, (*_, e) in zip(ids(ALL + GRAPH + GRAPH), DIVERGE, strict=True)
+    f"{name}-every{e}"
+    for name, (*_, e) in zip(
+        mode_ids(MODE_UPDATES + GRAPH_MODE_UPDATES + GRAPH_MODE_UPDATES), DIVERGE, strict=True
+    )
 ]
 
 

@@ -19,7 +19,6 @@ from runner.protocol import MODES, MinimizeSpec
 
 DEFAULT_BACKENDS = ("tf", "torch", "jax")
 FRAMEWORK_MODULE = {"tf": "tensorflow", "torch": "torch", "jax": "jax"}
-EAGER_MODES = tuple(m for m in MODES if m != "graph")
 # The least a step must move: a, b and c are numbers (as the CLI's problem.a=1 gives
 # them), so x read once and written once; counting them as n-vectors overstated every
 # bandwidth 2.5x.

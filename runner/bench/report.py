@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from runner.bench.cases import EAGER_MODES, FRAMEWORK_MODULE, model_bytes
+from runner.bench.cases import FRAMEWORK_MODULE, model_bytes
+from runner.protocol import EAGER_MODES
 
 
 @dataclass(frozen=True)
