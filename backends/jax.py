@@ -165,7 +165,7 @@ def manual_rule(
 
         def rmsprop(x: jax.Array, g: jax.Array, s: dict) -> tuple[jax.Array, dict]:
             ms = rho * s["ms"] + (1 - rho) * g * g
-            direction = g / _root(ms, eps, convention.rmsprop_eps_form)
+            direction = g / _root(ms, eps, convention.rmsprop_form(momentum))
             if not momentum:
                 return x - lr * direction, {"ms": ms}
             buf = momentum * s["buf"] + direction

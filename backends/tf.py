@@ -8,9 +8,12 @@ In [38]/[41] (a `tf.function` over the loop, called once per chunk of steps).
 The optimizers come from `tf_keras` (Keras 2): Keras 3, which is `tf.keras` from
 TF 2.16 on, has no `minimize`, and its SGD is a different implementation. Apply,
 minimize and graph(apply|minimize) run Keras 2's SGD, Adam, Adagrad and RMSprop with
-every hyperparameter given explicitly from `runner.optimizers.resolve`; manual mode
-(and graph update=manual) writes each rule out in TensorFlow ops following
-`CONVENTIONS["tf"]`, so manual against apply checks Keras' implementation. Vector
+every hyperparameter given explicitly from `runner.optimizers.resolve`, or with
+`legacy_optimizers` its `tf_keras.optimizers.legacy` ones (TF <= 2.10's tf.keras
+optimizers, the notebook's own, whose updates are fused C++ kernels); manual mode (and
+graph update=manual) writes each rule out in TensorFlow ops following the run's
+convention (`CONVENTIONS["tf"]` or `["tf_legacy"]`), so manual against apply checks
+Keras' implementation. Vector
 problems (problem.dim set) record ||x_i - x*|| and ||grad_i|| in place of x_i, grad_i.
 """
 
@@ -28,8 +31,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from runner.errors import ConfigError
-from runner.optimizers import CONVENTIONS, Resolved, resolve
+from runner.errors import ConfigError, not_allowed
+from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.problems import compact
 from runner.protocol import (
     Derivatives,
@@ -123,13 +126,17 @@ class _NoRetracingWarningPerRun(logging.Filter):
 
 tf.get_logger().addFilter(_NoRetracingWarningPerRun())
 
-_OPTIONS = ("jit_compile",)
+# Backend options (backend.<key>), all true/false.
+_OPTIONS = ("jit_compile", "legacy_optimizers")
 
 # The problems' reductions, from TensorFlow (problem.loss(x, p, ops)).
 _OPS = SimpleNamespace(sum=tf.reduce_sum, matvec=tf.linalg.matvec)
 
-# Where Keras 2's adaptive rules put epsilon, its defaults, Adagrad's first accumulator.
-CONVENTION = CONVENTIONS["tf"]
+
+def _convention(spec: MinimizeSpec) -> Convention:
+    """Where the run's Keras 2 optimizers put epsilon, their defaults, Adagrad's first sum."""
+    return CONVENTIONS["tf_legacy" if spec.options.get("legacy_optimizers") else "tf"]
+
 
 # (loss, x, grad) as TensorFlow values.
 Values = tuple[Any, Any, Any]
@@ -175,14 +182,23 @@ class _Observed:
         return super().apply_gradients(grads_and_vars, *args, **kwargs)  # type: ignore[misc]
 
 
-_NATIVE: dict[str, type] = {
-    name: type(f"_Observed{cls.__name__}", (_Observed, cls), {})
-    for name, cls in {
-        "sgd": tf_keras.optimizers.SGD,
-        "adam": tf_keras.optimizers.Adam,
-        "adagrad": tf_keras.optimizers.Adagrad,
-        "rmsprop": tf_keras.optimizers.RMSprop,
-    }.items()
+def _observed(optimizers: Any) -> dict[str, type]:
+    return {
+        name: type(f"_Observed{cls.__name__}", (_Observed, cls), {})
+        for name, cls in {
+            "sgd": optimizers.SGD,
+            "adam": optimizers.Adam,
+            "adagrad": optimizers.Adagrad,
+            "rmsprop": optimizers.RMSprop,
+        }.items()
+    }
+
+
+# (legacy_optimizers, name) -> the optimizer class.
+_NATIVE: dict[tuple[bool, str], type] = {
+    (legacy, name): cls
+    for legacy, module in ((False, tf_keras.optimizers), (True, tf_keras.optimizers.legacy))
+    for name, cls in _observed(module).items()
 }
 
 
@@ -209,7 +225,7 @@ def _native_settings(opt: Resolved, dtype: str) -> dict[str, Any]:
     return {"rho": f(opt["rho"]), "momentum": f(opt["momentum"]), "epsilon": f(opt["eps"])}
 
 
-def _make_optimizer(opt: Resolved, dtype: str) -> Any:
+def _make_optimizer(opt: Resolved, dtype: str, legacy: bool) -> Any:
     """The native Keras 2 optimizer (the notebook's `SGD(learning_rate=lr)` for sgd).
 
     Keras 2 stores the learning rate in a variable of `floatx()` (float32) and casts it
@@ -218,26 +234,52 @@ def _make_optimizer(opt: Resolved, dtype: str) -> Any:
     `jit_compile=False`: Keras 2 would otherwise XLA-compile the update on a GPU
     (only), which fuses `x + (-g * lr)` and changes the last bit between devices.
     """
+    if legacy:
+        return _make_legacy_optimizer(opt, dtype)
     saved = tf_keras.backend.floatx()
     tf_keras.backend.set_floatx(dtype)
     try:
-        return _NATIVE[opt.name](
+        return _NATIVE[False, opt.name](
             learning_rate=opt.lr, jit_compile=False, **_native_settings(opt, dtype)
         )
     finally:
         tf_keras.backend.set_floatx(saved)
 
 
+def _make_legacy_optimizer(opt: Resolved, dtype: str) -> Any:
+    """The legacy optimizer, its hyperparameter variables made now (not inside a loop).
+
+    Legacy Keras keeps the learning rate, momentum, betas and rho in float32 variables
+    whatever floatx says, cast to the variable's dtype at each step (epsilon and
+    Adagrad's first sum are converted to it directly); a float64 run hands them over as
+    float64 tensors, which it keeps as they are. SGD's momentum stays a number where it
+    is 0: a tensor would switch on its momentum kernel.
+    """
+    settings: dict[str, Any] = {"learning_rate": opt.lr, **_native_settings(opt, dtype)}
+    if dtype == "float64":
+        for key in _LEGACY_HYPERPARAMETERS.intersection(settings):
+            if settings[key] != 0:
+                settings[key] = tf.constant(settings[key], tf.float64)
+    return _NATIVE[True, opt.name](**settings)
+
+
+# What tf_keras.optimizers.legacy keeps in (float32) variables.
+_LEGACY_HYPERPARAMETERS = frozenset({"learning_rate", "momentum", "beta_1", "beta_2", "rho"})
+
+
 class _Manual:
-    """The update rules written out in TensorFlow ops, following CONVENTION.
+    """The update rules written out in TensorFlow ops, following the run's convention.
 
     The same formulas as runner.reference (not Keras' code), so manual against apply
     checks Keras' implementation. The state lives in variables made here, on the run's
     device; `t` counts updates from 1 as in the papers.
     """
 
-    def __init__(self, opt: Resolved, x: tf.Variable, dtype: tf.DType) -> None:
+    def __init__(
+        self, opt: Resolved, convention: Convention, x: tf.Variable, dtype: tf.DType
+    ) -> None:
         self.opt = opt
+        self.convention = convention
         self.name = opt.name
         self.dtype = dtype
         self.lr = self._c(opt.lr)
@@ -283,17 +325,19 @@ class _Manual:
             m = s["m"].assign(c(b1) * s["m"] + c(1 - b1) * g)
             v = s["v"].assign(c(b2) * s["v"] + c(1 - b2) * g * g)
             bias1, bias2 = 1 - tf.pow(c(b1), t), 1 - tf.pow(c(b2), t)
-            if CONVENTION.adam_eps_form == "corrected":
+            if self.convention.adam_eps_form == "corrected":
                 x.assign_sub(lr * (m / bias1) / (tf.sqrt(v / bias2) + eps))
             else:  # Keras' epsilon-hat: the bias correction folded into the step size
                 x.assign_sub(lr * tf.sqrt(bias2) / bias1 * m / (tf.sqrt(v) + eps))
         elif self.name == "adagrad":
             acc = s["acc"].assign_add(g * g)
-            x.assign_sub(lr * g / self._root(acc, c(opt["eps"]), CONVENTION.adagrad_eps_form))
+            form = self.convention.adagrad_eps_form
+            x.assign_sub(lr * g / self._root(acc, c(opt["eps"]), form))
         else:  # rmsprop
             rho = opt["rho"]
             ms = s["ms"].assign(c(rho) * s["ms"] + c(1 - rho) * g * g)
-            direction = g / self._root(ms, c(opt["eps"]), CONVENTION.rmsprop_eps_form)
+            form = self.convention.rmsprop_form(opt["momentum"])
+            direction = g / self._root(ms, c(opt["eps"]), form)
             if opt["momentum"]:
                 direction = s["buf"].assign(c(opt["momentum"]) * s["buf"] + direction)
             x.assign_sub(lr * direction)
@@ -311,7 +355,8 @@ class _Run:
         self.vector = problem.dim is not None
         self.kind = spec.update if spec.mode == "graph" else spec.mode
         self.keep_x = not self.vector or spec.mode == "graph"  # see loss()
-        opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
+        convention = _convention(spec)
+        opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, convention)
         with tf.device(device):
             self.p = _coefficients(problem, self.dtype)
             self.x = tf.Variable(_vector_constant(problem.x0_array(), self.dtype), name="x")
@@ -321,11 +366,17 @@ class _Run:
             self.x_star = tf.constant(x_star, self.dtype) if self.vector else None
             self.manual = self.opt = None
             if self.kind == "manual":
-                self.manual = _Manual(opt, self.x, self.dtype)
+                self.manual = _Manual(opt, convention, self.x, self.dtype)
             else:
-                self.opt = _make_optimizer(opt, spec.dtype)
-                # Create the optimizer's slots now, not inside the timed loop; no update.
-                self.opt.build([self.x])
+                legacy = bool(spec.options.get("legacy_optimizers"))
+                self.opt = _make_optimizer(opt, spec.dtype, legacy)
+                # Create the optimizer's slots (legacy: and hyperparameter variables) now,
+                # not inside the timed loop; no update. Legacy optimizers have no public
+                # call for it: apply_gradients makes them on first use with this one.
+                if legacy:
+                    self.opt._create_all_weights([self.x])
+                else:
+                    self.opt.build([self.x])
 
     def loss(self) -> tuple[tf.Tensor, tf.Tensor | None]:
         """The notebook's no-argument `f()`, with the x it saw: (loss_i, x_i).
@@ -872,13 +923,20 @@ class TensorFlowBackend:
         outside = outside_vocabulary(spec)
         if outside:
             return outside
-        try:
-            resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
-        except ConfigError as exc:
-            return str(exc)
         unknown = sorted(set(spec.options) - set(_OPTIONS))
         if unknown:
-            return f"option {unknown[0]} is unknown to the TensorFlow backend; allowed: jit_compile"
+            return (
+                f"option {unknown[0]} is unknown to the TensorFlow backend; "
+                f"allowed: {', '.join(_OPTIONS)}"
+            )
+        for key in _OPTIONS:
+            if not isinstance(spec.options.get(key, False), bool):
+                return not_allowed(f"backend.{key}", spec.options[key], ("true", "false"))
+        try:
+            opt = spec.optimizer
+            resolve(opt.name, opt.lr, opt.hyper, _convention(spec))
+        except ConfigError as exc:
+            return str(exc)
         return None
 
     def prepare(self, spec: MinimizeSpec) -> _EagerProgram | _GraphProgram:

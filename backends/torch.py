@@ -437,7 +437,7 @@ class _HandRule:
             return x - lr * g / _root(acc, v["eps"], c.adagrad_eps_form), (acc,)
         rho, momentum = v["rho"], v["momentum"]  # rmsprop
         ms = rho * state[0] + (1 - rho) * (g * g)
-        direction = g / _root(ms, v["eps"], c.rmsprop_eps_form)
+        direction = g / _root(ms, v["eps"], c.rmsprop_form(momentum))
         if not momentum:
             return x - lr * direction, (ms,)
         buf = momentum * state[1] + direction

@@ -33,7 +33,9 @@ class Convention:
                      before the bias correction is folded into the step size ("raw",
                      Keras' epsilon-hat form);
     adagrad_eps:     "inside" sqrt(acc + eps) or "outside" sqrt(acc) + eps;
-    rmsprop_eps:     likewise for the mean square.
+    rmsprop_eps:     likewise for the mean square; `rmsprop_momentum_eps_form`, where
+                     given, is the form with momentum > 0 (Keras 2's legacy RMSprop runs
+                     a fused kernel with eps inside only when it has momentum).
     """
 
     name: str
@@ -44,11 +46,24 @@ class Convention:
     adagrad_initial_accumulator: float
     rmsprop_eps: float
     rmsprop_eps_form: str  # inside | outside
+    rmsprop_momentum_eps_form: str | None = None  # inside | outside | None: as without
+
+    def rmsprop_form(self, momentum: float) -> str:
+        """Where RMSprop's eps goes at this momentum."""
+        if momentum and self.rmsprop_momentum_eps_form is not None:
+            return self.rmsprop_momentum_eps_form
+        return self.rmsprop_eps_form
 
 
 CONVENTIONS: dict[str, Convention] = {
     # tf_keras 2.x optimizers (Keras 2): Adam epsilon-hat, eps 1e-7 everywhere.
     "tf": Convention("tf", 1e-7, "raw", 1e-7, "inside", 0.1, 1e-7, "inside"),
+    # tf_keras.optimizers.legacy (TF <= 2.10's tf.keras optimizers, fused C++ kernels):
+    # Adagrad's and momentum-free RMSprop's eps outside the root, RMSprop's with momentum
+    # inside (ResourceApplyRMSProp).
+    "tf_legacy": Convention(
+        "tf_legacy", 1e-7, "raw", 1e-7, "outside", 0.1, 1e-7, "outside", "inside"
+    ),
     # torch.optim, which follows the papers: eps outside every square root.
     "torch": Convention("torch", 1e-8, "corrected", 1e-10, "outside", 0.0, 1e-8, "outside"),
     # optax: Adam like the paper; adagrad and rmsprop take eps inside the square root.

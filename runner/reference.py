@@ -73,7 +73,7 @@ def _rmsprop(opt: Resolved, c: Convention) -> Rule:
 
     def update(x: np.ndarray, g: np.ndarray, s: State, t: int) -> tuple[np.ndarray, State]:
         ms = rho * s["ms"] + (1 - rho) * g * g
-        direction = g / _root(ms, eps, c.rmsprop_eps_form)
+        direction = g / _root(ms, eps, c.rmsprop_form(momentum))
         buf = momentum * s["buf"] + direction if momentum else direction
         return x - lr * buf, {"ms": ms, "buf": buf}
 

@@ -39,8 +39,11 @@ NOTEBOOK_X = np.float32(0.99999857)  # the notebook's x after 1000 steps, every 
 OTHER = Quadratic(a=1.5, b=-3.3, c=0.7, x0=2.5)
 
 
-def make_spec(mode: str, update: str = "apply", *, jit_compile: bool = False, **kw) -> MinimizeSpec:
-    return notebook_spec(mode, update, options={"jit_compile": jit_compile}, **kw)
+def make_spec(
+    mode: str, update: str = "apply", *, jit_compile: bool = False, legacy: bool = False, **kw
+) -> MinimizeSpec:
+    options = {"jit_compile": jit_compile, "legacy_optimizers": legacy}
+    return notebook_spec(mode, update, options=options, **kw)
 
 
 # --- the notebook: 1000 float32 steps from x0 = 0 -------------------------------------
@@ -56,6 +59,29 @@ def test_notebook_variants_end_exactly_where_the_notebook_does(mode: str, update
     assert traj.stopped_at == 1000
     assert traj.final_x == NOTEBOOK_X
     assert traj.final_loss == 0.0
+
+
+@pytest.mark.parametrize(
+    ("mode", "update"),
+    [*EAGER_UPDATES[1:], *GRAPH_MODE_UPDATES[:2]],
+    ids=mode_ids([*EAGER_UPDATES[1:], *GRAPH_MODE_UPDATES[:2]]),
+)
+def test_legacy_optimizers_step_exactly_as_the_current_ones(mode: str, update: str) -> None:
+    """tf_keras.optimizers.legacy.SGD (the notebook's own class, TF <= 2.10) without XLA:
+    every recorded row of the notebook's run the same bits as tf_keras' current SGD."""
+    current = run_minimize(BACKEND, make_spec(mode, update)).trajectory
+    legacy = run_minimize(BACKEND, make_spec(mode, update, legacy=True)).trajectory
+    assert legacy.final_x == NOTEBOOK_X
+    for column in ("x", "loss", "grad"):
+        np.testing.assert_array_equal(getattr(legacy, column), getattr(current, column))
+
+
+def test_legacy_sgd_with_xla_is_one_fused_rounding() -> None:
+    """XLA fuses ResourceApplyGradientDescent's x - lr*g into one multiply-add: the
+    notebook's run stalls one float32 ulp lower (README, "Float32, to the ulp")."""
+    traj = run_minimize(BACKEND, make_spec("graph", jit_compile=True, legacy=True)).trajectory
+    assert traj.stopped_at == 1000
+    assert traj.final_x == np.nextafter(NOTEBOOK_X, np.float32(0))
     assert traj.x.dtype == np.float32 and traj.x.shape == (1000,)
     assert traj.x[0] == 0.0 and traj.loss[0] == 1.0 and traj.grad[0] == -2.0
 
@@ -266,6 +292,14 @@ def test_unsupported_names_the_reason() -> None:
     assert "weight_decay" in BACKEND.unsupported(make_spec("apply", hyper={"weight_decay": 0.1}))
     assert "nesterov" in BACKEND.unsupported(make_spec("apply", hyper={"nesterov": True}))
     assert "'lion' is unknown" in BACKEND.unsupported(make_spec("apply", name="lion"))
+    assert BACKEND.unsupported(make_spec("graph", jit_compile=True, legacy=True)) is None
+    bad = notebook_spec("apply", options={"legacy_optimizers": "yes"})
+    assert BACKEND.unsupported(bad) == (
+        "backend.legacy_optimizers='yes' is not allowed; choose one of: true, false"
+    )
+    assert BACKEND.unsupported(notebook_spec("apply", options={"xla": True})) == (
+        "option xla is unknown to the TensorFlow backend; allowed: jit_compile, legacy_optimizers"
+    )
     with pytest.raises(ConfigError, match="weight_decay"):
         BACKEND.prepare(make_spec("apply", hyper={"weight_decay": 0.1}))
 

@@ -18,6 +18,7 @@ pytest.importorskip("tensorflow")
 pytest.importorskip("tf_keras")
 
 import tensorflow as tf
+import tf_keras
 
 from backends.tf import TensorFlowBackend, _EagerProgram, _GraphProgram, _Run
 from runner import reference
@@ -30,6 +31,7 @@ from tests.specs import MODE_IDS, MODE_UPDATES, OPTIMIZERS, STEPS, make_spec, re
 
 BACKEND = TensorFlowBackend()
 TF = CONVENTIONS["tf"]
+LEGACY = CONVENTIONS["tf_legacy"]  # backend.legacy_optimizers=true
 OTHER = CONVENTIONS["torch"]  # the papers' forms and defaults
 
 # name -> (problem, lr): small, cond 10, minimum loss away from 0.
@@ -131,6 +133,85 @@ def test_minimize_and_graph_agree_with_the_reference(
     traj = run_minimize(BACKEND, spec).trajectory
     xs, losses = reference_run(problem, name, lr, hyper, TF)
     check_against_reference(traj, problem, xs, losses)
+
+
+@pytest.mark.parametrize("mode", ["manual", "apply"])
+@pytest.mark.parametrize(("problem_id", "opt_id"), MATRIX, ids=[f"{p}-{o}" for p, o in MATRIX])
+def test_legacy_optimizers_agree_with_their_reference(
+    problem_id: str, opt_id: str, mode: str
+) -> None:
+    """backend.legacy_optimizers: tf_keras.optimizers.legacy's fused kernels, and manual
+    mode's rules, follow CONVENTIONS['tf_legacy']."""
+    problem, lr = PROBLEMS[problem_id]
+    name, hyper = OPTIMIZERS[opt_id]
+    spec = make_spec(problem, name, lr, hyper, mode, options={"legacy_optimizers": True})
+    xs, losses = reference_run(problem, name, lr, hyper, LEGACY)
+    check_against_reference(run_minimize(BACKEND, spec).trajectory, problem, xs, losses)
+
+
+LEGACY_SPOT = [
+    ("minimize", "apply", "rosenbrock", "rmsprop-momentum", False),
+    ("graph", "apply", "quadratic_form", "adagrad", False),
+    ("graph", "minimize", "quadratic_dim4", "adam", True),
+    ("graph", "apply", "quadratic_dim32", "sgd-nesterov", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("mode", "update", "problem_id", "opt_id", "xla"),
+    LEGACY_SPOT,
+    ids=[f"{m}-{u}-{p}-{o}{'-xla' if x else ''}" for m, u, p, o, x in LEGACY_SPOT],
+)
+def test_legacy_minimize_and_graph_agree_with_their_reference(
+    mode: str, update: str, problem_id: str, opt_id: str, xla: bool
+) -> None:
+    problem, lr = {**PROBLEMS, **FLAT_PROBLEMS}[problem_id]
+    name, hyper = OPTIMIZERS[opt_id]
+    options = {"jit_compile": xla, "legacy_optimizers": True}
+    spec = make_spec(problem, name, lr, hyper, mode, update, options=options)
+    xs, losses = reference_run(problem, name, lr, hyper, LEGACY)
+    check_against_reference(run_minimize(BACKEND, spec).trajectory, problem, xs, losses)
+
+
+# (optimizer, hyper): where the legacy optimizers put eps differently from the current ones.
+LEGACY_DIFFERENCES = [
+    ("adagrad", {"eps": 1e-3}),  # outside the root (ResourceApplyAdagradV2)
+    ("rmsprop", {"eps": 1e-3}),  # outside without momentum (composed ops) ...
+]
+
+
+@pytest.mark.parametrize(("name", "hyper"), LEGACY_DIFFERENCES, ids=["adagrad", "rmsprop"])
+def test_legacy_eps_forms_are_exactly_the_documented_ones(name: str, hyper: dict) -> None:
+    problem, lr = PROBLEMS["rosenbrock"]
+    options = {"legacy_optimizers": True}
+    legacy = run_minimize(BACKEND, make_spec(problem, name, lr, hyper, "apply", options=options))
+    current = run_minimize(BACKEND, make_spec(problem, name, lr, hyper, "apply"))
+    own, other = (reference_run(problem, name, lr, hyper, c)[0][-1] for c in (LEGACY, TF))
+    assert rel(legacy.trajectory.final_x, own) <= 1e-10
+    assert rel(legacy.trajectory.final_x, other) > 1e-8
+    assert rel(current.trajectory.final_x, other) <= 1e-10
+    # ... and inside with momentum (ResourceApplyRMSProp), as the current RMSprop always is.
+    assert LEGACY.rmsprop_form(0.5) == TF.rmsprop_form(0.5) == "inside"
+
+
+def test_legacy_optimizers_keep_float64_hyperparameters_exact() -> None:
+    """Legacy Keras makes float32 variables of number hyperparameters; a float64 run
+    steps with the exact values, and SGD at momentum 0 runs its momentum-free kernel."""
+    problem, lr = PROBLEMS["quadratic_form"]
+    options = {"legacy_optimizers": True}
+    cases = [
+        ("sgd", {}, {"learning_rate": lr}),
+        ("sgd", {"momentum": 0.9}, {"learning_rate": lr, "momentum": 0.9}),
+        ("adam", {"beta1": 0.8, "beta2": 0.99}, {"beta_1": 0.8, "beta_2": 0.99}),
+        ("rmsprop", {"rho": 0.8, "momentum": 0.3}, {"rho": 0.8, "momentum": 0.3}),
+    ]
+    for name, given, native in cases:
+        run = _Run(make_spec(problem, name, lr, given, "apply", options=options), "/CPU:0")
+        assert isinstance(run.opt, tf_keras.optimizers.legacy.Optimizer)
+        for key, value in native.items():
+            assert float(run.opt._get_hyper(key, tf.float64)) == value, (name, key)
+        if name == "sgd":
+            assert run.opt._momentum == bool(given.get("momentum"))
 
 
 # --- the documented formula differences are exactly the documented ones ------------------
