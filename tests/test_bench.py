@@ -153,6 +153,30 @@ def test_eager_targets_compare_with_the_fastest_idiom() -> None:
     assert judged[("eager <= 1.5x fastest hand-written eager idiom", "jax apply")] is True
 
 
+def test_tf_options_are_variants_of_their_own() -> None:
+    """XLA and the legacy optimizers are measured as the CLI runs them (backend.<key>=true),
+    and the legacy variants' hand-written loops get the option too (measure_cell)."""
+    from runner.bench.cases import Variant, spec_for, variants
+
+    labels = [v.label for v in variants(["tf"], quick=False)]
+    assert labels == [
+        "tf manual",
+        "tf apply",
+        "tf minimize",
+        "tf graph",
+        "tf graph+xla",
+        "tf apply+legacy",
+        "tf minimize+legacy",
+        "tf graph+legacy",
+        "tf graph+xla+legacy",
+    ]
+    assert [v.label for v in variants(["tf"], quick=True)] == labels[:5]
+    both = Variant("tf", "graph", jit_compile=True, legacy_optimizers=True)
+    assert both.options() == {"jit_compile": True, "legacy_optimizers": True}
+    assert spec_for(both, 10).options == {"jit_compile": True, "legacy_optimizers": True}
+    assert spec_for(Variant("tf", "apply"), 10).options == {}
+
+
 def test_repeats_below_three_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--repeats", "2"])

@@ -57,26 +57,35 @@ class Settings:
 
 @dataclass(frozen=True)
 class Variant:
-    """One backend x mode the runner offers (graph mode: update=apply)."""
+    """One backend x mode the runner offers (graph mode: update=apply).
+
+    TF's two options are variants of their own: XLA (`jit_compile`) and Keras 2's
+    legacy optimizers (`legacy_optimizers`), whose hand-written loops use the same.
+    """
 
     backend: str
     mode: str
     jit_compile: bool = False
+    legacy_optimizers: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.mode}" + ("+xla" if self.jit_compile else "")
+        xla, legacy = "+xla" * self.jit_compile, "+legacy" * self.legacy_optimizers
+        return f"{self.backend} {self.mode}{xla}{legacy}"
 
     @property
     def compiled(self) -> bool:
         return self.mode == "graph"
 
     def options(self) -> dict[str, Any]:
-        return {"jit_compile": True} if self.jit_compile else {}
+        """The backend.<key>=true settings of this variant."""
+        names = ("jit_compile", "legacy_optimizers")
+        return {name: True for name in names if getattr(self, name)}
 
 
 def variants(backends: Sequence[str], quick: bool) -> list[Variant]:
-    """Every mode of every backend, plus TF graph with XLA; --quick skips torch.compile."""
+    """Every mode of every backend, TF graph with XLA, and TF's optimizer modes with its
+    legacy optimizers (--quick: XLA's only); --quick skips torch.compile."""
     found = []
     for backend in backends:
         for mode in MODES:
@@ -85,6 +94,9 @@ def variants(backends: Sequence[str], quick: bool) -> list[Variant]:
             found.append(Variant(backend, mode))
         if backend == "tf":
             found.append(Variant("tf", "graph", jit_compile=True))
+            if not quick:
+                found += [Variant("tf", mode, legacy_optimizers=True) for mode in MODES[1:]]
+                found.append(Variant("tf", "graph", jit_compile=True, legacy_optimizers=True))
     return found
 
 

@@ -16,7 +16,7 @@ a `Prepared`, whose `run()` executes the timed loop from x0 and returns the fina
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,25 +42,32 @@ def _prepared(build: Callable[[], Callable[[], float]], warm_up: Callable[[], No
     return Prepared(time.perf_counter() - start, run)
 
 
-def hand_written(framework: str, mode: str, steps: int, jit_compile: bool = False) -> Prepared:
-    """The hand-written loop for one framework x mode (graph mode: update=apply)."""
+def hand_written(framework: str, mode: str, steps: int, options: Mapping[str, Any]) -> Prepared:
+    """The hand-written loop for one framework x mode (graph mode: update=apply), with the
+    variant's backend options (TF: jit_compile, legacy_optimizers)."""
     builders = {"tf": _tf, "torch": _torch, "jax": _jax}
-    return builders[framework](mode, steps, jit_compile)
+    return builders[framework](mode, steps, options)
 
 
 # --------------------------------------------------------------------------- TensorFlow
 
 
-def _tf(mode: str, steps: int, jit_compile: bool) -> Prepared:
-    """The notebook's own cells, with tf_keras's SGD (Keras 3 has no minimize)."""
+def _tf(mode: str, steps: int, options: Mapping[str, Any]) -> Prepared:
+    """The notebook's own cells, with tf_keras's SGD (Keras 3 has no minimize), or its
+    legacy SGD: the class the notebook's `tf.keras.optimizers.SGD` was up to TF 2.10."""
     import tensorflow as tf
     import tf_keras
 
+    jit_compile = bool(options.get("jit_compile"))
     a, b, c = tf.constant(A), tf.constant(B), tf.constant(C)
     x = tf.Variable(X0, name="x", dtype=tf.float32)
     lr = tf.constant(LR)
-    opt = tf_keras.optimizers.SGD(learning_rate=LR)
-    opt.build([x])
+    if options.get("legacy_optimizers"):
+        opt = tf_keras.optimizers.legacy.SGD(learning_rate=LR)
+        opt._create_all_weights([x])  # its slots and hyperparameters, outside the loop
+    else:
+        opt = tf_keras.optimizers.SGD(learning_rate=LR)
+        opt.build([x])
 
     def f() -> tf.Tensor:
         return a * tf.pow(x, 2) + b * x + c
@@ -116,7 +123,7 @@ def _tf(mode: str, steps: int, jit_compile: bool) -> Prepared:
 # --------------------------------------------------------------------------- PyTorch
 
 
-def _torch(mode: str, steps: int, _jit_compile: bool) -> Prepared:
+def _torch(mode: str, steps: int, _options: Mapping[str, Any]) -> Prepared:
     """PyTorch's plain loops; graph is a torch.compile'd step called from a Python loop."""
     import torch
 
@@ -187,7 +194,7 @@ def _torch(mode: str, steps: int, _jit_compile: bool) -> Prepared:
 # --------------------------------------------------------------------------- JAX
 
 
-def _jax(mode: str, steps: int, _jit_compile: bool) -> Prepared:
+def _jax(mode: str, steps: int, _options: Mapping[str, Any]) -> Prepared:
     """A jitted step in a Python loop (eager modes), or jit + fori_loop (graph)."""
     import jax
     import jax.numpy as jnp

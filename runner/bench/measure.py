@@ -38,7 +38,7 @@ def measure_cell(backend: Backend, variant: Variant, steps: int, repeats: int) -
     loop is built once and its timed loop run `repeats` times from x0.
     """
     spec = spec_for(variant, steps)
-    hand = hand_written(variant.backend, variant.mode, steps, variant.jit_compile)
+    hand = hand_written(variant.backend, variant.mode, steps, variant.options())
     runner_us, runner_compile, hand_us = Best(), Best(), Best()
     runner_x = hand_x = math.nan
     for _ in range(repeats):

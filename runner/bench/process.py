@@ -218,8 +218,8 @@ def peak_rss():
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-backend, mode, jit, n, steps = json.loads(sys.argv[1])
-variant = Variant(backend, mode, jit)
+backend, mode, options, n, steps = json.loads(sys.argv[1])
+variant = Variant(backend, mode, **options)
 b = load_backend(backend)
 identity = RunIdentity(backend, b.framework, "cpu", {})
 
@@ -253,7 +253,7 @@ def peak_memory(variant: Variant, n: int) -> dict[str, Any]:
     program may hold more between chunks than in its first one; and its record is
     computed (results.json's norms and errors), as the CLI does.
     """
-    args = json.dumps([variant.backend, variant.mode, variant.jit_compile, n, MEMORY_STEPS])
+    args = json.dumps([variant.backend, variant.mode, variant.options(), n, MEMORY_STEPS])
     with scratch_dir("memory") as cwd:
         _, proc = timed([sys.executable, "-c", _PROBE, args], cwd)
     checked(proc, f"memory probe {variant.label}")
@@ -279,8 +279,7 @@ def compile_cache(variant: Variant) -> dict[str, Any]:
     only be faster through a cache the first one persisted.
     """
     args = [f"backend={variant.backend}", "mode=graph", "steps=1000", "tracking=off"]
-    if variant.jit_compile:
-        args.append("backend.jit_compile=true")
+    args += [f"backend.{key}=true" for key in variant.options()]
     compile_s = []
     with scratch_dir("cache") as cwd:
         env = {"TORCHINDUCTOR_CACHE_DIR": str(cwd / "outputs" / "torchinductor")}
@@ -323,7 +322,9 @@ def process_section(
         guarded(v.label, lambda v=v: peak_memory(v, biggest), say) for v in compiled
     ]
     say("persistent compilation cache")
-    section["cache"] = [guarded(v.label, lambda v=v: compile_cache(v), say) for v in compiled]
+    # TensorFlow has no persistent cache to judge: its legacy-optimizer variants add nothing.
+    cached = [v for v in compiled if not v.legacy_optimizers]
+    section["cache"] = [guarded(v.label, lambda v=v: compile_cache(v), say) for v in cached]
     if settings.sweep:
         say("matrix sweep: sequential vs joblib x2")
         section["sweep"] = guarded("sweep", sweep_cost, say)
