@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runner.config import build_run_config
+from runner.config import CONFIG_DIR, build_run_config
 from runner.errors import DivergenceError, RunnerError, UnsupportedError
 from runner.job import execute, request_stop, stop_requested
 from runner.plugins import backend_entry_points
@@ -43,14 +43,6 @@ from runner.tracking import (
 )
 from runner.upload import folder_lock, start_background_upload
 
-
-def config_dir() -> Path:
-    """conf/ beside the package in a checkout; runner/conf inside an installed wheel."""
-    packaged = Path(__file__).parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
-
-
-CONFIG_DIR = config_dir()
 CHECKED_GROUPS = ("backend", "mode", "problem", "optimizer", "tracking")
 
 

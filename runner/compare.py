@@ -1,7 +1,9 @@
 """`python -m runner.compare`: do the frameworks agree, and which way is fastest?
 
 Reads finished minimize runs from any MLflow tracking URI (the runner's SQLite store
-by default), keeps the latest run per backend x mode x optimizer x dtype, and writes:
+by default), keeps the latest run per backend x mode x optimizer x dtype, and writes
+(a backend run with options other than its conf/backend defaults is a backend of its
+own, named with them: `tf+jit_compile`, `numpy+convention=tf`):
 
 - comparison.md / comparison.csv / comparison.json: one row per key with final x and
   loss, the error to the analytic optimum, steps, compile and per-step time, and the
@@ -39,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from runner.config import backend_defaults
 from runner.errors import RunnerError
 from runner.optimizers import HYPERPARAMETERS
 from runner.protocol import MODES
@@ -46,6 +49,7 @@ from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
 from runner.tracking import (
     TrackingTarget,
     client_for,
+    flatten,
     mask_uri,
     read_trajectory,
     resolve_target,
@@ -73,7 +77,7 @@ class CompareError(RunnerError):
 class Row:
     """The latest run of one backend x mode x optimizer x dtype."""
 
-    backend: str
+    backend: str  # backend_label: the name, + the options that differ from its defaults
     mode: str
     optimizer: str
     dtype: str
@@ -356,16 +360,19 @@ def _record(client: Any, run: Any) -> Row:
     result = _download_json(client, run.info.run_id, RESULTS_FILE)
     started = datetime.fromtimestamp(run.info.start_time / 1000).isoformat(timespec="seconds")
     common = {"run_id": run.info.run_id, "run_name": run.info.run_name or "", "started": started}
+    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    options = _logged_options(params)
+    if result is not None and "options" not in result:  # written before it held them
+        result = {**result, "options": options}
     row = row_from_result(result, **common) if result is not None else None
     if row is not None:
         return row
-    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     hyper = {
         k.removeprefix("optimizer."): v for k, v in params.items() if k.startswith("optimizer.")
     }
     optimum = metrics.get("final_loss", math.nan) - metrics.get("error_loss", math.nan)
     return Row(
-        backend=tags.get("backend", "?"),
+        backend=backend_label(tags.get("backend", "?"), options),
         mode=tags.get("mode", "?"),
         optimizer=optimizer_label({k: _number(v) for k, v in hyper.items()}),
         dtype=tags.get("dtype", "?"),
@@ -391,6 +398,16 @@ def _record(client: Any, run: Any) -> Row:
     )
 
 
+def _logged_options(params: Mapping[str, str]) -> dict[str, str]:
+    """The backend options a run's params hold: config_params logged the resolved config's
+    backend node as `backend.<key>` = str(value)."""
+    return {
+        k.removeprefix("backend."): v
+        for k, v in params.items()
+        if k.startswith("backend.") and k != "backend.name"
+    }
+
+
 def row_from_result(result: Mapping[str, Any], **common: str) -> Row | None:
     """A minimize run's row from its results.json (exact values); None for other tasks."""
     if result.get("task") != "minimize":
@@ -398,7 +415,7 @@ def row_from_result(result: Mapping[str, Any], **common: str) -> Row | None:
     mode = result["mode"] + (f"/{result['update']}" if result.get("update") else "")
     timings = result["timings"]
     return Row(
-        backend=result["backend"],
+        backend=backend_label(result["backend"], result.get("options") or {}),
         mode=mode,
         optimizer=optimizer_label(result["optimizer"]),
         dtype=result["dtype"],
@@ -424,6 +441,30 @@ def _number(text: Any) -> Any:
         return float(text)
     except (TypeError, ValueError):
         return text
+
+
+OPTION_TEXT = {"False": "false", "None": "null"}  # as an override spells them
+
+
+def backend_label(name: str, options: Mapping[str, Any]) -> str:
+    """'tf', 'tf+jit_compile', 'numpy+convention=tf': the backend and the options that
+    differ from its conf/backend defaults, so runs that differ only by an option (XLA on
+    and off) get rows of their own, and runs at the defaults keep the plain name.
+
+    Values are compared as text, str(value), the form config_params logs as MLflow
+    params, so a results.json value and its param give the same label. An option without
+    a yaml default (a plugin backend's, a `+backend.key`) counts as default when false or
+    null. A results.json written before it held options is read with the run's logged
+    params in MLflow (_record); in a sweep folder's report it gives the plain name.
+    """
+    defaults = {k: str(v) for k, v in flatten(backend_defaults(name)).items()}
+    parts = [name]
+    for key, value in sorted(flatten(options).items()):
+        text = str(value)
+        if text == defaults.get(key) or (key not in defaults and text in OPTION_TEXT):
+            continue
+        parts.append(key if text == "True" else f"{key}={OPTION_TEXT.get(text, text)}")
+    return "+".join(parts)
 
 
 def optimizer_label(optimizer: Mapping[str, Any]) -> str:
@@ -459,10 +500,12 @@ def _download_text(client: Any, run_id: str, path: str) -> str | None:
 
 
 def _newest_per_setting(runs: Sequence[Any]) -> list[Any]:
-    """The newest run per backend, mode, dtype and optimizer params, before any download.
+    """The newest run per backend, mode, dtype, optimizer and backend params, before any
+    download.
 
-    A finer key than a row's (every optimizer param counts), so no row loses its latest
-    run; it spares reading results.json of every older run in a long-lived experiment.
+    A finer key than a row's (every optimizer and backend param counts), so no row loses
+    its latest run; it spares reading results.json of every older run in a long-lived
+    experiment.
     """
     seen, kept = set(), []
     for run in runs:
@@ -471,7 +514,11 @@ def _newest_per_setting(runs: Sequence[Any]) -> list[Any]:
             tags.get("backend"),
             tags.get("mode"),
             tags.get("dtype"),
-            tuple(sorted((k, v) for k, v in params.items() if k.startswith("optimizer."))),
+            tuple(
+                sorted(
+                    (k, v) for k, v in params.items() if k.startswith(("optimizer.", "backend."))
+                )
+            ),
         )
         if setting not in seen:
             seen.add(setting)

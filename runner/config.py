@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from runner.errors import ConfigError, not_allowed
@@ -25,6 +27,14 @@ from runner.protocol import (
     RecordPlan,
 )
 
+
+def config_dir() -> Path:
+    """conf/ beside the package in a checkout; runner/conf inside an installed wheel."""
+    packaged = Path(__file__).parent / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+
+
+CONFIG_DIR = config_dir()
 TASKS = ("minimize", "derivatives")
 DEVICES = ("cpu", "gpu", "auto")
 MAX_RECORDED_ROWS = 10_000
@@ -85,6 +95,22 @@ def _minimize_spec(
         device=device,
         options={k: v for k, v in backend.items() if k != "name"},
     )
+
+
+@cache
+def backend_defaults(name: str) -> dict[str, Any]:
+    """The options conf/backend/<name>.yaml sets (name aside), as Hydra reads them; {} for a
+    plugin backend without a yaml. The comparison report names a run's backend by the
+    options that differ from these, so runs at the defaults keep the plain name."""
+    path = CONFIG_DIR / "backend" / f"{name}.yaml"
+    if Path(name).name != name or not path.is_file():  # a tag read back is any text
+        return {}
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(node, dict):
+        return {}
+    return {str(k): v for k, v in node.items() if k not in ("name", "defaults")}
 
 
 def default_record_every(steps: int) -> int:

@@ -44,6 +44,7 @@ def minimize_result(
         "task": "minimize",
         "status": _status(spec, outcome),
         **run.fields(),
+        "options": json_safe(spec.options),
         "mode": spec.mode,
         "update": spec.update if spec.mode == "graph" else None,
         "dtype": spec.dtype,
@@ -80,6 +81,7 @@ def skipped_result(spec: MinimizeSpec, run: RunIdentity, reason: str) -> dict[st
         "status": "skipped",
         "reason": reason,
         **run.fields(),
+        "options": json_safe(spec.options),
         "mode": spec.mode,
         "update": spec.update if spec.mode == "graph" else None,
         "dtype": spec.dtype,
@@ -158,6 +160,20 @@ class RunIdentity:
                 "gradient_runner": __version__,
             },
         }
+
+
+def json_safe(value: Any) -> Any:
+    """value as plain JSON data: a run's backend options say how it ran (jit_compile, ...),
+    so they go into results.json whatever type a config or a plugin gave them."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
 def new_run_uid() -> str:

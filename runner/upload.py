@@ -419,7 +419,7 @@ def _config(run_dir: Path, result: Mapping[str, Any]) -> dict[str, Any]:
             return OmegaConf.to_container(loaded, resolve=False)  # type: ignore[return-value]
     mode = {"name": result.get("mode"), "update": result.get("update") or "apply"}
     return {
-        "backend": {"name": result.get("backend")},
+        "backend": {"name": result.get("backend"), **(result.get("options") or {})},
         "task": result.get("task"),
         "mode": mode,
         "dtype": result.get("dtype"),

@@ -358,3 +358,148 @@ def test_a_sweep_of_vectors_too_long_to_list_gets_its_report(tmp_path: Path) -> 
     rows = read_csv(sweep / "compare" / "comparison.csv")
     assert sorted(r["backend"] for r in rows) == ["jax", "numpy"]
     assert {r["final_x"] for r in rows} == {""}
+
+
+# ------------------------------------------- backend options: rows of their own, both ways
+
+
+def composed(*overrides: str) -> dict:
+    """The resolved config Hydra hands a run for these overrides (what the run logs)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from runner.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["steps=4", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def sgd_run(cfg: dict, shift: float = 0.0) -> tuple[dict, dict[str, np.ndarray]]:
+    """results.json and trajectory rows of the config's run, computed here rather than by a
+    framework: SGD on the notebook's quadratic, final x moved by `shift` (a rounding)."""
+    from runner.config import build_run_config
+    from runner.engine import MinimizeOutcome, Timings
+    from runner.protocol import Trajectory
+    from runner.results import RunIdentity, minimize_result, new_run_uid, trajectory_rows
+
+    spec = build_run_config(cfg).minimize
+    xs = [np.float32(spec.problem.x0)]
+    for _ in range(spec.steps):
+        xs.append(np.float32(xs[-1] - np.float32(spec.optimizer.lr) * (2 * xs[-1] - 2)))
+    x = np.array(xs, np.float32)
+    final = np.float32(x[-1] + shift)
+    trajectory = Trajectory(
+        np.arange(spec.steps), x[:-1], (x[:-1] - 1) ** 2, 2 * x[:-1] - 2,
+        final, float((final - 1) ** 2), np.float32(2 * final - 2), spec.steps,
+    )  # fmt: skip
+    outcome = MinimizeOutcome(trajectory, Timings(0.5, 0.001 * (1 + shift), spec.steps))
+    name = cfg["backend"]["name"]
+    result = minimize_result(spec, outcome, RunIdentity(name, name, "cpu", {}, new_run_uid()))
+    return result, trajectory_rows(spec, outcome)
+
+
+def run_folders(root: Path, runs: dict[str, tuple[tuple[str, ...], float]]) -> Path:
+    """Run folders as the CLI leaves them (results.json, trajectory.csv, .hydra/config.yaml)."""
+    from omegaconf import OmegaConf
+
+    from runner.results import RESULTS_FILE, TRAJECTORY_FILE, write_json, write_trajectory
+
+    for name, (overrides, shift) in runs.items():
+        cfg = composed(*overrides)
+        result, rows = sgd_run(cfg, shift)
+        folder = root / name
+        write_json(folder / RESULTS_FILE, result)
+        write_trajectory(folder / TRAJECTORY_FILE, rows)
+        (folder / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create(cfg), folder / ".hydra" / "config.yaml")
+    return root
+
+
+OPTION_RUNS = {  # tf with and without XLA, numpy at two conventions: four rows
+    "xla": (("backend=tf", "mode=graph", "backend.jit_compile=true"), 2.0**-20),
+    "plain": (("backend=tf", "mode=graph", "backend.jit_compile=false"), 0.0),
+    "numpy_tf": (("backend=numpy", "backend.convention=tf"), 0.0),
+    "numpy_paper": (("backend=numpy",), 0.0),
+}
+OPTION_ROWS = [  # _row_order: dtype, optimizer, mode (eager first), backend
+    ("numpy", "manual"),
+    ("numpy+convention=tf", "manual"),
+    ("tf", "graph/apply"),
+    ("tf+jit_compile", "graph/apply"),
+]
+
+
+def test_a_result_is_labelled_with_its_non_default_backend_options() -> None:
+    from runner.compare import row_from_result
+
+    result, _ = sgd_run(composed("backend=tf", "mode=graph", "backend.jit_compile=true"))
+    assert result["options"] == {"jit_compile": True, "legacy_optimizers": False}
+    cases = {
+        "tf+jit_compile": ("tf", {"jit_compile": True, "legacy_optimizers": False}),
+        "tf+jit_compile+legacy_optimizers": (
+            "tf", {"legacy_optimizers": True, "jit_compile": True},
+        ),
+        "tf": ("tf", {"jit_compile": False, "legacy_optimizers": False}),
+        "numpy+convention=tf": ("numpy", {"convention": "tf"}),
+        "numpy": ("numpy", {"convention": "paper"}),
+        "torch+cpp_wrapper=false": ("torch", {"cpp_wrapper": False, "unroll": 4}),
+        "torch+scan_chunk=10+unroll=8": ("torch", {"unroll": 8, "scan_chunk": 10}),
+        # a plugin without a yaml: false and null are its defaults
+        "abacus+fast+lanes=3": ("abacus", {"fast": True, "slow": False, "lanes": 3, "x": None}),
+    }  # fmt: skip
+    run = {"run_id": "", "run_name": "", "started": ""}
+    for label, (backend, options) in cases.items():
+        row = row_from_result({**result, "backend": backend, "options": options}, **run)
+        assert row is not None and row.backend == label
+    older = {k: v for k, v in result.items() if k != "options"}  # before results.json had them
+    assert row_from_result(older, **run).backend == "tf"
+
+
+def test_runs_differing_only_by_an_option_are_rows_of_their_own(tmp_path: Path) -> None:
+    from runner.compare import compare, compare_folder
+    from runner.upload import upload
+
+    runs = run_folders(tmp_path / "runs", OPTION_RUNS)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    upload([runs], uri, EXPERIMENT, out=io.StringIO())
+    from_store = compare(uri, EXPERIMENT, out_dir=tmp_path / "store", log=False)
+    from_folders = compare_folder(runs, EXPERIMENT, tmp_path / "folders")  # a sweep's own
+    for report in (from_store, from_folders):
+        assert [(r.backend, r.mode) for r in report.rows] == OPTION_ROWS
+        assert {r.source for r in report.rows} == {"results.json"}
+        # XLA on and off agree (or not) like two backends do
+        agreement = {a.mode: a for a in report.agreement}
+        assert agreement["graph/apply"].compared == ["tf", "tf+jit_compile"]
+        assert agreement["graph/apply"].abs_diff > 0
+        assert agreement["manual"].compared == ["numpy", "numpy+convention=tf"]
+    written = read_csv(tmp_path / "store" / "comparison.csv")
+    assert [(r["backend"], r["mode"]) for r in written] == OPTION_ROWS
+
+
+def test_the_metrics_fallback_labels_options_from_the_logged_params(tmp_path: Path) -> None:
+    from urllib.parse import urlsplit
+
+    from runner.compare import compare, open_client
+    from runner.results import RESULTS_FILE
+    from runner.upload import upload
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    upload([run_folders(tmp_path / "runs", OPTION_RUNS)], uri, EXPERIMENT, out=io.StringIO())
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    logged = client.search_runs([experiment.experiment_id], "tags.task = 'minimize'")
+    tf_runs = [r for r in logged if r.data.tags["backend"] == "tf"]
+    assert {r.data.params["backend.jit_compile"] for r in tf_runs} == {"True", "False"}
+    artifacts = [Path(urlsplit(r.info.artifact_uri).path) / RESULTS_FILE for r in logged]
+    for path in artifacts:  # results.json as written before it held the options
+        older = {k: v for k, v in json.loads(path.read_text()).items() if k != "options"}
+        path.write_text(json.dumps(older))
+    report = compare(uri, EXPERIMENT, out_dir=tmp_path / "older", client=client, log=False)
+    assert [(r.backend, r.mode) for r in report.rows] == OPTION_ROWS
+    assert {r.source for r in report.rows} == {"results.json"}
+    for path in artifacts:  # the artifact store lost results.json: only the params say XLA
+        path.unlink()
+    report = compare(uri, EXPERIMENT, out_dir=tmp_path / "out", client=client, log=False)
+    assert [(r.backend, r.mode) for r in report.rows] == OPTION_ROWS
+    assert {r.source for r in report.rows} == {"metrics"}

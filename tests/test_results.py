@@ -6,6 +6,7 @@ A run at n = 1e7 holds x in float32 (40 MB); its record must not cost several ti
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import numpy as np
@@ -14,7 +15,15 @@ import pytest
 from runner.engine import MinimizeOutcome, Timings
 from runner.problems import Quadratic
 from runner.protocol import MinimizeSpec, OptimizerSpec, RecordPlan, Trajectory
-from runner.results import BLOCK, RunIdentity, _abs_error, minimize_result, norm, trajectory_rows
+from runner.results import (
+    BLOCK,
+    RunIdentity,
+    _abs_error,
+    minimize_result,
+    norm,
+    skipped_result,
+    trajectory_rows,
+)
 
 IDENTITY = RunIdentity("numpy", "NumPy", "cpu", {})
 
@@ -67,3 +76,24 @@ def test_a_large_vector_is_recorded_in_a_fraction_of_its_own_bytes() -> None:
     assert result["grad_norm"] == pytest.approx(0.5 * np.sqrt(n), rel=1e-12)
     assert columns["dist"][-1] == result["error"]["dist"]
     assert columns["grad_norm"][-1] == result["grad_norm"]
+
+
+def test_results_say_which_backend_options_the_run_had() -> None:
+    # backend.jit_compile=true (XLA) and the like change what a run measures: results.json
+    # records them after the run's identity, as JSON whatever types they came in.
+    options = {"jit_compile": np.bool_(True), "unroll": np.int64(4), "sizes": (1, 2), "x": None}
+    spec = MinimizeSpec(
+        Quadratic(), OptimizerSpec("sgd", 0.1), "graph", 2, "float32", RecordPlan(2, 1),
+        options=options,
+    )  # fmt: skip
+    steps = np.arange(2)
+    rows = np.zeros(2, np.float32)
+    trajectory = Trajectory(steps, rows, rows, rows, np.float32(0.5), 0.25, np.float32(-1.0), 2)
+    finished = minimize_result(spec, MinimizeOutcome(trajectory, Timings(0.1, 0.2, 2)), IDENTITY)
+    skipped = skipped_result(spec, IDENTITY, "not here")
+    expected = {"jit_compile": True, "unroll": 4, "sizes": [1, 2], "x": None}
+    for result in (finished, skipped):
+        assert json.loads(json.dumps(result, allow_nan=True))["options"] == expected
+        keys = list(result)
+        assert keys[keys.index("versions") + 1 : keys.index("versions") + 3] == ["options", "mode"]
+        assert type(result["options"]["jit_compile"]) is bool
