@@ -92,84 +92,58 @@ def check_against_reference(traj: Trajectory, problem: Any, xs: np.ndarray, loss
 # --- float64: every problem x optimizer x {manual, apply} against the reference ------------
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "legacy"])
 @pytest.mark.parametrize("mode", ["manual", "apply"])
 @pytest.mark.parametrize(("problem_id", "opt_id"), MATRIX, ids=[f"{p}-{o}" for p, o in MATRIX])
-def test_float64_agrees_with_the_reference(problem_id: str, opt_id: str, mode: str) -> None:
+def test_float64_agrees_with_the_reference(
+    problem_id: str, opt_id: str, mode: str, legacy: bool
+) -> None:
+    """With backend.legacy_optimizers, tf_keras.optimizers.legacy's fused kernels, and
+    manual mode's rules, follow CONVENTIONS['tf_legacy']."""
     problem, lr = PROBLEMS[problem_id]
     name, hyper = OPTIMIZERS[opt_id]
-    traj = run_minimize(BACKEND, make_spec(problem, name, lr, hyper, mode)).trajectory
-    xs, losses = reference_run(problem, name, lr, hyper, TF)
-    check_against_reference(traj, problem, xs, losses)
-
-
-# Spot checks of minimize and the compiled loop (with and without XLA).
-SPOT = [
-    ("minimize", "apply", "rosenbrock", "adam", False),
-    ("minimize", "apply", "quadratic_form", "sgd-nesterov", False),
-    ("graph", "apply", "quadratic_form", "adam", False),
-    ("graph", "apply", "quadratic_dim4", "adagrad", True),
-    ("graph", "minimize", "rosenbrock", "rmsprop-momentum", False),
-    ("graph", "minimize", "quadratic", "adagrad", False),
-    ("graph", "manual", "quadratic_dim4", "rmsprop-momentum", False),
-    ("graph", "manual", "rosenbrock", "sgd-nesterov", True),
-    ("graph", "manual", "quadratic_form", "adam", False),
-    ("graph", "apply", "quadratic_dim32", "adam", True),
-    ("graph", "minimize", "quadratic_form_dim32", "sgd-momentum", True),
-    ("graph", "manual", "rosenbrock_dim32", "sgd-nesterov", True),
-]
-
-
-@pytest.mark.parametrize(
-    ("mode", "update", "problem_id", "opt_id", "xla"),
-    SPOT,
-    ids=[f"{m}-{u}-{p}-{o}{'-xla' if x else ''}" for m, u, p, o, x in SPOT],
-)
-def test_minimize_and_graph_agree_with_the_reference(
-    mode: str, update: str, problem_id: str, opt_id: str, xla: bool
-) -> None:
-    problem, lr = {**PROBLEMS, **FLAT_PROBLEMS}[problem_id]
-    name, hyper = OPTIMIZERS[opt_id]
-    spec = make_spec(problem, name, lr, hyper, mode, update, options={"jit_compile": xla})
-    traj = run_minimize(BACKEND, spec).trajectory
-    xs, losses = reference_run(problem, name, lr, hyper, TF)
-    check_against_reference(traj, problem, xs, losses)
-
-
-@pytest.mark.parametrize("mode", ["manual", "apply"])
-@pytest.mark.parametrize(("problem_id", "opt_id"), MATRIX, ids=[f"{p}-{o}" for p, o in MATRIX])
-def test_legacy_optimizers_agree_with_their_reference(
-    problem_id: str, opt_id: str, mode: str
-) -> None:
-    """backend.legacy_optimizers: tf_keras.optimizers.legacy's fused kernels, and manual
-    mode's rules, follow CONVENTIONS['tf_legacy']."""
-    problem, lr = PROBLEMS[problem_id]
-    name, hyper = OPTIMIZERS[opt_id]
-    spec = make_spec(problem, name, lr, hyper, mode, options={"legacy_optimizers": True})
-    xs, losses = reference_run(problem, name, lr, hyper, LEGACY)
+    spec = make_spec(problem, name, lr, hyper, mode, options={"legacy_optimizers": legacy})
+    xs, losses = reference_run(problem, name, lr, hyper, LEGACY if legacy else TF)
     check_against_reference(run_minimize(BACKEND, spec).trajectory, problem, xs, losses)
 
 
-LEGACY_SPOT = [
-    ("minimize", "apply", "rosenbrock", "rmsprop-momentum", False),
-    ("graph", "apply", "quadratic_form", "adagrad", False),
-    ("graph", "minimize", "quadratic_dim4", "adam", True),
-    ("graph", "apply", "quadratic_dim32", "sgd-nesterov", True),
+# Spot checks of minimize and the compiled loop (with and without XLA, current and legacy
+# optimizers).
+SPOT = [
+    ("minimize", "apply", "rosenbrock", "adam", False, False),
+    ("minimize", "apply", "quadratic_form", "sgd-nesterov", False, False),
+    ("graph", "apply", "quadratic_form", "adam", False, False),
+    ("graph", "apply", "quadratic_dim4", "adagrad", True, False),
+    ("graph", "minimize", "rosenbrock", "rmsprop-momentum", False, False),
+    ("graph", "minimize", "quadratic", "adagrad", False, False),
+    ("graph", "manual", "quadratic_dim4", "rmsprop-momentum", False, False),
+    ("graph", "manual", "rosenbrock", "sgd-nesterov", True, False),
+    ("graph", "manual", "quadratic_form", "adam", False, False),
+    ("graph", "apply", "quadratic_dim32", "adam", True, False),
+    ("graph", "minimize", "quadratic_form_dim32", "sgd-momentum", True, False),
+    ("graph", "manual", "rosenbrock_dim32", "sgd-nesterov", True, False),
+    ("minimize", "apply", "rosenbrock", "rmsprop-momentum", False, True),
+    ("graph", "apply", "quadratic_form", "adagrad", False, True),
+    ("graph", "minimize", "quadratic_dim4", "adam", True, True),
+    ("graph", "apply", "quadratic_dim32", "sgd-nesterov", True, True),
 ]
 
 
 @pytest.mark.parametrize(
-    ("mode", "update", "problem_id", "opt_id", "xla"),
-    LEGACY_SPOT,
-    ids=[f"{m}-{u}-{p}-{o}{'-xla' if x else ''}" for m, u, p, o, x in LEGACY_SPOT],
+    ("mode", "update", "problem_id", "opt_id", "xla", "legacy"),
+    SPOT,
+    ids=[
+        f"{m}-{u}-{p}-{o}{'-xla' if x else ''}{'-legacy' if g else ''}" for m, u, p, o, x, g in SPOT
+    ],
 )
-def test_legacy_minimize_and_graph_agree_with_their_reference(
-    mode: str, update: str, problem_id: str, opt_id: str, xla: bool
+def test_minimize_and_graph_agree_with_the_reference(
+    mode: str, update: str, problem_id: str, opt_id: str, xla: bool, legacy: bool
 ) -> None:
     problem, lr = {**PROBLEMS, **FLAT_PROBLEMS}[problem_id]
     name, hyper = OPTIMIZERS[opt_id]
-    options = {"jit_compile": xla, "legacy_optimizers": True}
+    options = {"jit_compile": xla, "legacy_optimizers": legacy}
     spec = make_spec(problem, name, lr, hyper, mode, update, options=options)
-    xs, losses = reference_run(problem, name, lr, hyper, LEGACY)
+    xs, losses = reference_run(problem, name, lr, hyper, LEGACY if legacy else TF)
     check_against_reference(run_minimize(BACKEND, spec).trajectory, problem, xs, losses)
 
 
