@@ -225,8 +225,9 @@ def _native_settings(opt: Resolved, dtype: str) -> dict[str, Any]:
     return {"rho": f(opt["rho"]), "momentum": f(opt["momentum"]), "epsilon": f(opt["eps"])}
 
 
-def _make_optimizer(opt: Resolved, dtype: str, legacy: bool) -> Any:
-    """The native Keras 2 optimizer (the notebook's `SGD(learning_rate=lr)` for sgd).
+def _make_optimizer(opt: Resolved, dtype: str, legacy: bool, x: tf.Variable) -> Any:
+    """The native Keras 2 optimizer (the notebook's `SGD(learning_rate=lr)` for sgd), its
+    slots for x made now, not inside the timed loop (no update).
 
     Keras 2 stores the learning rate in a variable of `floatx()` (float32) and casts it
     to the variable's dtype at each step, so float64 runs would step with
@@ -235,32 +236,37 @@ def _make_optimizer(opt: Resolved, dtype: str, legacy: bool) -> Any:
     (only), which fuses `x + (-g * lr)` and changes the last bit between devices.
     """
     if legacy:
-        return _make_legacy_optimizer(opt, dtype)
+        return _make_legacy_optimizer(opt, dtype, x)
     saved = tf_keras.backend.floatx()
     tf_keras.backend.set_floatx(dtype)
     try:
-        return _NATIVE[False, opt.name](
+        optimizer = _NATIVE[False, opt.name](
             learning_rate=opt.lr, jit_compile=False, **_native_settings(opt, dtype)
         )
     finally:
         tf_keras.backend.set_floatx(saved)
+    optimizer.build([x])
+    return optimizer
 
 
-def _make_legacy_optimizer(opt: Resolved, dtype: str) -> Any:
-    """The legacy optimizer, its hyperparameter variables made now (not inside a loop).
+def _make_legacy_optimizer(opt: Resolved, dtype: str, x: tf.Variable) -> Any:
+    """The legacy optimizer, its slots and hyperparameter variables made now.
 
     Legacy Keras keeps the learning rate, momentum, betas and rho in float32 variables
     whatever floatx says, cast to the variable's dtype at each step (epsilon and
     Adagrad's first sum are converted to it directly); a float64 run hands them over as
     float64 tensors, which it keeps as they are. SGD's momentum stays a number where it
-    is 0: a tensor would switch on its momentum kernel.
+    is 0: a tensor would switch on its momentum kernel. There is no public call that
+    builds one: apply_gradients makes its variables on first use with this one.
     """
     settings: dict[str, Any] = {"learning_rate": opt.lr, **_native_settings(opt, dtype)}
     if dtype == "float64":
         for key in _LEGACY_HYPERPARAMETERS.intersection(settings):
             if settings[key] != 0:
                 settings[key] = tf.constant(settings[key], tf.float64)
-    return _NATIVE[True, opt.name](**settings)
+    optimizer = _NATIVE[True, opt.name](**settings)
+    optimizer._create_all_weights([x])
+    return optimizer
 
 
 # What tf_keras.optimizers.legacy keeps in (float32) variables.
@@ -369,14 +375,7 @@ class _Run:
                 self.manual = _Manual(opt, convention, self.x, self.dtype)
             else:
                 legacy = bool(spec.options.get("legacy_optimizers"))
-                self.opt = _make_optimizer(opt, spec.dtype, legacy)
-                # Create the optimizer's slots (legacy: and hyperparameter variables) now,
-                # not inside the timed loop; no update. Legacy optimizers have no public
-                # call for it: apply_gradients makes them on first use with this one.
-                if legacy:
-                    self.opt._create_all_weights([self.x])
-                else:
-                    self.opt.build([self.x])
+                self.opt = _make_optimizer(opt, spec.dtype, legacy, self.x)
 
     def loss(self) -> tuple[tf.Tensor, tf.Tensor | None]:
         """The notebook's no-argument `f()`, with the x it saw: (loss_i, x_i).
