@@ -93,8 +93,22 @@ def _minimize_spec(
         record=RecordPlan(steps, every),
         update=update,
         device=device,
-        options={k: v for k, v in backend.items() if k != "name"},
+        options=_backend_options(backend),
     )
+
+
+def _backend_options(backend: Mapping[str, Any]) -> dict[str, Any]:
+    """The backend's options; a switch (true/false in its conf/backend yaml) must be one.
+
+    Checked here, before any run, so that `backend.jit_compile=yes` is refused like any
+    other bad input; what else an option allows, its backend checks (`unsupported`).
+    """
+    options = {k: v for k, v in backend.items() if k != "name"}
+    defaults = backend_defaults(str(backend.get("name")))
+    for key, value in options.items():
+        if isinstance(defaults.get(key), bool) and not isinstance(value, bool):
+            raise ConfigError(not_allowed(f"backend.{key}", value, ("true", "false")))
+    return options
 
 
 @cache

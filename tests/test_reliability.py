@@ -101,6 +101,10 @@ MORE_BAD_INPUTS = [
     (["stepz=3"], "stepz is not a setting of this config (misspelt?); to add a new key on"),
     (["problem=cubic"], "problem=cubic is not a problem choice; choose one of: "),
     (["optimizer=adamw"], "optimizer=adamw is not an optimizer choice; choose one of: "),
+    (
+        ["backend=tf", "backend.legacy_optimizers=yes"],
+        "backend.legacy_optimizers='yes' is not allowed; choose one of: true, false",
+    ),
 ]
 
 
