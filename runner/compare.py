@@ -301,8 +301,9 @@ def search_runs(
     if sweep_id is not None and _quoted(sweep_id):
         clauses.append(f"tags.sweep_id = {_quoted(sweep_id)}")
     for tag in ("backend", "dtype"):
-        if len(filters[tag]) == 1 and _quoted(filters[tag][0]):
-            clauses.append(f"tags.{tag} = {_quoted(filters[tag][0])}")
+        names = {value.split("+")[0] for value in filters[tag]}  # tf+jit_compile: tag tf
+        if len(names) == 1 and _quoted(only := names.pop()):
+            clauses.append(f"tags.{tag} = {_quoted(only)}")
     runs, token = [], None
     while True:
         page = retry_locked(
@@ -330,9 +331,12 @@ def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -
         return False
     if sweep_id is not None and tags.get("sweep_id") != sweep_id:
         return False
-    for tag in ("backend", "dtype"):
-        if filters[tag] and tags.get(tag) not in filters[tag]:
-            return False
+    if filters["dtype"] and tags.get("dtype") not in filters["dtype"]:
+        return False
+    backend = tags.get("backend", "?")
+    label = backend_label(backend, _logged_options(run.data.params))
+    if filters["backend"] and not {backend, label} & set(filters["backend"]):
+        return False
     mode = tags.get("mode", "")
     return not filters["mode"] or any(m in (mode, mode.split("/")[0]) for m in filters["mode"])
 
@@ -1010,7 +1014,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--{name}",
             action="append",
             help=f"only these {name}s; repeat or comma-separate (e.g. {example})"
-            + ("; 'graph' matches every graph/<update>" if name == "mode" else ""),
+            + ("; 'graph' matches every graph/<update>" if name == "mode" else "")
+            + ("; 'tf' matches tf+<options> too" if name == "backend" else ""),
         )
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/compare/<time>)")
     parser.add_argument(

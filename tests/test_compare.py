@@ -475,6 +475,10 @@ def test_runs_differing_only_by_an_option_are_rows_of_their_own(tmp_path: Path) 
         assert agreement["manual"].compared == ["numpy", "numpy+convention=tf"]
     written = read_csv(tmp_path / "store" / "comparison.csv")
     assert [(r["backend"], r["mode"]) for r in written] == OPTION_ROWS
+    # --backend takes a label (that backend at those options) or a name (all of them)
+    for backends, want in ((["tf+jit_compile"], OPTION_ROWS[3:]), (["tf"], OPTION_ROWS[2:])):
+        some = compare(uri, EXPERIMENT, backends=backends, out_dir=tmp_path / "f", log=False)
+        assert [(r.backend, r.mode) for r in some.rows] == want
 
 
 def test_the_metrics_fallback_labels_options_from_the_logged_params(tmp_path: Path) -> None:
