@@ -512,7 +512,7 @@ class _Eager(_Program):
 
 
 class _Manual(_Eager):
-    """torch.autograd.grad for g, then the update by hand (`_HandRule`) under no_grad.
+    """torch.autograd.grad for g, then the update by hand (`_HandRule`) on detached tensors.
 
     The rule returns a new x, which becomes the next step's leaf: x_i stays as it was, so
     the row needs no copy of it, and no copy_ writes x_next back (two tensor ops a step
@@ -534,10 +534,9 @@ class _Manual(_Eager):
         loss = self._run.loss(x)
         (grad,) = torch.autograd.grad(loss, x)
         self._t += 1
-        with torch.no_grad():
-            x_next, self._state = self._rule.update(
-                x.detach(), grad, self._state, self._t, self._run.lr
-            )
+        # No no_grad() (~1-2 us a step): the rule sees only tensors that require no grad.
+        state, lr = self._state, self._run.lr
+        x_next, self._state = self._rule.update(x.detach(), grad, state, self._t, lr)
         self._x = x_next.requires_grad_(True)
         return loss.detach(), *self._row(record, x, grad)
 

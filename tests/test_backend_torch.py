@@ -216,6 +216,17 @@ def test_eager_vector_float32_rows_are_summaries(backend):
     assert traj.grad[0] == np.float32(np.linalg.norm(problem.grad(np.zeros(3))))
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_manual_steps_keep_no_autograd_history(backend, name):
+    """The hand rule runs outside no_grad(): each step's x must still be a fresh leaf,
+    with no graph reaching back to earlier steps."""
+    program = backend.prepare(notebook_spec("manual", name=name, steps=3))
+    for _ in range(3):
+        program.step(False)
+    assert program._x.is_leaf and program._x.grad_fn is None
+    assert not any(s.requires_grad for s in program._state)
+
+
 @pytest.mark.parametrize("mode", EAGER)
 def test_eager_step_returns_device_values_and_skips_snapshots(backend, mode):
     program = backend.prepare(spec_for(mode, steps=4))
