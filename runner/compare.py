@@ -333,9 +333,13 @@ def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -
         return False
     if filters["dtype"] and tags.get("dtype") not in filters["dtype"]:
         return False
+    wanted = filters["backend"]
     backend = tags.get("backend", "?")
-    label = backend_label(backend, _logged_options(run.data.params))
-    if filters["backend"] and not {backend, label} & set(filters["backend"]):
+    if (
+        wanted
+        and backend not in wanted  # the label is made only where the name did not match
+        and backend_label(backend, _logged_options(run.data.params)) not in wanted
+    ):
         return False
     mode = tags.get("mode", "")
     return not filters["mode"] or any(m in (mode, mode.split("/")[0]) for m in filters["mode"])
