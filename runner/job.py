@@ -7,6 +7,7 @@ a tracking outage or a bad summary never loses what was computed.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,6 +133,11 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     def advance(done: int) -> None:
         _check_stop()
         if not bars:
+            # A thread lock, not tqdm's default multiprocessing one: that is a POSIX
+            # semaphore, which a joblib worker stopped at the sweep's end leaves behind,
+            # and multiprocessing's resource tracker then warns of it after the sweep.
+            # No bar here is shared with another process.
+            tqdm.set_lock(threading.RLock())
             bars.append(tqdm(total=total, unit="step", file=sys.stderr, disable=None, leave=False))
         bars[0].update(done - bars[0].n)
 

@@ -17,17 +17,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    progress: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run `python -m runner ARGS` in cwd (its outputs/ land there) and capture both streams.
 
-    Returns once the background uploads the run started have ended too, so no test
-    leaves an uploader working (and loading the machine) while later tests run.
+    progress=false unless asked: off a terminal the bars are silent anyway, but a run
+    with progress on still builds them (and tqdm's lock). Returns once the background
+    uploads the run started have ended too, so no test leaves an uploader working (and
+    loading the machine) while later tests run.
     """
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "runner", *args, "progress=false"],
+        [sys.executable, "-m", "runner", *args, f"progress={str(progress).lower()}"],
         cwd=cwd,
         env=full_env,
         capture_output=True,
