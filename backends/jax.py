@@ -576,6 +576,9 @@ class JaxBackend:
     def resolved_device(self, requested: str) -> str:
         return str(_device(requested))
 
+    def convention(self, spec: MinimizeSpec) -> Convention:
+        return CONVENTION
+
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         outside = outside_vocabulary(spec)
         if outside:

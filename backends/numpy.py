@@ -15,9 +15,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from runner.errors import ConfigError, UnsupportedError
-from runner.optimizers import CONVENTIONS, resolve
+from runner.optimizers import CONVENTIONS, Convention, resolve
 from runner.protocol import Derivatives, DerivativesSpec, MinimizeSpec
 from runner.reference import rule
+
+
+def _convention(spec: MinimizeSpec) -> Convention:
+    """The formulas backend.convention names (checked by unsupported())."""
+    return CONVENTIONS[spec.options.get("convention", "paper")]
 
 
 class _Stepper:
@@ -29,7 +34,7 @@ class _Stepper:
         self.problem = problem
         self.p = {k: np.asarray(v, dtype=self.dtype) for k, v in problem.coefficients.items()}
         self.x = np.asarray(problem.x0_array(), dtype=self.dtype)
-        convention = CONVENTIONS[spec.options.get("convention", "paper")]
+        convention = _convention(spec)
         opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, convention)
         self.rule = rule(opt, convention)
         self.state = self.rule.init(self.x)
@@ -74,6 +79,9 @@ class NumpyBackend:
         if requested == "gpu":
             raise ConfigError("device=gpu: NumPy runs on the CPU only; use device=cpu or auto")
         return "cpu"
+
+    def convention(self, spec: MinimizeSpec) -> Convention:
+        return _convention(spec)
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         if spec.mode != "manual":

@@ -918,6 +918,9 @@ class TensorFlowBackend:
     def resolved_device(self, requested: str) -> str:
         return _device_name(requested)
 
+    def convention(self, spec: MinimizeSpec) -> Convention:
+        return _convention(spec)
+
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         outside = outside_vocabulary(spec)
         if outside:

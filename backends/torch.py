@@ -267,6 +267,9 @@ class TorchBackend:
             return "cuda:0" if has_gpu else "cpu"
         raise ConfigError(f"device={requested!r} is unknown; choose one of cpu, gpu, auto")
 
+    def convention(self, spec: MinimizeSpec) -> Convention:
+        return _CONVENTION
+
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         outside = outside_vocabulary(spec)
         if outside:

@@ -16,8 +16,9 @@ from typing import Any
 from runner.config import RunConfig
 from runner.engine import run_minimize
 from runner.errors import DivergenceError, UnsupportedError
+from runner.optimizers import used_record
 from runner.plugins import load_backend
-from runner.protocol import Backend, MinimizeSpec
+from runner.protocol import Backend, FollowsConvention, MinimizeSpec
 from runner.results import (
     RESULTS_FILE,
     TRAJECTORY_FILE,
@@ -76,7 +77,7 @@ def _minimize(
             on_phase=_phase_printer(run.progress, spec.mode == "graph", spec.steps),
             progress=advance,
         )
-    result = minimize_result(spec, outcome, identity)
+    result = minimize_result(spec, outcome, identity, _optimizer_used(backend, spec))
     write_trajectory(output_dir / TRAJECTORY_FILE, trajectory_rows(spec, outcome))
     write_json(output_dir / RESULTS_FILE, result)
     print(minimize_summary(result))
@@ -91,6 +92,14 @@ def _minimize(
             step,
         )
     return result
+
+
+def _optimizer_used(backend: Backend, spec: MinimizeSpec) -> dict[str, Any] | None:
+    """What the run's optimizer ran with, where the backend names its convention."""
+    if not isinstance(backend, FollowsConvention):
+        return None
+    opt = spec.optimizer
+    return used_record(opt.name, opt.lr, opt.hyper, backend.convention(spec))
 
 
 _STOPS: list[KeyboardInterrupt] = []

@@ -123,6 +123,14 @@ def _check(name: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where} is not allowed; give a number >= 0")
 
 
+def used_record(name: str, lr: float, hyper: Mapping[str, Any], convention: Convention) -> dict:
+    """The hyperparameters a run ran with, its framework's defaults filled in, and whose
+    formulas (results.json's `optimizer_used`; `optimizer` keeps the settings as asked,
+    which is what the comparison report groups runs by)."""
+    opt = resolve(name, lr, hyper, convention)
+    return {"convention": convention.name, "name": opt.name, "lr": opt.lr, **opt.values}
+
+
 def resolve(name: str, lr: float, hyper: Mapping[str, Any], convention: Convention) -> Resolved:
     """Fill the framework defaults (the Nones) from `convention`."""
     values = validate_hyper(name, hyper)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from runner.errors import not_allowed
+from runner.optimizers import Convention
 from runner.problems import Problem
 
 EAGER_MODES = ("manual", "apply", "minimize")  # the core steps them; "graph" compiles a loop
@@ -235,6 +236,19 @@ class Backend(Protocol):
     def prepare(self, spec: MinimizeSpec) -> EagerProgram | CompiledProgram: ...
 
     def derivatives(self, spec: DerivativesSpec) -> Derivatives: ...
+
+
+@runtime_checkable
+class FollowsConvention(Protocol):
+    """A backend that names whose optimizer formulas and defaults a run follows.
+
+    Optional (a plugin without it records the settings as asked): with it, a run's
+    results.json holds the hyperparameters the framework ran with, its defaults filled
+    in (`optimizer_used`: Adam's eps is 1e-7 in TF and 1e-8 in torch and optax), which
+    is often what explains two frameworks' different numbers.
+    """
+
+    def convention(self, spec: MinimizeSpec) -> Convention: ...
 
 
 def outside_vocabulary(spec: MinimizeSpec) -> str | None:

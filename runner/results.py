@@ -33,8 +33,13 @@ TRAJECTORY_FILE = "trajectory.csv"
 
 
 def minimize_result(
-    spec: MinimizeSpec, outcome: MinimizeOutcome, run: RunIdentity
+    spec: MinimizeSpec,
+    outcome: MinimizeOutcome,
+    run: RunIdentity,
+    optimizer_used: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """results.json of a run; `optimizer_used` (see runner.optimizers.used_record) where
+    the backend says whose defaults it ran."""
     traj = outcome.trajectory
     problem = spec.problem
     x_star, loss_star = problem.optimum()
@@ -53,6 +58,7 @@ def minimize_result(
         "record_every": spec.record.every,
         "problem": problem_record(problem),
         "optimizer": {"name": spec.optimizer.name, "lr": spec.optimizer.lr, **spec.optimizer.hyper},
+        **({"optimizer_used": dict(optimizer_used)} if optimizer_used is not None else {}),
         "x": as_number(traj.final_x) if listed else None,
         "loss": loss,
         "grad": as_number(traj.final_grad) if listed else None,

@@ -29,7 +29,9 @@ def minimize_summary(result: Mapping[str, Any]) -> str:
     settings = ", ".join(
         f"{k}={_short(v)}" for k, v in problem.items() if k != "name" and v is not None
     )
-    hyper = " ".join(f"{k}={_short(v)}" for k, v in opt.items() if k != "name")
+    hyper = " ".join(
+        _setting(k, v, result.get("optimizer_used")) for k, v in opt.items() if k != "name"
+    )
     status = result["status"]
     lines = [
         f"backend   {result['backend']} ({framework}), device {result['device']}",
@@ -71,6 +73,13 @@ def _leaves(tree: Any) -> list[float]:
     if isinstance(tree, Mapping):
         return [leaf for value in tree.values() for leaf in _leaves(value)]
     return [float(tree)]
+
+
+def _setting(key: str, asked: Any, used: Mapping[str, Any] | None) -> str:
+    """`eps=1e-07 (tf default)` for a setting left to the framework, else `key=value`."""
+    if asked is None and used is not None and used.get(key) is not None:
+        return f"{key}={_short(used[key])} ({used['convention']} default)"
+    return f"{key}={_short(asked)}"
 
 
 def _short(value: Any) -> str:

@@ -166,9 +166,11 @@ def test_float64_matches_numpy_reference(backend, problem_id, optimizer_id, mode
     optimizer = optimizer_for(problem_id, optimizer_id)
     xs, losses = reference_run(problem, optimizer)
     assert_meaningful(problem, xs)
-    traj = run_minimize(backend, spec_for(problem, optimizer, mode)).trajectory
+    spec = spec_for(problem, optimizer, mode)
+    traj = run_minimize(backend, spec).trajectory
     assert traj.x.dtype == np.float64 and np.asarray(traj.final_x).dtype == np.float64
     assert_matches_reference(traj, problem, xs, losses)
+    assert backend.convention(spec) is JAX  # what results.json's optimizer_used names
 
 
 @pytest.mark.parametrize("mode", ["manual", "apply"])

@@ -103,8 +103,10 @@ def test_float64_agrees_with_the_reference(
     problem, lr = PROBLEMS[problem_id]
     name, hyper = OPTIMIZERS[opt_id]
     spec = make_spec(problem, name, lr, hyper, mode, options={"legacy_optimizers": legacy})
-    xs, losses = reference_run(problem, name, lr, hyper, LEGACY if legacy else TF)
+    convention = LEGACY if legacy else TF
+    xs, losses = reference_run(problem, name, lr, hyper, convention)
     check_against_reference(run_minimize(BACKEND, spec).trajectory, problem, xs, losses)
+    assert BACKEND.convention(spec) is convention  # what results.json's optimizer_used names
 
 
 # Spot checks of minimize and the compiled loop (with and without XLA, current and legacy

@@ -88,9 +88,11 @@ def check_against_reference(traj: Trajectory, problem: Any, xs: np.ndarray, loss
 def test_float64_agrees_with_the_reference(problem_id: str, opt_id: str, mode: str) -> None:
     problem, lr = PROBLEMS[problem_id]
     name, hyper = OPTIMIZERS[opt_id]
-    traj = run_minimize(BACKEND, make_spec(problem, name, lr, hyper, mode)).trajectory
+    spec = make_spec(problem, name, lr, hyper, mode)
+    traj = run_minimize(BACKEND, spec).trajectory
     xs, losses = reference_run(problem, name, lr, hyper)
     check_against_reference(traj, problem, xs, losses)
+    assert BACKEND.convention(spec) is TORCH  # what results.json's optimizer_used names
 
 
 # --- the documented formula differences are exactly the documented ones ------------------

@@ -44,6 +44,24 @@ def test_default_run_is_the_notebook(tmp_path: Path) -> None:
     assert (tmp_path / "outputs" / "mlflow.db").exists()
 
 
+def test_the_record_says_which_defaults_ran(tmp_path: Path) -> None:
+    """optimizer keeps the settings as asked (None: the framework's default);
+    optimizer_used and the summary line say what ran, and whose default it was."""
+    proc = cli(
+        "backend=numpy", "backend.convention=tf", "optimizer=adagrad", "optimizer.eps=1e-6",
+        "steps=20", "tracking=off", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = single_result(tmp_path)
+    assert result["optimizer"] == {
+        "name": "adagrad", "lr": 0.01, "initial_accumulator": None, "eps": 1e-6
+    }  # fmt: skip
+    assert result["optimizer_used"] == {
+        "convention": "tf", "name": "adagrad", "lr": 0.01, "initial_accumulator": 0.1, "eps": 1e-6
+    }  # fmt: skip
+    assert "adagrad lr=0.01 initial_accumulator=0.1 (tf default) eps=1e-06\n" in proc.stdout
+
+
 def test_every_backend_end_to_end(tmp_path: Path) -> None:
     """One multirun per framework keeps imports to one per framework."""
     for backend, modes in (("torch", "manual,minimize"), ("jax", "apply,graph")):

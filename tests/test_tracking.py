@@ -77,6 +77,10 @@ def test_default_store_records_everything(tmp_path: Path) -> None:
     assert tags["version.jax"] == result["versions"]["jax"]
     assert tags["device"] == result["device"] and tags["python"] == result["versions"]["python"]
     assert "problem.b=-3" in tags["overrides"] and tags["platform"]
+    assert result["optimizer_used"] == {
+        "convention": "jax", "name": "sgd", "lr": 0.01, "momentum": 0.0, "nesterov": False
+    }  # fmt: skip
+    assert tags["optimizer_used.convention"] == "jax" and tags["optimizer_used.lr"] == "0.01"
     metrics = run.data.metrics
     assert metrics["final_x"] == result["x"] and metrics["final_loss"] == result["loss"]
     assert metrics["error_x"] == result["error"]["x"]
