@@ -43,7 +43,7 @@ import numpy as np
 
 from runner.config import backend_defaults
 from runner.errors import RunnerError
-from runner.optimizers import HYPERPARAMETERS
+from runner.optimizers import CONVENTIONS, HYPERPARAMETERS, eps_form
 from runner.protocol import MODES
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
 from runner.tracking import (
@@ -98,6 +98,7 @@ class Row:
     problem: dict[str, Any] = field(default_factory=dict)
     optimum_loss: float = math.nan
     source: str = RESULTS_FILE  # or "metrics" when results.json could not be read
+    optimizer_used: dict[str, Any] = field(default_factory=dict)  # results.json's, if any
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -402,6 +403,11 @@ def _record(client: Any, run: Any) -> Row:
         },
         optimum_loss=optimum,
         source="metrics",
+        optimizer_used={
+            k.removeprefix("optimizer_used."): _number(v)
+            for k, v in tags.items()
+            if k.startswith("optimizer_used.")
+        },
         **common,
     )
 
@@ -440,6 +446,7 @@ def row_from_result(result: Mapping[str, Any], **common: str) -> Row | None:
         relative=math.nan,
         problem=dict(result.get("problem", {})),
         optimum_loss=float(result["optimum"]["loss"]),
+        optimizer_used=dict(result.get("optimizer_used") or {}),
         **common,
     )
 
@@ -631,7 +638,31 @@ def _setup_note(members: Sequence[Row]) -> str:
     problems = {json.dumps(m.problem, sort_keys=True) for m in members}
     if len(problems) > 1:
         notes.append("problems differ")
+    notes += _defaults_differ(members)
     return "; ".join(notes)
+
+
+def _defaults_differ(members: Sequence[Row]) -> list[str]:
+    """The framework defaults and eps forms the rows ran with, where they differ: what
+    keeps e.g. TF's Adam (eps 1e-7, epsilon-hat) from agreeing with torch's to the ulp."""
+    seen: dict[str, dict[str, list[str]]] = {}  # setting -> value -> backends
+    for row in members:
+        used = row.optimizer_used
+        convention = CONVENTIONS.get(str(used.get("convention")))
+        settings = {k: v for k, v in used.items() if k not in ("convention", "name", "lr")}
+        if convention is not None:
+            form = eps_form(str(used.get("name")), float(used.get("momentum") or 0), convention)
+            if form is not None:
+                settings["eps form"] = form
+        for key, value in settings.items():
+            backends = seen.setdefault(key, {}).setdefault(str(value), [])
+            if row.backend not in backends:
+                backends.append(row.backend)
+    return [
+        f"{key} " + ", ".join(f"{value} ({', '.join(b)})" for value, b in values.items())
+        for key, values in seen.items()
+        if len(values) > 1
+    ]
 
 
 # ---------------------------------------------------------------- output

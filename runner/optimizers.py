@@ -123,6 +123,17 @@ def _check(name: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where} is not allowed; give a number >= 0")
 
 
+def eps_form(name: str, momentum: float, convention: Convention) -> str | None:
+    """Where `name`'s epsilon goes under `convention`, in a few words (None: no eps)."""
+    if name == "adam":
+        return "on sqrt(v_hat)" if convention.adam_eps_form == "corrected" else "epsilon-hat"
+    if name == "adagrad":
+        return f"{convention.adagrad_eps_form} the root"
+    if name == "rmsprop":
+        return f"{convention.rmsprop_form(momentum)} the root"
+    return None
+
+
 def used_record(name: str, lr: float, hyper: Mapping[str, Any], convention: Convention) -> dict:
     """The hyperparameters a run ran with, its framework's defaults filled in, and whose
     formulas (results.json's `optimizer_used`; `optimizer` keeps the settings as asked,

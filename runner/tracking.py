@@ -578,8 +578,7 @@ def result_tags(result: Mapping[str, Any]) -> dict[str, str]:
     for name, version in result.get("versions", {}).items():
         tags[f"version.{name}"] = version
     for key, value in result.get("optimizer_used", {}).items():  # the params are as asked
-        if key != "name":
-            tags[f"optimizer_used.{key}"] = str(value)
+        tags[f"optimizer_used.{key}"] = str(value)
     return tags
 
 

@@ -507,3 +507,41 @@ def test_the_metrics_fallback_labels_options_from_the_logged_params(tmp_path: Pa
     report = compare(uri, EXPERIMENT, out_dir=tmp_path / "out", client=client, log=False)
     assert [(r.backend, r.mode) for r in report.rows] == OPTION_ROWS
     assert {r.source for r in report.rows} == {"metrics"}
+
+
+def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> None:
+    """Adam under TF's conventions (eps 1e-7, epsilon-hat) against the papers' (1e-8, eps on
+    sqrt(v_hat)): the agreement note says so, from results.json and from MLflow's tags."""
+    from urllib.parse import urlsplit
+
+    from runner.compare import compare, open_client
+    from runner.results import RESULTS_FILE
+    from runner.upload import upload
+
+    sweep = tmp_path / "sweep"
+    code, out, err = finish(
+        start(
+            "runner", "-m", "backend=numpy", "backend.convention=tf,paper", "optimizer=adam",
+            "steps=20", "tracking=off", f"hydra.sweep.dir={sweep}", "progress=false",
+            cwd=tmp_path,
+        )
+    )  # fmt: skip
+    assert code == 0, err
+    want = (
+        "eps 1e-08 (numpy), 1e-07 (numpy+convention=tf); "
+        "eps form on sqrt(v_hat) (numpy), epsilon-hat (numpy+convention=tf)"
+    )
+    (written,) = read_csv(sweep / "compare" / "agreement.csv")
+    assert written["note"] == want
+    assert want in out  # the sweep's printed report
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    upload([sweep], uri, EXPERIMENT, out=io.StringIO())
+    client = open_client(uri)
+    (agreement,) = compare(uri, EXPERIMENT, out_dir=tmp_path / "a", client=client).agreement
+    assert agreement.note == want
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    for run in client.search_runs([experiment.experiment_id], "tags.task = 'minimize'"):
+        (Path(urlsplit(run.info.artifact_uri).path) / RESULTS_FILE).unlink()
+    report = compare(uri, EXPERIMENT, out_dir=tmp_path / "b", client=client, log=False)
+    assert {r.source for r in report.rows} == {"metrics"}
+    assert [a.note for a in report.agreement] == [want]
