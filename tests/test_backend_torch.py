@@ -6,6 +6,8 @@ convergence of the three compiled updates); the other graph cases are marked slo
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -227,12 +229,27 @@ def test_manual_steps_keep_no_autograd_history(backend, name):
     assert not any(s.requires_grad for s in program._state)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+        ),
+    ],
+)
 @pytest.mark.parametrize("mode", EAGER)
-def test_eager_step_returns_device_values_and_skips_snapshots(backend, mode):
-    program = backend.prepare(spec_for(mode, steps=4))
+def test_eager_step_values_and_snapshots(backend, mode, device):
+    """On the CPU a step's values are Python floats at once (nothing held for the chunk's
+    end); on a GPU device tensors, which cross to the host once a chunk."""
+    spec = dataclasses.replace(spec_for(mode, steps=4), device=device)
+    program = backend.prepare(spec)
     loss, x, grad = program.step(True)
-    assert all(isinstance(v, torch.Tensor) for v in (loss, x, grad))  # no host transfer
-    assert not loss.requires_grad  # no autograd graph kept alive per step
+    if device == "cpu":
+        assert all(type(v) is float for v in (loss, x, grad))
+    else:
+        assert all(isinstance(v, torch.Tensor) and v.is_cuda for v in (loss, x, grad))
+        assert not loss.requires_grad  # no autograd graph kept alive per step
     loss1, x1, grad1 = program.step(False)
     assert x1 is None and grad1 is None
     # The snapshot of step 0 is not aliased to the live x that step 1 moved.
