@@ -61,6 +61,24 @@ def test_notebook_variants_end_exactly_where_the_notebook_does(mode: str, update
     assert traj.final_loss == 0.0
 
 
+@pytest.mark.parametrize("mode", ["manual", "apply", "minimize"])
+def test_eager_steps_on_the_cpu_hand_over_host_scalars(mode: str) -> None:
+    """An eager CPU step's loss and row are NumPy scalars of the run's dtype at once
+    (nothing held to the chunk's end), the values the notebook's arithmetic gives."""
+    for dtype in ("float32", "float64"):
+        program = BACKEND.prepare(make_spec(mode, steps=3, dtype=dtype))
+        loss, x, grad = program.step(True)
+        assert all(type(v) is np.dtype(dtype).type for v in (loss, x, grad))
+        assert (x, grad, loss) == (0.0, -2.0, 1.0)
+        loss1, x1, grad1 = program.step(False)
+        assert x1 is None and grad1 is None
+        losses = program.to_numpy([loss, loss1])
+        assert losses.dtype == np.dtype(dtype)
+        t = np.dtype(dtype).type
+        x_1 = t(0) - t(0.01) * t(-2)  # the notebook's a*x^2 + b*x + c at x_1, in the dtype
+        assert losses[1] == t(1) * x_1 * x_1 + t(-2) * x_1 + t(1)
+
+
 @pytest.mark.parametrize(
     ("mode", "update"),
     [*EAGER_UPDATES[1:], *GRAPH_MODE_UPDATES[:2]],
