@@ -591,10 +591,9 @@ class _GraphProgram(_Program):
     With a small x (the scalar problem) the chunk runs groups of steps instead (see
     `_group`: a divisor of every, whose first step writes the row, or without XLA a
     multiple of it, whose recorded steps write theirs) with no per-step exit test; the
-    group notes the first non-finite loss's step and x (with XLA a few
-    selects a step, fused with the update: ~5 ns a step here, against ~12 for the
-    per-step tested loop; without XLA a few ops a group, counting the finite losses
-    before the first that is not); the steps after the chunk's last whole group test
+    group notes the first non-finite loss's step and x (with XLA selects fused with
+    the steps, see _group_chunk; without XLA a few ops a group, counting the finite
+    losses before the first that is not); the steps after the chunk's last whole group test
     each step. Without XLA a group saves the loop's own ops per iteration (each loop
     variable passes Merge, Switch, Identity and NextIteration) and, for a divisor of
     every, the row's scatters: at every = 20 (groups of 10) 7.1-7.7 us a step against
@@ -820,34 +819,39 @@ class _GraphProgram(_Program):
         run, group = self._run, self.step_multiple
         groups = (end - start) // group
 
-        def each_step(i: tf.Tensor, latch: tuple, losses: list, xs: list) -> tuple:
-            """(ok, first bad step, x there), carried on by selects per step, which XLA fuses."""
-            ok, i_bad, x_bad = latch
+        # The loop enters a group only while every loss before it was finite, so it ends
+        # after the first group with a non-finite loss: each group says whether all its
+        # losses were finite, and where in it the first non-finite one was and x there;
+        # only the last group's answer is used (i_bad below). With XLA by selects, fused
+        # with the steps; the position within the group is a float (a select beside x's),
+        # the step number is made once the loop has ended. tf graph+xla, 1e6 steps, one
+        # process, four rounds each, runner / hand-written loop: legacy SGD 1.00-1.06
+        # against 1.24-1.28 with the step number selected and added as int32 every step
+        # before; current SGD unchanged (1.04-1.08 against 1.02-1.06). Selecting in
+        # reverse order, which keeps every step's x until the group's end, or starting
+        # from a step's x instead of the carried one, made the current SGD's loop ~100 ns
+        # a step. Without XLA, where each op costs ~0.15-1 us, a few ops a group count the
+        # finite losses (7.1-7.7 us a step against 9.2-9.8 with selects, every = 20); with
+        # XLA their stack and gather cost ~70x the step.
+        def selected(losses: list, xs: list, latch: tuple) -> tuple:
+            ok, (j_bad, x_bad) = tf.constant(True), latch
             for j, (loss, x_j) in enumerate(zip(losses, xs, strict=True)):
                 finite = tf.math.is_finite(loss)
-                bad = tf.logical_and(ok, tf.logical_not(finite))
-                ok, i_bad, x_bad = (
-                    tf.logical_and(ok, finite),
-                    tf.where(bad, i + j, i_bad),
-                    tf.where(bad, x_j, x_bad),
-                )
-            return ok, i_bad, x_bad
+                first = tf.logical_and(ok, tf.logical_not(finite))
+                x_bad = tf.where(first, x_j, x_bad)
+                j_bad = tf.where(first, tf.constant(j, run.dtype), j_bad)
+                ok = tf.logical_and(ok, finite)
+            return ok, j_bad, x_bad
 
-        def once(i: tf.Tensor, _latch: tuple, losses: list, xs: list) -> tuple:
-            """The same with a few ops a group: the steps before the first bad one, counted.
-            (The loop enters a group only while every loss was finite: nothing to carry.)"""
+        def counted(losses: list, xs: list, _latch: tuple) -> tuple:
             finite = tf.cast(tf.math.is_finite(tf.stack(losses)), tf.int32)
             good = tf.reduce_sum(tf.math.cumprod(finite))
-            return good == group, i + good, tf.gather(tf.stack(xs), tf.minimum(good, group - 1))
-
-        # Without XLA each op costs ~0.15-1 us: once a group is 7.1-7.7 us a step against
-        # 9.2-9.8 per step (every = 20); with XLA the stack and gather cost ~70x the step.
-        first_bad = each_step if self._xla else once
+            return good == group, good, tf.gather(tf.stack(xs), tf.minimum(good, group - 1))
 
         def cond(g: tf.Tensor, ok: tf.Tensor, *_: tf.Tensor) -> tf.Tensor:
             return tf.logical_and(ok, g < groups)
 
-        def body(g: tf.Tensor, *latch: tf.Tensor) -> tuple:
+        def body(g: tf.Tensor, _ok: tf.Tensor, *latch: tf.Tensor) -> tuple:
             """One group; its recorded steps write their rows (slot or spare, see _slot)."""
             i = start + g * group
             losses, xs = [], []
@@ -862,11 +866,14 @@ class _GraphProgram(_Program):
                     self._write_row(i + j, row_x, loss, row_grad)
                 losses.append(loss)
                 xs.append(x_i)
-            return (g + 1, *first_bad(i, latch, losses, xs))
+            return (g + 1, *(selected if self._xla else counted)(losses, xs, latch))
 
         with tf.device(run.device):
-            carry = (tf.constant(0, tf.int32), tf.constant(True), start, tf.zeros_like(run.x))
-            _g, ok, i_bad, x_bad = tf.while_loop(cond, body, carry)
+            at = tf.zeros([], run.dtype if self._xla else tf.int32)
+            carry = (tf.constant(0, tf.int32), tf.constant(True), at, tf.zeros_like(run.x))
+            g, ok, at, x_bad = tf.while_loop(cond, body, carry)
+            # the first non-finite loss's step: in the last group entered (g - 1), at `at`
+            i_bad = start + (g - 1) * group + tf.cast(at, tf.int32)
             ok, last, x_last = tf.cond(
                 tf.logical_and(ok, start + groups * group < end),
                 lambda: self._flat_loop(start + groups * group, end),

@@ -212,24 +212,27 @@ def _first_nonfinite_loss_float32(a: float, b: float, c: float, lr: float, steps
     raise AssertionError("the replay did not diverge")
 
 
-DIVERGE = [(m, u, 3) for m, u in MODE_UPDATES] + [
-    (m, u, e) for e in (8, 6) for m, u in GRAPH_MODE_UPDATES
+DIVERGE = [(m, u, 3, False) for m, u in MODE_UPDATES] + [
+    (m, u, e, xla) for xla in (False, True) for e in (8, 6) for m, u in GRAPH_MODE_UPDATES
 ]
 DIVERGE_IDS = [
-    f"{name}-every{e}"
-    for name, (*_, e) in zip(
-        mode_ids(MODE_UPDATES + GRAPH_MODE_UPDATES + GRAPH_MODE_UPDATES), DIVERGE, strict=True
+    f"{name}-every{e}" + ("-xla" if xla else "")
+    for name, (*_, e, xla) in zip(
+        mode_ids(MODE_UPDATES + GRAPH_MODE_UPDATES * 4), DIVERGE, strict=True
     )
 ]
 
 
-@pytest.mark.parametrize(("mode", "update", "every"), DIVERGE, ids=DIVERGE_IDS)
-def test_divergence_stops_at_the_first_nonfinite_loss(mode: str, update: str, every: int) -> None:
+@pytest.mark.parametrize(("mode", "update", "every", "xla"), DIVERGE, ids=DIVERGE_IDS)
+def test_divergence_stops_at_the_first_nonfinite_loss(
+    mode: str, update: str, every: int, xla: bool
+) -> None:
     """every=3: the stopping step (64) is not a recorded one; every=8: it is, and starts a
-    group of 8 steps; every=6: it is the 5th of a group of 6."""
+    group of 8 steps; every=6: it is the 5th of a group of 6 (with XLA too, where groups
+    locate it by selects)."""
     stop, x_stop = _first_nonfinite_loss_float32(1.0, -2.0, 1.0, 1.5, 100)
     assert stop == 64
-    spec = make_spec(mode, update, lr=1.5, steps=100, every=every)
+    spec = make_spec(mode, update, lr=1.5, steps=100, every=every, jit_compile=xla)
     traj = run_minimize(BACKEND, spec).trajectory
     assert traj.stopped_at == stop
     assert not np.isfinite(traj.final_loss)
