@@ -1,8 +1,9 @@
 """Drives a backend's program: times it, records the trajectory, catches divergence.
 
 Eager programs are stepped from here, so every framework gets the same recording
-and the same divergence check for free; the only host sync is one transfer of a
-chunk's losses and rows every CHECK_EVERY steps, never one per step.
+and the same divergence check for free; the engine asks for one transfer of a
+chunk's losses and rows every CHECK_EVERY steps, never one per step (a program on
+the CPU, where a value costs no device sync, may hand over host numbers at once).
 """
 
 from __future__ import annotations
@@ -320,10 +321,11 @@ def _run_eager(
 
 
 class _HostRecorder:
-    """Gives a program whose step() returns framework values the drain() of a recording one.
+    """Gives a program whose step() returns values the drain() of a recording one.
 
-    The values wait in lists until the chunk ends, then cross to the host in one
-    to_numpy() each and are spread over the chunk's steps.
+    The values (framework values, or host numbers from a CPU program) wait in lists
+    until the chunk ends, then go through one to_numpy() each and are spread over the
+    chunk's steps.
     """
 
     def __init__(self, program: EagerProgram) -> None:
