@@ -519,7 +519,7 @@ class _Eager(_Program):
         if self._run.vector:
             x_i, grad_i = self._run.row(x.detach(), grad)
         elif self._on_cpu:
-            return x.item(), grad.item()  # x's value now: no copy needed
+            x_i, grad_i = x, grad  # read as numbers below: x's value now, no copy needed
         else:
             x_i, grad_i = (x.detach().clone() if self._x_in_place else x.detach()), grad
         return (x_i.item(), grad_i.item()) if self._on_cpu else (x_i, grad_i)
