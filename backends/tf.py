@@ -825,9 +825,9 @@ class _GraphProgram(_Program):
         # only the last group's answer is used (i_bad below). With XLA by selects, fused
         # with the steps; the position within the group is a float (a select beside x's),
         # the step number is made once the loop has ended. tf graph+xla, 1e6 steps, one
-        # process, four rounds each, runner / hand-written loop: legacy SGD 1.00-1.06
-        # against 1.24-1.28 with the step number selected and added as int32 every step
-        # before; current SGD unchanged (1.04-1.08 against 1.02-1.06). Selecting in
+        # process, four rounds each, runner / hand-written loop: legacy SGD 1.00-1.07
+        # against 1.24-1.31 with the step number selected and added as int32 every step
+        # before; current SGD unchanged (1.01-1.09 against 1.02-1.10). Selecting in
         # reverse order, which keeps every step's x until the group's end, or starting
         # from a step's x instead of the carried one, made the current SGD's loop ~100 ns
         # a step. Without XLA, where each op costs ~0.15-1 us, a few ops a group count the
