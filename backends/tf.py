@@ -593,8 +593,8 @@ class _GraphProgram(_Program):
     multiple of it, whose recorded steps write theirs) with no per-step exit test; the
     group notes the first non-finite loss's step and x (with XLA selects fused with
     the steps, see _group_chunk; without XLA a few ops a group, counting the finite
-    losses before the first that is not); the steps after the chunk's last whole group test
-    each step. Without XLA a group saves the loop's own ops per iteration (each loop
+    losses before the first that is not); the steps after the chunk's last whole group
+    test each step. Without XLA a group saves the loop's own ops per iteration (each loop
     variable passes Merge, Switch, Identity and NextIteration) and, for a divisor of
     every, the row's scatters: at every = 20 (groups of 10) 7.1-7.7 us a step against
     13.2-13.8 for the per-step loop (the notebook's loop 7.7-8.4); with selects every
@@ -843,7 +843,7 @@ class _GraphProgram(_Program):
                 ok = tf.logical_and(ok, finite)
             return ok, j_bad, x_bad
 
-        def counted(losses: list, xs: list, _latch: tuple) -> tuple:
+        def counted(losses: list, xs: list) -> tuple:
             finite = tf.cast(tf.math.is_finite(tf.stack(losses)), tf.int32)
             good = tf.reduce_sum(tf.math.cumprod(finite))
             return good == group, good, tf.gather(tf.stack(xs), tf.minimum(good, group - 1))
@@ -866,7 +866,8 @@ class _GraphProgram(_Program):
                     self._write_row(i + j, row_x, loss, row_grad)
                 losses.append(loss)
                 xs.append(x_i)
-            return (g + 1, *(selected if self._xla else counted)(losses, xs, latch))
+            found = selected(losses, xs, latch) if self._xla else counted(losses, xs)
+            return (g + 1, *found)
 
         with tf.device(run.device):
             at = tf.zeros([], run.dtype if self._xla else tf.int32)
