@@ -3,7 +3,8 @@
 Each mode is written in PyTorch's own idiom (the design notes' mode table):
 
 - manual:   ``torch.autograd.grad``, then the update rule by hand (`_HandRule`, torch tensor
-  ops in torch's formula convention) under ``torch.no_grad()``: plain SGD is ``x - lr * g``;
+  ops in torch's formula convention) on ``x.detach()``, so no ``torch.no_grad()`` is
+  needed: plain SGD is ``x - lr * g``;
 - apply:    ``opt.zero_grad(); loss.backward(); opt.step()``;
 - minimize: ``opt.step(closure)``, the closure zero-grads, computes the loss and backpropagates;
 - graph:    ``torch.compile`` over the whole update, with the trajectory and the divergence
