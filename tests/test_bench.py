@@ -58,6 +58,10 @@ def test_quick_writes_table_json_and_plots(quick) -> None:
     for heading in ("## Targets (issue 7)", "## Scalar quadratic", "## n-dimensional quadratic"):
         assert heading in report
     assert "| jax graph | 1,000 |" in report
+    scalar = report.split("## Scalar quadratic")[1].split("## n-dimensional")[0]
+    (graph_row,) = [line for line in scalar.splitlines() if line.startswith("| jax graph |")]
+    low, high = graph_row.split(" | ")[5].split("-")  # the repeat pairs' range
+    assert 0 < float(low) <= float(high)
     assert "## Targets" in proc.stdout  # the table is printed too
 
 
@@ -137,6 +141,15 @@ def test_targets_are_judged_on_the_longest_run() -> None:
     }
     floor = [t for t in all_targets(results) if "floor" in t.target]
     assert [(t.met, t.measured.split()[0]) for t in floor] == [(True, "1.73x")]
+
+
+def test_ratio_target_shows_the_spread_of_its_repeat_pairs() -> None:
+    judged = cell("tf apply", 10_000, 101.0, 100.0)
+    judged.update(runner_samples_us=[103.0, 101.0, 106.0], hand_samples_us=[100.0, 101.0, 100.0])
+    (target,) = ratio_targets([judged])
+    assert target.measured == "1.010 at 10,000 steps (repeat pairs 1.000-1.060)"
+    (unpaired,) = ratio_targets([cell("tf apply", 10_000, 101.0, 100.0)])
+    assert unpaired.measured.endswith("(repeat pairs -)")
 
 
 def test_eager_targets_compare_with_the_fastest_idiom() -> None:
