@@ -19,7 +19,7 @@ import pytest
 
 from runner.bench.report import all_targets, longest, ratio_targets
 from runner.bench.run import parse_args
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port, python_code
 
 # One worker runs the quick benchmark (the module's fixture) for every test of it.
 pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("bench-quick")]
@@ -190,7 +190,54 @@ def test_tf_options_are_variants_of_their_own() -> None:
     assert spec_for(Variant("tf", "apply"), 10).options == {}
 
 
-def test_repeats_below_three_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        parse_args(["--repeats", "2"])
-    assert "--repeats must be >= 3" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repeats", "2"], "--repeats must be >= 3"),
+        (["--backends", "tf,mxnet"], "'mxnet' has no hand-written loops; choose from: tf,"),
+        (["--backends", "numpy"], "'numpy' has no hand-written loops"),
+        (["--backends", ","], "--backends ',': names no backend"),
+        (["--max-n", "0"], "--max-n 0 is not allowed; give a whole number >= 1"),
+        (["--budget", "-1"], "--budget -1.0 is not allowed; give seconds > 0"),
+        (["--budget", "nan"], "--budget nan is not allowed"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unusable_store_is_refused_before_anything_is_measured(tmp_path: Path) -> None:
+    out, away = tmp_path / "bench", f"http://127.0.0.1:{free_port()}"
+    code = (
+        "import sys; from runner.bench.run import main; sys.exit(main(['--backends', 'jax', "
+        f"'--out', {str(out)!r}, '--tracking-uri', {away!r}]))"
+    )
+    proc = python_code(code, tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: tracking server {away} is unreachable (ConnectionRefusedError); "
+        "start it, point --tracking-uri elsewhere, or run with --no-log"
+    )
+    assert not out.exists()
+
+
+def test_a_missing_framework_is_one_line_before_anything_is_measured(tmp_path: Path) -> None:
+    """`sys.modules[name] = None` is how Python itself spells 'this module is absent'."""
+    out = tmp_path / "bench"
+    code = (
+        "import sys; sys.modules['jax'] = None; "
+        "from runner.bench.run import main; "
+        f"sys.exit(main(['--backends', 'jax', '--no-log', '--out', {str(out)!r}]))"
+    )
+    proc = python_code(code, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "error: backend=jax needs the module 'jax', which is not installed; "
+        "pip install 'gradient-runner[jax]'"
+    )
+    assert not out.exists()

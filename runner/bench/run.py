@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
@@ -21,8 +22,10 @@ from runner.bench.cases import DEFAULT_BACKENDS, Settings, load_average, variant
 from runner.bench.measure import floor_section, scalar_section, vector_section
 from runner.bench.process import process_section
 from runner.bench.report import all_targets, markdown, scaling_plot, step_time_plot
+from runner.errors import ConfigError, MissingFrameworkError
 from runner.plugins import load_backend
 from runner.protocol import Backend
+from runner.tracking import TrackingError, TrackingTarget, check_store, resolve_target
 
 
 def metric_name(text: str) -> str:
@@ -54,13 +57,21 @@ def bench_metrics(results: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 
+BENCH_EXPERIMENT = "gradient-runner-bench"
+
+
+def bench_target(uri: str | None) -> TrackingTarget:
+    """The store the bench logs to: --tracking-uri, else the runner's default store."""
+    return resolve_target({"uri": uri, "experiment": BENCH_EXPERIMENT}, Path.cwd())
+
+
 def log_to_mlflow(results: Mapping[str, Any], out: Path, uri: str | None) -> str:
     """One run named "bench" in experiment gradient-runner-bench; returns its id."""
     from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-    from runner.tracking import client_for, ensure_experiment, resolve_target, retry_locked
+    from runner.tracking import client_for, ensure_experiment, retry_locked
 
-    target = resolve_target({"uri": uri, "experiment": "gradient-runner-bench"}, Path.cwd())
+    target = bench_target(uri)
     client = client_for(target)
     experiment_id = ensure_experiment(client, target)
     run = retry_locked(
@@ -143,10 +154,21 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     args = parser.parse_args(argv)
     if args.repeats < 3:
         parser.error("--repeats must be >= 3: best-of-N needs a few samples to beat noise")
+    backends = tuple(b for b in args.backends.split(",") if b)
+    unknown = [b for b in backends if b not in DEFAULT_BACKENDS]
+    if unknown or not backends:
+        wrong = f"{unknown[0]!r} has no hand-written loops" if unknown else "names no backend"
+        parser.error(
+            f"--backends {args.backends!r}: {wrong}; choose from: {', '.join(DEFAULT_BACKENDS)}"
+        )
+    if args.max_n < 1:
+        parser.error(f"--max-n {args.max_n} is not allowed; give a whole number >= 1")
+    if not args.budget > 0:  # also refuses nan
+        parser.error(f"--budget {args.budget} is not allowed; give seconds > 0")
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return Settings(
         quick=args.quick,
-        backends=tuple(b for b in args.backends.split(",") if b),
+        backends=backends,
         out=args.out or Path("outputs") / "bench" / stamp,
         repeats=args.repeats,
         max_n=args.max_n,
@@ -217,11 +239,27 @@ def stamped() -> Callable[[str], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
-    results = run_bench(settings, stamped())
-    print(f"\nwrote {settings.out}/results.md, results.json, step_time.png, n_scaling.png")
-    if settings.log:
-        run_id = log_to_mlflow(results, settings.out, settings.tracking_uri)
-        print(f"logged to MLflow: experiment gradient-runner-bench, run 'bench' ({run_id})")
-    print()
+    try:
+        if settings.log:  # a store that cannot take the run is said now, not after the run
+            check_store(bench_target(settings.tracking_uri))
+        results = run_bench(settings, stamped())
+    except (ConfigError, MissingFrameworkError, TrackingError) as exc:  # nothing measured yet
+        print(f"error: {bench_wording(exc)}", file=sys.stderr)
+        return exc.exit_code
+    print(f"\nwrote {settings.out}/results.md, results.json, step_time.png, n_scaling.png\n")
     print((settings.out / "results.md").read_text())
+    if settings.log:
+        try:
+            run_id = log_to_mlflow(results, settings.out, settings.tracking_uri)
+        except TrackingError as exc:  # the store failed during the run: the files stay
+            print(
+                f"error: {bench_wording(exc)}; the results are in {settings.out}", file=sys.stderr
+            )
+            return exc.exit_code
+        print(f"logged to MLflow: experiment {BENCH_EXPERIMENT}, run 'bench' ({run_id})")
     return 0
+
+
+def bench_wording(exc: Exception) -> str:
+    """The tracking layer's advice, in this command's flags instead of the runner's."""
+    return str(exc).replace("tracking.uri", "--tracking-uri").replace("tracking=off", "--no-log")
