@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -224,6 +225,33 @@ def test_an_unusable_store_is_refused_before_anything_is_measured(tmp_path: Path
         "start it, point --tracking-uri elsewhere, or run with --no-log"
     )
     assert not out.exists()
+
+
+def test_ctrl_c_keeps_what_was_measured(tmp_path: Path) -> None:
+    """SIGINT once the first scalar cell is printed: that cell and the floor are written."""
+    out = tmp_path / "bench"
+    args = ["--quick", "--backends", "jax", "--no-log", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner.bench", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "jax manual" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == f"interrupted: what was measured is in {out} (not logged to MLflow)"
+    results = json.loads((out / "results.json").read_text())
+    assert results["interrupted"] is True
+    assert results["floor"]["ns_per_step"] and results["scalar"][0]["label"] == "jax manual"
+    assert "**Interrupted** (Ctrl-C)" in (out / "results.md").read_text()
+    assert (out / "step_time.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_a_missing_framework_is_one_line_before_anything_is_measured(tmp_path: Path) -> None:

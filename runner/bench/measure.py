@@ -78,10 +78,13 @@ def estimated_s(previous: Mapping[str, Any], steps: int, repeats: int) -> float:
 
 
 def scalar_section(
-    settings: Settings, loaded: Mapping[str, Backend], say: Callable[[str], None]
-) -> list[dict[str, Any]]:
-    """Every variant at its step counts; a count that would exceed the budget is skipped."""
-    cells: list[dict[str, Any]] = []
+    settings: Settings,
+    loaded: Mapping[str, Backend],
+    say: Callable[[str], None],
+    cells: list[dict[str, Any]],
+) -> None:
+    """Every variant at its step counts, appended to `cells` as each is measured (an
+    interrupted run keeps them); a count that would exceed the budget is skipped."""
     for variant in variants(list(loaded), settings.quick):
         counts = settings.compiled_steps if variant.compiled else settings.eager_steps
         previous: dict[str, Any] | None = None
@@ -107,7 +110,6 @@ def scalar_section(
                 f"  hand {cell['hand_step_us']:10.3f} us  ratio {cell['ratio']:.3f}"
                 f"  compile {cell['runner_compile_s']:.2f} s"
             )
-    return cells
 
 
 def floor_section(settings: Settings) -> dict[str, Any]:
@@ -185,11 +187,20 @@ def measure_numpy(n: int, steps: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def empty_vectors() -> dict[str, Any]:
+    return {"bytes_model": BYTES_MODEL, "rows": [], "numpy": []}
+
+
 def vector_section(
-    settings: Settings, loaded: Mapping[str, Backend], say: Callable[[str], None]
-) -> dict[str, Any]:
+    settings: Settings,
+    loaded: Mapping[str, Backend],
+    say: Callable[[str], None],
+    vectors: dict[str, Any],
+) -> None:
+    """Each dimension's NumPy baseline and compiled modes, appended to `vectors` (from
+    empty_vectors()) as each is measured."""
     compiled = [v for v in variants(list(loaded), settings.quick) if v.compiled]
-    rows, baseline = [], []
+    rows, baseline = vectors["rows"], vectors["numpy"]
     for n in settings.dims:
         steps = vector_steps(n, settings.quick)
         numpy_row = measure_numpy(n, steps, settings.repeats)
@@ -205,4 +216,3 @@ def vector_section(
                 f"{row['step_us']:10.3f} us/step  {row['gbps']:6.2f} GB/s"
             )
             say(f"  {variant.label:<16} n={n:>10,}: {shown}")
-    return {"bytes_model": BYTES_MODEL, "rows": rows, "numpy": baseline}

@@ -306,12 +306,16 @@ def guarded(what: str, fn: Callable[[], Any], say: Callable[[str], None]) -> Any
 
 
 def process_section(
-    settings: Settings, compiled: Sequence[Variant], say: Callable[[str], None]
-) -> dict[str, Any]:
-    """Costs only a fresh process shows; all of them skipped by --quick."""
+    settings: Settings,
+    compiled: Sequence[Variant],
+    say: Callable[[str], None],
+    section: dict[str, Any],
+) -> None:
+    """Costs only a fresh process shows, each kept in `section` once measured; all of them
+    skipped by --quick."""
     repeats = settings.repeats
     say("tracking cost (jax, 1000 steps, real CLI)")
-    section: dict[str, Any] = {"tracking": guarded("tracking", lambda: tracking_cost(repeats), say)}
+    section["tracking"] = guarded("tracking", lambda: tracking_cost(repeats), say)
     say("start-up against the framework import")
     section["startup"] = [
         guarded(b, lambda b=b: startup_cost(b, repeats), say) for b in settings.backends
@@ -328,4 +332,3 @@ def process_section(
     if settings.sweep:
         say("matrix sweep: sequential vs joblib x2")
         section["sweep"] = guarded("sweep", sweep_cost, say)
-    return section

@@ -402,6 +402,11 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"Best of {settings['repeats']} repeats, interleaved; float32; CPU.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in machine['versions'].items())}.",
         "",
+        *(
+            ["**Interrupted** (Ctrl-C): what follows is what was measured before it.", ""]
+            if results.get("interrupted")
+            else []
+        ),
         "## Targets (issue 7)",
         "",
         *table(

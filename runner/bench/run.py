@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from runner.bench.cases import DEFAULT_BACKENDS, Settings, load_average, variants
-from runner.bench.measure import floor_section, scalar_section, vector_section
+from runner.bench.measure import empty_vectors, floor_section, scalar_section, vector_section
 from runner.bench.process import process_section
-from runner.bench.report import all_targets, markdown, scaling_plot, step_time_plot
+from runner.bench.report import all_targets, longest, markdown, scaling_plot, step_time_plot
 from runner.errors import ConfigError, MissingFrameworkError
 from runner.plugins import load_backend
 from runner.protocol import Backend
@@ -190,33 +190,41 @@ def load_backends(settings: Settings, say: Callable[[str], None]) -> dict[str, B
 
 
 def run_bench(settings: Settings, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every section in order; returns the results (also written to settings.out)."""
+    """Every section in order; returns the results (also written to settings.out).
+
+    Stopped by Ctrl-C once the floor is measured, it writes what was measured until then
+    (marked `interrupted`) before the KeyboardInterrupt goes on: a full run is 15-20
+    minutes, and its first sections are worth keeping.
+    """
     started = datetime.now().isoformat(timespec="seconds")
     machine = machine_info()
     say(f"benchmark -> {settings.out} (load {machine['load_before']})")
     loaded = load_backends(settings, say)
     say("native floor (numba)")
-    floor = floor_section(settings)
-    say("scalar quadratic: runner vs hand-written")
-    scalar = scalar_section(settings, loaded, say)
-    say("n-dimensional quadratic")
-    vectors = vector_section(settings, loaded, say)
-    process = {}
-    if not settings.quick:
-        compiled = [v for v in variants(list(loaded), False) if v.compiled]
-        process = process_section(settings, compiled, say)
-    machine["load_after"] = load_average()
     plain = asdict(settings) | {"out": str(settings.out), "dims": list(settings.dims)}
-    results = {
+    results: dict[str, Any] = {
         "started": started,
         "machine": machine,
         "settings": plain,
-        "floor": floor,
-        "scalar": scalar,
-        "vectors": vectors,
-        "process": process,
+        "floor": floor_section(settings),
+        "scalar": [],
+        "vectors": empty_vectors(),
+        "process": {},
     }
-    write_outputs(results, settings.out)
+    try:
+        say("scalar quadratic: runner vs hand-written")
+        scalar_section(settings, loaded, say, results["scalar"])
+        say("n-dimensional quadratic")
+        vector_section(settings, loaded, say, results["vectors"])
+        if not settings.quick:
+            compiled = [v for v in variants(list(loaded), False) if v.compiled]
+            process_section(settings, compiled, say, results["process"])
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+        raise
+    finally:
+        machine["load_after"] = load_average()
+        write_outputs(results, settings.out)
     return results
 
 
@@ -227,8 +235,10 @@ def write_outputs(results: Mapping[str, Any], out: Path) -> None:
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     (out / "results.md").write_text(markdown(results) + "\n")
-    step_time_plot(results, out / "step_time.png")
-    scaling_plot(results["vectors"], out / "n_scaling.png")
+    if longest(results["scalar"]):  # an interrupted run may have none yet
+        step_time_plot(results, out / "step_time.png")
+    if results["vectors"]["numpy"]:
+        scaling_plot(results["vectors"], out / "n_scaling.png")
 
 
 def stamped() -> Callable[[str], None]:
@@ -246,6 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, MissingFrameworkError, TrackingError) as exc:  # nothing measured yet
         print(f"error: {bench_wording(exc)}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        kept = (settings.out / "results.md").exists()
+        where = f"what was measured is in {settings.out}" if kept else "nothing was measured"
+        print(f"\ninterrupted: {where} (not logged to MLflow)", file=sys.stderr)
+        return 130
     print(f"\nwrote {settings.out}/results.md, results.json, step_time.png, n_scaling.png\n")
     print((settings.out / "results.md").read_text())
     if settings.log:
