@@ -161,7 +161,14 @@ def test_eager_targets_compare_with_the_fastest_idiom() -> None:
         "vectors": {"numpy": [], "rows": []},
         "settings": {"dims": [1]},
     }
-    judged = {(t.target, t.subject): t.met for t in all_targets(results)}
+    targets = all_targets(results)
+    judged = {(t.target, t.subject): t.met for t in targets}
+    measured = {(t.target, t.subject): t.measured for t in targets}
+    idiom = "eager <= 1.5x fastest hand-written eager idiom"
+    assert measured[(idiom, "jax manual")] == "2.00x of hand manual (10.0 us)"
+    assert (
+        measured[(idiom, "jax apply")] == "1.20x of hand manual (10.0 us); hand apply itself 1.10x"
+    )
     assert judged[("eager JAX <= 25 us/step", "jax manual")] is True
     assert judged[("eager <= 1.5x fastest hand-written eager idiom", "jax manual")] is False
     assert judged[("eager <= 1.5x fastest hand-written eager idiom", "jax apply")] is True
