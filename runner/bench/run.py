@@ -249,6 +249,7 @@ def stamped() -> Callable[[str], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
+    began = time.time()
     try:
         if settings.log:  # a store that cannot take the run is said now, not after the run
             check_store(bench_target(settings.tracking_uri))
@@ -257,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {bench_wording(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        kept = (settings.out / "results.md").exists()
+        written = settings.out / "results.json"  # by this run, not one before it in --out
+        kept = written.exists() and written.stat().st_mtime >= began
         where = f"what was measured is in {settings.out}" if kept else "nothing was measured"
         print(f"\ninterrupted: {where} (not logged to MLflow)", file=sys.stderr)
         return 130
