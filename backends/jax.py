@@ -59,8 +59,9 @@ ValueAndGrad = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 EagerStep = Callable[..., tuple]
 # (x, grad) -> what a recorded row holds: (x, grad) for scalars, (‖x − x*‖, ‖grad‖) for vectors
 Summary = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-# (x, operands) -> (loss, ||x - x*||, ||grad||): the per-step loop's row of a vector x.
-Observe = Callable[[jax.Array, tuple], tuple[jax.Array, jax.Array, jax.Array]]
+# (x, operands, recorded) -> (loss, ||x - x*||, ||grad||): the per-step loop's row of a
+# vector x; the distances are zeros unless `recorded`.
+Observe = Callable[[jax.Array, tuple, Any], tuple[jax.Array, jax.Array, jax.Array]]
 
 CONVENTION: Convention = CONVENTIONS["jax"]
 OPTIMIZERS = ("sgd", "adam", "adagrad", "rmsprop")
@@ -477,7 +478,7 @@ def _flat_loop(
     def run(x0: jax.Array, carry: tuple, start: jax.Array, end: jax.Array, operands: Any) -> tuple:
         state0, head = carry
         # prepare()'s empty call (end 0) computes x0's head
-        head = lax.cond(end == 0, observe, lambda _x, _o: head, x0, operands)
+        head = lax.cond(end == 0, observe, lambda _x, _o, _r: head, x0, operands, True)
         first = (start + every - 1) // every
 
         def cond(c: tuple) -> jax.Array:
@@ -490,7 +491,7 @@ def _flat_loop(
             ok = jnp.isfinite(loss)
             x_next, state_next, _loss, _grad = step(x, state)
             x = jnp.where(ok, x_next, x)
-            return i + 1, x, state_next, observe(x, operands), ok, bufs
+            return i + 1, x, state_next, observe(x, operands, (i + 1) % every == 0), ok, bufs
 
         loss, row_x, row_grad = head
         bufs = _row_buffers((row_x, loss, row_grad), capacity + 1)
@@ -642,7 +643,7 @@ class JaxBackend:
                 # The head's operands: the loss's and the gradient's coefficients, and x*.
                 operands = ((p, p, x_star),)
                 # The head (loss, row x, row grad), which the empty call below computes.
-                head = jax.eval_shape(observe, x0, *operands)
+                head = jax.eval_shape(observe, x0, *operands, True)
                 carry0 = (
                     opt_state0,
                     tuple(jnp.zeros(h.shape, h.dtype, device=device) for h in head),
@@ -761,12 +762,29 @@ def _apart(problem: Any) -> Callable[..., tuple[jax.Array, jax.Array]]:
 
 
 def _observe(value_and_grad: Callable[..., tuple[jax.Array, jax.Array]]) -> Observe:
-    """A vector's head (loss, ||x - x*||, ||grad||) from x and (p_loss, p_grad, x*)."""
+    """A vector's head (loss, ||x - x*||, ||grad||) from x and (p_loss, p_grad, x*).
 
-    def observe(x: jax.Array, operands: tuple) -> tuple[jax.Array, jax.Array, jax.Array]:
+    Every step needs the loss (a non-finite one ends the run); the distances only a
+    recorded step. XLA on the CPU sums each in a fusion of its own, a pass over x each,
+    so an unrecorded step skips two of the three passes (its distances are zeros, never
+    written to a recorded slot).
+    """
+
+    def distances(x: jax.Array, operands: tuple) -> tuple[jax.Array, jax.Array]:
         p_loss, p_grad, x_star = operands
-        loss, grad = value_and_grad(x, p_loss, p_grad)
-        return loss, *_distances(x, grad, x_star)
+        _loss, grad = value_and_grad(x, p_loss, p_grad)
+        return _distances(x, grad, x_star)
+
+    def skipped(x: jax.Array, _operands: tuple) -> tuple[jax.Array, jax.Array]:
+        zero = jnp.zeros((), x.dtype)
+        return zero, zero
+
+    def observe(
+        x: jax.Array, operands: tuple, recorded: Any
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        p_loss, p_grad, _x_star = operands
+        loss, _grad = value_and_grad(x, p_loss, p_grad)
+        return loss, *lax.cond(recorded, distances, skipped, x, operands)
 
     return observe
 
