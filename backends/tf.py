@@ -689,7 +689,7 @@ class _GraphProgram(_Program):
         x_prev = self._x_prev
         if x_prev is None:  # manual, apply: x stays at x_i when its loss is not finite
             loss, grad, x_i = run.loss_and_grad()
-            dist, grad_norm = self._summaries(i, x_i, grad)
+            dist, grad_norm = self._summaries(i, lambda: run.row(x_i, grad))
             # After the row: x_i is read and can be written in place.
             with tf.control_dependencies([dist, grad_norm]):
                 tf.cond(tf.math.is_finite(loss), lambda: run.apply(grad), lambda: None)
@@ -697,15 +697,15 @@ class _GraphProgram(_Program):
         # The copy is made before the update writes x, so that write can be in place.
         with tf.control_dependencies([x_prev.assign(run.x, read_value=False)]):
             loss, grad, _x = self._update()
-        dist, grad_norm = self._summaries(i, x_prev.read_value(), grad)
+        dist, grad_norm = self._summaries(i, lambda: run.row(x_prev.read_value(), grad))
         return dist, loss, grad_norm
 
-    def _summaries(self, i: tf.Tensor, x_i: tf.Tensor, grad: tf.Tensor) -> tuple:
-        """A vector's row (||x_i - x*||, ||grad_i||), computed on recorded steps only."""
+    def _summaries(self, i: tf.Tensor, summaries: Callable[[], tuple]) -> tuple:
+        """A vector's row (||x_i - x*||, ||grad_i||): `summaries()` on recorded steps only.
 
-        def summaries() -> tuple[tf.Tensor, tf.Tensor]:
-            return self._run.row(x_i, grad)
-
+        Each norm is a pass over x (XLA does not merge sibling sums), so an unrecorded
+        step skips two; its zeros land in the spare slot.
+        """
         if self._every == 1:
             return summaries()
         zero = tf.zeros([], self._run.dtype)
@@ -783,9 +783,14 @@ class _GraphProgram(_Program):
         """
         run = self._run
 
-        def observe() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            loss, grad, x = run.loss_and_grad()
-            return loss, *run.row(x, grad)
+        def observe(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            """Step i's head: the loss, and its distances if step i is recorded."""
+
+            def summaries() -> tuple[tf.Tensor, tf.Tensor]:
+                _loss, grad, x = run.loss_and_grad()
+                return run.row(x, grad)
+
+            return run.loss()[0], *self._summaries(i, summaries)
 
         def write(i: tf.Tensor, loss: tf.Tensor, dist: tf.Tensor, grad_norm: tf.Tensor) -> None:
             self._write_row(i, dist, loss, grad_norm)
@@ -796,11 +801,13 @@ class _GraphProgram(_Program):
         def body(i: tf.Tensor, *head: tf.Tensor) -> tuple:
             write(i, *head)
             self._update()
-            return (i + 1, *observe())
+            return (i + 1, *observe(i + 1))
 
         with tf.device(run.device):
             head = tf.cond(
-                tf.equal(end, 0), observe, lambda: tuple(v.read_value() for v in self._head)
+                tf.equal(end, 0),
+                lambda: observe(start),
+                lambda: tuple(v.read_value() for v in self._head),
             )
             i, *head = tf.while_loop(cond, body, (start, *head))
             write(i, *head)  # the non-finite row (or step end's, which its call rewrites)

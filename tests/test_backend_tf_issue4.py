@@ -9,6 +9,7 @@ problems of dimension 3-4; graph and minimize modes get spot checks.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -273,6 +274,13 @@ def test_vector_rows_every_7_are_the_full_rows_thinned(mode: str, update: str) -
         spec = make_spec(problem, name, lr, hyper, mode, update, steps=50, every=every)
         return run_minimize(BACKEND, spec).trajectory
 
+    thin = assert_every_7_thins_the_full_rows(run)
+    assert thin.x[0] == pytest.approx(np.sqrt(3.0), rel=1e-15)  # ||0 - (1, 1, 1)||
+    assert thin.grad[0] == pytest.approx(np.linalg.norm(problem.grad(np.zeros(3))), rel=1e-15)
+
+
+def assert_every_7_thins_the_full_rows(run: Callable[[int], Trajectory]) -> Trajectory:
+    """run(7)'s rows are run(1)'s every 7th, bit for bit; returns run(7)'s trajectory."""
     thin, full = run(7), run(1)
     np.testing.assert_array_equal(thin.steps, [0, 7, 14, 21, 28, 35, 42, 49])
     assert thin.x.shape == thin.loss.shape == thin.grad.shape == (8,)
@@ -280,8 +288,23 @@ def test_vector_rows_every_7_are_the_full_rows_thinned(mode: str, update: str) -
     np.testing.assert_array_equal(thin.loss, full.loss[::7])
     np.testing.assert_array_equal(thin.grad, full.grad[::7])
     np.testing.assert_array_equal(thin.final_x, full.final_x)
-    assert thin.x[0] == pytest.approx(np.sqrt(3.0), rel=1e-15)  # ||0 - (1, 1, 1)||
-    assert thin.grad[0] == pytest.approx(np.linalg.norm(problem.grad(np.zeros(3))), rel=1e-15)
+    return thin
+
+
+@pytest.mark.parametrize("xla", [False, True], ids=["graph", "graph-xla"])
+def test_long_vector_rows_every_7_are_the_full_rows_thinned(xla: bool) -> None:
+    """x of 32 entries takes the per-step loops (with XLA: each row computed the step
+    before), whose unrecorded steps skip ||x - x*|| and ||grad||."""
+    problem, lr = FLAT_PROBLEMS["rosenbrock_dim32"]
+    name, hyper = OPTIMIZERS["rmsprop-momentum"]
+
+    def run(every: int) -> Trajectory:
+        options = {"jit_compile": xla}
+        spec = make_spec(problem, name, lr, hyper, "graph", steps=50, every=every, options=options)
+        return run_minimize(BACKEND, spec).trajectory
+
+    thin = assert_every_7_thins_the_full_rows(run)
+    assert np.all(thin.x > 0) and np.all(thin.grad > 0)  # a skipped step's zeros are not rows
 
 
 def _float32_rosenbrock_stop(lr: float, steps: int) -> tuple[int, np.ndarray]:
