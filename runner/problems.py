@@ -69,6 +69,19 @@ def _value(key: str, value: Any, dim: int) -> float | np.ndarray:
     return np.array(array)
 
 
+def _check_dim(problem: Any, low: int, why: str = "") -> None:
+    """Vector-only problems: problem.dim=null (the scalar quadratic's) or too small a
+    dim would otherwise fail deep in NumPy, or (Rosenbrock, dim=1) give a loss that is
+    identically 0."""
+    if problem.dim is None or problem.dim < low:
+        reason = f" ({why})" if why else ""
+        raise ConfigError(
+            f"problem.dim={'null' if problem.dim is None else problem.dim} is not allowed "
+            f"for problem={problem.name}; "
+            f"give a whole number >= {low}{reason}"
+        )
+
+
 def _vector(key: str, value: Any, dim: int) -> np.ndarray:
     """A scalar broadcast to dim (a read-only view: no memory of size n), or dim numbers."""
     return np.broadcast_to(_value(key, value, dim), (dim,))
@@ -175,6 +188,7 @@ class QuadraticForm:
     name: ClassVar[str] = "quadratic_form"
 
     def __post_init__(self) -> None:
+        _check_dim(self, 1)
         if not self.cond >= 1:
             raise ConfigError(
                 f"problem.cond={self.cond} is not allowed; a condition number is >= 1"
@@ -218,6 +232,7 @@ class Rosenbrock:
     name: ClassVar[str] = "rosenbrock"
 
     def __post_init__(self) -> None:
+        _check_dim(self, 2, "its sum runs over neighbouring coordinates")
         if not self.b > 0:
             raise ConfigError(f"problem.b={self.b} is not allowed; give a number > 0")
         self.x0_array()

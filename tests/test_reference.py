@@ -134,6 +134,15 @@ def test_bad_optimizer_settings(name, hyper, message) -> None:
         ({"name": "quadratic", "dim": 2, "a": [1, 2, 3]}, "problem.a has 3 entries"),
         ({"name": "quadratic", "a": [1, -1], "dim": 2}, "no minimum unless a > 0"),
         ({"name": "rosenbrock", "cond": 3}, "problem.cond is not a setting of problem=rosenbrock"),
+        (
+            {"name": "rosenbrock", "dim": None},
+            "problem.dim=null is not allowed for problem=rosenbrock; give a whole number >= 2",
+        ),
+        ({"name": "rosenbrock", "dim": 1}, "problem.dim=1 is not allowed for problem=rosenbrock"),
+        (
+            {"name": "quadratic_form", "dim": None},
+            "problem.dim=null is not allowed for problem=quadratic_form; give a whole number >= 1",
+        ),
         ({"name": "bowl"}, "problem='bowl' is unknown; choose one of: quadratic, quadratic_form"),
     ],
 )

@@ -97,6 +97,10 @@ def all_runs(uri: str, experiment: str = "gradient-runner") -> list:
 MORE_BAD_INPUTS = [
     (["problem.dim=0"], "problem.dim=0 is not allowed; give a whole number >= 1"),
     (["problem.b=inf"], "problem.b=inf is not finite; give a finite number"),
+    (
+        ["problem=rosenbrock", "problem.dim=null"],
+        "problem.dim=null is not allowed for problem=rosenbrock; give a whole number >= 2",
+    ),
     (["optimizer.lr=0"], "optimizer.lr=0 is not allowed; give a finite number > 0"),
     (["stepz=3"], "stepz is not a setting of this config (misspelt?); to add a new key on"),
     (["problem=cubic"], "problem=cubic is not a problem choice; choose one of: "),
