@@ -551,11 +551,15 @@ def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
         values = flatten({k: result[k] for k in ("y", "dy_dx", "dy_dcoef", "d2y_dx2", "compiled")})
         errors = {f"error.{k}": v for k, v in flatten(result["error"]).items()}
         return {k: float(v) for k, v in {**values, **errors}.items()}
+    # A vector x is logged by its norms, whether or not results.json lists it (x of more
+    # than MAX_JSON_VECTOR entries is not): ||x|| and ||x - x*||.
+    vector = {"error_dist": result["error"]["dist"]} if "x_norm" in result else {}
     metrics = {
         "final_loss": result["loss"],
-        "final_x": result["x"],
+        "final_x": result.get("x_norm", result["x"]),
         "error_x": result["error"]["x"],
         "error_loss": result["error"]["loss"],
+        **vector,
         "steps_run": result["steps_run"],
         **result["timings"],
     }

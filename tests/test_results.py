@@ -24,6 +24,7 @@ from runner.results import (
     skipped_result,
     trajectory_rows,
 )
+from runner.tracking import result_metrics
 
 IDENTITY = RunIdentity("numpy", "NumPy", "cpu", {})
 
@@ -97,3 +98,20 @@ def test_results_say_which_backend_options_the_run_had() -> None:
         keys = list(result)
         assert keys[keys.index("versions") + 1 : keys.index("versions") + 3] == ["options", "mode"]
         assert type(result["options"]["jit_compile"]) is bool
+
+
+@pytest.mark.parametrize("n", [4, 20_000], ids=["listed", "summarized"])
+def test_a_vector_run_is_logged_to_mlflow_by_its_norms(n: int) -> None:
+    """final_x is ||x|| whether or not results.json lists x (it lists up to 10,000)."""
+    problem = Quadratic(x0=0.0, dim=n)
+    spec = MinimizeSpec(problem, OptimizerSpec("sgd", 0.1), "graph", 2, "float32", RecordPlan(2, 1))
+    rows = np.zeros(2, np.float32)
+    final_x = np.full(n, 0.75, np.float32)  # x* = 1: every coordinate 0.25 away
+    trajectory = Trajectory(
+        np.arange(2), rows, rows, rows, final_x, 1.5, np.full(n, -0.5, np.float32), 2
+    )
+    result = minimize_result(spec, MinimizeOutcome(trajectory, Timings(0.1, 0.2, 2)), IDENTITY)
+    metrics = result_metrics(result)
+    assert metrics["final_x"] == pytest.approx(0.75 * np.sqrt(n), rel=1e-12)
+    assert metrics["error_dist"] == pytest.approx(0.25 * np.sqrt(n), rel=1e-12)
+    assert metrics["error_x"] == 0.25
