@@ -116,11 +116,31 @@ def check_overrides(args: list[str]) -> None:
         missing = re.match(r"Could not override '([^']+)'", lines[0])
         if missing and "not in struct" in str(exc.__cause__):
             key = missing.group(1)
+            owners = options_with(key)
+            if owners:  # a real setting of another choice: +key would be silently ignored
+                raise RunnerError(
+                    f"{key} is a setting of {' and '.join(owners)} only; "
+                    f"choose {owners[0]} to use it"
+                ) from None
             raise RunnerError(
                 f"{key} is not a setting of this config (misspelt?); "
                 f"to add a new key on purpose, write +{key}=..."
             ) from None
         raise RunnerError(lines[0]) from None
+
+
+def options_with(key: str) -> list[str]:
+    """The shipped config group options that have `key` ('mode.update' -> ['mode=graph'])."""
+    from omegaconf import OmegaConf
+
+    group, _, setting = key.partition(".")
+    if not setting or "." in setting:
+        return []
+    return [
+        f"{group}={path.stem}"
+        for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
+        if setting in OmegaConf.load(path)
+    ]
 
 
 def register_plugin_backends() -> None:

@@ -103,6 +103,11 @@ MORE_BAD_INPUTS = [
     ),
     (["optimizer.lr=0"], "optimizer.lr=0 is not allowed; give a finite number > 0"),
     (["stepz=3"], "stepz is not a setting of this config (misspelt?); to add a new key on"),
+    (["mode.update=manual"], "mode.update is a setting of mode=graph only; choose mode=graph"),
+    (
+        ["backend=torch", "backend.jit_compile=true"],
+        "backend.jit_compile is a setting of backend=tf only; choose backend=tf to use it",
+    ),
     (["problem=cubic"], "problem=cubic is not a problem choice; choose one of: "),
     (["optimizer=adamw"], "optimizer=adamw is not an optimizer choice; choose one of: "),
     (
