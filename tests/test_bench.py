@@ -18,7 +18,13 @@ from subprocess import CompletedProcess
 
 import pytest
 
-from runner.bench.report import all_targets, longest, ratio_targets
+from runner.bench.report import (
+    all_targets,
+    bandwidth_targets,
+    longest,
+    ratio_targets,
+    vector_rows,
+)
 from runner.bench.run import parse_args
 from tests.conftest import ROOT, free_port, python_code
 
@@ -86,7 +92,8 @@ def test_quick_values_are_sane(quick) -> None:
     assert [row["n"] for row in vectors["numpy"]] == [1, 1_000]
     for row in vectors["numpy"]:
         assert positive_finite(row["stream_gbps"]) and positive_finite(row["update_step_us"])
-    for row in vectors["rows"]:  # measured, or said why not
+    for row in vectors["rows"]:  # measured, or said why not; never failed
+        assert "error" not in row, row["error"]
         assert positive_finite(row["gbps"]) if "gbps" in row else row["unsupported"]
         assert positive_finite(row["final_s"]) if "gbps" in row else "final_s" not in row
     verdicts = {t["verdict"] for t in results["targets"]}
@@ -172,6 +179,23 @@ def test_eager_targets_compare_with_the_fastest_idiom() -> None:
     assert judged[("eager JAX <= 25 us/step", "jax manual")] is True
     assert judged[("eager <= 1.5x fastest hand-written eager idiom", "jax manual")] is False
     assert judged[("eager <= 1.5x fastest hand-written eager idiom", "jax apply")] is True
+
+
+def test_a_failed_vector_run_reads_as_an_error_not_as_unsupported() -> None:
+    numpy_row = {"n": 10_000_000, "steps": 20, "update_step_us": 1.0, "update_gbps": 1.0}
+    vectors = {
+        "numpy": [{**numpy_row, "stream_gbps": 30.0}],
+        "rows": [
+            {"label": "jax graph", "n": 10_000_000, "steps": 20, "error": "TypeError: in code"},
+            {"label": "x graph", "n": 10_000_000, "steps": 20, "unsupported": "not yet supported"},
+        ],
+    }
+    assert [row[-1] for row in vector_rows(vectors)[1:]] == [
+        "error TypeError: in code",
+        "not yet supported",
+    ]
+    (target, _) = bandwidth_targets(vectors)
+    assert (target.measured, target.verdict) == ("error TypeError: in code", "not measured")
 
 
 def test_tf_options_are_variants_of_their_own() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,11 @@ class Best:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def vector_failure(row: Mapping[str, Any]) -> str:
+    """Why an n-dim row has no time: a mode that does not run vectors, or an error."""
+    return row.get("unsupported") or (f"error {row['error']}" if "error" in row else "")
 
 
 def load_average() -> list[float]:

@@ -23,6 +23,7 @@ from runner.bench.cases import (
     model_bytes,
     spec_for,
     variants,
+    vector_failure,
     vector_steps,
 )
 from runner.bench.loops import hand_written, numba_floor, numpy_stream, numpy_update
@@ -150,8 +151,8 @@ def measure_vector(
             best.add(outcome.timings.step_us)
             compile_s.add(outcome.timings.compile_s)
             final_s.add(outcome.timings.final_s)
-    except Exception as exc:
-        return {**base, "unsupported": f"not yet supported: {first_line(exc)}"}
+    except Exception as exc:  # a failure, not a missing feature: said as the scalar cells say it
+        return {**base, "error": first_line(exc)}
     seconds = best.best * 1e-6
     return {
         **base,
@@ -212,7 +213,7 @@ def vector_section(
         for variant in compiled:
             row = measure_vector(loaded[variant.backend], variant, n, steps, settings.repeats)
             rows.append(row)
-            shown = row.get("unsupported") or (
+            shown = vector_failure(row) or (
                 f"{row['step_us']:10.3f} us/step  {row['gbps']:6.2f} GB/s"
             )
             say(f"  {variant.label:<16} n={n:>10,}: {shown}")

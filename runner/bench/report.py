@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from runner.bench.cases import FRAMEWORK_MODULE, model_bytes
+from runner.bench.cases import FRAMEWORK_MODULE, model_bytes, vector_failure
 from runner.protocol import EAGER_MODES
 
 
@@ -216,7 +216,11 @@ def bandwidth_targets(vectors: Mapping[str, Any]) -> list[Target]:
         if row["n"] != 10_000_000:
             continue
         if "gbps" not in row:
-            found.append(Target(">= 50% of NumPy bandwidth at n=1e7", row["label"], "-", None))
+            found.append(
+                Target(
+                    ">= 50% of NumPy bandwidth at n=1e7", row["label"], vector_failure(row), None
+                )
+            )
             continue
         share = row["gbps"] / stream[row["n"]]
         found.append(
@@ -302,7 +306,7 @@ def vector_rows(vectors: Mapping[str, Any]) -> list[list[Any]]:
     for row in vectors["rows"]:
         head = [row["label"], f"{row['n']:,}", row["steps"]]
         if "gbps" not in row:
-            rows.append([*head, "-", "-", "-", row["unsupported"]])
+            rows.append([*head, "-", "-", "-", vector_failure(row)])
             continue
         share = row["gbps"] / stream[row["n"]]["stream_gbps"]
         # Below 1e5 a step is call overhead and cache, not memory traffic: no share.
