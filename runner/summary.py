@@ -15,8 +15,11 @@ def fmt(value: Any, dtype: str = "float64") -> str:
     if isinstance(value, list):
         head = ", ".join(fmt(v, dtype) for v in value[:4])
         return f"[{head}{', ...' if len(value) > 4 else ''}] (n={len(value)})"
-    cast = np.float32 if dtype == "float32" else np.float64
-    return np.format_float_positional(cast(value), unique=True, trim="-")
+    number = (np.float32 if dtype == "float32" else np.float64)(value)
+    # Positional reads best (0.99999857), but spells a diverged 1.8446744e+19 in 20 digits.
+    if number and np.isfinite(number) and not 1e-5 <= abs(number) < 1e16:
+        return np.format_float_scientific(number, unique=True, trim="-")
+    return np.format_float_positional(number, unique=True, trim="-")
 
 
 def minimize_summary(result: Mapping[str, Any]) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from runner.summary import fmt
 from tests.conftest import cli, python_code, single_result, wait_for_upload
 
 NOTEBOOK_X = np.float32(0.99999857)
@@ -155,3 +157,19 @@ def test_missing_framework_names_the_extra(tmp_path: Path) -> None:
         "error: backend=tf needs the module 'tensorflow', which is not installed; "
         "pip install 'gradient-runner[tf]'"
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype", "text"),
+    [
+        (0.99999857, "float32", "0.99999857"),
+        (-18446744073709551616.0, "float32", "-1.8446744e+19"),  # a diverged x
+        (1e-7, "float64", "1e-07"),
+        (0.0, "float32", "0"),
+        (math.inf, "float32", "inf"),
+    ],
+)
+def test_summary_numbers_are_short_and_read_back_exactly(value, dtype, text) -> None:
+    assert fmt(value, dtype) == text
+    cast = np.float32 if dtype == "float32" else np.float64
+    assert cast(float(text)) == cast(value)
