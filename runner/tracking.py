@@ -69,14 +69,43 @@ class TrackingTarget:
 
 
 def resolve_target(tracking: Mapping[str, Any], base_dir: Path) -> TrackingTarget:
-    """The default store is SQLite under <base_dir>/outputs, artifacts beside it."""
-    uri = tracking.get("uri") or f"sqlite:///{(base_dir / DEFAULT_STORE).resolve()}"
+    """The default store is SQLite under <base_dir>/outputs, artifacts beside it.
+
+    base_dir is the folder the run was started from (Hydra's runtime.cwd, which the run
+    folder records in .hydra/hydra.yaml). A relative SQLite path in tracking.uri is
+    relative to it as well, and the URI comes back absolute: the run, its background
+    upload and a later `python -m runner.upload` from any folder open the same file.
+    """
+    uri = anchor_uri(tracking.get("uri") or f"sqlite:///{DEFAULT_STORE}", base_dir)
     experiment = str(tracking.get("experiment") or "gradient-runner")
     artifacts = None
     if uri.startswith("sqlite:///"):
         db_path = Path(uri.removeprefix("sqlite:///"))
         artifacts = (db_path.parent / DEFAULT_ARTIFACTS.name / experiment).resolve().as_uri()
     return TrackingTarget(uri, experiment, artifacts)
+
+
+def anchor_uri(uri: str, base_dir: Path) -> str:
+    """`sqlite:///relative.db` as `sqlite:////<base_dir>/relative.db`; other URIs as given.
+
+    SQLite (and MLflow) would open a relative path against whatever folder the process
+    runs in, so the same run folder would be uploaded to a different store from each
+    folder; an absolute path names one store. Servers (http) and `:memory:` are untouched.
+    """
+    path = sqlite_path(uri)
+    if path is None or path.is_absolute() or str(path) == ":memory:":
+        return uri
+    return f"sqlite:///{(base_dir / path).resolve()}"
+
+
+def store_exists(target: TrackingTarget) -> bool:
+    """Whether opening the store would only read it: an SQLite file that exists, or a server.
+
+    MlflowClient creates (and migrates) an SQLite store as it opens it, so a dry run
+    asks this first and opens nothing that is not there.
+    """
+    path = sqlite_path(target.uri)
+    return path is None or path.is_file()
 
 
 def mask_uri(uri: str) -> str:

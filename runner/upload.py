@@ -45,6 +45,7 @@ from runner.tracking import (
     SWEEP_FILE,
     TrackingError,
     TrackingTarget,
+    anchor_uri,
     client_for,
     config_params,
     ensure_experiment,
@@ -56,6 +57,7 @@ from runner.tracking import (
     run_tags,
     start_run,
     store_error,
+    store_exists,
 )
 
 try:
@@ -88,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracking-uri",
         help="where to record them (default: each run's own tracking.uri, or its "
-        "default store outputs/mlflow.db under the folder it was started from)",
+        "default store outputs/mlflow.db, a relative SQLite path taken from the folder "
+        "the run was started from; a relative path given here is from the current folder)",
     )
     parser.add_argument("--experiment", help="experiment name (default: each run's own)")
     parser.add_argument(
-        "--dry-run", action="store_true", help="say what would be uploaded, upload nothing"
+        "--dry-run",
+        action="store_true",
+        help="say what would be uploaded, write nothing (no store or experiment is created)",
     )
     # A run's own upload, started by `python -m runner` (start_background_upload): the
     # store's URI comes in MLFLOW_TRACKING_URI (never argv: it may hold credentials),
@@ -191,11 +196,16 @@ class Uploader:
         out: Any = None,
         live: bool = False,
     ) -> None:
-        self.tracking_uri, self.experiment = tracking_uri, experiment
+        # a relative SQLite path given here (--tracking-uri) is from the caller's folder,
+        # not from each run's start folder, which anchors only the run's own tracking.uri
+        self.tracking_uri = anchor_uri(tracking_uri, Path.cwd()) if tracking_uri else None
+        self.experiment = experiment
         self.dry_run, self.live = dry_run, live
         self.out = out or sys.stdout
         self.outcome = Outcome()
         self.stores: dict[TrackingTarget, tuple[Any, str]] = {}
+        # a dry run's: (None, None) / (client, None) for a store / experiment not there
+        self.peeked: dict[TrackingTarget, tuple[Any, str | None]] = {}
         self.parents: dict[tuple[TrackingTarget, str], str] = {}
 
     def store(self, target: TrackingTarget) -> tuple[Any, str]:
@@ -204,6 +214,25 @@ class Uploader:
             client = client_for(target)
             self.stores[target] = (client, ensure_experiment(client, target))
         return self.stores[target]
+
+    def peek(self, target: TrackingTarget) -> tuple[Any, str | None]:
+        """A dry run's store(): the same, creating nothing.
+
+        A store that does not exist is not opened (MlflowClient would create and
+        migrate it) and a missing experiment is not created: None stands for either,
+        and every run is then one that would be uploaded.
+        """
+        if target not in self.peeked:
+            if not store_exists(target):
+                self.peeked[target] = (None, None)
+            else:
+                client = client_for(target)
+                try:
+                    found = retry_locked(lambda: client.get_experiment_by_name(target.experiment))
+                except Exception as exc:
+                    raise store_error(target.uri, exc) from None
+                self.peeked[target] = (client, found.experiment_id if found else None)
+        return self.peeked[target]
 
     def add(self, paths: Iterable[Path]) -> None:
         for run_dir in run_dirs(paths):
@@ -214,7 +243,7 @@ class Uploader:
                 continue
             cfg = _config(run_dir, result)
             target = _target(run_dir, cfg, self.tracking_uri, self.experiment)
-            client, experiment_id = self.store(target)
+            client, experiment_id = self.peek(target) if self.dry_run else self.store(target)
             # check, then log: one upload of a folder at a time (a dry run writes no lock file)
             with contextlib.nullcontext() if self.dry_run else folder_lock(run_dir, self.out):
                 _upload_locked(
@@ -239,14 +268,29 @@ def _upload_locked(
     result: Mapping[str, Any],
     target: TrackingTarget,
     client: Any,
-    experiment_id: str,
+    experiment_id: str | None,
     parents: dict[tuple[TrackingTarget, str], str],
     outcome: Outcome,
     dry_run: bool,
     live: bool,
     out: Any,
 ) -> None:
-    """One run folder, its lock held: recorded already, or logged now."""
+    """One run folder, its lock held: recorded already, or logged now.
+
+    experiment_id is None only in a dry run whose store or experiment does not exist.
+    """
+    if experiment_id is None:
+        outcome.uploaded += 1
+        missing = (
+            f"experiment {target.experiment} does not exist yet"
+            if client is not None
+            else "the store does not exist yet"
+        )
+        print(
+            f"would upload {run_dir} to {mask_uri(target.uri)} ({missing}: it would be created)",
+            file=out,
+        )
+        return
     try:
         held, stale = _existing(client, experiment_id, result["run_uid"])
         if held:

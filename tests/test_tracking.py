@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from runner.tracking import config_params, mask_uri, thin
+from runner.tracking import config_params, mask_uri, resolve_target, thin
 from tests.conftest import (
     ROOT,
     LiveRun,
@@ -276,6 +276,87 @@ def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"comparison.md", "comparison.json", "convergence.png"} <= artifacts
     assert parents[0].data.metrics["compare.rows"] == 6
+
+
+def upload_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m runner.upload ARGS` run in cwd, as a user types it there."""
+    return subprocess.run(
+        [sys.executable, "-m", "runner.upload", *args],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def files_under(folder: Path) -> set[Path]:
+    return set(folder.rglob("*"))
+
+
+def test_relative_sqlite_uri_is_the_start_folders_from_any_folder(tmp_path: Path) -> None:
+    """tracking.uri=sqlite:///<relative> names a file under the folder the run started
+    in (as the default store does): `python -m runner.upload` typed in another folder
+    records the run there, and finds it there again, creating nothing where it runs."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    proc = cli(
+        "backend=jax", "steps=20", "tracking.enabled=false",
+        "tracking.uri=sqlite:///stores/rel.db", cwd=start,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs_in(start)
+    store = start / "stores" / "rel.db"
+    up = upload_cli(str(run_dir), cwd=elsewhere)
+    assert up.returncode == 0, up.stderr
+    assert "uploaded 1, already recorded 0, skipped 0" in up.stdout, up.stdout
+    (run,) = runs_of(f"sqlite:///{store}")
+    assert run.data.tags["run_uid"] == single_result(start)["run_uid"]
+    assert files_under(elsewhere) == set()  # no second store where the command ran
+    for args in ([], ["--dry-run"]):
+        again = upload_cli(str(run_dir), *args, cwd=elsewhere)
+        assert again.returncode == 0, again.stderr
+        assert " 0, already recorded 1, skipped 0" in again.stdout, again.stdout
+    assert files_under(elsewhere) == set()
+    # and the run's artifacts went beside its store too
+    assert (start / "stores" / "mlartifacts" / "gradient-runner").is_dir()
+
+
+def test_resolve_target_anchors_only_relative_sqlite_paths(tmp_path: Path) -> None:
+    def uri(given: str | None) -> str:
+        return resolve_target({"uri": given}, tmp_path).uri
+
+    assert uri(None) == f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}"
+    assert uri("sqlite:///a/b.db") == f"sqlite:///{tmp_path / 'a' / 'b.db'}"
+    assert uri("sqlite:////abs/b.db") == "sqlite:////abs/b.db"
+    assert uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert uri("sqlite:///:memory:") == "sqlite:///:memory:"
+    target = resolve_target({"uri": "sqlite:///a/b.db", "experiment": "e"}, tmp_path)
+    assert target.artifact_location == (tmp_path / "a" / "mlartifacts" / "e").as_uri()
+
+
+def test_dry_run_creates_no_store(tmp_path: Path) -> None:
+    """--dry-run against a store that is not there: every run would be uploaded, and it
+    says so, but no store (nor its folder or lock file) is created, from any folder."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    proc = cli(
+        "backend=jax", "steps=20", "tracking.enabled=false",
+        "tracking.uri=sqlite:///stores/rel.db", cwd=start,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs_in(start)
+    before = files_under(tmp_path)
+    for cwd, extra in (
+        (elsewhere, []),  # the run's own (relative) store
+        (start, []),
+        (elsewhere, ["--tracking-uri", "sqlite:///given/other.db"]),
+    ):
+        dry = upload_cli(str(run_dir), "--dry-run", *extra, cwd=cwd)
+        assert dry.returncode == 0, dry.stderr
+        assert "(the store does not exist yet: it would be created)" in dry.stdout, dry.stdout
+        assert "would upload 1, already recorded 0, skipped 0" in dry.stdout, dry.stdout
+    assert files_under(tmp_path) == before
+    assert f"to sqlite:///{elsewhere / 'given' / 'other.db'} (" in dry.stdout  # the caller's
 
 
 def test_secrets_are_masked() -> None:
