@@ -1,13 +1,15 @@
 """`python -m runner.compare`: do the frameworks agree, and which way is fastest?
 
 Reads finished minimize runs from any MLflow tracking URI (the runner's SQLite store
-by default), keeps the latest run per backend x mode x optimizer x dtype, and writes
-(a backend run with options other than its conf/backend defaults is a backend of its
-own, named with them: `tf+jit_compile`, `numpy+convention=tf`):
+by default), keeps one row per configuration (Row.key: backend, mode, optimizer, dtype,
+steps, problem, device; of repeats of one configuration the latest), and writes (a
+backend run with options other than its conf/backend defaults is a backend of its own,
+named with them: `tf+jit_compile`, `numpy+convention=tf`):
 
-- comparison.md / comparison.csv / comparison.json: one row per key with final x and
-  loss, the error to the analytic optimum, steps, compile and per-step time, and the
-  per-step time relative to the fastest row (fastest = 1.0x);
+- comparison.md / comparison.csv / comparison.json: one row per configuration with final
+  x and loss, the error to the analytic optimum, steps, compile and per-step time, and the
+  per-step time relative to the fastest row (fastest = 1.0x); a problem and a device
+  column where the rows differ in them;
 - agreement.csv (and a section of comparison.md): per mode and dtype, the largest
   difference of final x between backends, absolute and in float32 ulps (float64 ulps
   too for float64 runs); a row "all" per dtype compares every mode with every other;
@@ -75,7 +77,8 @@ class CompareError(RunnerError):
 
 @dataclass
 class Row:
-    """The latest run of one backend x mode x optimizer x dtype."""
+    """The latest run of one configuration (key): what was run, not when or where it was
+    logged."""
 
     backend: str  # backend_label: the name, + the options that differ from its defaults
     mode: str
@@ -99,10 +102,24 @@ class Row:
     optimum_loss: float = math.nan
     source: str = RESULTS_FILE  # or "metrics" when results.json could not be read
     optimizer_used: dict[str, Any] = field(default_factory=dict)  # results.json's, if any
+    device: str = ""
+    problem_label: str = ""  # set by _report: the name + the settings that vary among rows
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.backend, self.mode, self.optimizer, self.dtype)
+    def key(self) -> tuple[str, ...]:
+        """Everything that decides what a run computed (the labels hold the optimizer's
+        hyperparameters, the backend's options, the graph update): runs that differ in any
+        of it are rows of their own; only repeats of one configuration share a key, so a
+        store holding re-runs shows each configuration once."""
+        return (
+            self.backend,
+            self.mode,
+            self.optimizer,
+            self.dtype,
+            str(self.steps),
+            _problem_key(self.problem),
+            self.device,
+        )
 
 
 @dataclass
@@ -118,6 +135,7 @@ class Agreement:
     ulps_f32: float
     ulps_f64: float | None  # only for float64 runs
     note: str = ""
+    setup: str = ""  # the problem, steps, device all compared rows ran, where a group was split
 
 
 @dataclass
@@ -172,9 +190,9 @@ def compare(
             f"no finished minimize runs in experiment {experiment!r} match "
             f"{_describe(sweep_id, filters)}"
         )
-    latest = _latest_per_key(_record(client, run) for run in _newest_per_setting(runs))
     report = _report(
-        list(latest.values()),
+        [_record(client, run) for run in _newest_per_setting(runs)],
+        len(runs),
         f"tracking URI: `{mask_uri(uri)}`, experiment `{experiment}`",
         f"{_describe(sweep_id, filters)}; {len(runs)} matching",
         experiment,
@@ -222,7 +240,8 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
         raise CompareError(f"no finished minimize runs in {sweep_dir}")
     sweep_id = sweep_dir.as_posix()
     return _report(
-        list(_latest_per_key(rows).values()),
+        rows,
+        len(rows),
         f"run folders: `{sweep_dir}`",
         f"sweep {sweep_id}; {len(rows)} finished",
         experiment,
@@ -233,7 +252,8 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
 
 
 def _report(
-    rows: list[Row],
+    newest_first: list[Row],
+    found: int,
     source: str,
     runs: str,
     experiment: str,
@@ -241,14 +261,24 @@ def _report(
     out: Path,
     curve_of: Callable[[Row], dict[str, np.ndarray] | None],
 ) -> Report:
-    """Tables, agreement, plots and files for rows (one per key), whatever they came from."""
-    rows = sorted(rows, key=_row_order)
+    """Tables, agreement, plots and files for one row per configuration (the latest), of
+    the `found` runs, whatever they came from; the header says how many were repeats."""
+    rows = list(_latest_per_key(newest_first).values())
+    _set_problem_labels(rows)
+    rows.sort(key=_row_order)
     _set_relative(rows)
     agreement = agreement_of(rows)
     out.mkdir(parents=True, exist_ok=True)
+    repeats = found - len(rows)
+    kept = (
+        f"one per configuration; {repeats} earlier repeat{'s' * (repeats != 1)} of an "
+        "identical configuration left out"
+        if repeats
+        else "one per run"
+    )
     header = [
         f"- {source}",
-        f"- runs: {runs}, {len(rows)} rows (latest run per backend x mode x optimizer x dtype)",
+        f"- runs: {runs}, {len(rows)} rows ({kept})",
         f"- made {datetime.now().isoformat(timespec='seconds')}",
     ]
     text = terminal_text(rows, agreement, f"{experiment}: {header[1].removeprefix('- runs: ')}")
@@ -403,6 +433,7 @@ def _record(client: Any, run: Any) -> Row:
         },
         optimum_loss=optimum,
         source="metrics",
+        device=tags.get("device", ""),  # result_tags logs results.json's text
         optimizer_used={
             k.removeprefix("optimizer_used."): _number(v)
             for k, v in tags.items()
@@ -447,6 +478,7 @@ def row_from_result(result: Mapping[str, Any], **common: str) -> Row | None:
         problem=dict(result.get("problem", {})),
         optimum_loss=float(result["optimum"]["loss"]),
         optimizer_used=dict(result.get("optimizer_used") or {}),
+        device=str(result.get("device", "")),
         **common,
     )
 
@@ -488,11 +520,20 @@ def optimizer_label(optimizer: Mapping[str, Any]) -> str:
     name = str(optimizer.get("name", "?"))
     defaults = HYPERPARAMETERS.get(name, {})
     hyper = [
-        f"{k}={v}" if isinstance(v, bool) or not isinstance(v, int | float) else f"{k}={v:g}"
+        f"{k}={v}"
+        if isinstance(v, bool) or not isinstance(v, int | float)
+        else f"{k}={_g_exact(v)}"
         for k, v in sorted(optimizer.items(), key=lambda kv: (kv[0] != "lr", kv[0]))
         if k != "name" and v not in (None, "None") and (k not in defaults or v != defaults[k])
     ]
     return " ".join([name, *hyper])
+
+
+def _g_exact(value: float) -> str:
+    """'0.01', '1e-07': the short form where it reads back as value, else repr; a label is
+    part of Row.key, so runs at lr 0.0012345671 and 0.0012345674 must not share one."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
 
 
 def _download_json(client: Any, run_id: str, path: str) -> dict[str, Any] | None:
@@ -514,13 +555,15 @@ def _download_text(client: Any, run_id: str, path: str) -> str | None:
             return None
 
 
-def _newest_per_setting(runs: Sequence[Any]) -> list[Any]:
-    """The newest run per backend, mode, dtype, optimizer and backend params, before any
-    download.
+SETTING_PARAMS = ("steps", "optimizer.", "backend.", "problem.", "mode.")
 
-    A finer key than a row's (every optimizer and backend param counts), so no row loses
-    its latest run; it spares reading results.json of every older run in a long-lived
-    experiment.
+
+def _newest_per_setting(runs: Sequence[Any]) -> list[Any]:
+    """The newest run per backend, mode, dtype, device and steps, optimizer, backend,
+    problem and mode params, before any download.
+
+    A finer key than a row's (every such param counts), so no row loses its latest run;
+    it spares reading results.json of every older run in a long-lived experiment.
     """
     seen, kept = set(), []
     for run in runs:
@@ -529,11 +572,8 @@ def _newest_per_setting(runs: Sequence[Any]) -> list[Any]:
             tags.get("backend"),
             tags.get("mode"),
             tags.get("dtype"),
-            tuple(
-                sorted(
-                    (k, v) for k, v in params.items() if k.startswith(("optimizer.", "backend."))
-                )
-            ),
+            tags.get("device"),
+            tuple(sorted((k, v) for k, v in params.items() if k.startswith(SETTING_PARAMS))),
         )
         if setting not in seen:
             seen.add(setting)
@@ -541,12 +581,69 @@ def _newest_per_setting(runs: Sequence[Any]) -> list[Any]:
     return kept
 
 
-def _latest_per_key(rows: Iterable[Row]) -> dict[tuple[str, str, str, str], Row]:
-    """Rows arrive newest first, so the first row of a key is its latest run."""
-    latest: dict[tuple[str, str, str, str], Row] = {}
+def _latest_per_key(rows: Iterable[Row]) -> dict[tuple[str, ...], Row]:
+    """Rows arrive newest first, so the first row of a key is its latest run: a re-run of
+    one configuration replaces the older, it does not repeat it."""
+    latest: dict[tuple[str, ...], Row] = {}
     for row in rows:
         latest.setdefault(row.key, row)
     return latest
+
+
+def _problem_key(problem: Mapping[str, Any]) -> str:
+    """The problem's settings as its label spells them (x0=5 and x0=5.0 are one problem),
+    so two rows of one name have other keys exactly where their labels differ."""
+    return json.dumps({k: _setting_text(v) for k, v in problem.items()}, sort_keys=True)
+
+
+def _setting_text(value: Any) -> str:
+    """A problem setting as an override spells it: 5, 0.5, [1, 2], null."""
+    if isinstance(value, list):
+        return "[" + ",".join(map(_setting_text, value)) + "]"
+    if isinstance(value, float):
+        return _g_exact(value)
+    return "null" if value in (None, "None") else str(value)  # "None": a logged param
+
+
+def _set_problem_labels(rows: Sequence[Row]) -> None:
+    """Label each row's problem by its name and the settings that take more than one value
+    among the report's problems of that name ('quadratic x0=5'): rows that ran other
+    problems are told apart, and settings all of them share are not repeated."""
+    by_name: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for row in rows:
+        by_name.setdefault(str(row.problem.get("name", "?")), {})[_problem_key(row.problem)] = (
+            row.problem
+        )
+    labels = {}
+    for name, problems in by_name.items():
+        keys = sorted({k for p in problems.values() for k in p if k != "name"})
+        varying = [k for k in keys if len({_setting_text(p.get(k)) for p in problems.values()}) > 1]
+        for key, problem in problems.items():
+            parts = [f"{k}={_setting_text(problem.get(k))}" for k in varying]
+            labels[key] = " ".join([name, *parts])
+    for row in rows:
+        row.problem_label = labels[_problem_key(row.problem)]
+
+
+def _differing(rows: Sequence[Row]) -> set[str]:
+    """What besides backend, mode, optimizer and dtype tells rows apart: problem and steps
+    where they take several values, device where a backend ran on several (each framework
+    names the CPU its own way, so devices differing between backends say nothing)."""
+    found = set()
+    if len({r.problem_label for r in rows}) > 1:
+        found.add("problem")
+    if len({r.steps for r in rows}) > 1:
+        found.add("steps")
+    if len({(r.backend, r.device) for r in rows}) > len({r.backend for r in rows}):
+        found.add("device")
+    return found
+
+
+def _varying(row: Row, rows: Sequence[Row]) -> list[str]:
+    """Row's problem, steps and device where they tell rows apart: for a label."""
+    differing = _differing(rows)
+    parts = {"problem": row.problem_label, "steps": f"steps={row.steps}", "device": row.device}
+    return [text for name, text in parts.items() if name in differing]
 
 
 def _mode_order(mode: str) -> tuple[int, str]:
@@ -557,7 +654,17 @@ def _mode_order(mode: str) -> tuple[int, str]:
 
 
 def _row_order(row: Row) -> tuple[Any, ...]:
-    return (row.dtype, row.optimizer, _mode_order(row.mode), row.backend)
+    """Rows that ran the same problem for as many steps are neighbours: the frameworks'
+    rows that compare."""
+    return (
+        row.dtype,
+        row.optimizer,
+        row.problem_label,
+        row.steps,
+        _mode_order(row.mode),
+        row.backend,
+        row.device,
+    )
 
 
 def _set_relative(rows: Sequence[Row]) -> None:
@@ -586,24 +693,33 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
 
     A group "all" per dtype x optimizer compares every row with every other, across modes.
     Diverged rows have no final x to compare and are left out, and so are vectors too long
-    for results.json to list (it keeps their norms only).
+    for results.json to list (it keeps their norms only). Where a backend has several rows
+    in a group (it ran several problems, step counts or devices), the group is split by
+    those (Agreement.setup), so backends are compared like with like.
     """
     usable = [
         r for r in rows if r.status != "diverged" and r.x is not None and np.all(np.isfinite(r.x))
     ]
-    groups: dict[tuple[str, str, str], list[Row]] = {}
+    whole: dict[tuple[str, str, str], list[Row]] = {}
     for row in usable:
-        groups.setdefault((row.mode, row.dtype, row.optimizer), []).append(row)
-        groups.setdefault((ALL_MODES, row.dtype, row.optimizer), []).append(row)
+        whole.setdefault((row.mode, row.dtype, row.optimizer), []).append(row)
+        whole.setdefault((ALL_MODES, row.dtype, row.optimizer), []).append(row)
+    groups: dict[tuple[str, str, str, str], list[Row]] = {}
+    for (mode, dtype, optimizer), members in whole.items():
+        runs = [(m.backend, m.mode if mode == ALL_MODES else "") for m in members]
+        for m in members:
+            setup = " ".join(_varying(m, usable)) if len(set(runs)) < len(runs) else ""
+            groups.setdefault((mode, dtype, optimizer, setup), []).append(m)
     found = []
-    for (mode, dtype, optimizer), members in groups.items():
+    for (mode, dtype, optimizer, setup), members in groups.items():
         if mode == ALL_MODES and len({m.mode for m in members}) < 2:
             continue
         if mode != ALL_MODES and len(members) < 2:
             continue
 
-        def label(row: Row, across: bool = mode == ALL_MODES) -> str:
-            return f"{row.backend} {row.mode}" if across else row.backend
+        def label(row: Row, across: bool = mode == ALL_MODES, members: list[Row] = members) -> str:
+            parts = [row.backend, row.mode] if across else [row.backend]
+            return " ".join(parts + _varying(row, members))
 
         pairs = list(combinations(members, 2))
         worst = max(pairs, key=lambda p: abs_diff(p[0].x, p[1].x))
@@ -622,10 +738,19 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
                     else None
                 ),
                 note=_setup_note(members),
+                setup=setup,
             )
         )
-    return sorted(
-        found, key=lambda a: (a.dtype, a.optimizer, a.mode == ALL_MODES, _mode_order(a.mode))
+    setups = {setup: i for i, setup in enumerate(dict.fromkeys(k[3] for k in groups))}
+    return sorted(  # setups as the rows go (steps=50 before steps=100)
+        found,
+        key=lambda a: (
+            a.dtype,
+            a.optimizer,
+            setups[a.setup],
+            a.mode == ALL_MODES,
+            _mode_order(a.mode),
+        ),
     )
 
 
@@ -734,6 +859,36 @@ def _g(value: float, spec: str = ".3g") -> str:
     return format(value, spec) if math.isfinite(value) else str(value)
 
 
+OPTIONAL_COLUMNS: dict[str, Callable[[Row], str]] = {  # after dtype, where rows differ
+    "problem": lambda r: r.problem_label,
+    "device": lambda r: r.device,
+}  # steps has a column always
+
+
+def row_table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the rows' table: a problem or device column only where the
+    rows differ in it (steps always has one), so every row can be told apart and a report
+    of one setup stays as compact as before."""
+    differing = _differing(rows)
+    columns = {
+        name: [get(r) for r in rows] for name, get in OPTIONAL_COLUMNS.items() if name in differing
+    }
+    return _insert_columns(ROW_HEADERS, [row_cells(r) for r in rows], "dtype", columns)
+
+
+def _insert_columns(
+    headers: Sequence[str],
+    cells: Sequence[Sequence[str]],
+    after: str,
+    columns: Mapping[str, Sequence[str]],
+) -> tuple[list[str], list[list[str]]]:
+    """headers and cells with columns (name: one cell per row) put after the header `after`."""
+    at = headers.index(after) + 1
+    return [*headers[:at], *columns, *headers[at:]], [
+        [*c[:at], *(column[i] for column in columns.values()), *c[at:]] for i, c in enumerate(cells)
+    ]
+
+
 def row_cells(row: Row) -> list[str]:
     """Display cells; x and loss are the shortest text that reads back exactly in the dtype."""
     steps = str(row.steps_run) if row.steps_run == row.steps else f"{row.steps_run}/{row.steps}"
@@ -753,6 +908,15 @@ def row_cells(row: Row) -> list[str]:
         _g(row.step_us) if not row.step_us >= 1000 else f"{row.step_us:.0f}",
         relative_text(row.relative),
     ]
+
+
+def agreement_table(agreement: Sequence[Agreement]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the agreement table; a setup column only where a group was split."""
+    setups = [a.setup for a in agreement]
+    columns = {"setup": setups} if any(setups) else {}
+    return _insert_columns(
+        AGREEMENT_HEADERS, [agreement_cells(a) for a in agreement], "optimizer", columns
+    )
 
 
 def agreement_cells(item: Agreement) -> list[str]:
@@ -791,11 +955,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 def terminal_text(rows: Sequence[Row], agreement: Sequence[Agreement], title: str = "") -> str:
     parts = [title] if title else []
-    parts.append(text_table(ROW_HEADERS, [row_cells(r) for r in rows]))
+    parts.append(text_table(*row_table(rows)))
     parts.append("")
     if agreement:
         parts.append("cross-backend agreement of final x (largest difference per mode)")
-        parts.append(text_table(AGREEMENT_HEADERS, [agreement_cells(a) for a in agreement]))
+        parts.append(text_table(*agreement_table(agreement)))
     else:
         parts.append(
             "cross-backend agreement: no mode has a finite, listed final x from two backends"
@@ -820,14 +984,14 @@ def write_files(
         "Final x and loss are exact in the run's dtype; `vs fastest` is the per-step time "
         "over the fastest row's (1.0x = fastest).",
         "",
-        markdown_table(ROW_HEADERS, [row_cells(r) for r in rows]),
+        markdown_table(*row_table(rows)),
         "",
         "## Cross-backend agreement",
         "",
         "Largest difference of final x between backends per mode (`all`: across modes "
         "too), absolute and in units in the last place of the larger value.",
         "",
-        markdown_table(AGREEMENT_HEADERS, [agreement_cells(a) for a in agreement])
+        markdown_table(*agreement_table(agreement))
         if agreement
         else "No mode has runs from two backends.",
         "",
@@ -859,6 +1023,9 @@ ROW_CSV = {
     "status": lambda r: r.status,
     "steps": lambda r: str(r.steps),
     "steps_run": lambda r: str(r.steps_run),
+    "problem": lambda r: r.problem_label,
+    "problem_settings": lambda r: json.dumps(r.problem, sort_keys=True, default=str),
+    "device": lambda r: r.device,
     "final_x": lambda r: _exact(r.x),
     "final_loss": lambda r: _exact(r.loss),
     "error_x": lambda r: _exact(r.error_x),
@@ -876,6 +1043,7 @@ AGREEMENT_CSV = {
     "mode": lambda a: a.mode,
     "dtype": lambda a: a.dtype,
     "optimizer": lambda a: a.optimizer,
+    "setup": lambda a: a.setup,
     "backends": lambda a: "; ".join(a.compared),
     "abs_diff": lambda a: _exact(a.abs_diff),
     "pair_a": lambda a: a.pair[0],
@@ -901,10 +1069,11 @@ def _csv(table: Sequence[Sequence[str]]) -> str:
 
 
 def _label(row: Row, rows: Sequence[Row]) -> str:
+    """A plot's name for row: unique among rows, as short as they allow."""
     parts = [row.backend, row.mode, row.dtype]
     if len({r.optimizer for r in rows}) > 1:
         parts.append(row.optimizer)
-    return " ".join(parts)
+    return " ".join(parts + _varying(row, rows))
 
 
 def loss_curve(client: Any, row: Row) -> dict[str, np.ndarray] | None:
@@ -997,6 +1166,7 @@ def log_report(
         metrics = [Metric("compare.rows", float(len(rows)), now, 0)]
         for a in agreement:
             where = [a.dtype, a.mode] + ([a.optimizer] if several else [])
+            where += [a.setup] if a.setup else []  # split groups: one metric each
             metrics += [
                 Metric(_metric_key("agreement_abs", *where), a.abs_diff, now, 0),
                 Metric(_metric_key("agreement_ulps_f32", *where), a.ulps_f32, now, 0),

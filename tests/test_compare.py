@@ -545,3 +545,88 @@ def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> N
     report = compare(uri, EXPERIMENT, out_dir=tmp_path / "b", client=client, log=False)
     assert {r.source for r in report.rows} == {"metrics"}
     assert [a.note for a in report.agreement] == [want]
+
+
+# ------------------------------- what was run: one row per configuration, repeats once
+
+SETUP_RUNS = {  # numpy at three setups, jax at two, and an older run of one numpy setup
+    "numpy_older": (("backend=numpy",), 2.0**-20),
+    "numpy": (("backend=numpy",), 0.0),
+    "numpy_8_steps": (("backend=numpy", "steps=8"), 0.0),
+    "numpy_x0_5": (("backend=numpy", "problem.x0=5"), 0.0),
+    "jax": (("backend=jax",), 0.0),
+    "jax_8_steps": (("backend=jax", "steps=8"), 0.0),
+}
+SETUP_ROWS = [  # _row_order: problem, steps, then mode and backend
+    ("jax", "quadratic x0=0", 4),
+    ("numpy", "quadratic x0=0", 4),
+    ("jax", "quadratic x0=0", 8),
+    ("numpy", "quadratic x0=0", 8),
+    ("numpy", "quadratic x0=5", 4),
+]
+
+
+def test_runs_differing_in_steps_or_problem_are_rows_of_their_own(tmp_path: Path) -> None:
+    """Only repeats of one configuration share a row (the latest run); runs at other steps
+    or another x0 were dropped before, leaving one row per backend x mode x optimizer x dtype."""
+    from runner.compare import compare, compare_folder, open_client
+    from runner.upload import upload
+
+    runs = run_folders(tmp_path / "runs", SETUP_RUNS)
+    for age, name in enumerate(reversed(SETUP_RUNS)):  # numpy_older is the oldest
+        for path in (runs / name / "results.json", runs / name / ".hydra" / "config.yaml"):
+            os.utime(path, (1.7e9 - 60 * age, 1.7e9 - 60 * age))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    upload([runs], uri, EXPERIMENT, out=io.StringIO())
+    client = open_client(uri)
+    from_store = compare(uri, EXPERIMENT, out_dir=tmp_path / "store", client=client)
+    from_folders = compare_folder(runs, EXPERIMENT, tmp_path / "folders")
+    for report, source in ((from_store, "store"), (from_folders, "folders")):
+        assert [(r.backend, r.problem["x0"], r.steps) for r in report.rows] == [
+            (b, float(p[-1]), s) for b, p, s in SETUP_ROWS
+        ]  # 2 rows before, one per backend
+        assert [r.problem_label for r in report.rows] == [p for _, p, _ in SETUP_ROWS]
+        assert report.rows[1].run_s == 0.001  # the repeat's latest run, not numpy_older
+        title = report.text.splitlines()[0]
+        assert title.endswith(
+            ", 5 rows (one per configuration; 1 earlier repeat of an identical "
+            "configuration left out)"
+        ), title
+        # the tables say what tells the rows apart: a problem column, steps; no device
+        shown = markdown_rows((tmp_path / source / "comparison.md").read_text(), "backend")
+        assert [(r["backend"], r["problem"], r["steps"]) for r in shown] == [
+            (b, p, str(s)) for b, p, s in SETUP_ROWS
+        ]
+        assert "device" not in shown[0]
+        # backends are compared like with like: numpy x0=5 has no jax run to agree with
+        assert [(a.mode, a.setup, a.compared, a.note) for a in report.agreement] == [
+            ("manual", "quadratic x0=0 steps=4", ["jax", "numpy"], ""),
+            ("manual", "quadratic x0=0 steps=8", ["jax", "numpy"], ""),
+        ]
+    written = read_csv(tmp_path / "store" / "comparison.csv")
+    assert [(r["backend"], r["problem"], int(r["steps"])) for r in written] == SETUP_ROWS
+    assert json.loads(written[4]["problem_settings"])["x0"] == 5
+    assert {r["setup"] for r in read_csv(tmp_path / "store" / "agreement.csv")} == {
+        "quadratic x0=0 steps=4",
+        "quadratic x0=0 steps=8",
+    }
+    logged = client.get_run(from_store.run_id).data.metrics
+    assert logged["compare.rows"] == 5
+    assert "agreement_abs/float32/manual/quadratic x0_0 steps_8" in logged  # one per setup
+
+
+def test_a_sweep_over_problems_keeps_every_problem(tmp_path: Path) -> None:
+    """`problem=quadratic_form,rosenbrock` showed the last problem's row only."""
+    sweep = tmp_path / "sweep"
+    code, out, err = finish(
+        start(
+            "runner", "-m", "backend=numpy", "problem=quadratic_form,rosenbrock", "steps=20",
+            "tracking=off", f"hydra.sweep.dir={sweep}", "progress=false", cwd=tmp_path,
+        )
+    )  # fmt: skip
+    assert code == 0, err
+    assert "2 finished, 2 rows (one per run)" in out
+    rows = read_csv(sweep / "compare" / "comparison.csv")
+    assert sorted(r["problem"] for r in rows) == ["quadratic_form", "rosenbrock"]
+    shown = markdown_rows((sweep / "compare" / "comparison.md").read_text(), "backend")
+    assert sorted(r["problem"] for r in shown) == ["quadratic_form", "rosenbrock"]
