@@ -52,6 +52,7 @@ from runner.tracking import (
     TrackingTarget,
     client_for,
     flatten,
+    in_command_flags,
     mask_uri,
     read_trajectory,
     resolve_target,
@@ -1243,7 +1244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log=not args.no_log,
         )
     except RunnerError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {in_command_flags(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_code
     except Exception as exc:  # the store refused: say so in one line
         from mlflow.exceptions import MlflowException

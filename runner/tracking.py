@@ -108,6 +108,17 @@ def store_exists(target: TrackingTarget) -> bool:
     return path is None or path.is_file()
 
 
+def in_command_flags(message: str, uri_flag: str = "--tracking-uri", off: str | None = None) -> str:
+    """A store error's advice, written for `python -m runner` (tracking.uri, tracking=off),
+    in the flags of the command that met it; `off` None: the command cannot do without
+    the store (compare reads it, upload writes it), so that option is not offered."""
+    message = message.replace("tracking.uri", uri_flag)
+    if off is not None:
+        return message.replace("tracking=off", off)
+    message = re.sub(r", (point [^,;]*), or run with tracking=off", r" or \1", message)
+    return re.sub(r",? or run with tracking=off", "", message)
+
+
 def mask_uri(uri: str) -> str:
     """Hide `user:password@` so a tracking URI can be printed or tagged."""
     parts = urlsplit(uri)

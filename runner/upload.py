@@ -50,6 +50,7 @@ from runner.tracking import (
     config_params,
     ensure_experiment,
     finish_run,
+    in_command_flags,
     mask_uri,
     read_sweep,
     resolve_target,
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             args.paths, uri, args.experiment, dry_run=args.dry_run, live=args.background
         )
     except RunnerError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {in_command_flags(str(exc))}", file=sys.stderr, flush=True)
         if args.background:
             print(
                 f"{timestamp()} not recorded; once the store is fixed: "

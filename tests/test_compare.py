@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from runner.compare import optimizer_label
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 # One worker builds the module's store (a ~30 s fixture) and runs every test of it.
 pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("compare-store")]
@@ -630,3 +630,15 @@ def test_a_sweep_over_problems_keeps_every_problem(tmp_path: Path) -> None:
     assert sorted(r["problem"] for r in rows) == ["quadratic_form", "rosenbrock"]
     shown = markdown_rows((sweep / "compare" / "comparison.md").read_text(), "backend")
     assert sorted(r["problem"] for r in shown) == ["quadratic_form", "rosenbrock"]
+
+
+def test_an_unreachable_server_is_one_line_in_compares_own_flags() -> None:
+    """The store's advice names compare's --tracking-uri, and not tracking=off: compare
+    cannot do without the store it reads."""
+    away = f"http://127.0.0.1:{free_port()}"
+    code, out, err = main_in_process("--tracking-uri", away, "--no-log")
+    assert code == 4 and out == ""
+    assert err == (
+        f"error: tracking server {away} is unreachable (ConnectionRefusedError); "
+        "start it or point --tracking-uri elsewhere\n"
+    )

@@ -25,7 +25,13 @@ from runner.bench.report import all_targets, longest, markdown, scaling_plot, st
 from runner.errors import ConfigError, MissingFrameworkError
 from runner.plugins import load_backend
 from runner.protocol import Backend
-from runner.tracking import TrackingError, TrackingTarget, check_store, resolve_target
+from runner.tracking import (
+    TrackingError,
+    TrackingTarget,
+    check_store,
+    in_command_flags,
+    resolve_target,
+)
 
 
 def metric_name(text: str) -> str:
@@ -279,4 +285,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def bench_wording(exc: Exception) -> str:
     """The tracking layer's advice, in this command's flags instead of the runner's."""
-    return str(exc).replace("tracking.uri", "--tracking-uri").replace("tracking=off", "--no-log")
+    return in_command_flags(str(exc), off="--no-log")
