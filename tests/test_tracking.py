@@ -291,10 +291,9 @@ def files_under(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
 
-def test_relative_sqlite_uri_is_the_start_folders_from_any_folder(tmp_path: Path) -> None:
-    """tracking.uri=sqlite:///<relative> names a file under the folder the run started
-    in (as the default store does): `python -m runner.upload` typed in another folder
-    records the run there, and finds it there again, creating nothing where it runs."""
+def run_with_relative_store(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(start, elsewhere, run folder): a run started in start/ with
+    tracking.uri=sqlite:///stores/rel.db, not uploaded yet; elsewhere/ is empty."""
     start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
     start.mkdir()
     elsewhere.mkdir()
@@ -304,6 +303,14 @@ def test_relative_sqlite_uri_is_the_start_folders_from_any_folder(tmp_path: Path
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs_in(start)
+    return start, elsewhere, run_dir
+
+
+def test_relative_sqlite_uri_is_the_start_folders_from_any_folder(tmp_path: Path) -> None:
+    """tracking.uri=sqlite:///<relative> names a file under the folder the run started
+    in (as the default store does): `python -m runner.upload` typed in another folder
+    records the run there, and finds it there again, creating nothing where it runs."""
+    start, elsewhere, run_dir = run_with_relative_store(tmp_path)
     store = start / "stores" / "rel.db"
     up = upload_cli(str(run_dir), cwd=elsewhere)
     assert up.returncode == 0, up.stderr
@@ -336,15 +343,7 @@ def test_resolve_target_anchors_only_relative_sqlite_paths(tmp_path: Path) -> No
 def test_dry_run_creates_no_store(tmp_path: Path) -> None:
     """--dry-run against a store that is not there: every run would be uploaded, and it
     says so, but no store (nor its folder or lock file) is created, from any folder."""
-    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
-    start.mkdir()
-    elsewhere.mkdir()
-    proc = cli(
-        "backend=jax", "steps=20", "tracking.enabled=false",
-        "tracking.uri=sqlite:///stores/rel.db", cwd=start,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    (run_dir,) = run_dirs_in(start)
+    start, elsewhere, run_dir = run_with_relative_store(tmp_path)
     before = files_under(tmp_path)
     for cwd, extra in (
         (elsewhere, []),  # the run's own (relative) store
