@@ -164,7 +164,9 @@ def hydra_main(cfg: DictConfig) -> Any:
             sys.exit(exc.exit_code)
         if not isinstance(exc, UnsupportedError | DivergenceError):
             record_job_failure(Path(hydra_cfg.runtime.output_dir), exc)
-        return float("nan")  # the sweep goes on; the sweep's exit code reports the failure
+        # The sweep goes on; its exit code reports the failure. No value: Optuna's sweeper
+        # marks the trial failed and carries on (a NaN it refuses, ending the search).
+        return None
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated) or isinstance(stop_requested(), Terminated)
         word = "terminated" if terminated else "interrupted"

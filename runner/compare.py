@@ -47,7 +47,7 @@ from runner.config import backend_defaults
 from runner.errors import RunnerError
 from runner.optimizers import CONVENTIONS, HYPERPARAMETERS, eps_form
 from runner.protocol import MODES
-from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
+from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write, sweep_failures
 from runner.tracking import (
     TrackingTarget,
     client_for,
@@ -244,12 +244,22 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
         rows,
         len(rows),
         f"run folders: `{sweep_dir}`",
-        f"sweep {sweep_id}; {len(rows)} finished",
+        f"sweep {sweep_id}; {_job_counts(rows, len(sweep_failures(sweep_dir)))}",
         experiment,
         sweep_id,
         out_dir,
         lambda row: _trajectory_loss(sweep_dir / row.run_name / TRAJECTORY_FILE),
     )
+
+
+def _job_counts(rows: Sequence[Row], failed: int) -> str:
+    """'4 finished', '3 finished, 1 diverged, 1 failed': every job the sweep ran, so one
+    that failed before a result (a bad setting) is not silently missing from the header."""
+    counts = {"finished": 0, "diverged": 0}
+    for row in rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    counts["failed"] = failed
+    return ", ".join(f"{n} {status}" for status, n in counts.items() if n or status == "finished")
 
 
 def _report(

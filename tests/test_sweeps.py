@@ -393,3 +393,36 @@ def test_missing_sweep_plugin_names_the_extra(tmp_path: Path) -> None:
         "which is not installed; pip install 'gradient-runner[sweeps]'"
     )
     assert not (tmp_path / "outputs").exists()
+
+
+def test_optuna_search_goes_on_past_a_diverged_trial(tmp_path: Path) -> None:
+    """a = 10: an lr over 0.1 diverges (TPE's second seeded trial, lr = 0.14). That trial
+    counts as failed, the search goes on, and the report's header counts it."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = cli(
+        "+hparams_search=lr",
+        "backend=numpy",
+        "problem.a=10",
+        "steps=100",
+        "hydra.sweeper.n_trials=3",
+        "tracking=off",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = job_results(tmp_path / "sweep")
+    assert sorted(r["status"] for r in results.values()) == ["diverged", "finished", "finished"]
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    finished = [r for r in results.values() if r["status"] == "finished"]
+    assert best["best_value"] == min(r["loss"] for r in finished)
+    assert "; 2 finished, 1 diverged, 3 rows" in proc.stdout
+
+
+def test_the_report_header_counts_a_job_that_failed_before_a_result(tmp_path: Path) -> None:
+    proc = cli(
+        "-m", "backend=numpy", "problem.a=1,-1", "steps=20", "tracking=off",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "; 1 finished, 1 failed, 1 rows (one per run)" in proc.stdout, proc.stdout
+    assert proc.stderr.strip().endswith("no minimum unless a > 0; give a positive problem.a")
