@@ -6,13 +6,14 @@ are checked here first so the user reads one line naming what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from runner.config import CONFIG_DIR, build_run_config
 from runner.errors import DivergenceError, RunnerError, UnsupportedError
 from runner.job import execute, request_stop, stop_requested
 from runner.plugins import backend_entry_points
+from runner.problems import problem_classes
 from runner.results import RESULTS_FILE, new_run_uid, record_job_failure
 from runner.tracking import (
     TrackingError,
@@ -48,9 +50,7 @@ CHECKED_GROUPS = ("backend", "mode", "problem", "optimizer", "tracking")
 
 def group_options(group: str) -> list[str]:
     options = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
-    if group == "backend":
-        options |= set(backend_entry_points())
-    return sorted(options)
+    return sorted(options | set(PLUGIN_GROUPS.get(group, dict)()))
 
 
 def check_group_choices(args: list[str]) -> None:
@@ -143,13 +143,34 @@ def options_with(key: str) -> list[str]:
     ]
 
 
-def register_plugin_backends() -> None:
-    """Give every installed backend plugin a config node, so `backend=<name>` composes."""
+# Config groups whose options installed plugins add: group -> {name: entry point}.
+PLUGIN_GROUPS: dict[str, Callable[[], Mapping[str, Any]]] = {
+    "backend": backend_entry_points,
+    "problem": problem_classes,
+}
+
+
+def register_plugins() -> None:
+    """Give every installed backend and problem plugin a config node, so `backend=<name>`
+    and `problem=<name>` compose; a problem's node holds its settings' defaults (its
+    dataclass fields), so `problem.<setting>=...` overrides them as for a shipped one."""
     store = ConfigStore.instance()
-    shipped = {p.stem for p in (CONFIG_DIR / "backend").glob("*.yaml")}
-    for name in backend_entry_points():
-        if name not in shipped:
-            store.store(group="backend", name=name, node={"name": name})
+    for group, installed in PLUGIN_GROUPS.items():
+        shipped = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
+        for name, entry_point in installed().items():
+            if name in shipped:
+                continue
+            settings = problem_defaults(entry_point.load()) if group == "problem" else {}
+            store.store(group=group, name=name, node={"name": name, **settings})
+
+
+def problem_defaults(cls: type) -> dict[str, Any]:
+    """A problem dataclass's settings with their defaults, as config values."""
+    return {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING
+    }
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -371,7 +392,7 @@ def main() -> None:
         check_group_choices(sys.argv[1:])
         check_sweep_plugins(sys.argv[1:])
         check_output_dir(sys.argv[1:])
-        register_plugin_backends()
+        register_plugins()
         check_overrides(sys.argv[1:])
     except RunnerError as exc:
         report(exc)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from runner.plugins import BACKEND_GROUP
+from runner.problems import PROBLEM_GROUP
 from tests.conftest import ROOT, cli, python_code, single_result
 
 # A third-party backend in plain NumPy: the whole protocol, nothing borrowed from the core.
@@ -122,3 +123,59 @@ def test_core_imports_no_framework() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# A third-party problem: (x - s)^2 summed, minimum 0 at x = s; its settings are its fields.
+PROBLEM_SOURCE = """
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Shifted:
+    s: float = 3.0
+    x0: float = 0.0
+    dim: int | None = None
+    name: ClassVar[str] = "shifted"
+
+    @property
+    def coefficients(self):
+        return {"s": float(self.s)}
+
+    def x0_array(self):
+        return np.asarray(float(self.x0))
+
+    def loss(self, x, p, ops=None):
+        return (x - p["s"]) ** 2
+
+    def grad(self, x):
+        return 2 * (x - self.s)
+
+    def optimum(self):
+        return float(self.s), 0.0
+"""
+
+
+def test_an_installed_problem_plugin_is_a_choice_with_its_settings(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "shifted_problem.py").write_text(textwrap.dedent(PROBLEM_SOURCE))
+    dist = site / "shifted_problem-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shifted-problem\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{PROBLEM_GROUP}]\nshifted = shifted_problem:Shifted\n"
+    )
+    env = {"PYTHONPATH": f"{ROOT}:{site}"}
+    proc = cli(
+        "backend=numpy", "problem=shifted", "problem.s=5", "optimizer.lr=0.5", "steps=3",
+        "tracking=off", cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = single_result(tmp_path)
+    assert result["problem"] == {"name": "shifted", "s": 5.0, "x0": 0.0, "dim": None}
+    assert result["x"] == 5.0  # lr = 1/2: one step to x* = s
+    listed = cli("problem=nope", cwd=tmp_path, env=env)
+    assert "choose one of: quadratic, quadratic_form, rosenbrock, shifted" in listed.stderr
