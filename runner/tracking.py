@@ -485,9 +485,17 @@ def run_tags(
 
 
 def git_commit() -> str | None:
+    """The commit of the runner's own code (a git checkout it runs from), whatever folder
+    the command was typed in: the tag says which code made the numbers. None for an
+    installed copy outside git."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None

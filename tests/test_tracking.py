@@ -375,3 +375,17 @@ def test_logged_points_are_bounded() -> None:
     assert len(keep) <= 1000 and keep[0] == 0 and keep[-1] == 10_000_000
     assert np.all(np.diff(keep) > 0)
     assert list(thin(5)) == [0, 1, 2, 3, 4]
+
+
+def test_git_commit_is_the_runners_own_whatever_the_folder(tmp_path: Path, monkeypatch) -> None:
+    """Typed in another git repository (or none), the tag still names the runner's code."""
+    from runner.tracking import git_commit
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("the runner's code is not a git checkout here")
+    own = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    assert git_commit() == own
