@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -70,6 +71,7 @@ def check_group_choices(args: list[str]) -> None:
                 )
 
 
+SLURM_LAUNCHERS = ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm")
 # Hydra plugins behind the [sweeps] extra, by the override that selects them.
 SWEEP_PLUGINS = {
     "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
@@ -93,6 +95,12 @@ def check_sweep_plugins(args: list[str]) -> None:
             raise RunnerError(
                 f"{arg} needs the Hydra plugin '{module.split('.')[-1]}', which is not "
                 "installed; pip install 'gradient-runner[sweeps]'"
+            )
+        # submitit would fail deep in the sweep, after its parent run was opened
+        if arg in SLURM_LAUNCHERS and shutil.which("srun") is None:
+            raise RunnerError(
+                f"{arg} submits to a SLURM cluster, and this machine has no srun; "
+                "use hydra/launcher=local or hydra/launcher=parallel here"
             )
 
 

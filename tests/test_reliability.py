@@ -105,6 +105,10 @@ MORE_BAD_INPUTS = [
     (["stepz=3"], "stepz is not a setting of this config (misspelt?); to add a new key on"),
     (["mode.update=manual"], "mode.update is a setting of mode=graph only; choose mode=graph"),
     (
+        ["-m", "hydra/launcher=slurm", "backend=numpy"],
+        "hydra/launcher=slurm submits to a SLURM cluster, and this machine has no srun; use ",
+    ),
+    (
         ["backend=torch", "backend.jit_compile=true"],
         "backend.jit_compile is a setting of backend=tf only; choose backend=tf to use it",
     ),
