@@ -64,15 +64,19 @@ class AbacusBackend:
 """
 
 
-def install_plugin(site: Path) -> None:
+def install_plugin(
+    site: Path,
+    module: str = "abacus_backend",
+    source: str = PLUGIN_SOURCE,
+    entry_point: str = f"[{BACKEND_GROUP}]\nabacus = abacus_backend:AbacusBackend\n",
+) -> None:
     """What `pip install abacus-backend` leaves behind: a module and its dist-info."""
-    (site / "abacus_backend.py").write_text(textwrap.dedent(PLUGIN_SOURCE))
-    dist = site / "abacus_backend-0.1.dist-info"
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    dist = site / f"{module}-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: abacus-backend\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        f"[{BACKEND_GROUP}]\nabacus = abacus_backend:AbacusBackend\n"
-    )
+    name = module.replace("_", "-")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(entry_point)
 
 
 def test_installed_plugin_is_discovered_and_runs(tmp_path: Path) -> None:
@@ -161,13 +165,8 @@ class Shifted:
 def test_an_installed_problem_plugin_is_a_choice_with_its_settings(tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
-    (site / "shifted_problem.py").write_text(textwrap.dedent(PROBLEM_SOURCE))
-    dist = site / "shifted_problem-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: shifted-problem\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        f"[{PROBLEM_GROUP}]\nshifted = shifted_problem:Shifted\n"
-    )
+    entry_point = f"[{PROBLEM_GROUP}]\nshifted = shifted_problem:Shifted\n"
+    install_plugin(site, "shifted_problem", PROBLEM_SOURCE, entry_point)
     env = {"PYTHONPATH": f"{ROOT}:{site}"}
     proc = cli(
         "backend=numpy", "problem=shifted", "problem.s=5", "optimizer.lr=0.5", "steps=3",

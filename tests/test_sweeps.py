@@ -231,18 +231,17 @@ def test_optuna_lr_search_improves_and_is_one_group(tmp_path: Path) -> None:
     assert float(best_run.data.params["optimizer.lr"]) == best["best_params"]["optimizer.lr"]
 
 
+def lr_search(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m runner +hparams_search=lr ...` into tmp_path/sweep, tracking off."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    return cli("+hparams_search=lr", *overrides, "tracking=off", sweep, cwd=tmp_path)
+
+
 @pytest.mark.slow  # 20 trials: ~35 s on 2 busy cores
 def test_optuna_default_search_finds_the_one_step_lr(tmp_path: Path) -> None:
     """a = 1: lr = 1/(2a) = 0.5 reaches the optimum in one step; 20 seeded TPE trials find it."""
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    proc = cli(
-        "+hparams_search=lr",
-        "backend=jax",
-        "steps=5",
-        "tracking=off",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        cwd=tmp_path,
-    )
+    proc = lr_search(tmp_path, "backend=jax", "steps=5")
     assert proc.returncode == 0, proc.stderr
     assert len(job_results(tmp_path / "sweep")) == 20
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
@@ -398,16 +397,8 @@ def test_missing_sweep_plugin_names_the_extra(tmp_path: Path) -> None:
 def test_optuna_search_goes_on_past_a_diverged_trial(tmp_path: Path) -> None:
     """a = 10: an lr over 0.1 diverges (TPE's second seeded trial, lr = 0.14). That trial
     counts as failed, the search goes on, and the report's header counts it."""
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    proc = cli(
-        "+hparams_search=lr",
-        "backend=numpy",
-        "problem.a=10",
-        "steps=100",
-        "hydra.sweeper.n_trials=3",
-        "tracking=off",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        cwd=tmp_path,
+    proc = lr_search(
+        tmp_path, "backend=numpy", "problem.a=10", "steps=100", "hydra.sweeper.n_trials=3"
     )
     assert proc.returncode == 0, proc.stderr
     results = job_results(tmp_path / "sweep")
