@@ -185,7 +185,11 @@ def compare(
     if sweep_id == "latest":
         sweep_id = latest_sweep(client, found.experiment_id, experiment)
     filters = {"backend": _values(backends), "mode": _values(modes), "dtype": _values(dtypes)}
-    runs = search_runs(client, found.experiment_id, sweep_id, filters)
+    for spelling in _sweep_spellings(sweep_id):
+        runs = search_runs(client, found.experiment_id, spelling, filters)
+        if runs:
+            sweep_id = spelling
+            break
     if not runs:
         raise CompareError(
             f"no finished minimize runs in experiment {experiment!r} match "
@@ -385,6 +389,22 @@ def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -
         return False
     mode = tags.get("mode", "")
     return not filters["mode"] or any(m in (mode, mode.split("/")[0]) for m in filters["mode"])
+
+
+def _sweep_spellings(sweep_id: str | None) -> list[str | None]:
+    """The ways a sweep's folder may be tagged, the one given first: its sweep_id is the
+    folder as the sweep was given it (usually relative to where it started), while a
+    user may paste the absolute path upload.log prints, or a tab-completed trailing /."""
+    if sweep_id is None:
+        return [None]
+    path, here = Path(sweep_id), Path.cwd()
+    if not path.is_absolute():
+        other = here / path
+    elif path.is_relative_to(here):
+        other = path.relative_to(here)
+    else:
+        other = path
+    return list(dict.fromkeys([sweep_id, path.as_posix(), other.as_posix()]))
 
 
 def latest_sweep(client: Any, experiment_id: str, experiment: str) -> str:

@@ -642,3 +642,15 @@ def test_an_unreachable_server_is_one_line_in_compares_own_flags() -> None:
         f"error: tracking server {away} is unreachable (ConnectionRefusedError); "
         "start it or point --tracking-uri elsewhere\n"
     )
+
+
+def test_sweep_is_found_however_its_folder_is_spelt(store: dict, monkeypatch) -> None:
+    """The sweep's tag is its folder as the sweep was given it (absolute here); typed
+    relative to the current folder, with a tab-completed trailing slash, it still matches."""
+    monkeypatch.chdir(store["root"])
+    code, out, err = main_in_process(
+        "--tracking-uri", store["uri"], "--sweep", "extra/", "--no-log",
+        "--out", str(store["root"] / "out-spelt"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"sweep={(store['root'] / 'extra').as_posix()}; 2 matching, 2 rows" in out
