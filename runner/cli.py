@@ -51,7 +51,8 @@ CHECKED_GROUPS = ("backend", "mode", "problem", "optimizer", "tracking")
 
 def group_options(group: str) -> list[str]:
     options = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
-    return sorted(options | set(PLUGIN_GROUPS.get(group, dict)()))
+    installed = PLUGIN_GROUPS[group][0]() if group in PLUGIN_GROUPS else {}
+    return sorted(options | set(installed))
 
 
 def check_group_choices(args: list[str]) -> None:
@@ -139,8 +140,6 @@ def check_overrides(args: list[str]) -> None:
 
 def options_with(key: str) -> list[str]:
     """The shipped config group options that have `key` ('mode.update' -> ['mode=graph'])."""
-    from omegaconf import OmegaConf
-
     group, _, setting = key.partition(".")
     if not setting or "." in setting:
         return []
@@ -151,10 +150,20 @@ def options_with(key: str) -> list[str]:
     ]
 
 
-# Config groups whose options installed plugins add: group -> {name: entry point}.
-PLUGIN_GROUPS: dict[str, Callable[[], Mapping[str, Any]]] = {
-    "backend": backend_entry_points,
-    "problem": problem_classes,
+def problem_defaults(entry_point: Any) -> dict[str, Any]:
+    """A problem plugin's settings (its dataclass fields) with their defaults."""
+    return {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in dataclasses.fields(entry_point.load())
+        if f.default is not dataclasses.MISSING
+    }
+
+
+# Config groups whose options installed plugins add: group -> ({name: entry point}, the
+# settings of an option's config node). A backend's options reach it as +backend.<key>.
+PLUGIN_GROUPS: dict[str, tuple[Callable[[], Mapping[str, Any]], Callable[[Any], dict]]] = {
+    "backend": (backend_entry_points, lambda _entry_point: {}),
+    "problem": (problem_classes, problem_defaults),
 }
 
 
@@ -163,22 +172,12 @@ def register_plugins() -> None:
     and `problem=<name>` compose; a problem's node holds its settings' defaults (its
     dataclass fields), so `problem.<setting>=...` overrides them as for a shipped one."""
     store = ConfigStore.instance()
-    for group, installed in PLUGIN_GROUPS.items():
+    for group, (installed, settings_of) in PLUGIN_GROUPS.items():
         shipped = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
         for name, entry_point in installed().items():
-            if name in shipped:
-                continue
-            settings = problem_defaults(entry_point.load()) if group == "problem" else {}
-            store.store(group=group, name=name, node={"name": name, **settings})
-
-
-def problem_defaults(cls: type) -> dict[str, Any]:
-    """A problem dataclass's settings with their defaults, as config values."""
-    return {
-        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
-        for f in dataclasses.fields(cls)
-        if f.default is not dataclasses.MISSING
-    }
+            if name not in shipped:
+                node = {"name": name, **settings_of(entry_point)}
+                store.store(group=group, name=name, node=node)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")

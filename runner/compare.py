@@ -670,9 +670,8 @@ def _differing(rows: Sequence[Row]) -> set[str]:
     return found
 
 
-def _varying(row: Row, rows: Sequence[Row]) -> list[str]:
-    """Row's problem, steps and device where they tell rows apart: for a label."""
-    differing = _differing(rows)
+def _varying(row: Row, differing: set[str]) -> list[str]:
+    """Row's problem, steps and device where they tell rows apart (`_differing`): for a label."""
     parts = {"problem": row.problem_label, "steps": f"steps={row.steps}", "device": row.device}
     return [text for name, text in parts.items() if name in differing]
 
@@ -736,10 +735,12 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
         whole.setdefault((row.mode, row.dtype, row.optimizer), []).append(row)
         whole.setdefault((ALL_MODES, row.dtype, row.optimizer), []).append(row)
     groups: dict[tuple[str, str, str, str], list[Row]] = {}
+    differing = _differing(usable)
     for (mode, dtype, optimizer), members in whole.items():
         runs = [(m.backend, m.mode if mode == ALL_MODES else "") for m in members]
+        split = len(set(runs)) < len(runs)  # a backend (x mode) with several rows
         for m in members:
-            setup = " ".join(_varying(m, usable)) if len(set(runs)) < len(runs) else ""
+            setup = " ".join(_varying(m, differing)) if split else ""
             groups.setdefault((mode, dtype, optimizer, setup), []).append(m)
     found = []
     for (mode, dtype, optimizer, setup), members in groups.items():
@@ -748,9 +749,11 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
         if mode != ALL_MODES and len(members) < 2:
             continue
 
-        def label(row: Row, across: bool = mode == ALL_MODES, members: list[Row] = members) -> str:
+        apart = _differing(members)
+
+        def label(row: Row, across: bool = mode == ALL_MODES, apart: set[str] = apart) -> str:
             parts = [row.backend, row.mode] if across else [row.backend]
-            return " ".join(parts + _varying(row, members))
+            return " ".join(parts + _varying(row, apart))
 
         pairs = list(combinations(members, 2))
         worst = max(pairs, key=lambda p: abs_diff(p[0].x, p[1].x))
@@ -1099,12 +1102,17 @@ def _csv(table: Sequence[Sequence[str]]) -> str:
     return buffer.getvalue()
 
 
-def _label(row: Row, rows: Sequence[Row]) -> str:
-    """A plot's name for row: unique among rows, as short as they allow."""
-    parts = [row.backend, row.mode, row.dtype]
-    if len({r.optimizer for r in rows}) > 1:
-        parts.append(row.optimizer)
-    return " ".join(parts + _varying(row, rows))
+def _labels(rows: Sequence[Row]) -> list[str]:
+    """The plots' names for rows: unique among them, as short as they allow."""
+    several_optimizers = len({r.optimizer for r in rows}) > 1
+    differing = _differing(rows)
+    labels = []
+    for r in rows:
+        parts = [r.backend, r.mode, r.dtype]
+        if several_optimizers:
+            parts.append(r.optimizer)
+        labels.append(" ".join(parts + _varying(r, differing)))
+    return labels
 
 
 def loss_curve(client: Any, row: Row) -> dict[str, np.ndarray] | None:
@@ -1141,20 +1149,21 @@ def write_plots(
     curves = {}
     optima = {r.optimum_loss for r in rows if math.isfinite(r.optimum_loss)}
     shared = optima.pop() if len(optima) == 1 else None
-    for row in rows:
+    labels = _labels(rows)
+    for row, label in zip(rows, labels, strict=True):
         curve = curve_of(row)
         if curve is None or not len(curve["step"]):
             continue
         if shared is None:  # different problems: plot each run's own gap to its optimum
             curve["loss"] = curve["loss"] - row.optimum_loss
-        curves[_label(row, rows)] = curve
+        curves[label] = curve
     if curves:
         files["convergence"] = convergence_plot(
             curves, shared if shared is not None else 0.0, out / CONVERGENCE_FILE
         )
     times = {  # barh draws the first bar at the bottom: reversed, it reads like the table
-        _label(r, rows): r.step_us
-        for r in reversed(rows)
+        label: r.step_us
+        for r, label in reversed(list(zip(rows, labels, strict=True)))
         if math.isfinite(r.step_us) and r.step_us > 0
     }
     if times:

@@ -204,36 +204,32 @@ class Uploader:
         self.dry_run, self.live = dry_run, live
         self.out = out or sys.stdout
         self.outcome = Outcome()
-        self.stores: dict[TrackingTarget, tuple[Any, str]] = {}
-        # a dry run's: (None, None) / (client, None) for a store / experiment not there
-        self.peeked: dict[TrackingTarget, tuple[Any, str | None]] = {}
+        self.stores: dict[TrackingTarget, tuple[Any, str | None]] = {}
         self.parents: dict[tuple[TrackingTarget, str], str] = {}
 
-    def store(self, target: TrackingTarget) -> tuple[Any, str]:
-        """(client, experiment id) of the target, opened once."""
-        if target not in self.stores:
+    def store(self, target: TrackingTarget) -> tuple[Any, str | None]:
+        """(client, experiment id) of the target, opened once.
+
+        A dry run creates nothing: a store that does not exist is not opened (MlflowClient
+        would create and migrate it), a missing experiment is not created; None stands
+        for either (the client too, for the store), and every run is then one that would
+        be uploaded.
+        """
+        if target in self.stores:
+            return self.stores[target]
+        if not self.dry_run:
             client = client_for(target)
             self.stores[target] = (client, ensure_experiment(client, target))
+        elif not store_exists(target):
+            self.stores[target] = (None, None)
+        else:
+            client = client_for(target)
+            try:
+                found = retry_locked(lambda: client.get_experiment_by_name(target.experiment))
+            except Exception as exc:
+                raise store_error(target.uri, exc) from None
+            self.stores[target] = (client, found.experiment_id if found else None)
         return self.stores[target]
-
-    def peek(self, target: TrackingTarget) -> tuple[Any, str | None]:
-        """A dry run's store(): the same, creating nothing.
-
-        A store that does not exist is not opened (MlflowClient would create and
-        migrate it) and a missing experiment is not created: None stands for either,
-        and every run is then one that would be uploaded.
-        """
-        if target not in self.peeked:
-            if not store_exists(target):
-                self.peeked[target] = (None, None)
-            else:
-                client = client_for(target)
-                try:
-                    found = retry_locked(lambda: client.get_experiment_by_name(target.experiment))
-                except Exception as exc:
-                    raise store_error(target.uri, exc) from None
-                self.peeked[target] = (client, found.experiment_id if found else None)
-        return self.peeked[target]
 
     def add(self, paths: Iterable[Path]) -> None:
         for run_dir in run_dirs(paths):
@@ -244,7 +240,7 @@ class Uploader:
                 continue
             cfg = _config(run_dir, result)
             target = _target(run_dir, cfg, self.tracking_uri, self.experiment)
-            client, experiment_id = self.peek(target) if self.dry_run else self.store(target)
+            client, experiment_id = self.store(target)
             # check, then log: one upload of a folder at a time (a dry run writes no lock file)
             with contextlib.nullcontext() if self.dry_run else folder_lock(run_dir, self.out):
                 _upload_locked(
