@@ -70,7 +70,22 @@ def run_minimize(
     on_phase: Callable[[str], None] | None = None,
     progress: Progress | None = None,
 ) -> MinimizeOutcome:
-    """Prepare (timed as compile_s), run (run_s), read the final state (final_s)."""
+    """Prepare (timed as compile_s), run (run_s), read the final state (final_s).
+
+    NumPy's overflow warnings are off throughout: a diverging run is an outcome the
+    runner reports in one line (the step, the lr), and a backend that computes in NumPy
+    would otherwise print a warning per operation that overflowed before it.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _run_minimize(backend, spec, on_phase, progress)
+
+
+def _run_minimize(
+    backend: Backend,
+    spec: MinimizeSpec,
+    on_phase: Callable[[str], None] | None,
+    progress: Progress | None,
+) -> MinimizeOutcome:
     announce = on_phase or (lambda _phase: None)
     announce("compile")
     start = time.perf_counter()

@@ -118,6 +118,19 @@ def test_divergence_keeps_what_was_computed(tmp_path: Path) -> None:
     assert int(rows[-2]["step"]) == step - 1 and int(rows[-1]["step"]) == step
 
 
+
+def test_numpy_divergence_is_one_line_without_overflow_warnings(tmp_path: Path) -> None:
+    """backend=numpy computes in NumPy: each overflowing operation used to print a
+    RuntimeWarning before the runner's own line."""
+    proc = cli(
+        "backend=numpy", "problem=quadratic_form", "problem.dim=8", "optimizer.lr=1.5",
+        "steps=200", "tracking=off", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 3
+    assert proc.stderr.strip().startswith("error: the loss became inf at step ")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 BAD_INPUTS = [
     (["backend=keras"], "backend=keras is not a backend choice; choose one of: jax, numpy, tf"),
     (["mode=fast"], "mode=fast is not a mode choice; choose one of: apply, graph, manual"),
