@@ -7,6 +7,7 @@ are checked here first so the user reads one line naming what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -392,6 +393,9 @@ def main() -> None:
     # Every job (and reused worker) starts TensorFlow equally quiet, whichever framework
     # a worker imported first: JAX sets this to 1 when it is unset.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The Optuna sweeper imports Alembic under Hydra's root logger (INFO, on stdout), and
+    # Alembic logs a "setup plugin" line per module as it is imported: seven lines of noise.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     use_compile_caches(Path.cwd() / "outputs" / "cache")
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)

@@ -212,6 +212,7 @@ def test_optuna_lr_search_improves_and_is_one_group(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
+    assert "alembic" not in proc.stdout + proc.stderr  # Optuna imports it under Hydra's INFO
     sweep_dir = tmp_path / "sweep"
     best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     results = job_results(sweep_dir)
