@@ -316,14 +316,22 @@ def announce_upload(output_dir: Path, run_uid: str, target: TrackingTarget, cwd:
         )
 
 
+def job_kind(task: str | None, mode: str) -> str:
+    """What a run did, for its folder and MLflow names: its mode, or the task where the
+    mode does not apply (task=derivatives runs no optimizer)."""
+    return "derivatives" if task == "derivatives" else mode
+
+
+# conf/config.yaml names run folders with it; registered on import, so that a sweep's
+# worker processes (which import this module for the job function) resolve it too.
+OmegaConf.register_new_resolver("job_kind", job_kind, replace=True)
+
+
 def run_name(cfg: dict[str, Any]) -> str:
     mode = cfg.get("mode", {})
-    parts = [cfg["backend"]["name"]]
-    if cfg.get("task") == "derivatives":
-        parts.append("derivatives")
-    else:
-        parts += [mode.get("name", "")] + ([mode["update"]] if mode.get("name") == "graph" else [])
-    return "-".join([*parts, str(cfg.get("dtype"))])
+    kind = job_kind(cfg.get("task"), mode.get("name", ""))
+    update = [mode["update"]] if kind == "graph" else []
+    return "-".join([cfg["backend"]["name"], kind, *update, str(cfg.get("dtype"))])
 
 
 def report(exc: RunnerError, kind: str = "error") -> None:

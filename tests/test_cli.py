@@ -88,6 +88,7 @@ def test_derivatives_task(tmp_path: Path) -> None:
     proc = cli("backend=jax", "task=derivatives", "problem.x0=10", "tracking=off", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     result = single_result(tmp_path)
+    assert next((tmp_path / "outputs" / "runs").glob("*/*")).name.endswith("_jax_derivatives")
     assert result["task"] == "derivatives" and result["at"] == 10.0
     assert result["dy_dx"] == 18.0 and result["y"] == 81.0
     assert result["dy_dcoef"] == {"a": 100.0, "b": 10.0, "c": 1.0}
