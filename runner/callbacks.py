@@ -68,10 +68,10 @@ class SweepTracking(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         cwd = Path(config.hydra.runtime.cwd)
-        target = resolve_target(tracking, cwd)
         sweep_id = sweep_dir.as_posix()
         overrides = " ".join(config.hydra.overrides.task)
         try:
+            target = resolve_target(tracking, cwd)
             if logs_in_background(tracking, target):
                 check_store(target)  # what MLflow would say at once, said before any job
                 write_sweep(sweep_dir, SweepInfo(sweep_id, None, "follower", overrides))

@@ -174,7 +174,7 @@ def compare(
     runner.kind=comparison. `modes` matches a mode exactly ("graph/apply") or by its
     name before the slash ("graph"). Raises CompareError when nothing can be compared.
     """
-    uri = tracking_uri or resolve_target({}, Path.cwd()).uri
+    uri = resolve_target({"uri": tracking_uri}, Path.cwd()).uri
     if client is None:
         client = open_client(uri)
     found = client.get_experiment_by_name(experiment)

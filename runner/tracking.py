@@ -32,7 +32,7 @@ try:
 except ImportError:  # not POSIX: no locks, as before
     fcntl = None  # type: ignore[assignment]
 
-from runner.errors import RunnerError, UnsupportedError
+from runner.errors import ConfigError, RunnerError, UnsupportedError
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
@@ -76,13 +76,34 @@ def resolve_target(tracking: Mapping[str, Any], base_dir: Path) -> TrackingTarge
     relative to it as well, and the URI comes back absolute: the run, its background
     upload and a later `python -m runner.upload` from any folder open the same file.
     """
-    uri = anchor_uri(tracking.get("uri") or f"sqlite:///{DEFAULT_STORE}", base_dir)
+    uri = anchor_uri(store_uri(tracking.get("uri")), base_dir)
     experiment = str(tracking.get("experiment") or "gradient-runner")
     artifacts = None
     if uri.startswith("sqlite:///"):
         db_path = Path(uri.removeprefix("sqlite:///"))
         artifacts = (db_path.parent / DEFAULT_ARTIFACTS.name / experiment).resolve().as_uri()
     return TrackingTarget(uri, experiment, artifacts)
+
+
+# What MLflow can log to: its SQLAlchemy stores (a driver may follow, postgresql+psycopg2),
+# a tracking server, Databricks. Its file store (a bare path, file://) refuses new runs
+# since MLflow 3.13, so it is turned away here, before the run, not after it.
+STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def store_uri(uri: Any) -> str:
+    """tracking.uri as given, the default store for null, or a ConfigError for anything
+    MLflow cannot log to (an empty `tracking.uri=` is not taken to mean the default)."""
+    if uri is None:
+        return f"sqlite:///{DEFAULT_STORE}"
+    scheme = urlsplit(uri).scheme.split("+")[0] if isinstance(uri, str) else ""
+    if scheme not in STORE_SCHEMES and uri != "databricks":
+        raise ConfigError(
+            f"tracking.uri={uri!r} is not a store MLflow can log to; give sqlite:///path.db, "
+            "http(s)://host:port or a database URI (postgresql://, mysql://, mssql://), "
+            "or run with tracking=off"
+        )
+    return uri
 
 
 def anchor_uri(uri: str, base_dir: Path) -> str:
