@@ -119,7 +119,6 @@ def test_divergence_keeps_what_was_computed(tmp_path: Path) -> None:
     assert int(rows[-2]["step"]) == step - 1 and int(rows[-1]["step"]) == step
 
 
-
 def test_numpy_divergence_is_one_line_without_overflow_warnings(tmp_path: Path) -> None:
     """backend=numpy computes in NumPy: each overflowing operation used to print a
     RuntimeWarning before the runner's own line."""
