@@ -242,14 +242,19 @@ def store_creation_lock(uri: str) -> Iterator[None]:
     several transactions; a second process opening it half-made fails. Background
     uploads of runs started one after another open the store at the same moment, so
     the opening is serialized on `<store>.lock` beside it (fcntl.flock).
+
+    The lock file is made before the store, so a store that exists without one was not
+    made by a runner process and none is making it now: it is opened without a lock,
+    and a reader (compare, an upload's dry run) leaves nothing beside it.
     """
     path = sqlite_path(uri)
     if path is None or fcntl is None:
         yield
         return
+    create = 0 if path.exists() else os.O_CREAT
     try:
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:  # a folder this process cannot write in: it creates no store either
+        fd = os.open(f"{path}.lock", os.O_RDWR | create, 0o644)
+    except OSError:  # no lock file beside a store, or a folder this process cannot write in
         fd = None
     try:
         if fd is not None:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from runner.errors import ConfigError
 from runner.tracking import config_params, mask_uri, resolve_target, thin
 from tests.conftest import (
     ROOT,
@@ -318,11 +319,13 @@ def test_relative_sqlite_uri_is_the_start_folders_from_any_folder(tmp_path: Path
     (run,) = runs_of(f"sqlite:///{store}")
     assert run.data.tags["run_uid"] == single_result(start)["run_uid"]
     assert files_under(elsewhere) == set()  # no second store where the command ran
+    Path(f"{store}.lock").unlink()  # as a store made by `mlflow server` or MLflow itself
     for args in ([], ["--dry-run"]):
         again = upload_cli(str(run_dir), *args, cwd=elsewhere)
         assert again.returncode == 0, again.stderr
         assert " 0, already recorded 1, skipped 0" in again.stdout, again.stdout
     assert files_under(elsewhere) == set()
+    assert not Path(f"{store}.lock").exists()  # opening a store that exists adds no lock file
     # and the run's artifacts went beside its store too
     assert (start / "stores" / "mlartifacts" / "gradient-runner").is_dir()
 
@@ -336,6 +339,10 @@ def test_resolve_target_anchors_only_relative_sqlite_paths(tmp_path: Path) -> No
     assert uri("sqlite:////abs/b.db") == "sqlite:////abs/b.db"
     assert uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert uri("sqlite:///:memory:") == "sqlite:///:memory:"
+    assert uri("postgresql+psycopg2://u@host/db") == "postgresql+psycopg2://u@host/db"
+    for refused in ("", "mlruns", "./mlruns", "file:///tmp/mlruns", 5):
+        with pytest.raises(ConfigError, match="is not a store MLflow can log to"):
+            uri(refused)
     target = resolve_target({"uri": "sqlite:///a/b.db", "experiment": "e"}, tmp_path)
     assert target.artifact_location == (tmp_path / "a" / "mlartifacts" / "e").as_uri()
 
