@@ -37,6 +37,8 @@ def config_dir() -> Path:
 CONFIG_DIR = config_dir()
 TASKS = ("minimize", "derivatives")
 DEVICES = ("cpu", "gpu", "auto")
+# Other names users give a device: PyTorch's and JAX's own name for an NVIDIA GPU.
+DEVICE_ALIASES = {"cuda": "gpu"}
 MAX_RECORDED_ROWS = 10_000
 
 
@@ -54,7 +56,9 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     """Validate a resolved config (plain dicts) and build the spec for its task."""
     task = _choice("task", cfg.get("task"), TASKS)
     dtype = _choice("dtype", cfg.get("dtype"), DTYPES)
-    device = _choice("device", cfg.get("device"), DEVICES)
+    device = cfg.get("device")
+    device = DEVICE_ALIASES.get(device, device) if isinstance(device, str) else device
+    device = _choice("device", device, DEVICES)
     backend = _node("backend", cfg)
     problem = build_problem(_node("problem", cfg))
     common = {

@@ -144,6 +144,8 @@ BAD_INPUTS = [
     (["problem.x0=nan"], "problem.x0=nan is not finite"),
     (["dtype=float16"], "dtype='float16' is not allowed; choose one of: float32, float64"),
     (["mode=graph", "mode.update=sgd"], "mode.update='sgd' is not allowed; choose one of"),
+    (["backend=numpy", "device=cuda"], "device=gpu: NumPy runs on the CPU only"),  # an alias
+    (["device=[1]"], "device=[1] is not allowed; choose one of: cpu, gpu, auto"),
     (["tracking.uri="], "tracking.uri='' is not a store MLflow can log to; give sqlite:///"),
     (["-m", "tracking.uri=./mlruns"], "tracking.uri='./mlruns' is not a store MLflow can log"),
 ]
