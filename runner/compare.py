@@ -47,7 +47,13 @@ from runner.config import backend_defaults
 from runner.errors import RunnerError
 from runner.optimizers import CONVENTIONS, HYPERPARAMETERS, eps_form
 from runner.protocol import MODES
-from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write, sweep_failures
+from runner.results import (
+    RESULTS_FILE,
+    TRAJECTORY_FILE,
+    atomic_write,
+    device_kind,
+    sweep_failures,
+)
 from runner.tracking import (
     TrackingTarget,
     client_for,
@@ -464,7 +470,7 @@ def _record(client: Any, run: Any) -> Row:
         },
         optimum_loss=optimum,
         source="metrics",
-        device=tags.get("device", ""),  # result_tags logs results.json's text
+        device=device_kind(tags.get("device", "")),  # runs logged before it was canonical
         optimizer_used={
             k.removeprefix("optimizer_used."): _number(v)
             for k, v in tags.items()
@@ -509,7 +515,7 @@ def row_from_result(result: Mapping[str, Any], **common: str) -> Row | None:
         problem=dict(result.get("problem", {})),
         optimum_loss=float(result["optimum"]["loss"]),
         optimizer_used=dict(result.get("optimizer_used") or {}),
-        device=str(result.get("device", "")),
+        device=device_kind(str(result.get("device", ""))),
         **common,
     )
 
@@ -603,7 +609,7 @@ def _newest_per_setting(runs: Sequence[Any]) -> list[Any]:
             tags.get("backend"),
             tags.get("mode"),
             tags.get("dtype"),
-            tags.get("device"),
+            device_kind(tags.get("device", "")),
             tuple(sorted((k, v) for k, v in params.items() if k.startswith(SETTING_PARAMS))),
         )
         if setting not in seen:
@@ -658,14 +664,13 @@ def _set_problem_labels(rows: Sequence[Row]) -> None:
 
 def _differing(rows: Sequence[Row]) -> set[str]:
     """What besides backend, mode, optimizer and dtype tells rows apart: problem and steps
-    where they take several values, device where a backend ran on several (each framework
-    names the CPU its own way, so devices differing between backends say nothing)."""
+    and device where they take several values."""
     found = set()
     if len({r.problem_label for r in rows}) > 1:
         found.add("problem")
     if len({r.steps for r in rows}) > 1:
         found.add("steps")
-    if len({(r.backend, r.device) for r in rows}) > len({r.backend for r in rows}):
+    if len({r.device for r in rows}) > 1:
         found.add("device")
     return found
 

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import platform
+import re
 import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
@@ -139,6 +140,18 @@ def derivatives_result(
     }
 
 
+def device_kind(name: str) -> str:
+    """`cpu` or `gpu:<index>` for a framework's own device name, so that runs of several
+    frameworks on one device carry one device tag: the CPU is `/device:CPU:0` to
+    TensorFlow, `cpu:0` to JAX and `cpu` to PyTorch; a GPU `/device:GPU:0`, `cuda:0`.
+    A name of another kind (a plugin's TPU) is kept as it is."""
+    lowered = name.lower()
+    if "gpu" in lowered or "cuda" in lowered:
+        index = re.search(r"(\d+)$", name)
+        return f"gpu:{index.group(1) if index else 0}"
+    return "cpu" if "cpu" in lowered else name
+
+
 @dataclass(frozen=True)
 class RunIdentity:
     """Who computed a result: the same fields head every results.json.
@@ -149,7 +162,7 @@ class RunIdentity:
 
     backend: str
     framework: str
-    device: str
+    device_name: str  # the framework's own name for the device (backend.resolved_device)
     versions: Mapping[str, str]
     run_uid: str | None = None
 
@@ -158,7 +171,8 @@ class RunIdentity:
             **({"run_uid": self.run_uid} if self.run_uid else {}),
             "backend": self.backend,
             "framework": self.framework,
-            "device": self.device,
+            "device": device_kind(self.device_name),
+            "device_name": self.device_name,
             "versions": {
                 **self.versions,
                 "python": platform.python_version(),

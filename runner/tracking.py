@@ -649,6 +649,7 @@ def result_tags(result: Mapping[str, Any]) -> dict[str, str]:
         "framework": result.get("framework", ""),
         "status": result.get("status", ""),
         "device": result.get("device", ""),
+        "device_name": result.get("device_name", ""),
         "dtype": result.get("dtype", ""),
     }
     if result.get("mode"):

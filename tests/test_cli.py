@@ -28,6 +28,7 @@ def test_default_run_is_the_notebook(tmp_path: Path) -> None:
     result = single_result(tmp_path)
     assert result["backend"] == "tf" and result["mode"] == "manual"
     assert result["dtype"] == "float32" and result["steps"] == 1000
+    assert result["device"] == "cpu" and result["device_name"] == "/device:CPU:0"
     assert np.float32(result["x"]) == NOTEBOOK_X
     assert result["loss"] == 0.0
     assert result["optimum"] == {"x": 1.0, "loss": 0.0}

@@ -19,6 +19,7 @@ from runner.results import (
     BLOCK,
     RunIdentity,
     _abs_error,
+    device_kind,
     minimize_result,
     norm,
     skipped_result,
@@ -27,6 +28,23 @@ from runner.results import (
 from runner.tracking import result_metrics
 
 IDENTITY = RunIdentity("numpy", "NumPy", "cpu", {})
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("/device:CPU:0", "cpu"),  # TensorFlow
+        ("cpu:0", "cpu"),  # JAX
+        ("cpu", "cpu"),  # PyTorch
+        ("/job:localhost/replica:0/task:0/device:GPU:1", "gpu:1"),
+        ("cuda:0", "gpu:0"),
+        ("cuda", "gpu:0"),
+        ("TPU_0", "TPU_0"),  # another kind: as it is
+    ],
+)
+def test_device_kind_is_one_name_whichever_framework_ran(name: str, kind: str) -> None:
+    assert device_kind(name) == kind
+    assert RunIdentity("b", "B", name, {}).fields()["device"] == kind
 
 
 @pytest.mark.parametrize("n", [1, BLOCK, 3 * BLOCK + 5])

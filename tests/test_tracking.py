@@ -76,7 +76,8 @@ def test_default_store_records_everything(tmp_path: Path) -> None:
     tags = run.data.tags
     assert tags["backend"] == "jax" and tags["framework"] == "JAX"
     assert tags["version.jax"] == result["versions"]["jax"]
-    assert tags["device"] == result["device"] and tags["python"] == result["versions"]["python"]
+    assert tags["device"] == result["device"] == "cpu" and tags["device_name"] == "cpu:0"
+    assert tags["python"] == result["versions"]["python"]
     assert "problem.b=-3" in tags["overrides"] and tags["platform"]
     assert result["optimizer_used"] == {
         "convention": "jax", "name": "sgd", "lr": 0.01, "momentum": 0.0, "nesterov": False
