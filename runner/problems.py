@@ -304,8 +304,8 @@ def _setting(key: str, value: Any) -> Any:
     if key in ("dim", "seed"):
         if value is None and key == "dim":
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or (key == "dim" and value < 1):
-            low = 1 if key == "dim" else 0
+        low = 1 if key == "dim" else 0  # a seed is NumPy's: a non-negative integer
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(
                 f"problem.{key}={value!r} is not allowed; give a whole number >= {low}"
             )

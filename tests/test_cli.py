@@ -143,6 +143,7 @@ BAD_INPUTS = [
     (["problem.a=0"], "problem.a=0.0: a*x^2 + b*x + c has no minimum unless a > 0"),
     (["problem.a=[1,2]"], "problem.a=[1, 2] must be a number"),
     (["problem.x0=nan"], "problem.x0=nan is not finite"),
+    (["problem=quadratic_form", "problem.seed=-1"], "problem.seed=-1 is not allowed; give a whole"),
     (["dtype=float16"], "dtype='float16' is not allowed; choose one of: float32, float64"),
     (["mode=graph", "mode.update=sgd"], "mode.update='sgd' is not allowed; choose one of"),
     (["backend=numpy", "device=cuda"], "device=gpu: NumPy runs on the CPU only"),  # an alias
