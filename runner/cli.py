@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.config import CONFIG_DIR, build_run_config
 from runner.errors import DivergenceError, RunnerError, UnsupportedError
-from runner.job import execute, request_stop, stop_requested
+from runner.job import execute, refuse_unsupported, request_stop, stop_requested
 from runner.plugins import backend_entry_points
 from runner.problems import problem_classes
 from runner.results import RESULTS_FILE, new_run_uid, record_job_failure
@@ -225,6 +225,8 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
     run = build_run_config(container)  # bad input fails here, before any import or record
+    if not multirun:
+        refuse_unsupported(run)
     run_uid = new_run_uid()  # results.json and the MLflow tag run_uid: uploads happen once
     tracking = container.get("tracking") or {}
     if not tracking.get("enabled", True):

@@ -34,6 +34,22 @@ from runner.results import (
 from runner.summary import derivatives_summary, minimize_summary
 
 
+def refuse_unsupported(run: RunConfig) -> None:
+    """A single run the backend cannot express is bad input, refused before anything is
+    written or logged. (A sweep's job records it as skipped instead, so that the sweep's
+    report shows the hole in its matrix: `execute` does that.)"""
+    if run.minimize is None:
+        return
+    reason = load_backend(run.backend).unsupported(run.minimize)
+    if reason:
+        raise _unsupported(run, run.minimize, reason)
+
+
+def _unsupported(run: RunConfig, spec: MinimizeSpec, reason: str) -> UnsupportedError:
+    mode = spec.mode + (f" mode.update={spec.update}" if spec.mode == "graph" else "")
+    return UnsupportedError(f"backend={run.backend} mode={mode}: {reason}")
+
+
 def execute(run: RunConfig, output_dir: Path, run_uid: str | None = None) -> dict[str, Any]:
     """Run the task `run` asks for, write its files to output_dir, return the result.
 
@@ -68,8 +84,7 @@ def _minimize(
     reason = backend.unsupported(spec)
     if reason:
         write_json(output_dir / RESULTS_FILE, skipped_result(spec, identity, reason))
-        mode = spec.mode + (f" mode.update={spec.update}" if spec.mode == "graph" else "")
-        raise UnsupportedError(f"backend={run.backend} mode={mode}: {reason}")
+        raise _unsupported(run, spec, reason)
     with _progress(run.progress, spec.steps) as advance:
         outcome = run_minimize(
             backend,

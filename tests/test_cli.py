@@ -148,6 +148,7 @@ BAD_INPUTS = [
     (["mode=graph", "mode.update=sgd"], "mode.update='sgd' is not allowed; choose one of"),
     (["backend=numpy", "device=cuda"], "device=gpu: NumPy runs on the CPU only"),  # an alias
     (["device=[1]"], "device=[1] is not allowed; choose one of: cpu, gpu, auto"),
+    (["backend=numpy", "mode=apply"], "backend=numpy mode=apply: NumPy has no optimizer objects"),
     (["tracking.uri="], "tracking.uri='' is not a store MLflow can log to; give sqlite:///"),
     (["-m", "tracking.uri=./mlruns"], "tracking.uri='./mlruns' is not a store MLflow can log"),
 ]
@@ -161,6 +162,8 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and message in lines[0]
     assert not list((tmp_path / "outputs").glob("**/results.json"))
+    assert not list((tmp_path / "outputs").glob("**/upload.log"))
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing logged either
 
 
 def test_missing_framework_names_the_extra(tmp_path: Path) -> None:
