@@ -47,6 +47,7 @@ from runner.protocol import (
     DerivativesSpec,
     MinimizeSpec,
     Span,
+    option_misfit,
     outside_vocabulary,
 )
 
@@ -584,6 +585,9 @@ class JaxBackend:
         outside = outside_vocabulary(spec)
         if outside:
             return outside
+        misfit = option_misfit(spec, {}, ())
+        if misfit:
+            return misfit
         name = spec.optimizer.name
         if name not in OPTIMIZERS:
             return f"optimizer={name}: backend=jax maps {', '.join(OPTIMIZERS)} to optax"

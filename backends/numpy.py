@@ -16,7 +16,7 @@ import numpy as np
 
 from runner.errors import ConfigError, UnsupportedError
 from runner.optimizers import CONVENTIONS, Convention, resolve
-from runner.protocol import Derivatives, DerivativesSpec, MinimizeSpec
+from runner.protocol import Derivatives, DerivativesSpec, MinimizeSpec, option_misfit
 from runner.reference import rule
 
 
@@ -89,7 +89,7 @@ class NumpyBackend:
         convention = spec.options.get("convention", "paper")
         if convention not in CONVENTIONS:
             return f"backend.convention={convention!r}; choose one of: {', '.join(CONVENTIONS)}"
-        return None
+        return option_misfit(spec, {"convention": "paper"}, ())
 
     def prepare(self, spec: MinimizeSpec) -> _Stepper:
         return _Stepper(spec)

@@ -39,6 +39,7 @@ from runner.protocol import (
     DerivativesSpec,
     MinimizeSpec,
     Span,
+    option_misfit,
     outside_vocabulary,
 )
 
@@ -952,15 +953,12 @@ class TensorFlowBackend:
         outside = outside_vocabulary(spec)
         if outside:
             return outside
-        unknown = sorted(set(spec.options) - set(_OPTIONS))
-        if unknown:
-            return (
-                f"option {unknown[0]} is unknown to the TensorFlow backend; "
-                f"allowed: {', '.join(_OPTIONS)}"
-            )
         for key in _OPTIONS:
             if not isinstance(spec.options.get(key, False), bool):
                 return not_allowed(f"backend.{key}", spec.options[key], ("true", "false"))
+        misfit = option_misfit(spec, dict.fromkeys(_OPTIONS, False), ("jit_compile",))
+        if misfit:
+            return misfit
         try:
             opt = spec.optimizer
             resolve(opt.name, opt.lr, opt.hyper, _convention(spec))

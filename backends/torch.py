@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from backends.torch_isa import trust_probed_vec_isa
-from runner.errors import ConfigError, UnsupportedError
+from runner.errors import ConfigError, UnsupportedError, setting
 from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.problems import compact
 from runner.protocol import (
@@ -48,6 +48,7 @@ from runner.protocol import (
     MinimizeSpec,
     RecordPlan,
     Span,
+    option_misfit,
     outside_vocabulary,
 )
 
@@ -279,17 +280,14 @@ class TorchBackend:
             _resolved(spec)
         except ConfigError as exc:  # the core checks the vocabulary; a bare spec is checked here
             return str(exc)
-        unknown = sorted(set(spec.options) - set(_OPTIONS))
-        if unknown:
-            return f"options.{unknown[0]} is not a torch option; allowed: {', '.join(_OPTIONS)}"
         for key in ("scan_chunk", "unroll"):
             value = spec.options.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                return f"options.{key}={value!r} must be an integer >= 1"
+                return f"{setting(f'backend.{key}', value)} must be an integer >= 1"
         wrapper = spec.options.get("cpp_wrapper", "auto")
         if not (isinstance(wrapper, bool) or wrapper == "auto"):
-            return f"options.cpp_wrapper={wrapper!r} must be true, false or auto"
-        return None
+            return f"{setting('backend.cpp_wrapper', wrapper)} must be true, false or auto"
+        return option_misfit(spec, _OPTIONS, tuple(_OPTIONS))  # all three: graph mode's
 
     def prepare(self, spec: MinimizeSpec) -> Any:
         _resolved(spec)  # a vocabulary error is a ConfigError, as from the core

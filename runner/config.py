@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from runner.errors import ConfigError, not_allowed
+from runner.errors import ConfigError, not_allowed, setting
 from runner.optimizers import validate_hyper
 from runner.problems import Problem, build_problem
 from runner.protocol import (
@@ -148,14 +148,14 @@ def _optimizer(node: Mapping[str, Any]) -> OptimizerSpec:
 
 def positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{key}={value!r} is not allowed; give a whole number >= 1")
+        raise ConfigError(f"{setting(key, value)} is not allowed; give a whole number >= 1")
     return value
 
 
 def positive_float(key: str, value: Any) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{key}={value!r} is not allowed; give a finite number > 0")
+        raise ConfigError(f"{setting(key, value)} is not allowed; give a finite number > 0")
     return float(value)
 
 

@@ -33,9 +33,17 @@ class DivergenceError(RunnerError):
         self.step = step
 
 
+def setting(key: str, value: object) -> str:
+    """`key=value` as the user wrote it in Hydra's (YAML's) words: `true`, `null`, not
+    Python's `True`, `None`; strings quoted, so that an empty one shows."""
+    words = {True: "true", False: "false", None: "null"}
+    typed = words[value] if value is None or isinstance(value, bool) else repr(value)
+    return f"{key}={typed}"
+
+
 def not_allowed(key: str, value: object, allowed: Iterable[str]) -> str:
     """The one wording for a setting outside its vocabulary, wherever it is checked."""
-    return f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}"
+    return f"{setting(key, value)} is not allowed; choose one of: {', '.join(allowed)}"
 
 
 def installed_choices(names: Iterable[str]) -> str:

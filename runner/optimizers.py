@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from runner.errors import ConfigError
+from runner.errors import ConfigError, setting
 
 # Our names and defaults; `None` means "the framework's own default" (see CONVENTIONS).
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
@@ -106,7 +106,7 @@ def validate_hyper(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check(name: str, key: str, value: Any) -> None:
-    where = f"optimizer.{key}={value!r}"
+    where = setting(f"optimizer.{key}", value)
     if key == "nesterov":
         if not isinstance(value, bool):
             raise ConfigError(f"{where} is not allowed; give true or false")

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from runner.errors import ConfigError, installed_choices
+from runner.errors import ConfigError, installed_choices, setting
 
 PROBLEM_GROUP = "gradient_runner.problems"
 NUMPY_OPS = SimpleNamespace(sum=np.sum, matvec=np.matmul)
@@ -307,13 +307,13 @@ def _setting(key: str, value: Any) -> Any:
         low = 1 if key == "dim" else 0  # a seed is NumPy's: a non-negative integer
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(
-                f"problem.{key}={value!r} is not allowed; give a whole number >= {low}"
+                f"{setting(f'problem.{key}', value)} is not allowed; give a whole number >= {low}"
             )
         return value
     items = value if isinstance(value, list) else [value]
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int | float):
-            raise ConfigError(f"problem.{key}={value!r} must be a number")
+            raise ConfigError(f"{setting(f'problem.{key}', value)} must be a number")
         if not math.isfinite(item):
             raise ConfigError(f"problem.{key}={value!r} is not finite; give a finite number")
     return tuple(value) if isinstance(value, list) else value

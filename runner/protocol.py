@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from runner.errors import not_allowed
+from runner.errors import not_allowed, setting
 from runner.optimizers import Convention
 from runner.problems import Problem
 
@@ -264,4 +264,26 @@ def outside_vocabulary(spec: MinimizeSpec) -> str | None:
     for key, value, allowed in checks:
         if value not in allowed:
             return not_allowed(key, value, allowed)
+    return None
+
+
+def option_misfit(
+    spec: MinimizeSpec, options: Mapping[str, Any], graph_only: Sequence[str]
+) -> str | None:
+    """Why spec.options do not fit the backend, else None. `options` are its known options
+    and their defaults; those in `graph_only` set the compiled loop, so an eager run
+    setting one away from its default would run as if it were unset, yet be recorded and
+    compared (as `tf+jit_compile`, say) as if it had run with it."""
+    unknown = sorted(set(spec.options) - set(options))
+    if unknown:
+        allowed = f"allowed: {', '.join(options)}" if options else "it has none"
+        return f"backend.{unknown[0]} is not an option of this backend; {allowed}"
+    if spec.mode == "graph":
+        return None
+    for key in graph_only:
+        if spec.options.get(key, options[key]) != options[key]:
+            return (
+                f"{setting(f'backend.{key}', spec.options[key])} sets mode=graph's compiled "
+                f"loop; mode={spec.mode} runs eagerly: choose mode=graph, or leave it out"
+            )
     return None

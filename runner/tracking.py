@@ -32,7 +32,7 @@ try:
 except ImportError:  # not POSIX: no locks, as before
     fcntl = None  # type: ignore[assignment]
 
-from runner.errors import ConfigError, RunnerError, UnsupportedError
+from runner.errors import ConfigError, RunnerError, UnsupportedError, setting
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
@@ -203,7 +203,8 @@ def logs_in_background(tracking: Mapping[str, Any], target: TrackingTarget) -> b
     """
     background = tracking.get("background", True)
     if not isinstance(background, bool):
-        raise RunnerError(f"tracking.background={background!r} is not allowed; give true or false")
+        given = setting("tracking.background", background)
+        raise RunnerError(f"{given} is not allowed; give true or false")
     known = is_http(target.uri) or sqlite_path(target.uri) is not None
     return background and known and "SLURM_JOB_ID" not in os.environ
 

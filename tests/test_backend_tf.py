@@ -319,7 +319,11 @@ def test_unsupported_names_the_reason() -> None:
         "backend.legacy_optimizers='yes' is not allowed; choose one of: true, false"
     )
     assert BACKEND.unsupported(notebook_spec("apply", options={"xla": True})) == (
-        "option xla is unknown to the TensorFlow backend; allowed: jit_compile, legacy_optimizers"
+        "backend.xla is not an option of this backend; allowed: jit_compile, legacy_optimizers"
+    )
+    assert BACKEND.unsupported(notebook_spec("manual", options={"jit_compile": True})) == (
+        "backend.jit_compile=true sets mode=graph's compiled loop; mode=manual runs eagerly: "
+        "choose mode=graph, or leave it out"
     )
     with pytest.raises(ConfigError, match="weight_decay"):
         BACKEND.prepare(make_spec("apply", hyper={"weight_decay": 0.1}))

@@ -448,7 +448,15 @@ def test_cpp_wrapper_auto_is_on_for_the_cpu_only() -> None:
     assert _inductor_options({"cpp_wrapper": True}, torch.device("cuda:0")) == {"cpp_wrapper": True}
     problem, lr = PROBLEMS["quadratic_form"]
     spec = make_spec(problem, "sgd", lr, {}, "graph", options={"cpp_wrapper": "yes"})
-    assert BACKEND.unsupported(spec) == "options.cpp_wrapper='yes' must be true, false or auto"
+    assert BACKEND.unsupported(spec) == "backend.cpp_wrapper='yes' must be true, false or auto"
+    eager = make_spec(problem, "sgd", lr, {}, "apply", options={"cpp_wrapper": False})
+    assert BACKEND.unsupported(eager) == (
+        "backend.cpp_wrapper=false sets mode=graph's compiled loop; mode=apply runs eagerly: "
+        "choose mode=graph, or leave it out"
+    )
+    assert BACKEND.unsupported(make_spec(problem, "sgd", lr, {}, "apply", options={"x": 1})) == (
+        "backend.x is not an option of this backend; allowed: scan_chunk, unroll, cpp_wrapper"
+    )
 
 
 def test_unsupported_reasons_are_one_line() -> None:

@@ -149,6 +149,8 @@ BAD_INPUTS = [
     (["backend=numpy", "device=cuda"], "device=gpu: NumPy runs on the CPU only"),  # an alias
     (["device=[1]"], "device=[1] is not allowed; choose one of: cpu, gpu, auto"),
     (["backend=numpy", "mode=apply"], "backend=numpy mode=apply: NumPy has no optimizer objects"),
+    (["backend=numpy", "+backend.foo=1"], "backend.foo is not an option of this backend; allowed"),
+    (["optimizer.nesterov=null"], "optimizer.nesterov=null is not allowed; give true or false"),
     (["tracking.uri="], "tracking.uri='' is not a store MLflow can log to; give sqlite:///"),
     (["-m", "tracking.uri=./mlruns"], "tracking.uri='./mlruns' is not a store MLflow can log"),
 ]
