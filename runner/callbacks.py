@@ -31,6 +31,7 @@ from runner.errors import RunnerError
 from runner.follow import DONE_FILE
 from runner.results import atomic_write, sweep_failures
 from runner.tracking import (
+    DEFAULT_EXPERIMENT,
     SweepInfo,
     TrackingError,
     check_store,
@@ -96,7 +97,7 @@ class SweepTracking(Callback):
         stop_workers(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         tracking = _tracking(config)
-        report, status = _report(sweep_dir, str(tracking.get("experiment") or "gradient-runner"))
+        report, status = _report(sweep_dir, str(tracking.get("experiment") or DEFAULT_EXPERIMENT))
         problems = []
         if tracking.get("enabled", True):
             problem = self._close_sweep(config, sweep_dir, report, status)

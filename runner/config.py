@@ -65,7 +65,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         "task": task,
         "backend": str(backend.get("name")),
         "device": device,
-        "progress": bool(cfg.get("progress", True)),
+        "progress": _flag("progress", cfg.get("progress", True)),
     }
     if task == "derivatives":
         if problem.name != "quadratic" or problem.dim is not None:
@@ -162,6 +162,12 @@ def positive_float(key: str, value: Any) -> float:
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(not_allowed(key, value, allowed))
+    return value
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{setting(key, value)} is not allowed; give true or false")
     return value
 
 

@@ -37,6 +37,7 @@ from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
 DEFAULT_ARTIFACTS = Path("outputs") / "mlartifacts"
+DEFAULT_EXPERIMENT = "gradient-runner"
 MAX_POINTS_PER_METRIC = 1000
 BATCH_VALUES = 1000  # MLflow's own per-request limit for metrics (and all values)
 TAGS_PER_BATCH = 100  # ... and for tags
@@ -77,7 +78,12 @@ def resolve_target(tracking: Mapping[str, Any], base_dir: Path) -> TrackingTarge
     upload and a later `python -m runner.upload` from any folder open the same file.
     """
     uri = anchor_uri(store_uri(tracking.get("uri")), base_dir)
-    experiment = str(tracking.get("experiment") or "gradient-runner")
+    experiment = tracking.get("experiment", DEFAULT_EXPERIMENT)
+    if experiment is None:
+        experiment = DEFAULT_EXPERIMENT
+    if not isinstance(experiment, str) or not experiment.strip():
+        given = setting("tracking.experiment", experiment)
+        raise ConfigError(f"{given} is not allowed; give an experiment name, e.g. my-study")
     artifacts = None
     if uri.startswith("sqlite:///"):
         db_path = Path(uri.removeprefix("sqlite:///"))

@@ -151,6 +151,8 @@ BAD_INPUTS = [
     (["backend=numpy", "mode=apply"], "backend=numpy mode=apply: NumPy has no optimizer objects"),
     (["backend=numpy", "+backend.foo=1"], "backend.foo is not an option of this backend; allowed"),
     (["optimizer.nesterov=null"], "optimizer.nesterov=null is not allowed; give true or false"),
+    (["progress=abc"], "progress='abc' is not allowed; give true or false"),
+    (["tracking.experiment="], "tracking.experiment='' is not allowed; give an experiment name"),
     (["tracking.uri="], "tracking.uri='' is not a store MLflow can log to; give sqlite:///"),
     (["-m", "tracking.uri=./mlruns"], "tracking.uri='./mlruns' is not a store MLflow can log"),
 ]
