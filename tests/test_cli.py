@@ -151,7 +151,6 @@ BAD_INPUTS = [
     (["backend=numpy", "mode=apply"], "backend=numpy mode=apply: NumPy has no optimizer objects"),
     (["backend=numpy", "+backend.foo=1"], "backend.foo is not an option of this backend; allowed"),
     (["optimizer.nesterov=null"], "optimizer.nesterov=null is not allowed; give true or false"),
-    (["progress=abc"], "progress='abc' is not allowed; give true or false"),
     (["tracking.experiment="], "tracking.experiment='' is not allowed; give an experiment name"),
     (["tracking.uri="], "tracking.uri='' is not a store MLflow can log to; give sqlite:///"),
     (["-m", "tracking.uri=./mlruns"], "tracking.uri='./mlruns' is not a store MLflow can log"),
@@ -168,6 +167,14 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert not list((tmp_path / "outputs").glob("**/results.json"))
     assert not list((tmp_path / "outputs").glob("**/upload.log"))
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing logged either
+
+
+def test_progress_takes_true_or_false(tmp_path: Path) -> None:
+    """(cli() adds progress=false last, which would win over a bad value.)"""
+    code = "import sys; sys.argv = ['runner', 'progress=abc']; from runner.cli import main; main()"
+    proc = python_code(code, tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: progress='abc' is not allowed; give true or false"
 
 
 def test_missing_framework_names_the_extra(tmp_path: Path) -> None:
