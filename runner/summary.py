@@ -38,7 +38,7 @@ def minimize_summary(result: Mapping[str, Any]) -> str:
     status = result["status"]
     lines = [
         f"backend   {result['backend']} ({framework}), device {result['device']}",
-        f"mode      {mode}, {dtype}, {result['steps']} steps",
+        f"mode      {mode}, {dtype}, {_steps(result)}",
         f"problem   {problem['name']} ({settings}); {opt['name']} {hyper}",
         f"result    x = {fmt(result['x'], dtype)}   loss = {fmt(result['loss'], dtype)}"
         + (f"   DIVERGED at step {result['diverged_at']}" if status == "diverged" else ""),
@@ -50,6 +50,14 @@ def minimize_summary(result: Mapping[str, Any]) -> str:
         f"{timings['step_us']:.3g} us/step   final state {timings['final_s']:.3f} s",
     ]
     return "\n".join(lines)
+
+
+def _steps(result: Mapping[str, Any]) -> str:
+    """The steps asked for, and how many ran where a signal stopped the run early (a
+    diverged run says where on its result line)."""
+    if result["status"] == "interrupted":
+        return f"{result['steps_run']} of {result['steps']} steps (INTERRUPTED)"
+    return f"{result['steps']} steps"
 
 
 def derivatives_summary(result: Mapping[str, Any]) -> str:

@@ -349,7 +349,8 @@ def test_signal_stops_a_compiled_run_and_saves_it(
     # The exit then waits for the framework's own teardown (TensorFlow: ~2-3 s).
     assert to_saved < SAVED_WITHIN_S, (to_saved, run.lines)
     assert to_exit < 30.0
-    _assert_partial_run_saved(tmp_path, HUGE)
+    result = _assert_partial_run_saved(tmp_path, HUGE)
+    assert f", {result['steps_run']} of {HUGE} steps (INTERRUPTED)\n" in run.stdout()
 
 
 def test_ctrl_c_during_a_compiled_run_is_killed_in_mlflow(tmp_path: Path) -> None:
