@@ -70,7 +70,7 @@ def execute(run: RunConfig, output_dir: Path, run_uid: str | None = None) -> dic
     found = backend.derivatives(run.derivatives)
     result = derivatives_result(run.derivatives, found, identity)
     write_json(output_dir / RESULTS_FILE, result)
-    print(derivatives_summary(result))
+    print(derivatives_summary(result), _files_line(output_dir), sep="\n")
     return result
 
 
@@ -95,7 +95,7 @@ def _minimize(
     result = minimize_result(spec, outcome, identity, _optimizer_used(backend, spec))
     write_trajectory(output_dir / TRAJECTORY_FILE, trajectory_rows(spec, outcome))
     write_json(output_dir / RESULTS_FILE, result)
-    print(minimize_summary(result))
+    print(minimize_summary(result), _files_line(output_dir), sep="\n")
     if outcome.interrupted:
         raise KeyboardInterrupt
     if result["status"] == "diverged":
@@ -107,6 +107,12 @@ def _minimize(
             step,
         )
     return result
+
+
+def _files_line(output_dir: Path) -> str:
+    """Where results.json and trajectory.csv are: a run without background tracking
+    prints no other line naming its folder."""
+    return f"files     {output_dir}"
 
 
 def _optimizer_used(backend: Backend, spec: MinimizeSpec) -> dict[str, Any] | None:

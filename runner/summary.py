@@ -98,6 +98,8 @@ def _short(value: Any) -> str:
         return f"[{', '.join(_short(v) for v in value[:3])}{', ...' if len(value) > 3 else ''}]"
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, bool) or value is None:  # as typed: nesterov=false
+        return str(value).lower().replace("none", "null")
     return str(value)
 
 

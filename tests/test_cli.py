@@ -37,6 +37,8 @@ def test_default_run_is_the_notebook(tmp_path: Path) -> None:
     assert "tensorflow" in result["versions"] and "python" in result["versions"]
     assert "x = 0.99999857" in proc.stdout and "us/step" in proc.stdout
     run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert f"\nfiles     {run_dir}\n" in proc.stdout
+    assert "sgd lr=0.01 momentum=0 nesterov=false\n" in proc.stdout  # as typed, not False
     rows = read_csv(run_dir / "trajectory.csv")
     assert len(rows) == 1001
     assert [int(r["step"]) for r in rows[:3]] == [0, 1, 2] and rows[-1]["step"] == "1000"
