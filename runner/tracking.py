@@ -512,6 +512,7 @@ def run_tags(
     commit = git_commit()
     if commit:
         tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
     if sweep_id:
         tags["sweep_id"] = sweep_id
     return tags
@@ -520,10 +521,16 @@ def run_tags(
 def git_commit() -> str | None:
     """The commit of the runner's own code (a git checkout it runs from), whatever folder
     the command was typed in: the tag says which code made the numbers. None for an
-    installed copy outside git."""
+    installed copy outside git. (Its companion tag git_dirty says whether tracked files
+    differed from that commit: then the commit alone does not say which code ran.)"""
+    return _git("rev-parse", "HEAD") or None
+
+
+def _git(*args: str) -> str:
+    """`git ARGS` in the runner's own checkout: its output, "" where git cannot answer."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -531,8 +538,8 @@ def git_commit() -> str | None:
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 def thin(rows: int, limit: int = MAX_POINTS_PER_METRIC) -> np.ndarray:

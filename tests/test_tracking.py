@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.errors import ConfigError
-from runner.tracking import config_params, mask_uri, resolve_target, thin
+from runner.tracking import config_params, mask_uri, resolve_target, run_tags, thin
 from tests.conftest import (
     ROOT,
     LiveRun,
@@ -397,3 +397,9 @@ def test_git_commit_is_the_runners_own_whatever_the_folder(tmp_path: Path, monke
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     monkeypatch.chdir(tmp_path)
     assert git_commit() == own
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    tags = run_tags({"backend": {"name": "numpy"}}, [], None)
+    assert tags["git_commit"] == own and tags["git_dirty"] == str(bool(dirty)).lower()
