@@ -269,7 +269,8 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
             return job()
     except TrackingError as outage:  # the store failed: the run's files are what counts
         unrecorded = not_recorded(outage, output_dir)
-        if not executed:
+        if not executed:  # said now, not only after what may be hours of running
+            print(f"warning: {outage}; the run goes on and keeps its files", file=sys.stderr)
             try:
                 job()
             except BaseException:

@@ -184,8 +184,13 @@ def test_unreachable_server_fails_fast_and_keeps_results(tmp_path: Path, backgro
     )
     elapsed = time.monotonic() - start
     assert proc.returncode == 4
-    last = proc.stderr.strip().splitlines()[-1]
+    first, *_, last = proc.stderr.strip().splitlines()
     assert last.startswith("error: tracking server http://127.0.0.1:") and "unreachable" in last
+    assert first.startswith("warning: tracking server http://127.0.0.1:")  # before the run
+    assert first.endswith(
+        "unreachable (ConnectionRefusedError); start it, point tracking.uri "
+        "elsewhere, or run with tracking=off; the run goes on and keeps its files"
+    )
     assert single_result(tmp_path)["status"] == "finished"
     assert not list(tmp_path.rglob("upload.log"))  # nothing started against a dead server
     assert elapsed < 30  # a clear error in seconds (imports included), not a retry storm
