@@ -171,6 +171,16 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing logged either
 
 
+def test_help_says_what_the_runner_does(tmp_path: Path) -> None:
+    proc = cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("python -m runner: minimize a problem"), proc.stdout[:200]
+    assert (
+        "hydra/launcher=parallel" in proc.stdout and "\n\n== Configuration groups ==" in proc.stdout
+    )
+    assert "backend: jax, numpy, tf, torch\n" in proc.stdout
+
+
 def test_progress_takes_true_or_false(tmp_path: Path) -> None:
     """(cli() adds progress=false last, which would win over a bad value.)"""
     code = "import sys; sys.argv = ['runner', 'progress=abc']; from runner.cli import main; main()"
