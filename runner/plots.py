@@ -54,6 +54,9 @@ def _plain_log_labels(axis: Any) -> None:
     axis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
 def convergence_plot(
     curves: Mapping[str, Mapping[str, np.ndarray]], optimum_loss: float, path: Path
 ) -> Path:
@@ -72,8 +75,13 @@ def convergence_plot(
     nonzero = [g[np.isfinite(g) & (g > 0)] for g in gaps.values()]
     smallest = min((float(g.min()) for g in nonzero if g.size), default=1.0)
     floor = smallest / 10
-    for label, columns in curves.items():
-        ax.plot(columns["step"], np.where(gaps[label] > 0, gaps[label], floor), label=label)
+    for i, (label, columns) in enumerate(curves.items()):
+        # Matplotlib's cycle has 10 colours: the 11th line on would repeat one exactly, so
+        # each next ten lines take the next dash style (a 12-run matrix has 12 lines).
+        style = {"color": f"C{i % 10}", "linestyle": LINE_STYLES[i // 10 % len(LINE_STYLES)]}
+        ax.plot(
+            columns["step"], np.where(gaps[label] > 0, gaps[label], floor), label=label, **style
+        )
     if any(np.any(g == 0) for g in gaps.values()):
         ax.axhline(floor, linestyle=":", color="grey", label="loss = loss* exactly")
     ax.set_yscale("log")
