@@ -2,11 +2,17 @@
 
 A run always writes results.json (with its `run_uid`) and trajectory.csv, whether or
 not MLflow could be reached. This command finds the run folders under the paths it is
-given and logs each one that the store does not hold yet, exactly as a live run is
-logged (params from .hydra/config.yaml, tags, metrics, artifacts, status), tagged
+given (run_dirs) and logs each one that the store does not hold yet, exactly as a live
+run is logged (params from .hydra/config.yaml, tags, metrics, artifacts, status), tagged
 `run_uid`. A run counts as held when a run with its run_uid and a results.json
 artifact exists; a half-logged one (the store went away while logging it) is
-deleted and logged again. Running the command twice adds nothing.
+deleted and logged again. Running the command twice adds nothing. A path with no run
+folder under it is an error: a silent "uploaded 0" would read like success.
+
+Without --tracking-uri each run goes to its own store; one that fails holds back only
+its own runs: the others are uploaded, and the failure is reported once, at the end,
+with exit code 4. With --tracking-uri there is one store, and its failure ends the
+upload at once.
 
 Runs of a sweep are nested under the sweep's parent run, found by its `sweep_id`
 tag or created once; a parent left RUNNING by a sweep whose store went away is
@@ -30,15 +36,17 @@ import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.command_line import OneLineParser
 from runner.errors import RunnerError
 from runner.results import RESULTS_FILE
 from runner.tracking import (
@@ -71,6 +79,24 @@ UNCOMMITTED_TAGS = ("git_commit", "mlflow.source.git.commit")  # the commit now,
 LOCK_FILE = ".upload.lock"
 LOG_FILE = "upload.log"
 _HELD_LOCKS: dict[Path, int] = {}  # folders whose lock this process inherited, by fd
+ARTIFACTS_FOLDER = "artifacts"  # MLflow's copy of a logged run's files: <run id>/artifacts/
+_RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids (uuid4 hex)
+FOLDER_HINT = "give run folders or sweep folders (outputs/runs/..., outputs/multirun/...)"
+
+
+@dataclass
+class Unreached:
+    """A store that failed, and the run folders it held back (not uploaded)."""
+
+    error: TrackingError
+    run_dirs: list[Path] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One line, in the words of `python -m runner.upload` (its flags)."""
+        first, more = self.run_dirs[0], len(self.run_dirs) - 1
+        held = f"its {len(self.run_dirs)} runs were" if more else "its run was"
+        also = f" and {more} more" if more else ""
+        return f"{in_command_flags(str(self.error))}; {held} not uploaded: {first}{also}"
 
 
 @dataclass
@@ -78,10 +104,21 @@ class Outcome:
     uploaded: int = 0
     present: int = 0
     skipped: int = 0
+    unreached: dict[str, Unreached] = field(default_factory=dict)  # by store URI
+
+    @property
+    def not_reached(self) -> int:
+        return sum(len(store.run_dirs) for store in self.unreached.values())
+
+    def summary(self, verb: str = "uploaded") -> str:
+        """The last line; `not reached` only when a store failed, so scripts reading the
+        usual three counts see the same line as before."""
+        line = f"{verb} {self.uploaded}, already recorded {self.present}, skipped {self.skipped}"
+        return line + (f", not reached {self.not_reached}" if self.unreached else "")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m runner.upload",
         description="Record in MLflow the runs under PATH that the tracking store does not "
         "hold yet (their server was away, or tracking=off). Safe to repeat: a run is "
@@ -130,13 +167,12 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         return exc.exit_code
-    verb = "would upload" if args.dry_run else "uploaded"
-    print(
-        f"{verb} {outcome.uploaded}, already recorded {outcome.present}, skipped {outcome.skipped}"
-    )
+    print(outcome.summary("would upload" if args.dry_run else "uploaded"), flush=True)
+    for store in outcome.unreached.values():  # after the summary: the last word is the fault
+        print(f"error: {store.line()}", file=sys.stderr, flush=True)
     if args.background:
         print(f"{timestamp()} done in {time.monotonic() - started:.1f} s")
-    return 0
+    return TrackingError.exit_code if outcome.unreached else 0
 
 
 def inherit_lock(folder: Path, fd: int) -> None:
@@ -149,18 +185,65 @@ def timestamp() -> str:
 
 
 def run_dirs(paths: Iterable[Path]) -> Iterator[Path]:
-    """Every folder holding a results.json, under each path, in order, once."""
+    """Every run folder under each path, in order, once (none under a path is no error:
+    a sweep's logger scans its folder before the first job has a result).
+
+    A run folder is one holding a results.json, outside MLflow's copies of logged runs'
+    files (`<run id>/artifacts/`, under outputs/mlartifacts/ for the default store): a
+    copy holds a results.json too, but uploading it would log its run a second time.
+    `.hydra/` is not required beside results.json: a run made with
+    hydra.output_subdir=null has none, and its own background upload must find it.
+    """
     seen: set[Path] = set()
     for path in paths:
         if not path.exists():
             raise RunnerError(f"{path} does not exist; give run folders or sweep folders")
-        found = [path / RESULTS_FILE] if (path / RESULTS_FILE).is_file() else []
-        found += sorted(path.rglob(RESULTS_FILE)) if path.is_dir() else []
-        for results in found:
-            folder = results.parent.resolve()
+        for folder in _results_folders(path):
             if folder not in seen:
                 seen.add(folder)
                 yield folder
+
+
+def run_folders(paths: Iterable[Path]) -> list[Path]:
+    """run_dirs, each path checked before anything is uploaded: a path with no run
+    folder under it (a typo'd or empty folder, a file, a sweep's compare/) is an error."""
+    found: dict[Path, None] = {}
+    for path in paths:
+        here = list(run_dirs([path]))
+        if not here:
+            raise RunnerError(_no_run_folder(path))
+        found.update(dict.fromkeys(here))
+    return list(found)
+
+
+def _no_run_folder(path: Path) -> str:
+    if not path.is_dir():
+        return f"{path} is not a folder; {FOLDER_HINT}"
+    if (path / ".hydra").is_dir():  # Hydra writes it first: the run ended before its result
+        return (
+            f"{path} holds no {RESULTS_FILE}: its run stopped before writing one; nothing to upload"
+        )
+    return f"no run folders under {path}; {FOLDER_HINT}"
+
+
+def _results_folders(path: Path) -> list[Path]:
+    """os.walk, not rglob: an artifact copy is pruned, not walked (mlartifacts/ grows with
+    every run logged), and a path inside one (given by hand) yields nothing."""
+    root = path.resolve()
+    if any(_is_artifact_copy(p) for p in (root, *root.parents)):
+        return []
+    if not root.is_dir():
+        return []
+    found = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not _is_artifact_copy(Path(top, d))]
+        if RESULTS_FILE in files:
+            found.append(Path(top, RESULTS_FILE))
+    return [results.parent for results in sorted(found)]
+
+
+def _is_artifact_copy(folder: Path) -> bool:
+    return folder.name == ARTIFACTS_FOLDER and bool(_RUN_ID.fullmatch(folder.parent.name))
 
 
 def upload(
@@ -176,8 +259,10 @@ def upload(
     live: the run's own background upload, as it ends: recorded as a live run is
     (git commit tags, no `runner.uploaded_from`).
     """
+    folders = run_folders(paths)
     uploader = Uploader(tracking_uri, experiment, dry_run=dry_run, out=out, live=live)
-    uploader.add(paths)
+    for run_dir in folders:
+        uploader.add_run(run_dir)
     uploader.close_parents()
     return uploader.outcome
 
@@ -233,24 +318,51 @@ class Uploader:
 
     def add(self, paths: Iterable[Path]) -> None:
         for run_dir in run_dirs(paths):
-            result = json.loads((run_dir / RESULTS_FILE).read_text())
-            if not result.get("run_uid"):
-                print(f"skipped {run_dir}: its results.json has no run_uid", file=self.out)
-                self.outcome.skipped += 1
-                continue
-            cfg = _config(run_dir, result)
-            target = _target(run_dir, cfg, self.tracking_uri, self.experiment)
-            client, experiment_id = self.store(target)
-            # check, then log: one upload of a folder at a time (a dry run writes no lock file)
-            with contextlib.nullcontext() if self.dry_run else folder_lock(run_dir, self.out):
-                _upload_locked(
-                    run_dir, cfg, result, target, client, experiment_id, self.parents,
-                    self.outcome, self.dry_run, self.live, self.out,
-                )  # fmt: skip
+            self.add_run(run_dir)
+
+    def add_run(self, run_dir: Path) -> None:
+        """Upload one run folder, unless its store failed earlier in this upload.
+
+        Runs going to their own stores (no --tracking-uri) may go to several: one that
+        fails (a server long gone) holds back its own runs only, tried once, not once
+        per run; Outcome.unreached says which, at the end.
+        """
+        result = json.loads((run_dir / RESULTS_FILE).read_text())
+        if not result.get("run_uid"):
+            print(f"skipped {run_dir}: its results.json has no run_uid", file=self.out)
+            self.outcome.skipped += 1
+            return
+        cfg = _config(run_dir, result)
+        target = _target(run_dir, cfg, self.tracking_uri, self.experiment)
+        unreached = self.outcome.unreached.get(target.uri)
+        if unreached is not None:
+            unreached.run_dirs.append(run_dir)
+            return
+        try:
+            self._upload(run_dir, cfg, result, target)
+        except TrackingError as exc:
+            if self.tracking_uri is not None:  # the one store asked for: nothing else to do
+                raise
+            self.outcome.unreached[target.uri] = Unreached(exc, [run_dir])
+
+    def _upload(
+        self, run_dir: Path, cfg: Mapping[str, Any], result: Mapping[str, Any],
+        target: TrackingTarget,
+    ) -> None:  # fmt: skip
+        client, experiment_id = self.store(target)
+        # check, then log: one upload of a folder at a time (a dry run writes no lock file)
+        with contextlib.nullcontext() if self.dry_run else folder_lock(run_dir, self.out):
+            _upload_locked(
+                run_dir, cfg, result, target, client, experiment_id, self.parents,
+                self.outcome, self.dry_run, self.live, self.out,
+            )  # fmt: skip
 
     def close_parents(self, status: str = "FINISHED") -> None:
-        """End the sweep parents still RUNNING (their sweep could not close them)."""
+        """End the sweep parents still RUNNING (their sweep could not close them), in the
+        stores that did not fail."""
         for (target, _), parent in self.parents.items():
+            if target.uri in self.outcome.unreached:
+                continue
             client = self.stores[target][0]
             try:
                 if client.get_run(parent).info.status == "RUNNING":
@@ -294,8 +406,8 @@ def _upload_locked(
             print(f"already recorded {run_dir} (run {held})", file=out)
             outcome.present += 1
             return
-        outcome.uploaded += 1
         if dry_run:
+            outcome.uploaded += 1
             print(f"would upload {run_dir} to {mask_uri(target.uri)}", file=out)
             return
         for run_id in stale:  # half-logged when the store went away: replaced
@@ -310,6 +422,7 @@ def _upload_locked(
                     )
             parent = parents[target, sweep_id]
         run_id = _upload_one(client, experiment_id, run_dir, cfg, result, sweep_id, parent, live)
+        outcome.uploaded += 1  # counted once logged: a store failing midway holds it back
         print(f"uploaded {run_dir} as run {run_id} ({_status(result)})", file=out)
     except RunnerError:
         raise

@@ -494,9 +494,13 @@ def test_upload_of_a_missing_folder_is_one_line(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().err == (
         f"error: {tmp_path / 'nowhere'} does not exist; give run folders or sweep folders\n"
     )
-    (tmp_path / "killed").mkdir()  # a run killed with -9 before its end: nothing to upload
-    assert main([str(tmp_path / "killed"), "--tracking-uri", "sqlite:///x.db"]) == 0
-    assert capsys.readouterr().out == "uploaded 0, already recorded 0, skipped 0\n"
+    killed = tmp_path / "killed"  # a run killed with -9 before its end: nothing to upload
+    (killed / ".hydra").mkdir(parents=True)
+    assert main([str(killed), "--tracking-uri", "sqlite:///x.db"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {killed} holds no results.json: its run stopped before writing one; "
+        "nothing to upload\n"
+    )
 
 
 def start_server(base: Path, port: int) -> subprocess.Popen:
@@ -833,3 +837,144 @@ def test_sweep_with_a_failed_job_finishes_the_others_then_exits_non_zero(tmp_pat
         f"hydra.sweep.dir={tmp_path / 'lr'}", cwd=tmp_path,
     )  # fmt: skip
     assert diverging.returncode == 0, diverging.stderr
+
+
+# --- runner.upload: what counts as a run folder, stores that fail, nothing to upload -------
+
+NUMPY = ("backend=numpy", "steps=5")
+FOLDER_HINT = "give run folders or sweep folders (outputs/runs/..., outputs/multirun/...)"
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_upload_passes_over_mlflow_artifact_copies(tmp_path: Path) -> None:
+    """The default store keeps a copy of each logged run's files, results.json included,
+    under outputs/mlartifacts/<experiment>/<run id>/artifacts/: not a run folder. An
+    upload of outputs/ would log every run a second time (from another folder, into a new
+    store there). A run made without .hydra/ (hydra.output_subdir=null) is still one."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    logged = cli(*NUMPY, cwd=start)  # logged by its background upload: a copy in mlartifacts
+    assert logged.returncode == 0, logged.stderr
+    bare = cli(*NUMPY, "tracking=off", "hydra.output_subdir=null", cwd=start)
+    assert bare.returncode == 0, bare.stderr
+    outputs = start / "outputs"
+    assert len(list((outputs / "mlartifacts").rglob("results.json"))) == 1
+
+    dry = upload(str(outputs), "--dry-run", cwd=elsewhere)
+    assert dry.returncode == 0, dry.stderr
+    assert "mlartifacts" not in dry.stdout, dry.stdout
+    # the bare run has no .hydra/hydra.yaml naming its start folder: the store here
+    assert last_line(dry.stdout) == "would upload 1, already recorded 1, skipped 0"
+
+    first = upload(str(outputs), cwd=start)
+    again = upload(str(outputs), cwd=start)  # the bare run's copy is in mlartifacts now
+    assert first.returncode == again.returncode == 0, first.stderr + again.stderr
+    assert last_line(first.stdout) == "uploaded 1, already recorded 1, skipped 0"
+    assert last_line(again.stdout) == "uploaded 0, already recorded 2, skipped 0"
+    assert "mlartifacts" not in first.stdout + again.stdout
+
+
+def test_upload_to_their_own_stores_goes_past_one_that_is_away(tmp_path: Path) -> None:
+    """Runs made with a server that is gone now, and one with an SQLite store: without
+    --tracking-uri the dead server is tried once and reported once, at the end, naming
+    the runs it held back; the other store's run is uploaded all the same; exit 4."""
+    from tests.conftest import run_dirs_in
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    good = f"sqlite:///{tmp_path / 'good.db'}"
+    for uri in (dead, good, dead):  # run folders sort by their start time
+        proc = cli(*NUMPY, "tracking.enabled=false", f"tracking.uri={uri}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    first_dead, kept, _ = run_dirs_in(tmp_path)
+
+    proc = upload(str(tmp_path / "outputs"), cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    assert last_line(proc.stdout) == "uploaded 1, already recorded 0, skipped 0, not reached 2"
+    assert error_line(proc) == (
+        f"error: tracking server {dead} is unreachable (ConnectionRefusedError); start it or "
+        f"point --tracking-uri elsewhere; its 2 runs were not uploaded: {first_dead} and 1 more"
+    )
+    client = MlflowClient(good)
+    experiment = client.get_experiment_by_name("gradient-runner")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["run_uid"] == json.loads((kept / "results.json").read_text())["run_uid"]
+
+    # the one store asked for is away: nothing else to try, so it stops at once
+    only = upload(str(tmp_path / "outputs"), "--tracking-uri", dead, cwd=tmp_path)
+    assert only.returncode == 4 and only.stdout == "", only.stdout
+    assert error_line(only).endswith("start it or point --tracking-uri elsewhere")
+
+
+def test_upload_of_no_run_folder_is_an_error_but_of_a_recorded_sweep_is_not(
+    tmp_path: Path, capsys
+) -> None:
+    """An empty folder, a file, a sweep's compare/: "uploaded 0 ... exit 0" read like
+    success. A sweep whose jobs are all recorded is a success: already recorded 2."""
+    from runner.upload import main
+
+    sweep = tmp_path / "sweep"
+    proc = cli("-m", *NUMPY, "optimizer.lr=0.1,0.2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (sweep / "compare").is_dir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a folder\n")
+    said = {
+        tmp_path / "empty": f"no run folders under {tmp_path / 'empty'}",
+        tmp_path / "notes.txt": f"{tmp_path / 'notes.txt'} is not a folder",
+        sweep / "compare": f"no run folders under {sweep / 'compare'}",
+    }
+    for path, what in said.items():
+        assert main([str(path)]) == 2, path
+        assert capsys.readouterr() == ("", f"error: {what}; {FOLDER_HINT}\n")
+    assert main([str(sweep), str(tmp_path / "empty")]) == 2  # checked before any upload
+    assert "uploaded" not in capsys.readouterr().out
+
+    assert main([str(sweep)]) == 0
+    assert last_line(capsys.readouterr().out) == "uploaded 0, already recorded 2, skipped 0"
+
+
+class _FailsOnTheFirstRun(_Failing):
+    """A store that answers until the upload logs: it holds the experiment and no runs,
+    and answers 500 to the creation of a run."""
+
+    def _answer(self) -> None:
+        code, body = 500, b"internal error"
+        if self.path.startswith("/health"):
+            code, body = 200, b"OK"
+        elif self.path.startswith("/api/2.0/mlflow/experiments/get-by-name"):
+            experiment = {"experiment_id": "1", "name": "gradient-runner"}
+            code, body = 200, json.dumps({"experiment": experiment}).encode()
+        elif self.path.startswith("/api/2.0/mlflow/runs/search"):
+            code, body = 200, b"{}"
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+
+
+def test_upload_failing_midway_in_its_own_store_is_not_counted_uploaded(tmp_path: Path) -> None:
+    """A run whose store fails as it is logged was not uploaded: counted `not reached`,
+    not both; the run of the other store is uploaded; exit 4."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailsOnTheFirstRun)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    failing = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for uri in (failing, f"sqlite:///{tmp_path / 'good.db'}"):
+            proc = cli(*NUMPY, "tracking.enabled=false", f"tracking.uri={uri}", cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr
+        proc = upload(str(tmp_path / "outputs"), cwd=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 4, proc.stderr
+    assert last_line(proc.stdout) == "uploaded 1, already recorded 0, skipped 0, not reached 1"
+    assert error_line(proc).startswith(
+        f"error: tracking server {failing} is failing (HTTP 500 from /api/2.0/mlflow/runs/create)"
+    )
