@@ -8,11 +8,12 @@ named with them: `tf+jit_compile`, `numpy+convention=tf`):
 
 - comparison.md / comparison.csv / comparison.json: one row per configuration with final
   x and loss, the error to the analytic optimum, steps, compile and per-step time, and the
-  per-step time relative to the fastest row (fastest = 1.0x); a problem and a device
-  column where the rows differ in them;
+  per-step time relative to the fastest finished row (1.0x; a diverged run is no
+  reference); a problem and a device column where the rows differ in them;
 - agreement.csv (and a section of comparison.md): per mode and dtype, the largest
-  difference of final x between backends, absolute and in float32 ulps (float64 ulps
-  too for float64 runs); a row "all" per dtype compares every mode with every other;
+  difference of final x between backends, absolute and in ulps of the rows' dtype (the
+  csv: float32 ulps, and float64 ulps for float64 runs); a row "all" per dtype compares
+  every mode with every other;
 - convergence.png (|loss - loss*| against step, from each run's per-step `loss`
   metric) and step_time.png (per-step time, log scale).
 
@@ -43,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from runner.command_line import OneLineParser, out_dir_error
 from runner.config import backend_defaults
 from runner.errors import RunnerError
 from runner.optimizers import CONVENTIONS, HYPERPARAMETERS, eps_form
@@ -55,6 +57,7 @@ from runner.results import (
     sweep_failures,
 )
 from runner.tracking import (
+    DEFAULT_EXPERIMENT,
     TrackingTarget,
     client_for,
     flatten,
@@ -65,7 +68,6 @@ from runner.tracking import (
     retry_locked,
 )
 
-DEFAULT_EXPERIMENT = "gradient-runner"
 KIND_TAG = "runner.kind"
 COMPARISON_KIND = "comparison"
 SWEEP_KIND = "sweep"
@@ -76,6 +78,7 @@ AGREEMENT_FILE = "agreement.csv"
 CONVERGENCE_FILE = "convergence.png"
 STEP_TIME_FILE = "step_time.png"
 ALL_MODES = "all"
+FILTERS = ("backend", "mode", "dtype")  # the tags --backend, --mode and --dtype select by
 
 
 class CompareError(RunnerError):
@@ -101,7 +104,7 @@ class Row:
     compile_s: float
     run_s: float
     step_us: float
-    relative: float  # step_us / fastest row's step_us
+    relative: float  # step_us / the fastest finished row's step_us
     run_id: str
     run_name: str
     started: str
@@ -182,7 +185,7 @@ def compare(
     """
     uri = resolve_target({"uri": tracking_uri}, Path.cwd()).uri
     if client is None:
-        client = open_client(uri)
+        client = open_client(uri, default=tracking_uri is None)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
@@ -190,17 +193,14 @@ def compare(
         raise CompareError(f"experiment {experiment!r} not found in {mask_uri(uri)}{known}")
     if sweep_id == "latest":
         sweep_id = latest_sweep(client, found.experiment_id, experiment)
-    filters = {"backend": _values(backends), "mode": _values(modes), "dtype": _values(dtypes)}
+    filters = dict(zip(FILTERS, map(_values, (backends, modes, dtypes)), strict=True))
     for spelling in _sweep_spellings(sweep_id):
         runs = search_runs(client, found.experiment_id, spelling, filters)
         if runs:
             sweep_id = spelling
             break
     if not runs:
-        raise CompareError(
-            f"no finished minimize runs in experiment {experiment!r} match "
-            f"{_describe(sweep_id, filters)}"
-        )
+        raise CompareError(_no_match(client, found.experiment_id, experiment, sweep_id, filters))
     report = _report(
         [_record(client, run) for run in _newest_per_setting(runs)],
         len(runs),
@@ -235,14 +235,15 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
     written = {path: path.stat().st_mtime for path in sweep_dir.glob(f"*/{RESULTS_FILE}")}
     # newest first, as _latest_per_key expects
     newest_first = sorted(sorted(written), key=written.__getitem__, reverse=True)
-    rows = []
+    rows, not_compared = [], []
     for path in newest_first:
         try:
             result = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         if result.get("status") not in ("finished", "diverged"):
-            continue  # skipped, interrupted: nothing to compare
+            not_compared.append(str(result.get("status")))  # skipped, interrupted
+            continue
         started = datetime.fromtimestamp(written[path]).isoformat(timespec="seconds")
         row = row_from_result(result, run_id="", run_name=path.parent.name, started=started)
         if row is not None:
@@ -254,7 +255,7 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
         rows,
         len(rows),
         f"run folders: `{sweep_dir}`",
-        f"sweep {sweep_id}; {_job_counts(rows, len(sweep_failures(sweep_dir)))}",
+        f"sweep {sweep_id}; {_job_counts(rows, not_compared, len(sweep_failures(sweep_dir)))}",
         experiment,
         sweep_id,
         out_dir,
@@ -262,12 +263,13 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
     )
 
 
-def _job_counts(rows: Sequence[Row], failed: int) -> str:
-    """'4 finished', '3 finished, 1 diverged, 1 failed': every job the sweep ran, so one
-    that failed before a result (a bad setting) is not silently missing from the header."""
-    counts = {"finished": 0, "diverged": 0}
-    for row in rows:
-        counts[row.status] = counts.get(row.status, 0) + 1
+def _job_counts(rows: Sequence[Row], not_compared: Sequence[str], failed: int) -> str:
+    """'4 finished', '3 finished, 1 diverged, 1 skipped, 1 failed': every job the sweep
+    ran, so one that has no row (a combination the backend cannot express, a bad setting)
+    is not silently missing from the header."""
+    counts = {"finished": 0, "diverged": 0, "skipped": 0, "interrupted": 0}
+    for status in [row.status for row in rows] + list(not_compared):
+        counts[status] = counts.get(status, 0) + 1
     counts["failed"] = failed
     return ", ".join(f"{n} {status}" for status, n in counts.items() if n or status == "finished")
 
@@ -289,17 +291,17 @@ def _report(
     rows.sort(key=_row_order)
     _set_relative(rows)
     agreement = agreement_of(rows)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(out)
     repeats = found - len(rows)
     kept = (
-        f"one per configuration; {repeats} earlier repeat{'s' * (repeats != 1)} of an "
+        f"one per configuration; {plural(repeats, 'earlier repeat')} of an "
         "identical configuration left out"
         if repeats
         else "one per run"
     )
     header = [
         f"- {source}",
-        f"- runs: {runs}, {len(rows)} rows ({kept})",
+        f"- runs: {runs}, {plural(len(rows), 'row')} ({kept})",
         f"- made {datetime.now().isoformat(timespec='seconds')}",
     ]
     text = terminal_text(rows, agreement, f"{experiment}: {header[1].removeprefix('- runs: ')}")
@@ -308,14 +310,45 @@ def _report(
     return Report(rows, agreement, text, out, files, None, experiment, sweep_id)
 
 
-def open_client(uri: str) -> Any:
-    """A client for an existing store: a missing SQLite file is an error, not a new store."""
+def open_client(uri: str, default: bool = False) -> Any:
+    """A client for an existing store: a missing SQLite file is an error, not a new store.
+
+    default: the URI is the default store, not one the user gave, so the advice differs:
+    a given path may be mistyped; the default one is relative to the current folder.
+    """
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.is_file():
-            raise CompareError(f"no MLflow store at {path}; give --tracking-uri")
+            raise CompareError(_no_store(path, default))
     return client_for(TrackingTarget(uri, DEFAULT_EXPERIMENT, None))
+
+
+def _no_store(path: Path, default: bool) -> str:
+    if default:
+        return (
+            f"no MLflow store at {path} (the default store, outputs/mlflow.db under the "
+            "current folder); run from the folder the runs were started in, or give "
+            "--tracking-uri"
+        )
+    return (
+        f"no MLflow store at {path}; check the path in --tracking-uri, or omit "
+        "--tracking-uri to read the default store outputs/mlflow.db"
+    )
+
+
+def _make_out(out: Path) -> None:
+    """The report's folder, or a CompareError naming it (a caller that skipped
+    out_dir_error, or a folder that became unwritable since)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompareError(f"cannot write the report to {out}: {exc.strerror}") from None
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 row', '2 rows', '0 rows'."""
+    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def default_out_dir() -> Path:
@@ -429,6 +462,57 @@ def _describe(sweep_id: str | None, filters: Mapping[str, list[str]]) -> str:
     parts = [f"sweep={sweep_id}"] if sweep_id else []
     parts += [f"{k}={','.join(v)}" for k, v in filters.items() if v]
     return " ".join(parts) or "(no filters)"
+
+
+def _no_match(
+    client: Any,
+    experiment_id: str,
+    experiment: str,
+    sweep_id: str | None,
+    filters: Mapping[str, list[str]],
+) -> str:
+    """Nothing matched: for each filter given, the values the runs there hold, so a
+    mistyped or absent one (`--backend keras`) is told what there is to choose from."""
+    message = (
+        f"no finished minimize runs in experiment {experiment!r} match "
+        f"{_describe(sweep_id, filters)}"
+    )
+    given = [name for name, values in filters.items() if values]
+    if not given:
+        return message
+    runs, spelling = _unfiltered_runs(client, experiment_id, sweep_id)
+    return message + "".join(f"; {_held(runs, name, spelling, filters)}" for name in given)
+
+
+def _unfiltered_runs(
+    client: Any, experiment_id: str, sweep_id: str | None
+) -> tuple[list[Any], str | None]:
+    """The experiment's (or sweep's, however its folder is spelt) runs, no filter applied."""
+    for spelling in _sweep_spellings(sweep_id):
+        runs = search_runs(client, experiment_id, spelling, {name: [] for name in FILTERS})
+        if runs:
+            return runs, spelling
+    return [], sweep_id
+
+
+def _held(
+    runs: Sequence[Any], name: str, sweep_id: str | None, filters: Mapping[str, list[str]]
+) -> str:
+    """'backends there (mode=graph): jax, torch': the values of one filter among the runs
+    that the other filters keep, so the line says which of the filters left nothing."""
+    others = {**filters, name: []}
+    values = {_filter_value(run, name) for run in runs if _matches(run, sweep_id, others)}
+    scope = _describe(sweep_id, others)
+    where = "" if scope == _describe(None, {}) else f" ({scope})"
+    return f"{name}s there{where}: {', '.join(sorted(values)) or 'none'}"
+
+
+def _filter_value(run: Any, name: str) -> str:
+    """What --backend, --mode or --dtype would take to select the run."""
+    tags = run.data.tags
+    if name == "backend":
+        return backend_label(tags.get("backend", "?"), _logged_options(run.data.params))
+    return tags.get(name, "?")
 
 
 def _record(client: Any, run: Any) -> Row:
@@ -703,10 +787,17 @@ def _row_order(row: Row) -> tuple[Any, ...]:
 
 
 def _set_relative(rows: Sequence[Row]) -> None:
-    timed = [r.step_us for r in rows if math.isfinite(r.step_us) and r.step_us > 0]
-    fastest = min(timed, default=math.nan)
+    """Per-step time over the fastest finished row's. A diverged run is no reference: it
+    stopped early, often in inf/nan arithmetic of another speed. It still gets a ratio (of
+    the steps it ran), which may be below 1.0x; with no finished row there is none."""
+    finished = [r.step_us for r in rows if r.status == "finished" and _timed(r)]
+    fastest = min(finished, default=math.nan)
     for row in rows:
-        row.relative = row.step_us / fastest if row.step_us in timed else math.nan
+        row.relative = row.step_us / fastest if _timed(row) else math.nan
+
+
+def _timed(row: Row) -> bool:
+    return math.isfinite(row.step_us) and row.step_us > 0
 
 
 # ---------------------------------------------------------------- agreement
@@ -832,6 +923,7 @@ def _defaults_differ(members: Sequence[Row]) -> list[str]:
 # ---------------------------------------------------------------- output
 
 
+ULPS_HEADER = "ulps in dtype"
 ROW_HEADERS = [
     "backend",
     "mode",
@@ -854,8 +946,7 @@ AGREEMENT_HEADERS = [
     "backends",
     "largest |dx|",
     "between",
-    "float32 ulps",
-    "float64 ulps",
+    ULPS_HEADER,
     "note",
 ]
 NUMERIC = {
@@ -868,8 +959,7 @@ NUMERIC = {
     "us/step",
     "vs fastest",
     "largest |dx|",
-    "float32 ulps",
-    "float64 ulps",
+    ULPS_HEADER,
 }
 
 
@@ -878,6 +968,8 @@ def relative_text(value: float) -> str:
         return "n/a"
     if value == 1.0:
         return "1.0x"
+    if value < 1:  # a diverged row, timed over the steps it ran: 0.8x, 0.004x
+        return f"{value:.2g}x"
     if value < 10:
         return f"{value:.2f}x"  # 1.00x: within 0.5% of the fastest, but not it
     return f"{value:.3g}x" if value < 1000 else f"{value:,.0f}x"
@@ -966,10 +1058,15 @@ def agreement_cells(item: Agreement) -> list[str]:
         ", ".join(item.compared) if item.mode != ALL_MODES else f"{len(item.compared)} rows",
         _g(item.abs_diff),
         " vs ".join(item.pair),
-        _g(item.ulps_f32, ".4g"),
-        "" if item.ulps_f64 is None else _g(item.ulps_f64, ".4g"),
+        _g(ulps_in_dtype(item), ".4g"),
         item.note,
     ]
+
+
+def ulps_in_dtype(item: Agreement) -> float:
+    """The ulps of the rows' own dtype: a float64 group's float32 ulps (still in
+    agreement.csv) read as if float64 runs agreed only to float32 precision."""
+    return item.ulps_f64 if item.ulps_f64 is not None else item.ulps_f32
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -1021,14 +1118,16 @@ def write_files(
         *header,
         "",
         "Final x and loss are exact in the run's dtype; `vs fastest` is the per-step time "
-        "over the fastest row's (1.0x = fastest).",
+        "over the fastest finished row's (1.0x); a diverged row's is timed over the steps "
+        "it ran, and may be below 1.0x.",
         "",
         markdown_table(*row_table(rows)),
         "",
         "## Cross-backend agreement",
         "",
         "Largest difference of final x between backends per mode (`all`: across modes "
-        "too), absolute and in units in the last place of the larger value.",
+        "too), absolute and in units in the last place of the larger value in the rows' "
+        "dtype (agreement.csv has float32 ulps for every row, float64 ulps for float64).",
         "",
         markdown_table(*agreement_table(agreement))
         if agreement
@@ -1244,7 +1343,7 @@ def log_saved_report(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m runner.compare",
         description="Compare finished minimize runs in MLflow: a table per backend x mode "
         "(x optimizer, dtype), cross-backend agreement of final x, convergence and "
@@ -1271,7 +1370,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-log", action="store_true", help="write the files only; log nothing to MLflow"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = args.out is not None
+    args.out = args.out or default_out_dir()
+    if problem := out_dir_error(args.out, given):
+        parser.error(problem)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

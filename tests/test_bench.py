@@ -232,15 +232,42 @@ def test_tf_options_are_variants_of_their_own() -> None:
         (["--max-n", "0"], "--max-n 0 is not allowed; give a whole number >= 1"),
         (["--budget", "-1"], "--budget -1.0 is not allowed; give seconds > 0"),
         (["--budget", "nan"], "--budget nan is not allowed"),
+        (["--repeats", "x"], "argument --repeats: invalid int value: 'x'"),
+        (["--out", "/proc/x"], "--out /proc/x cannot be written: no file can be made in /proc"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """One line, as compare's and upload's own checks: argparse's usage block came first."""
     with pytest.raises(SystemExit) as exit_info:
         parse_args(args)
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_an_unwritable_out_is_refused_before_anything_is_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out under a file imported the frameworks and measured, then failed to write."""
+    from runner.bench import run
+
+    def measured(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the benchmark started")
+
+    monkeypatch.setattr(run, "load_backends", measured)
+    monkeypatch.setattr(run, "run_bench", measured)
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--quick", "--no-log", "--out", str(a_file / "bench")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {a_file / 'bench'} cannot be written: {a_file} is a file, not a "
+        "folder; give --out a folder you can write in\n"
+    )
 
 
 def test_an_unusable_store_is_refused_before_anything_is_measured(tmp_path: Path) -> None:

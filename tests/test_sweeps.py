@@ -416,5 +416,5 @@ def test_the_report_header_counts_a_job_that_failed_before_a_result(tmp_path: Pa
         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "; 1 finished, 1 failed, 1 rows (one per run)" in proc.stdout, proc.stdout
+    assert "; 1 finished, 1 failed, 1 row (one per run)" in proc.stdout, proc.stdout
     assert proc.stderr.strip().endswith("no minimum unless a > 0; give a positive problem.a")

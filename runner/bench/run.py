@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -22,6 +21,7 @@ from runner.bench.cases import DEFAULT_BACKENDS, Settings, load_average, variant
 from runner.bench.measure import empty_vectors, floor_section, scalar_section, vector_section
 from runner.bench.process import process_section
 from runner.bench.report import all_targets, longest, markdown, scaling_plot, step_time_plot
+from runner.command_line import OneLineParser, out_dir_error
 from runner.errors import ConfigError, MissingFrameworkError
 from runner.plugins import load_backend
 from runner.protocol import Backend
@@ -132,7 +132,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> Settings:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m runner.bench",
         description="Benchmark every backend x mode against hand-written loops, a native "
         "floor and NumPy, in one process; write results.md, results.json and plots.",
@@ -172,10 +172,13 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     if not args.budget > 0:  # also refuses nan
         parser.error(f"--budget {args.budget} is not allowed; give seconds > 0")
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = args.out or Path("outputs") / "bench" / stamp
+    if problem := out_dir_error(out, given=args.out is not None):  # before any import
+        parser.error(problem)
     return Settings(
         quick=args.quick,
         backends=backends,
-        out=args.out or Path("outputs") / "bench" / stamp,
+        out=out,
         repeats=args.repeats,
         max_n=args.max_n,
         log=not args.no_log,

@@ -1,0 +1,53 @@
+"""What the runner's own commands (compare, upload, bench) share on their command lines.
+
+Kept apart from any one command, and free of framework and MLflow imports, so that the
+benchmark can check its arguments before it imports anything heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: ...`, exit 2, as the commands' own
+    checks are: its usage block pushed the line that says what was wrong out of sight."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def out_dir_error(path: Path, given: bool) -> str | None:
+    """Why the output folder `path` (--out, or the default when not given) cannot be
+    written, or None; nothing is created. Checked before the work starts, so a bad --out
+    costs no store read or benchmark and reads as one line, not mkdir's traceback."""
+    problem = _unwritable(path)
+    if problem is None:
+        return None
+    what = f"--out {path}" if given else f"the default output folder {path}"
+    return f"{what} cannot be written: {problem}; give --out a folder you can write in"
+
+
+def _unwritable(path: Path) -> str | None:
+    """What keeps a folder from being made at path: its nearest existing ancestor (or
+    itself) must be a folder this process can create files in."""
+    existing = path.absolute()
+    while not _exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return None
+    except OSError as exc:
+        return f"no file can be made in {existing} ({exc.strerror})"
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a folder above it that cannot be searched
+        return False
