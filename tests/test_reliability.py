@@ -253,13 +253,21 @@ def test_locked_store_is_reported_after_the_retry_window(tmp_path: Path) -> None
     assert_nothing_half_written(tmp_path)
 
 
+HEALTHY = ("/health", 200, b"OK")
+GET_EXPERIMENT = "/api/2.0/mlflow/experiments/get-by-name"
+
+
 class _Failing(http.server.BaseHTTPRequestHandler):
-    healthy_health = False
+    """500 to every request but those whose path starts with a prefix in `answers`."""
+
+    answers: tuple[tuple[str, int, bytes], ...] = ()
 
     def _answer(self) -> None:
-        ok = self.healthy_health and self.path.startswith("/health")
-        body = b"OK" if ok else b"internal error"
-        self.send_response(200 if ok else 500)
+        code, body = next(
+            ((c, b) for prefix, c, b in self.answers if self.path.startswith(prefix)),
+            (500, b"internal error"),
+        )
+        self.send_response(code)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -273,7 +281,7 @@ class _Failing(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def failing_server(request: pytest.FixtureRequest) -> Iterator[str]:
     """An HTTP server on loopback that answers 500 (to all, or to all but /health)."""
-    handler = type("Handler", (_Failing,), {"healthy_health": request.param})
+    handler = type("Handler", (_Failing,), {"answers": (HEALTHY,) if request.param else ()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -303,18 +311,10 @@ class _FailsAfterTheCheck(_Failing):
     """Answers what a run checks before it starts (/health, the experiment lookup: no such
     experiment yet) and 500 to everything else: the store fails once the upload writes."""
 
-    def _answer(self) -> None:
-        code, body = 500, b"internal error"
-        if self.path.startswith("/health"):
-            code, body = 200, b"OK"
-        elif self.path.startswith("/api/2.0/mlflow/experiments/get-by-name"):
-            code, body = 404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "none"}'
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+    answers = (
+        HEALTHY,
+        (GET_EXPERIMENT, 404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "none"}'),
+    )
 
 
 @pytest.fixture
@@ -942,21 +942,11 @@ class _FailsOnTheFirstRun(_Failing):
     """A store that answers until the upload logs: it holds the experiment and no runs,
     and answers 500 to the creation of a run."""
 
-    def _answer(self) -> None:
-        code, body = 500, b"internal error"
-        if self.path.startswith("/health"):
-            code, body = 200, b"OK"
-        elif self.path.startswith("/api/2.0/mlflow/experiments/get-by-name"):
-            experiment = {"experiment_id": "1", "name": "gradient-runner"}
-            code, body = 200, json.dumps({"experiment": experiment}).encode()
-        elif self.path.startswith("/api/2.0/mlflow/runs/search"):
-            code, body = 200, b"{}"
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _answer
+    answers = (
+        HEALTHY,
+        (GET_EXPERIMENT, 200, b'{"experiment": {"experiment_id": "1", "name": "gradient-runner"}}'),
+        ("/api/2.0/mlflow/runs/search", 200, b"{}"),
+    )
 
 
 def test_upload_failing_midway_in_its_own_store_is_not_counted_uploaded(tmp_path: Path) -> None:
