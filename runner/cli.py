@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from runner.tracking import (
     client_for,
     config_params,
     ensure_experiment,
+    is_secret_key,
     logs_in_background,
     mask_uri,
     read_sweep,
@@ -256,7 +257,7 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
             tracked_run(
                 client,
                 experiment_id,
-                run_name=run_name(container),
+                run_name=run_name(container, overrides),
                 params=config_params(container),
                 tags={
                     **run_tags(container, overrides, sweep.sweep_id if sweep else None),
@@ -330,11 +331,28 @@ def job_kind(task: str | None, mode: str) -> str:
 OmegaConf.register_new_resolver("job_kind", job_kind, replace=True)
 
 
-def run_name(cfg: dict[str, Any]) -> str:
+# Overrides a run's name leaves out: those its first part already says, and those about
+# where and how it is recorded rather than what it computes.
+_NAMED_ALREADY = ("backend", "mode", "mode.update", "dtype", "task")
+_NOT_COMPUTED = ("progress", "tracking", "hydra", "experiment", "hparams_search")
+RUN_NAME_LIMIT = 250  # MLflow's UI shows less; its store takes more
+
+
+def run_name(cfg: Mapping[str, Any], overrides: Iterable[str] = ()) -> str:
+    """`jax-graph-apply-float32`, then the overrides that tell this run from its
+    siblings (`optimizer.lr=0.0443 steps=20`): a sweep's jobs, or an Optuna search's
+    trials, would otherwise share one name in MLflow's run list."""
     mode = cfg.get("mode", {})
     kind = job_kind(cfg.get("task"), mode.get("name", ""))
     update = [mode["update"]] if kind == "graph" else []
-    return "-".join([cfg["backend"]["name"], kind, *update, str(cfg.get("dtype"))])
+    name = "-".join([cfg["backend"]["name"], kind, *update, str(cfg.get("dtype"))])
+    shown = [o for o in overrides if _names_a_setting(o.split("=", 1)[0].lstrip("+~"))]
+    return " ".join([name, *shown])[:RUN_NAME_LIMIT]
+
+
+def _names_a_setting(key: str) -> bool:
+    root = key.split(".", 1)[0].split("/", 1)[0]
+    return key not in _NAMED_ALREADY and root not in _NOT_COMPUTED and not is_secret_key(key)
 
 
 def report(exc: RunnerError, kind: str = "error") -> None:

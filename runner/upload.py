@@ -75,7 +75,8 @@ except ImportError:  # not POSIX: uploads are not locked (as before)
     fcntl = None  # type: ignore[assignment]
 
 STATUSES = {"finished": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED"}
-UNCOMMITTED_TAGS = ("git_commit", "mlflow.source.git.commit")  # the commit now, not the run's
+# The checkout now, not when the run ran: left off a run uploaded later.
+UNCOMMITTED_TAGS = ("git_commit", "mlflow.source.git.commit", "git_dirty")
 LOCK_FILE = ".upload.lock"
 LOG_FILE = "upload.log"
 _HELD_LOCKS: dict[Path, int] = {}  # folders whose lock this process inherited, by fd
@@ -679,7 +680,7 @@ def _upload_one(
     run_id = start_run(
         client,
         experiment_id,
-        run_name(cfg),
+        run_name(cfg, _overrides(run_dir)),
         config_params(cfg),
         tags,
         parent_run_id,

@@ -474,7 +474,9 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: P
         assert run.info.status == expected
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.data.tags["runner.uploaded_from"] == str(sweep / name)
+        assert not {"git_commit", "git_dirty"} & set(run.data.tags)  # today's checkout, not its
         assert run.data.params["optimizer.lr"] == str(result["optimizer"]["lr"])
+        assert f"optimizer.lr={result['optimizer']['lr']}" in run.info.run_name
         assert run.data.params["tracking.uri"] == away
         assert run.data.metrics["steps_run"] == result["steps_run"]
         if result["status"] == "diverged":

@@ -224,6 +224,7 @@ def test_optuna_lr_search_improves_and_is_one_group(tmp_path: Path) -> None:
     assert parent.info.status == "FINISHED"
     assert len(jobs) == 6 and {r.info.status for r in jobs} == {"FINISHED"}
     assert {r.data.tags["sweep_id"] for r in jobs} == {sweep_dir.as_posix()}
+    assert len({r.info.run_name for r in jobs}) == 6  # each trial's lr in its name
     lrs = sorted(float(r.data.params["optimizer.lr"]) for r in jobs)
     assert lrs == sorted(r["optimizer"]["lr"] for r in results.values())
     assert len(set(lrs)) == 6 and all(1e-3 <= lr <= 1 for lr in lrs)

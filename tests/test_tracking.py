@@ -69,7 +69,7 @@ def test_default_store_records_everything(tmp_path: Path) -> None:
     assert run.data.tags["run_uid"] == result["run_uid"]
     assert run.data.tags["runner.logged"] == "background"
     assert "runner.uploaded_from" not in run.data.tags
-    assert run.info.run_name == "jax-graph-apply-float32"
+    assert run.info.run_name == "jax-graph-apply-float32 steps=300 problem.b=-3"
     params = run.data.params
     assert params["problem.b"] == "-3" and params["optimizer.lr"] == "0.01"
     assert params["mode.update"] == "apply" and params["steps"] == "300"
