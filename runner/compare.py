@@ -909,6 +909,8 @@ def _defaults_differ(members: Sequence[Row]) -> list[str]:
             form = eps_form(str(used.get("name")), float(used.get("momentum") or 0), convention)
             if form is not None:
                 settings["eps form"] = form
+            if used.get("name") == "adam" and row.dtype != "float64":  # float64: the same
+                settings["bias correction in"] = convention.adam_bias_correction
         for key, value in settings.items():
             backends = seen.setdefault(key, {}).setdefault(str(value), [])
             if row.backend not in backends:

@@ -49,13 +49,22 @@ def _adam(opt: Resolved, c: Convention) -> Rule:
     def update(x: np.ndarray, g: np.ndarray, s: State, t: int) -> tuple[np.ndarray, State]:
         m = b1 * s["m"] + (1 - b1) * g
         v = b2 * s["v"] + (1 - b2) * g * g
+        c1, c2 = _bias_correction(b1, t, x, c), _bias_correction(b2, t, x, c)
         if c.adam_eps_form == "corrected":
-            step = lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+            step = lr * (m / c1) / (np.sqrt(v / c2) + eps)
         else:  # Keras' epsilon-hat: the bias correction folded into the step size
-            step = lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
+            step = lr * np.sqrt(c2) / c1 * m / (np.sqrt(v) + eps)
         return x - step, {"m": m, "v": v}
 
     return Rule(lambda x: {"m": np.zeros_like(x), "v": np.zeros_like(x)}, update)
+
+
+def _bias_correction(beta: float, t: int, x: np.ndarray, c: Convention) -> Any:
+    """1 - beta**t as the convention computes it: in float64, or in x's dtype."""
+    if c.adam_bias_correction == "float64":
+        return 1 - beta**t
+    dtype = np.asarray(x).dtype.type
+    return dtype(1) - dtype(beta) ** dtype(t)
 
 
 def _adagrad(opt: Resolved, c: Convention) -> Rule:

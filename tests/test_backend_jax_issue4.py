@@ -34,7 +34,7 @@ from runner.protocol import (  # noqa: E402
     Trajectory,
 )
 from tests.chunks import compiled_loop  # noqa: E402
-from tests.specs import MODE_UPDATES  # noqa: E402
+from tests.specs import MODE_UPDATES, notebook_spec  # noqa: E402
 
 JAX = CONVENTIONS["jax"]
 STEPS = 100
@@ -487,3 +487,25 @@ def test_vector_loop_holds_no_n_sized_temporary(backend, update):
     assert temp < 4 * problem.dim, temp
     traj = run_minimize(backend, spec).trajectory
     assert traj.stopped_at == 20 and np.isfinite(traj.final_loss)
+
+
+@pytest.mark.parametrize("mode", ["manual", "apply"])
+def test_float32_adam_is_the_numpy_rule_under_the_jax_convention_to_the_bit(backend, mode):
+    """optax (and the manual rule) compute 1 - beta**t in float32 from betas rounded to
+    it: 0.049693957 after 50 steps, ~90 ulps from torch's float64 bias correction. The
+    NumPy rule under convention=jax does the same, so it lands on JAX's x; on the way
+    XLA's float32 pow and NumPy's differ now and then by an ulp (measured: at most 1)."""
+    from backends.numpy import NumpyBackend
+
+    spec = notebook_spec(mode, name="adam", lr=0.001, steps=50)
+    run_minimize(backend, dataclasses.replace(spec, dtype="float64"))  # as in a sweep before
+    by_jax = run_minimize(backend, spec).trajectory
+    by_numpy = run_minimize(
+        NumpyBackend(), dataclasses.replace(spec, mode="manual", options={"convention": "jax"})
+    ).trajectory
+    assert np.float32(by_jax.final_x) == np.float32(0.049693957)
+    assert by_jax.final_x == by_numpy.final_x
+    ulps = np.abs(by_jax.x.view(np.int32) - by_numpy.x.view(np.int32))  # x > 0 throughout
+    assert ulps.max() <= 1, ulps
+    paper = run_minimize(NumpyBackend(), dataclasses.replace(spec, mode="manual")).trajectory
+    assert np.float32(paper.final_x) == np.float32(0.0496943)  # float64 bias correction

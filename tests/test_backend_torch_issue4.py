@@ -127,8 +127,10 @@ def test_documented_difference_is_exactly_the_documented_one(
     swapped = dataclasses.replace(TORCH, **{f: getattr(tf, f) for f in fields})
     assert any(getattr(TORCH, f) != getattr(tf, f) for f in fields)
     assert rel(got, reference_run(problem, name, lr, hyper, swapped)[0][-1]) > 1e-8
-    same_as_jax = all(
-        getattr(TORCH, f) == getattr(jax, f) for f in TORCH.__dataclass_fields__ if name in f
+    same_as_jax = all(  # where the bias correction is computed: the same in float64
+        getattr(TORCH, f) == getattr(jax, f)
+        for f in TORCH.__dataclass_fields__
+        if name in f and f != "adam_bias_correction"
     )
     jax_x = reference_run(problem, name, lr, hyper, jax)[0][-1]
     assert (rel(got, jax_x) <= 1e-10) == same_as_jax

@@ -533,7 +533,8 @@ def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> N
     assert code == 0, err
     want = (
         "eps 1e-08 (numpy), 1e-07 (numpy+convention=tf); "
-        "eps form on sqrt(v_hat) (numpy), epsilon-hat (numpy+convention=tf)"
+        "eps form on sqrt(v_hat) (numpy), epsilon-hat (numpy+convention=tf); "
+        "bias correction in float64 (numpy), run dtype (numpy+convention=tf)"
     )
     (written,) = read_csv(sweep / "compare" / "agreement.csv")
     assert written["note"] == want
