@@ -10,8 +10,8 @@ named with them: `tf+jit_compile`, `numpy+convention=tf`):
   x and loss, the error to the analytic optimum, steps, compile and per-step time, and the
   per-step time relative to the fastest finished row (1.0x; a diverged run is no
   reference); a problem and a device column where the rows differ in them;
-- agreement.csv (and a section of comparison.md): per mode and dtype, the largest
-  difference of final x between backends, absolute and in ulps of the rows' dtype (the
+- agreement.csv (and a section of comparison.md): per mode and dtype, the two backends
+  whose final x are furthest apart in ulps of the rows' dtype, their largest |dx| and ulps (the
   csv: float32 ulps, and float64 ulps for float64 runs); a row "all" per dtype compares
   every mode with every other;
 - convergence.png (|loss - loss*| against step, from each run's per-step `loss`
@@ -815,7 +815,8 @@ def abs_diff(a: Any, b: Any) -> float:
 
 
 def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
-    """Per mode x dtype x optimizer, the largest difference of final x between backends.
+    """Per mode x dtype x optimizer, the two backends whose final x are furthest apart in
+    ulps of the rows' dtype: their largest |dx| and their ulps.
 
     A group "all" per dtype x optimizer compares every row with every other, across modes.
     Diverged rows have no final x to compare and are left out, and so are vectors too long
@@ -851,8 +852,10 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
             parts = [row.backend, row.mode] if across else [row.backend]
             return " ".join(parts + _varying(row, apart))
 
-        pairs = list(combinations(members, 2))
-        worst = max(pairs, key=lambda p: abs_diff(p[0].x, p[1].x))
+        # The pair furthest apart in ulps of the rows' dtype, and that pair's figures: the
+        # largest |dx| and the largest ulps can be different pairs (a vector's small entries).
+        own = np.float64 if dtype == "float64" else np.float32
+        worst = max(combinations(members, 2), key=lambda p: ulps(p[0].x, p[1].x, own))
         found.append(
             Agreement(
                 mode=mode,
@@ -861,12 +864,8 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
                 compared=[label(m) for m in members],
                 pair=(label(worst[0]), label(worst[1])),
                 abs_diff=abs_diff(worst[0].x, worst[1].x),
-                ulps_f32=max(ulps(a.x, b.x, np.float32) for a, b in pairs),
-                ulps_f64=(
-                    max(ulps(a.x, b.x, np.float64) for a, b in pairs)
-                    if dtype == "float64"
-                    else None
-                ),
+                ulps_f32=ulps(worst[0].x, worst[1].x, np.float32),
+                ulps_f64=ulps(worst[0].x, worst[1].x, np.float64) if dtype == "float64" else None,
                 note=_setup_note(members),
                 setup=setup,
             )

@@ -805,3 +805,30 @@ def test_an_unwritable_report_folder_is_a_compare_error(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
     with pytest.raises(CompareError, match=r"cannot write the report to .*afile"):
         compare_folder(runs, EXPERIMENT, tmp_path / "afile")
+
+
+def test_agreement_figures_are_the_named_pairs(tmp_path: Path) -> None:
+    """The row named one pair (largest |dx|) beside the largest ulps of any pair: for a
+    vector, |dx| is largest on the big entries, ulps on the small ones."""
+    import dataclasses
+
+    from runner.compare import abs_diff, agreement_of, compare_folder, ulps
+
+    runs = run_folders(
+        tmp_path / "runs",
+        {name: ((f"backend={name}",), 0.0) for name in ("numpy", "jax", "torch")},
+    )
+    rows = compare_folder(runs, EXPERIMENT, tmp_path / "out").rows
+    big, small = np.float32(1.0), np.float32(1e-3)
+    x = {  # jax: 4 ulps off on the big entry; torch: 50 ulps off on the small one
+        "numpy": [big, small],
+        "jax": [big + 4 * np.spacing(big), small],
+        "torch": [big, small + 50 * np.spacing(small)],
+    }
+    rows = [dataclasses.replace(r, x=np.array(x[r.backend], np.float32)) for r in rows]
+    (found,) = [a for a in agreement_of(rows) if a.mode == "manual"]
+    by_backend = {r.backend: r for r in rows}
+    a, b = (by_backend[name] for name in found.pair)
+    assert found.ulps_f32 == ulps(a.x, b.x, np.float32) == 50
+    assert found.abs_diff == abs_diff(a.x, b.x)
+    assert "torch" in found.pair
