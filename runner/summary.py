@@ -68,7 +68,7 @@ def derivatives_summary(result: Mapping[str, Any]) -> str:
     return "\n".join(
         [
             f"backend   {result['backend']}, {dtype}, device {result['device']}",
-            f"at        x = {fmt(result['at'])}",
+            f"at        x = {fmt(result['at'], dtype)}",
             f"y         {fmt(result['y'], dtype)}",
             f"dy/dx     {fmt(result['dy_dx'], dtype)}",
             "dy/da,b,c "

@@ -133,3 +133,33 @@ def test_a_vector_run_is_logged_to_mlflow_by_its_norms(n: int) -> None:
     assert metrics["final_x"] == pytest.approx(0.75 * np.sqrt(n), rel=1e-12)
     assert metrics["error_dist"] == pytest.approx(0.25 * np.sqrt(n), rel=1e-12)
     assert metrics["error_x"] == 0.25
+
+
+def test_derivatives_are_judged_at_the_inputs_the_framework_had() -> None:
+    """x0 = 12345.678 is 12345.677734375 in float32. A framework exact at its float32
+    inputs was reported 8.25 off (the inputs' rounding, counted as its error)."""
+    from runner.protocol import Derivatives, DerivativesSpec
+    from runner.results import derivatives_result
+
+    f32 = np.float32
+    x, a, b, c = f32(12345.678), f32(1.0), f32(0.7), f32(1.0)
+    exact = {  # float64 arithmetic on the float32 inputs: exact here
+        "y": float(a) * float(x) ** 2 + float(b) * float(x) + float(c),
+        "dy_dx": 2 * float(a) * float(x) + float(b),
+    }
+    found = Derivatives(
+        y=exact["y"], dy_dx=exact["dy_dx"],
+        dy_dcoef={"a": float(x) ** 2, "b": float(x), "c": 1.0},
+        d2y_dx2=2.0, compiled_dy_dx=exact["dy_dx"], compiled_y=exact["y"],
+    )  # fmt: skip
+    spec = DerivativesSpec(Quadratic(a=1.0, b=0.7, c=1.0, x0=12345.678), "float32")
+    result = derivatives_result(spec, found, IDENTITY)
+    assert result["at"] == 12345.677734375
+    assert result["problem"]["x0"] == 12345.678  # as asked
+    assert max(_leaves(result["error"])) == 0.0
+
+
+def _leaves(tree: object) -> list[float]:
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    return [float(tree)]
