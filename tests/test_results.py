@@ -97,6 +97,21 @@ def test_a_large_vector_is_recorded_in_a_fraction_of_its_own_bytes() -> None:
     assert columns["grad_norm"][-1] == result["grad_norm"]
 
 
+def test_the_final_rows_dist_is_from_x_star_in_the_runs_dtype() -> None:
+    """x* = 0.1 is not a float32: the framework's rows measure from float32(0.1); the final
+    row measured from the float64 0.1 and jumped by the difference at convergence."""
+    problem = Quadratic(a=1.0, b=-0.2, c=0.0, x0=0.0, dim=3)
+    spec = MinimizeSpec(
+        problem, OptimizerSpec("sgd", 0.1), "manual", 5, "float32", RecordPlan(5, 1)
+    )
+    rows = np.zeros(5, np.float32)
+    at_x_star = np.full(3, 0.1, np.float32)
+    trajectory = Trajectory(np.arange(5), rows, rows, rows, at_x_star, -0.03, at_x_star * 0, 5)
+    outcome = MinimizeOutcome(trajectory, Timings(0.1, 0.2, 5))
+    assert trajectory_rows(spec, outcome)["dist"][-1] == 0.0
+    assert minimize_result(spec, outcome, IDENTITY)["error"]["dist"] > 0  # from the exact x*
+
+
 def test_results_say_which_backend_options_the_run_had() -> None:
     # backend.jit_compile=true (XLA) and the like change what a run measures: results.json
     # records them after the run's identity, as JSON whatever types they came in.
