@@ -33,12 +33,17 @@ class DivergenceError(RunnerError):
         self.step = step
 
 
+def as_typed(value: object, quote: bool = True) -> str:
+    """A value in Hydra's (YAML's) words: `true`, `null`, not Python's `True`, `None`;
+    strings quoted (unless `quote` is off), so that an empty one shows."""
+    if value is None or isinstance(value, bool):
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value) if quote else str(value)
+
+
 def setting(key: str, value: object) -> str:
-    """`key=value` as the user wrote it in Hydra's (YAML's) words: `true`, `null`, not
-    Python's `True`, `None`; strings quoted, so that an empty one shows."""
-    words = {True: "true", False: "false", None: "null"}
-    typed = words[value] if value is None or isinstance(value, bool) else repr(value)
-    return f"{key}={typed}"
+    """`key=value` as the user wrote it (see as_typed)."""
+    return f"{key}={as_typed(value)}"
 
 
 def not_allowed(key: str, value: object, allowed: Iterable[str]) -> str:

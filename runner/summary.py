@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from runner.errors import as_typed
+
 
 def fmt(value: Any, dtype: str = "float64") -> str:
     """Shortest text that reads back as the same value in the run's dtype."""
@@ -98,9 +100,7 @@ def _short(value: Any) -> str:
         return f"[{', '.join(_short(v) for v in value[:3])}{', ...' if len(value) > 3 else ''}]"
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, bool) or value is None:  # as typed: nesterov=false
-        return str(value).lower().replace("none", "null")
-    return str(value)
+    return as_typed(value, quote=False)  # nesterov=false, not False
 
 
 def _vector_line(result: Mapping[str, Any]) -> str:

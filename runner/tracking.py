@@ -78,9 +78,8 @@ def resolve_target(tracking: Mapping[str, Any], base_dir: Path) -> TrackingTarge
     upload and a later `python -m runner.upload` from any folder open the same file.
     """
     uri = anchor_uri(store_uri(tracking.get("uri")), base_dir)
-    experiment = tracking.get("experiment", DEFAULT_EXPERIMENT)
-    if experiment is None:
-        experiment = DEFAULT_EXPERIMENT
+    experiment = tracking.get("experiment")
+    experiment = DEFAULT_EXPERIMENT if experiment is None else experiment
     if not isinstance(experiment, str) or not experiment.strip():
         given = setting("tracking.experiment", experiment)
         raise ConfigError(f"{given} is not allowed; give an experiment name, e.g. my-study")
@@ -105,9 +104,9 @@ def store_uri(uri: Any) -> str:
     scheme = urlsplit(uri).scheme.split("+")[0] if isinstance(uri, str) else ""
     if scheme not in STORE_SCHEMES and uri != "databricks":
         raise ConfigError(
-            f"tracking.uri={uri!r} is not a store MLflow can log to; give sqlite:///path.db, "
-            "http(s)://host:port or a database URI (postgresql://, mysql://, mssql://), "
-            "or run with tracking=off"
+            f"{setting('tracking.uri', uri)} is not a store MLflow can log to; give "
+            "sqlite:///path.db, http(s)://host:port or a database URI (postgresql://, "
+            "mysql://, mssql://), or run with tracking=off"
         )
     return uri
 
