@@ -119,6 +119,7 @@ def check_overrides(args: list[str]) -> None:
 
     plain = [a for a in args if "=" in a and not a.startswith(("-", "hydra")) and "," not in a]
     plain = [a for a in plain if "(" not in a.split("=", 1)[1]]
+    check_task_settings(plain)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             compose("config", overrides=plain)
@@ -138,6 +139,24 @@ def check_overrides(args: list[str]) -> None:
                 f"to add a new key on purpose, write +{key}=..."
             ) from None
         raise RunnerError(lines[0]) from None
+
+
+# Settings of an optimization: task=derivatives evaluates dy/dx and d2y/dx2 at x0 and
+# runs no optimizer, so these would change nothing in its results.
+MINIMIZE_ONLY = ("mode", "optimizer", "steps", "record_every")
+
+
+def check_task_settings(plain: list[str]) -> None:
+    """`task=derivatives mode=graph` is refused: the mode would be recorded, not used."""
+    if "task=derivatives" not in plain:
+        return
+    for arg in plain:
+        root = re.split(r"[./]", arg.split("=", 1)[0].lstrip("+~"), maxsplit=1)[0]
+        if root in MINIMIZE_ONLY:
+            raise RunnerError(
+                f"{arg} does not apply to task=derivatives, which runs no optimizer "
+                f"(it evaluates the derivatives at problem.x0, eagerly and compiled); drop {arg}"
+            )
 
 
 def options_with(key: str) -> list[str]:

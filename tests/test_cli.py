@@ -155,6 +155,7 @@ BAD_INPUTS = [
     (["optimizer.nesterov=null"], "optimizer.nesterov=null is not allowed; give true or false"),
     (["tracking.experiment="], "tracking.experiment='' is not allowed; give an experiment name"),
     (["tracking.uri="], "tracking.uri='' is not a store MLflow can log to; give sqlite:///"),
+    (["task=derivatives", "mode=graph"], "mode=graph does not apply to task=derivatives"),
     (["-m", "tracking.uri=./mlruns"], "tracking.uri='./mlruns' is not a store MLflow can log"),
 ]
 
