@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from runner.errors import ConfigError, setting
@@ -87,7 +87,9 @@ CONVENTIONS: dict[str, Convention] = {
         adam_bias_correction="run dtype",
     ),
 }
-CONVENTIONS["paper"] = CONVENTIONS["torch"]
+# NumPy's default: the papers' formulas, which torch.optim follows; named for itself, so
+# that a NumPy run's record and summary do not call its defaults torch's.
+CONVENTIONS["paper"] = replace(CONVENTIONS["torch"], name="paper")
 
 
 @dataclass(frozen=True)

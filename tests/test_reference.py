@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from runner.errors import ConfigError
-from runner.optimizers import CONVENTIONS, resolve, validate_hyper
+from runner.optimizers import CONVENTIONS, resolve, used_record, validate_hyper
 from runner.problems import Quadratic, QuadraticForm, Rosenbrock, build_problem
 from runner.reference import run
 
@@ -55,6 +55,13 @@ def test_sgd_reference_is_the_closed_form() -> None:
     xs, _ = run(problem, opt, CONVENTIONS["paper"], 60)
     k = np.arange(61)
     np.testing.assert_allclose(xs, problem.sgd_closed_form(0.1, k), rtol=1e-13, atol=1e-15)
+
+
+def test_numpy_default_convention_is_named_for_itself() -> None:
+    """NumPy's default follows the papers (as torch.optim does): its record and summary
+    say `(paper default)`, not that a NumPy run took torch's defaults."""
+    used = used_record("adam", 1e-3, {"eps": None}, CONVENTIONS["paper"])
+    assert used["convention"] == "paper" and used["eps"] == CONVENTIONS["torch"].adam_eps
 
 
 def test_momentum_and_nesterov_follow_their_recurrences() -> None:
