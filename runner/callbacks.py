@@ -157,7 +157,7 @@ class SweepTracking(Callback):
             experiment_id = ensure_experiment(client, target)
         except TrackingError as exc:
             return exc.exit_code, f"{exc}; the sweep's parent run stays open until {later}"
-        from runner.compare import log_saved_report
+        from runner.compare.logged import log_saved_report
 
         try:
             if report is not None:
@@ -190,7 +190,8 @@ def _launcher(config: DictConfig) -> str:
 
 def _report(sweep_dir: Path, experiment: str) -> tuple[dict[str, Path] | None, str]:
     """The sweep's comparison report from its job folders, printed; (its files, status)."""
-    from runner.compare import CompareError, compare_folder
+    from runner.compare.report import compare_folder
+    from runner.compare.store import CompareError
 
     try:
         report = compare_folder(sweep_dir, experiment, sweep_dir / REPORT_DIR)

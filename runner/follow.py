@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from runner.compare import log_saved_report
+from runner.compare.logged import log_saved_report
 from runner.errors import RunnerError
 from runner.tracking import mask_uri, read_sweep, resolve_target, start_sweep_parent, store_error
 from runner.upload import Uploader, inherit_lock, run_dirs, timestamp

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.compare import optimizer_label
+from runner.compare.rows import optimizer_label
 from tests.conftest import ROOT, free_port
 
 # One worker builds the module's store (a ~30 s fixture) and runs every test of it.
@@ -140,8 +140,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def main_in_process(*argv: str) -> tuple[int, str, str]:
-    """runner.compare.main in this process (MLflow already imported): code, stdout, stderr."""
-    from runner.compare import main
+    """runner.compare.cli.main in this process (MLflow already imported): code, stdout, stderr."""
+    from runner.compare.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -326,7 +326,7 @@ def test_bad_input_is_one_line_and_exit_2(report: dict) -> None:
 
 def test_function_logs_to_a_given_run(store: dict, tmp_path: Path) -> None:
     """What the multirun callback does: the files become artifacts of the sweep's parent."""
-    from runner.compare import compare
+    from runner.compare.report import compare
 
     client = store["client"]
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -426,7 +426,7 @@ OPTION_RUNS = {  # tf with and without XLA, numpy at two conventions: four rows
     "numpy_tf": (("backend=numpy", "backend.convention=tf"), 0.0),
     "numpy_paper": (("backend=numpy",), 0.0),
 }
-OPTION_ROWS = [  # _row_order: dtype, optimizer, mode (eager first), backend
+OPTION_ROWS = [  # row_order: dtype, optimizer, mode (eager first), backend
     ("numpy", "manual"),
     ("numpy+convention=tf", "manual"),
     ("tf", "graph/apply"),
@@ -435,7 +435,7 @@ OPTION_ROWS = [  # _row_order: dtype, optimizer, mode (eager first), backend
 
 
 def test_a_result_is_labelled_with_its_non_default_backend_options() -> None:
-    from runner.compare import row_from_result
+    from runner.compare.rows import row_from_result
 
     result, _ = sgd_run(composed("backend=tf", "mode=graph", "backend.jit_compile=true"))
     assert result["options"] == {"jit_compile": True, "legacy_optimizers": False}
@@ -461,7 +461,7 @@ def test_a_result_is_labelled_with_its_non_default_backend_options() -> None:
 
 
 def test_runs_differing_only_by_an_option_are_rows_of_their_own(tmp_path: Path) -> None:
-    from runner.compare import compare, compare_folder
+    from runner.compare.report import compare, compare_folder
     from runner.upload import upload
 
     runs = run_folders(tmp_path / "runs", OPTION_RUNS)
@@ -488,7 +488,8 @@ def test_runs_differing_only_by_an_option_are_rows_of_their_own(tmp_path: Path) 
 def test_the_metrics_fallback_labels_options_from_the_logged_params(tmp_path: Path) -> None:
     from urllib.parse import urlsplit
 
-    from runner.compare import compare, open_client
+    from runner.compare.report import compare
+    from runner.compare.store import open_client
     from runner.results import RESULTS_FILE
     from runner.upload import upload
 
@@ -518,7 +519,8 @@ def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> N
     sqrt(v_hat)): the agreement note says so, from results.json and from MLflow's tags."""
     from urllib.parse import urlsplit
 
-    from runner.compare import compare, open_client
+    from runner.compare.report import compare
+    from runner.compare.store import open_client
     from runner.results import RESULTS_FILE
     from runner.upload import upload
 
@@ -562,7 +564,7 @@ SETUP_RUNS = {  # numpy at three setups, jax at two, and an older run of one num
     "jax": (("backend=jax",), 0.0),
     "jax_8_steps": (("backend=jax", "steps=8"), 0.0),
 }
-SETUP_ROWS = [  # _row_order: problem, steps, then mode and backend
+SETUP_ROWS = [  # row_order: problem, steps, then mode and backend
     ("jax", "quadratic x0=0", 4),
     ("numpy", "quadratic x0=0", 4),
     ("jax", "quadratic x0=0", 8),
@@ -574,7 +576,8 @@ SETUP_ROWS = [  # _row_order: problem, steps, then mode and backend
 def test_runs_differing_in_steps_or_problem_are_rows_of_their_own(tmp_path: Path) -> None:
     """Only repeats of one configuration share a row (the latest run); runs at other steps
     or another x0 were dropped before, leaving one row per backend x mode x optimizer x dtype."""
-    from runner.compare import compare, compare_folder, open_client
+    from runner.compare.report import compare, compare_folder
+    from runner.compare.store import open_client
     from runner.upload import upload
 
     runs = run_folders(tmp_path / "runs", SETUP_RUNS)
@@ -731,7 +734,7 @@ def test_a_filter_that_matches_nothing_lists_what_there_is(tmp_path: Path) -> No
 
 def test_the_fastest_finished_run_is_the_reference(tmp_path: Path) -> None:
     """A diverged run that stopped early was the 1.0x row when its steps were quickest."""
-    from runner.compare import compare_folder
+    from runner.compare.report import compare_folder
 
     runs = run_folders(
         tmp_path / "runs",
@@ -758,7 +761,7 @@ def test_the_fastest_finished_run_is_the_reference(tmp_path: Path) -> None:
 
 def test_the_sweep_header_counts_skipped_jobs_and_one_row(tmp_path: Path) -> None:
     """'1 finished, 1 rows' for a sweep whose second job was skipped (numpy mode=graph)."""
-    from runner.compare import compare_folder
+    from runner.compare.report import compare_folder
 
     runs = run_folders(tmp_path / "runs", {"ran": (("backend=numpy",), 0.0)})
     skipped = json.loads((runs / "ran" / "results.json").read_text())
@@ -774,7 +777,7 @@ def test_the_sweep_header_counts_skipped_jobs_and_one_row(tmp_path: Path) -> Non
 def test_agreement_ulps_are_in_the_rows_dtype(tmp_path: Path) -> None:
     """The table's one ulps column was 'float32 ulps' for float64 rows too: float64 runs
     a float64 ulp apart read as 5e-10 ulps. agreement.csv keeps both."""
-    from runner.compare import compare_folder
+    from runner.compare.report import compare_folder
 
     runs = run_folders(
         tmp_path / "runs",
@@ -799,7 +802,8 @@ def test_agreement_ulps_are_in_the_rows_dtype(tmp_path: Path) -> None:
 
 
 def test_an_unwritable_report_folder_is_a_compare_error(tmp_path: Path) -> None:
-    from runner.compare import CompareError, compare_folder
+    from runner.compare.report import compare_folder
+    from runner.compare.store import CompareError
 
     runs = run_folders(tmp_path / "runs", {"ran": (("backend=numpy",), 0.0)})
     (tmp_path / "afile").write_text("")
@@ -812,7 +816,8 @@ def test_agreement_figures_are_the_named_pairs(tmp_path: Path) -> None:
     vector, |dx| is largest on the big entries, ulps on the small ones."""
     import dataclasses
 
-    from runner.compare import abs_diff, agreement_of, compare_folder, ulps
+    from runner.compare.agreement import abs_diff, agreement_of, ulps
+    from runner.compare.report import compare_folder
 
     runs = run_folders(
         tmp_path / "runs",

@@ -1,0 +1,33 @@
+"""`python -m runner.compare`: do the frameworks agree, and which way is fastest?
+
+Reads finished minimize runs from any MLflow tracking URI (the runner's SQLite store
+by default), keeps one row per configuration (Row.key: backend, mode, optimizer, dtype,
+steps, problem, device; of repeats of one configuration the latest), and writes (a
+backend run with options other than its conf/backend defaults is a backend of its own,
+named with them: `tf+jit_compile`, `numpy+convention=tf`):
+
+- comparison.md / comparison.csv / comparison.json: one row per configuration with final
+  x and loss, the error to the analytic optimum, steps, compile and per-step time, and the
+  per-step time relative to the fastest finished row (1.0x; a diverged run is no
+  reference); a problem and a device column where the rows differ in them;
+- agreement.csv (and a section of comparison.md): per mode and dtype, the two backends
+  whose final x are furthest apart in ulps of the rows' dtype, their largest |dx| and ulps (the
+  csv: float32 ulps, and float64 ulps for float64 runs); a row "all" per dtype compares
+  every mode with every other;
+- convergence.png (|loss - loss*| against step, from each run's per-step `loss`
+  metric) and step_time.png (per-step time, log scale).
+
+The files are logged as artifacts of a comparison run (tag runner.kind=comparison) in
+the same experiment, or of an existing run (the sweep's parent when a multirun ends).
+Values come from each run's results.json artifact (exact floats, vectors included);
+a run whose artifact cannot be read falls back to its MLflow metrics, tags and params.
+The package imports no framework; MLflow is imported inside functions.
+
+- rows:      Row, a results.json as a row, labels, order, relative step time
+- store:     finding the matching runs in an MLflow store, each as a Row
+- agreement: cross-backend agreement of final x, in ulps
+- output:    tables, comparison.md/.csv/.json, agreement.csv, plots
+- logged:    the files and agreement metrics logged to an MLflow run
+- report:    compare() and compare_folder(): one report from end to end
+- cli:       the command line
+"""

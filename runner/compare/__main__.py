@@ -1,0 +1,5 @@
+import sys
+
+from runner.compare.cli import main
+
+sys.exit(main())

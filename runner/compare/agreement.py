@@ -1,0 +1,156 @@
+"""Cross-backend agreement: how far apart the backends' final x are, in ulps of the dtype.
+
+What the report is for: backends that ran one problem the same way should reach the same
+x to a few ulps. Groups are compared like with like (split by problem, steps or device
+where a backend has several rows), and where rows cannot agree exactly (other problems,
+steps, framework defaults or eps forms) the note says why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from runner.compare.rows import Row, differing_settings, mode_order, varying_settings
+from runner.optimizers import CONVENTIONS, eps_form
+
+ALL_MODES = "all"
+
+
+@dataclass
+class Agreement:
+    """The largest difference of final x between the rows of one mode x dtype x optimizer."""
+
+    mode: str
+    dtype: str
+    optimizer: str
+    compared: list[str]
+    pair: tuple[str, str]
+    abs_diff: float
+    ulps_f32: float
+    ulps_f64: float | None  # only for float64 runs
+    note: str = ""
+    setup: str = ""  # the problem, steps, device all compared rows ran, where a group was split
+
+
+def ulps(a: Any, b: Any, dtype: type[np.floating]) -> float:
+    """|a - b| in units in the last place of the larger magnitude, in `dtype` (elementwise max)."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.maximum(np.abs(a64), np.abs(b64)).astype(dtype)
+    return float(np.max(np.abs(a64 - b64) / np.spacing(scale).astype(np.float64)))
+
+
+def abs_diff(a: Any, b: Any) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
+    """Per mode x dtype x optimizer, the two backends whose final x are furthest apart in
+    ulps of the rows' dtype: their largest |dx| and their ulps.
+
+    A group "all" per dtype x optimizer compares every row with every other, across modes.
+    Diverged rows have no final x to compare and are left out, and so are vectors too long
+    for results.json to list (it keeps their norms only). Where a backend has several rows
+    in a group (it ran several problems, step counts or devices), the group is split by
+    those (Agreement.setup), so backends are compared like with like.
+    """
+    usable = [
+        r for r in rows if r.status != "diverged" and r.x is not None and np.all(np.isfinite(r.x))
+    ]
+    whole: dict[tuple[str, str, str], list[Row]] = {}
+    for row in usable:
+        whole.setdefault((row.mode, row.dtype, row.optimizer), []).append(row)
+        whole.setdefault((ALL_MODES, row.dtype, row.optimizer), []).append(row)
+    groups: dict[tuple[str, str, str, str], list[Row]] = {}
+    differing = differing_settings(usable)
+    for (mode, dtype, optimizer), members in whole.items():
+        runs = [(m.backend, m.mode if mode == ALL_MODES else "") for m in members]
+        split = len(set(runs)) < len(runs)  # a backend (x mode) with several rows
+        for m in members:
+            setup = " ".join(varying_settings(m, differing)) if split else ""
+            groups.setdefault((mode, dtype, optimizer, setup), []).append(m)
+    found = []
+    for (mode, dtype, optimizer, setup), members in groups.items():
+        if mode == ALL_MODES and len({m.mode for m in members}) < 2:
+            continue
+        if mode != ALL_MODES and len(members) < 2:
+            continue
+
+        apart = differing_settings(members)
+
+        def label(row: Row, across: bool = mode == ALL_MODES, apart: set[str] = apart) -> str:
+            parts = [row.backend, row.mode] if across else [row.backend]
+            return " ".join(parts + varying_settings(row, apart))
+
+        # The pair furthest apart in ulps of the rows' dtype, and that pair's figures: the
+        # largest |dx| and the largest ulps can be different pairs (a vector's small entries).
+        own = np.float64 if dtype == "float64" else np.float32
+        worst = max(combinations(members, 2), key=lambda p: ulps(p[0].x, p[1].x, own))
+        found.append(
+            Agreement(
+                mode=mode,
+                dtype=dtype,
+                optimizer=optimizer,
+                compared=[label(m) for m in members],
+                pair=(label(worst[0]), label(worst[1])),
+                abs_diff=abs_diff(worst[0].x, worst[1].x),
+                ulps_f32=ulps(worst[0].x, worst[1].x, np.float32),
+                ulps_f64=ulps(worst[0].x, worst[1].x, np.float64) if dtype == "float64" else None,
+                note=_setup_note(members),
+                setup=setup,
+            )
+        )
+    setups = {setup: i for i, setup in enumerate(dict.fromkeys(k[3] for k in groups))}
+    return sorted(  # setups as the rows go (steps=50 before steps=100)
+        found,
+        key=lambda a: (
+            a.dtype,
+            a.optimizer,
+            setups[a.setup],
+            a.mode == ALL_MODES,
+            mode_order(a.mode),
+        ),
+    )
+
+
+def _setup_note(members: Sequence[Row]) -> str:
+    """Rows that ran different problems or step counts are not expected to agree."""
+    notes = []
+    steps = sorted({m.steps for m in members})
+    if len(steps) > 1:
+        notes.append("steps differ: " + ", ".join(map(str, steps)))
+    problems = {json.dumps(m.problem, sort_keys=True) for m in members}
+    if len(problems) > 1:
+        notes.append("problems differ")
+    notes += _defaults_differ(members)
+    return "; ".join(notes)
+
+
+def _defaults_differ(members: Sequence[Row]) -> list[str]:
+    """The framework defaults and eps forms the rows ran with, where they differ: what
+    keeps e.g. TF's Adam (eps 1e-7, epsilon-hat) from agreeing with torch's to the ulp."""
+    seen: dict[str, dict[str, list[str]]] = {}  # setting -> value -> backends
+    for row in members:
+        used = row.optimizer_used
+        convention = CONVENTIONS.get(str(used.get("convention")))
+        settings = {k: v for k, v in used.items() if k not in ("convention", "name", "lr")}
+        if convention is not None:
+            form = eps_form(str(used.get("name")), float(used.get("momentum") or 0), convention)
+            if form is not None:
+                settings["eps form"] = form
+            if used.get("name") == "adam" and row.dtype != "float64":  # float64: the same
+                settings["bias correction in"] = convention.adam_bias_correction
+        for key, value in settings.items():
+            backends = seen.setdefault(key, {}).setdefault(str(value), [])
+            if row.backend not in backends:
+                backends.append(row.backend)
+    return [
+        f"{key} " + ", ".join(f"{value} ({', '.join(b)})" for value, b in values.items())
+        for key, values in seen.items()
+        if len(values) > 1
+    ]

@@ -1,0 +1,85 @@
+"""Logging a report to MLflow: its files as artifacts and the agreement as metrics.
+
+To a new comparison run (tag runner.kind=comparison) or to an existing one: the sweep's
+parent, when a multirun's report is logged as it ends (runner.callbacks) or later
+(runner.follow, from the comparison.json written then). MLflow is imported inside the
+functions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from runner.compare.agreement import Agreement
+from runner.compare.output import JSON_FILE
+from runner.compare.rows import Row
+from runner.compare.store import COMPARISON_KIND, KIND_TAG, describe_selection
+from runner.tracking import retry_locked
+
+
+def _metric_key(*parts: str) -> str:
+    return "/".join("".join(c if c.isalnum() or c in "_-. " else "_" for c in p) for p in parts)
+
+
+def log_report(
+    client: Any,
+    experiment_id: str,
+    files: Mapping[str, Path],
+    agreement: Sequence[Agreement],
+    rows: Sequence[Row],
+    sweep_id: str | None,
+    filters: Mapping[str, list[str]],
+    log_to_run_id: str | None,
+) -> str:
+    """Log the files (and the agreement as metrics) to log_to_run_id or a new comparison run."""
+    from mlflow.entities import Metric, RunStatus
+
+    run_id = log_to_run_id
+    if run_id is None:
+        tags = {KIND_TAG: COMPARISON_KIND, "compare.filters": describe_selection(sweep_id, filters)}
+        if sweep_id:
+            tags["compare.sweep_id"] = sweep_id
+        run = retry_locked(
+            lambda: client.create_run(
+                experiment_id, run_name=f"compare {sweep_id or 'all'}", tags=tags
+            )
+        )
+        run_id = run.info.run_id
+    status = RunStatus.FAILED
+    try:
+        now = int(time.time() * 1000)
+        several = len({a.optimizer for a in agreement}) > 1
+        metrics = [Metric("compare.rows", float(len(rows)), now, 0)]
+        for a in agreement:
+            where = [a.dtype, a.mode] + ([a.optimizer] if several else [])
+            where += [a.setup] if a.setup else []  # split groups: one metric each
+            metrics += [
+                Metric(_metric_key("agreement_abs", *where), a.abs_diff, now, 0),
+                Metric(_metric_key("agreement_ulps_f32", *where), a.ulps_f32, now, 0),
+            ]
+            if a.ulps_f64 is not None:
+                metrics.append(
+                    Metric(_metric_key("agreement_ulps_f64", *where), a.ulps_f64, now, 0)
+                )
+        retry_locked(lambda: client.log_batch(run_id, metrics=metrics))
+        for path in files.values():
+            retry_locked(lambda path=path: client.log_artifact(run_id, str(path)))
+        status = RunStatus.FINISHED
+    finally:
+        if log_to_run_id is None:
+            retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(status)))
+    return run_id
+
+
+def log_saved_report(
+    client: Any, experiment_id: str, files: Mapping[str, Path], run_id: str, sweep_id: str
+) -> None:
+    """Log a report written earlier (its comparison.json holds rows and agreement) to run_id."""
+    data = json.loads(next(p for p in files.values() if p.name == JSON_FILE).read_text())
+    rows = [Row(**row) for row in data["rows"]]
+    agreement = [Agreement(**item) for item in data["agreement"]]
+    log_report(client, experiment_id, files, agreement, rows, sweep_id, {}, run_id)

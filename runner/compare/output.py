@@ -1,0 +1,386 @@
+"""What a report shows and writes: the terminal tables, comparison.md, comparison.csv,
+comparison.json, agreement.csv, and the convergence and step-time plots.
+
+Shown values are the shortest text that reads back exactly in the run's dtype; the csv
+and json files keep the exact float64. matplotlib is imported only where plots are drawn
+(runner.plots, inside write_plots).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runner.compare.agreement import ALL_MODES, Agreement
+from runner.compare.rows import Row, differing_settings, varying_settings
+from runner.compare.store import download_text
+from runner.results import TRAJECTORY_FILE, atomic_write
+from runner.tracking import read_trajectory, retry_locked
+
+MARKDOWN_FILE = "comparison.md"
+CSV_FILE = "comparison.csv"
+JSON_FILE = "comparison.json"
+AGREEMENT_FILE = "agreement.csv"
+CONVERGENCE_FILE = "convergence.png"
+STEP_TIME_FILE = "step_time.png"
+
+
+ULPS_HEADER = "ulps in dtype"
+ROW_HEADERS = [
+    "backend",
+    "mode",
+    "optimizer",
+    "dtype",
+    "status",
+    "steps",
+    "final x",
+    "final loss",
+    "|x - x*|",
+    "|loss - loss*|",
+    "compile s",
+    "us/step",
+    "vs fastest",
+]
+AGREEMENT_HEADERS = [
+    "mode",
+    "dtype",
+    "optimizer",
+    "backends",
+    "largest |dx|",
+    "between",
+    ULPS_HEADER,
+    "note",
+]
+NUMERIC = {
+    "steps",
+    "final x",
+    "final loss",
+    "|x - x*|",
+    "|loss - loss*|",
+    "compile s",
+    "us/step",
+    "vs fastest",
+    "largest |dx|",
+    ULPS_HEADER,
+}
+
+
+def relative_text(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    if value == 1.0:
+        return "1.0x"
+    if value < 1:  # a diverged row, timed over the steps it ran: 0.8x, 0.004x
+        return f"{value:.2g}x"
+    if value < 10:
+        return f"{value:.2f}x"  # 1.00x: within 0.5% of the fastest, but not it
+    return f"{value:.3g}x" if value < 1000 else f"{value:,.0f}x"
+
+
+def exact_text(value: Any, dtype: str) -> str:
+    """Shortest text that reads back as the same value in the run's dtype (a list: its head)."""
+    if value is None:
+        return "(too long to list)"
+    if isinstance(value, list):
+        head = ", ".join(exact_text(v, dtype) for v in value[:3])
+        return f"[{head}{', ...' if len(value) > 3 else ''}] (n={len(value)})"
+    with np.errstate(over="ignore"):
+        return str((np.float32 if dtype == "float32" else np.float64)(value))
+
+
+def _g(value: float, spec: str = ".3g") -> str:
+    return format(value, spec) if math.isfinite(value) else str(value)
+
+
+OPTIONAL_COLUMNS: dict[str, Callable[[Row], str]] = {  # after dtype, where rows differ
+    "problem": lambda r: r.problem_label,
+    "device": lambda r: r.device,
+}  # steps has a column always
+
+
+def row_table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the rows' table: a problem or device column only where the
+    rows differ in it (steps always has one), so every row can be told apart and a report
+    of one setup stays as compact as before."""
+    differing = differing_settings(rows)
+    columns = {
+        name: [get(r) for r in rows] for name, get in OPTIONAL_COLUMNS.items() if name in differing
+    }
+    return _insert_columns(ROW_HEADERS, [row_cells(r) for r in rows], "dtype", columns)
+
+
+def _insert_columns(
+    headers: Sequence[str],
+    cells: Sequence[Sequence[str]],
+    after: str,
+    columns: Mapping[str, Sequence[str]],
+) -> tuple[list[str], list[list[str]]]:
+    """headers and cells with columns (name: one cell per row) put after the header `after`."""
+    at = headers.index(after) + 1
+    return [*headers[:at], *columns, *headers[at:]], [
+        [*c[:at], *(column[i] for column in columns.values()), *c[at:]] for i, c in enumerate(cells)
+    ]
+
+
+def row_cells(row: Row) -> list[str]:
+    """Display cells; x and loss are the shortest text that reads back exactly in the dtype."""
+    steps = str(row.steps_run) if row.steps_run == row.steps else f"{row.steps_run}/{row.steps}"
+    status = "DIVERGED" if row.status == "diverged" else row.status
+    return [
+        row.backend,
+        row.mode,
+        row.optimizer,
+        row.dtype,
+        status,
+        steps,
+        exact_text(row.x, row.dtype),
+        exact_text(row.loss, row.dtype),
+        _g(row.error_x),
+        _g(row.error_loss),
+        _g(row.compile_s, ".3f"),
+        _g(row.step_us) if not row.step_us >= 1000 else f"{row.step_us:.0f}",
+        relative_text(row.relative),
+    ]
+
+
+def agreement_table(agreement: Sequence[Agreement]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the agreement table; a setup column only where a group was split."""
+    setups = [a.setup for a in agreement]
+    columns = {"setup": setups} if any(setups) else {}
+    return _insert_columns(
+        AGREEMENT_HEADERS, [agreement_cells(a) for a in agreement], "optimizer", columns
+    )
+
+
+def agreement_cells(item: Agreement) -> list[str]:
+    return [
+        item.mode,
+        item.dtype,
+        item.optimizer,
+        ", ".join(item.compared) if item.mode != ALL_MODES else f"{len(item.compared)} rows",
+        _g(item.abs_diff),
+        " vs ".join(item.pair),
+        _g(ulps_in_dtype(item), ".4g"),
+        item.note,
+    ]
+
+
+def ulps_in_dtype(item: Agreement) -> float:
+    """The ulps of the rows' own dtype: a float64 group's float32 ulps (still in
+    agreement.csv) read as if float64 runs agreed only to float32 precision."""
+    return item.ulps_f64 if item.ulps_f64 is not None else item.ulps_f32
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if h in NUMERIC else c.ljust(w)
+            for c, w, h in zip(cells, widths, headers, strict=True)
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    rule = ["---:" if h in NUMERIC else "---" for h in headers]
+    return "\n".join([line(headers), "|" + "|".join(rule) + "|", *map(line, rows)])
+
+
+def terminal_text(rows: Sequence[Row], agreement: Sequence[Agreement], title: str = "") -> str:
+    parts = [title] if title else []
+    parts.append(text_table(*row_table(rows)))
+    parts.append("")
+    if agreement:
+        parts.append("cross-backend agreement of final x (largest difference per mode)")
+        parts.append(text_table(*agreement_table(agreement)))
+    else:
+        parts.append(
+            "cross-backend agreement: no mode has a finite, listed final x from two backends"
+        )
+    return "\n".join(parts)
+
+
+def write_files(
+    out: Path,
+    rows: Sequence[Row],
+    agreement: Sequence[Agreement],
+    header: Sequence[str],
+    plots: Mapping[str, Path],
+) -> dict[str, Path]:
+    """comparison.md (tables and plots), comparison.csv, agreement.csv, comparison.json."""
+    images = [f"![{name}]({path.name})\n" for name, path in plots.items()]
+    md = [
+        "# Comparison",
+        "",
+        *header,
+        "",
+        "Final x and loss are exact in the run's dtype; `vs fastest` is the per-step time "
+        "over the fastest finished row's (1.0x); a diverged row's is timed over the steps "
+        "it ran, and may be below 1.0x.",
+        "",
+        markdown_table(*row_table(rows)),
+        "",
+        "## Cross-backend agreement",
+        "",
+        "Largest difference of final x between backends per mode (`all`: across modes "
+        "too), absolute and in units in the last place of the larger value in the rows' "
+        "dtype (agreement.csv has float32 ulps for every row, float64 ulps for float64).",
+        "",
+        markdown_table(*agreement_table(agreement))
+        if agreement
+        else "No mode has runs from two backends.",
+        "",
+        *(["## Plots", "", *images] if images else []),
+    ]
+    files = {"markdown": out / MARKDOWN_FILE, "csv": out / CSV_FILE}
+    files["agreement"] = out / AGREEMENT_FILE
+    files["json"] = out / JSON_FILE
+    atomic_write(files["markdown"], "\n".join(md))
+    atomic_write(files["csv"], _csv(rows_csv(rows)))
+    atomic_write(files["agreement"], _csv(agreement_csv(agreement)))
+    data = {"rows": [asdict(r) for r in rows], "agreement": [asdict(a) for a in agreement]}
+    atomic_write(files["json"], json.dumps(data, indent=2) + "\n")
+    return files
+
+
+def _exact(value: Any) -> str:
+    """repr of the float64 (the value results.json holds), a JSON list for vectors."""
+    if isinstance(value, list):
+        return json.dumps(value)
+    return "" if value is None else repr(float(value))
+
+
+ROW_CSV = {
+    "backend": lambda r: r.backend,
+    "mode": lambda r: r.mode,
+    "optimizer": lambda r: r.optimizer,
+    "dtype": lambda r: r.dtype,
+    "status": lambda r: r.status,
+    "steps": lambda r: str(r.steps),
+    "steps_run": lambda r: str(r.steps_run),
+    "problem": lambda r: r.problem_label,
+    "problem_settings": lambda r: json.dumps(r.problem, sort_keys=True, default=str),
+    "device": lambda r: r.device,
+    "final_x": lambda r: _exact(r.x),
+    "final_loss": lambda r: _exact(r.loss),
+    "error_x": lambda r: _exact(r.error_x),
+    "error_loss": lambda r: _exact(r.error_loss),
+    "compile_s": lambda r: _exact(r.compile_s),
+    "run_s": lambda r: _exact(r.run_s),
+    "step_us": lambda r: _exact(r.step_us),
+    "relative_step_time": lambda r: _exact(r.relative),
+    "run_id": lambda r: r.run_id,
+    "run_name": lambda r: r.run_name,
+    "started": lambda r: r.started,
+    "source": lambda r: r.source,
+}
+AGREEMENT_CSV = {
+    "mode": lambda a: a.mode,
+    "dtype": lambda a: a.dtype,
+    "optimizer": lambda a: a.optimizer,
+    "setup": lambda a: a.setup,
+    "backends": lambda a: "; ".join(a.compared),
+    "abs_diff": lambda a: _exact(a.abs_diff),
+    "pair_a": lambda a: a.pair[0],
+    "pair_b": lambda a: a.pair[1],
+    "ulps_float32": lambda a: _exact(a.ulps_f32),
+    "ulps_float64": lambda a: _exact(a.ulps_f64),
+    "note": lambda a: a.note,
+}
+
+
+def rows_csv(rows: Sequence[Row]) -> list[list[str]]:
+    return [list(ROW_CSV), *([get(r) for get in ROW_CSV.values()] for r in rows)]
+
+
+def agreement_csv(agreement: Sequence[Agreement]) -> list[list[str]]:
+    return [list(AGREEMENT_CSV), *([get(a) for get in AGREEMENT_CSV.values()] for a in agreement)]
+
+
+def _csv(table: Sequence[Sequence[str]]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(table)
+    return buffer.getvalue()
+
+
+def _labels(rows: Sequence[Row]) -> list[str]:
+    """The plots' names for rows: unique among them, as short as they allow."""
+    several_optimizers = len({r.optimizer for r in rows}) > 1
+    differing = differing_settings(rows)
+    labels = []
+    for r in rows:
+        parts = [r.backend, r.mode, r.dtype]
+        if several_optimizers:
+            parts.append(r.optimizer)
+        labels.append(" ".join(parts + varying_settings(r, differing)))
+    return labels
+
+
+def loss_curve(client: Any, row: Row) -> dict[str, np.ndarray] | None:
+    """The per-step loss from the run's metric history, or from its trajectory.csv."""
+    history = retry_locked(lambda: client.get_metric_history(row.run_id, "loss"))
+    if history:
+        points = sorted((m.step, m.value) for m in history)
+        return {
+            "step": np.array([p[0] for p in points], dtype=np.float64),
+            "loss": np.array([p[1] for p in points], dtype=np.float64),
+        }
+    text = download_text(client, row.run_id, TRAJECTORY_FILE)
+    if text is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        path = Path(tmp) / TRAJECTORY_FILE
+        path.write_text(text)
+        return trajectory_loss(path)
+
+
+def trajectory_loss(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.is_file():
+        return None
+    columns = read_trajectory(path)
+    return {"step": columns["step"], "loss": columns["loss"]}
+
+
+def write_plots(
+    out: Path, rows: Sequence[Row], curve_of: Callable[[Row], dict[str, np.ndarray] | None]
+) -> dict[str, Path]:
+    from runner.plots import convergence_plot, step_time_plot
+
+    files: dict[str, Path] = {}
+    curves = {}
+    optima = {r.optimum_loss for r in rows if math.isfinite(r.optimum_loss)}
+    shared = optima.pop() if len(optima) == 1 else None
+    labels = _labels(rows)
+    for row, label in zip(rows, labels, strict=True):
+        curve = curve_of(row)
+        if curve is None or not len(curve["step"]):
+            continue
+        if shared is None:  # different problems: plot each run's own gap to its optimum
+            curve["loss"] = curve["loss"] - row.optimum_loss
+        curves[label] = curve
+    if curves:
+        files["convergence"] = convergence_plot(
+            curves, shared if shared is not None else 0.0, out / CONVERGENCE_FILE
+        )
+    times = {  # barh draws the first bar at the bottom: reversed, it reads like the table
+        label: r.step_us
+        for r, label in reversed(list(zip(rows, labels, strict=True)))
+        if math.isfinite(r.step_us) and r.step_us > 0
+    }
+    if times:
+        files["step_time"] = step_time_plot(times, out / STEP_TIME_FILE)
+    return files

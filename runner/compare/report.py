@@ -1,0 +1,230 @@
+"""One report from end to end: rows, agreement, files, and the MLflow log.
+
+compare() reads the rows from an MLflow store (what `python -m runner.compare` runs),
+compare_folder() from a sweep's run folders (what a sweep runs as it ends); both go
+through _report, so the two give the same tables and files. The one module that uses
+all the others, so none of them needs to import it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runner.compare.agreement import Agreement, agreement_of
+from runner.compare.logged import log_report
+from runner.compare.output import (
+    loss_curve,
+    terminal_text,
+    trajectory_loss,
+    write_files,
+    write_plots,
+)
+from runner.compare.rows import (
+    Row,
+    latest_per_key,
+    row_from_result,
+    row_order,
+    set_problem_labels,
+    set_relative,
+)
+from runner.compare.store import (
+    FILTERS,
+    CompareError,
+    describe_selection,
+    latest_sweep,
+    newest_per_setting,
+    no_match_message,
+    open_client,
+    row_of_run,
+    search_runs,
+    split_values,
+    sweep_spellings,
+)
+from runner.results import RESULTS_FILE, TRAJECTORY_FILE, sweep_failures
+from runner.tracking import DEFAULT_EXPERIMENT, mask_uri, resolve_target
+
+
+@dataclass
+class Report:
+    rows: list[Row]
+    agreement: list[Agreement]
+    text: str  # the terminal tables
+    out_dir: Path
+    files: dict[str, Path]
+    run_id: str | None  # the run the files were logged to, None with log=False
+    experiment: str
+    sweep_id: str | None
+
+
+def compare(
+    tracking_uri: str | None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    sweep_id: str | None = None,
+    backends: Iterable[str] | None = None,
+    modes: Iterable[str] | None = None,
+    dtypes: Iterable[str] | None = None,
+    out_dir: Path | str | None = None,
+    log_to_run_id: str | None = None,
+    client: Any = None,
+    *,
+    log: bool = True,
+) -> Report:
+    """Compare the matching runs, write the files to out_dir and log them to MLflow.
+
+    With log_to_run_id the files become artifacts of that run (left running: its owner
+    ends it); otherwise of a new run "compare <sweep or 'all'>" tagged
+    runner.kind=comparison. `modes` matches a mode exactly ("graph/apply") or by its
+    name before the slash ("graph"). Raises CompareError when nothing can be compared.
+    """
+    uri = resolve_target({"uri": tracking_uri}, Path.cwd()).uri
+    if client is None:
+        client = open_client(uri, default=tracking_uri is None)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        known = f"; experiments there: {', '.join(names)}" if names else ""
+        raise CompareError(f"experiment {experiment!r} not found in {mask_uri(uri)}{known}")
+    if sweep_id == "latest":
+        sweep_id = latest_sweep(client, found.experiment_id, experiment)
+    filters = dict(zip(FILTERS, map(split_values, (backends, modes, dtypes)), strict=True))
+    for spelling in sweep_spellings(sweep_id):
+        runs = search_runs(client, found.experiment_id, spelling, filters)
+        if runs:
+            sweep_id = spelling
+            break
+    if not runs:
+        raise CompareError(
+            no_match_message(client, found.experiment_id, experiment, sweep_id, filters)
+        )
+    report = _report(
+        [row_of_run(client, run) for run in newest_per_setting(runs)],
+        len(runs),
+        f"tracking URI: `{mask_uri(uri)}`, experiment `{experiment}`",
+        f"{describe_selection(sweep_id, filters)}; {len(runs)} matching",
+        experiment,
+        sweep_id,
+        Path(out_dir) if out_dir else default_out_dir(),
+        lambda row: loss_curve(client, row),
+    )
+    if log:
+        report.run_id = log_report(
+            client,
+            found.experiment_id,
+            report.files,
+            report.agreement,
+            report.rows,
+            sweep_id,
+            filters,
+            log_to_run_id,
+        )
+    return report
+
+
+def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
+    """The report of a sweep from its job folders (results.json, trajectory.csv), no MLflow.
+
+    A sweep's own report is made this way as it ends: the same rows as reading the
+    runs back from MLflow (results.json is what both read), without waiting for the
+    store; the sweep's logging then attaches the files to the sweep's parent run.
+    """
+    written = {path: path.stat().st_mtime for path in sweep_dir.glob(f"*/{RESULTS_FILE}")}
+    # newest first, as latest_per_key expects
+    newest_first = sorted(sorted(written), key=written.__getitem__, reverse=True)
+    rows, not_compared = [], []
+    for path in newest_first:
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if result.get("status") not in ("finished", "diverged"):
+            not_compared.append(str(result.get("status")))  # skipped, interrupted
+            continue
+        started = datetime.fromtimestamp(written[path]).isoformat(timespec="seconds")
+        row = row_from_result(result, run_id="", run_name=path.parent.name, started=started)
+        if row is not None:
+            rows.append(row)
+    if not rows:
+        raise CompareError(f"no finished minimize runs in {sweep_dir}")
+    sweep_id = sweep_dir.as_posix()
+    return _report(
+        rows,
+        len(rows),
+        f"run folders: `{sweep_dir}`",
+        f"sweep {sweep_id}; {_job_counts(rows, not_compared, len(sweep_failures(sweep_dir)))}",
+        experiment,
+        sweep_id,
+        out_dir,
+        lambda row: trajectory_loss(sweep_dir / row.run_name / TRAJECTORY_FILE),
+    )
+
+
+def _job_counts(rows: Sequence[Row], not_compared: Sequence[str], failed: int) -> str:
+    """'4 finished', '3 finished, 1 diverged, 1 skipped, 1 failed': every job the sweep
+    ran, so one that has no row (a combination the backend cannot express, a bad setting)
+    is not silently missing from the header."""
+    counts = {"finished": 0, "diverged": 0, "skipped": 0, "interrupted": 0}
+    for status in [row.status for row in rows] + list(not_compared):
+        counts[status] = counts.get(status, 0) + 1
+    counts["failed"] = failed
+    return ", ".join(f"{n} {status}" for status, n in counts.items() if n or status == "finished")
+
+
+def _report(
+    newest_first: list[Row],
+    found: int,
+    source: str,
+    runs: str,
+    experiment: str,
+    sweep_id: str | None,
+    out: Path,
+    curve_of: Callable[[Row], dict[str, np.ndarray] | None],
+) -> Report:
+    """Tables, agreement, plots and files for one row per configuration (the latest), of
+    the `found` runs, whatever they came from; the header says how many were repeats."""
+    rows = list(latest_per_key(newest_first).values())
+    set_problem_labels(rows)
+    rows.sort(key=row_order)
+    set_relative(rows)
+    agreement = agreement_of(rows)
+    _make_out(out)
+    repeats = found - len(rows)
+    kept = (
+        f"one per configuration; {plural(repeats, 'earlier repeat')} of an "
+        "identical configuration left out"
+        if repeats
+        else "one per run"
+    )
+    header = [
+        f"- {source}",
+        f"- runs: {runs}, {plural(len(rows), 'row')} ({kept})",
+        f"- made {datetime.now().isoformat(timespec='seconds')}",
+    ]
+    text = terminal_text(rows, agreement, f"{experiment}: {header[1].removeprefix('- runs: ')}")
+    plots = write_plots(out, rows, curve_of)
+    files = {**write_files(out, rows, agreement, header, plots), **plots}
+    return Report(rows, agreement, text, out, files, None, experiment, sweep_id)
+
+
+def _make_out(out: Path) -> None:
+    """The report's folder, or a CompareError naming it (a caller that skipped
+    out_dir_error, or a folder that became unwritable since)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompareError(f"cannot write the report to {out}: {exc.strerror}") from None
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 row', '2 rows', '0 rows'."""
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
+def default_out_dir() -> Path:
+    return Path("outputs") / "compare" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
