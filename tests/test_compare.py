@@ -460,6 +460,22 @@ def test_a_result_is_labelled_with_its_non_default_backend_options() -> None:
     assert row_from_result(older, **run).backend == "tf"
 
 
+def test_rows_order_numbers_as_numbers() -> None:
+    """An lr sweep's rows come in the order of their lr, not of its text."""
+    from runner.compare.rows import numbers_in_order, row_from_result, row_order
+
+    result, _ = sgd_run(composed("backend=numpy"))
+    run = {"run_id": "", "run_name": "", "started": ""}
+    rows = [
+        row_from_result({**result, "optimizer": {"name": "sgd", "lr": lr}}, **run)
+        for lr in (0.5, 5e-05, 0.002, 10.0)
+    ]
+    assert [r.optimizer for r in sorted(rows, key=row_order)] == [
+        "sgd lr=5e-05", "sgd lr=0.002", "sgd lr=0.5", "sgd lr=10"
+    ]  # fmt: skip
+    assert numbers_in_order("quadratic_form dim=10") > numbers_in_order("quadratic_form dim=9")
+
+
 def test_runs_differing_only_by_an_option_are_rows_of_their_own(tmp_path: Path) -> None:
     from runner.compare.report import compare, compare_folder
     from runner.upload import upload

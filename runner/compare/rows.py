@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,13 +220,24 @@ def row_order(row: Row) -> tuple[Any, ...]:
     rows that compare."""
     return (
         row.dtype,
-        row.optimizer,
-        row.problem_label,
+        numbers_in_order(row.optimizer),
+        numbers_in_order(row.problem_label),
         row.steps,
         mode_order(row.mode),
         row.backend,
         row.device,
     )
+
+
+_NUMBER = re.compile(r"(-?\d+(?:\.\d*)?(?:e[-+]?\d+)?)")
+
+
+def numbers_in_order(label: str) -> tuple[Any, ...]:
+    """A label's sort key with its numbers as numbers: an lr sweep's rows read lr=5e-05,
+    0.002, 0.5, 10, not in the order of their text. re.split alternates text and number,
+    so keys compare text with text and number with number."""
+    parts = _NUMBER.split(label)
+    return tuple(float(part) if i % 2 else part for i, part in enumerate(parts))
 
 
 def set_relative(rows: Sequence[Row]) -> None:
