@@ -44,6 +44,7 @@ from runner.tracking import (
     retry_locked,
     start_sweep_parent,
     store_error,
+    sweep_id_of,
     write_sweep,
 )
 from runner.upload import LOG_FILE, start_logger
@@ -69,7 +70,7 @@ class SweepTracking(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         cwd = Path(config.hydra.runtime.cwd)
-        sweep_id = sweep_dir.as_posix()
+        sweep_id = sweep_id_of(sweep_dir)
         overrides = " ".join(config.hydra.overrides.task)
         try:
             target = resolve_target(tracking, cwd)

@@ -700,7 +700,15 @@ def read_sweep(sweep_dir: Path) -> SweepInfo:
             data.get("logged_by", "jobs"),
             data.get("overrides", ""),
         )
-    return SweepInfo(sweep_dir.as_posix(), None)
+    return SweepInfo(sweep_id_of(sweep_dir), None)
+
+
+def sweep_id_of(sweep_dir: Path) -> str:
+    """A sweep's group in MLflow: its folder's absolute path. The path as given (usually
+    outputs/multirun/<date>/<time>, relative) made sweeps started in different folders
+    at the same second one group in a shared store, and an absolute path pasted into
+    `compare --sweep` from another folder matched nothing."""
+    return sweep_dir.absolute().as_posix()
 
 
 def write_sweep(sweep_dir: Path, info: SweepInfo) -> None:

@@ -208,7 +208,8 @@ def test_optuna_lr_search_improves_and_is_one_group(tmp_path: Path) -> None:
         "backend=jax",
         "steps=5",
         "hydra.sweeper.n_trials=6",
-        *sweep_args(tmp_path),
+        "hydra.sweep.dir=sweep",  # relative: the group is its absolute path all the same
+        f"tracking.uri={store(tmp_path)}",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
