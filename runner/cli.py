@@ -26,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import CONFIG_DIR, build_run_config
-from runner.errors import DivergenceError, RunnerError, UnsupportedError
+from runner.errors import DivergenceError, RunFailed, RunnerError, UnsupportedError
 from runner.job import execute, refuse_unsupported, request_stop, stop_requested
 from runner.plugins import backend_entry_points
 from runner.problems import problem_classes
@@ -188,17 +188,34 @@ PLUGIN_GROUPS: dict[str, tuple[Callable[[], Mapping[str, Any]], Callable[[Any], 
 }
 
 
-def register_plugins() -> None:
+def register_plugins(args: Iterable[str] = ()) -> None:
     """Give every installed backend and problem plugin a config node, so `backend=<name>`
     and `problem=<name>` compose; a problem's node holds its settings' defaults (its
-    dataclass fields), so `problem.<setting>=...` overrides them as for a shipped one."""
+    dataclass fields), so `problem.<setting>=...` overrides them as for a shipped one.
+
+    Reading those defaults imports the problem: one that fails to import gets no node, so
+    it stops no run but those that choose it in `args` (`problem=<name>`, alone, in a
+    comma list or in a sweep's choice(...)), which fail here, in one line naming the
+    plugin and its error."""
+    from runner.plugins import load_failure
+
+    chosen: dict[str, set[str]] = {}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        chosen.setdefault(key.lstrip("+~"), set()).update(re.findall(r"[\w\-]+", value))
     store = ConfigStore.instance()
     for group, (installed, settings_of) in PLUGIN_GROUPS.items():
         shipped = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
         for name, entry_point in installed().items():
-            if name not in shipped:
-                node = {"name": name, **settings_of(entry_point)}
-                store.store(group=group, name=name, node=node)
+            if name in shipped:
+                continue
+            try:
+                settings = settings_of(entry_point)
+            except Exception as exc:  # its import failed, or it is no dataclass
+                if name in chosen.get(group, ()):
+                    raise load_failure(group, name, entry_point, exc) from exc
+                continue
+            store.store(group=group, name=name, node={"name": name, **settings})
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -206,7 +223,12 @@ def hydra_main(cfg: DictConfig) -> Any:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        result = run_job(cfg, hydra_cfg, multirun)
+        try:
+            result = run_job(cfg, hydra_cfg, multirun)
+        except RunnerError:
+            raise
+        except Exception as exc:  # a plugin's code raised, or the runner's own: one line
+            raise unexpected(exc, OmegaConf.select(cfg, "backend.name")) from exc
     except RunnerError as exc:
         report(exc, "skipped" if multirun and isinstance(exc, UnsupportedError) else "error")
         if not multirun:
@@ -223,12 +245,16 @@ def hydra_main(cfg: DictConfig) -> Any:
         what = "what was computed is saved" if saved else "stopped before a result existed"
         print(f"{word}: {what}", file=sys.stderr)
         sys.exit(143 if terminated else 130)
-    except OSError as exc:  # a file the run writes, e.g. a disk that filled up
-        if exc.filename is None:
-            raise
-        report(RunnerError(f"cannot write {exc.filename2 or exc.filename}: {exc.strerror}"))
-        sys.exit(2)
     return result.get("loss")
+
+
+def unexpected(exc: Exception, backend: str | None) -> RunnerError:
+    """An exception no one expected, as a job's error: a file the run could not write
+    (e.g. a full disk) is exit 2, anything else (a plugin's bug, or the runner's own) a
+    failed run, exit 1. Either fails only its job in a sweep."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return RunnerError(f"cannot write {exc.filename2 or exc.filename}: {exc.strerror}")
+    return RunFailed(backend, exc)
 
 
 def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
@@ -451,7 +477,7 @@ def main() -> None:
         check_group_choices(sys.argv[1:])
         check_sweep_plugins(sys.argv[1:])
         check_output_dir(sys.argv[1:])
-        register_plugins()
+        register_plugins(sys.argv[1:])
         check_overrides(sys.argv[1:])
     except RunnerError as exc:
         report(exc)

@@ -23,6 +23,22 @@ class UnsupportedError(RunnerError):
     """The backend cannot express this combination of mode, update and optimizer."""
 
 
+class PluginError(RunnerError):
+    """An installed plugin is broken: it fails to import, or lacks what its protocol requires."""
+
+
+class RunFailed(RunnerError):
+    """A run stopped on an exception nobody expected, a plugin's or the runner's own: one
+    line names it (`backend=X failed: RuntimeError: ...`); HYDRA_FULL_ERROR=1 shows where."""
+
+    exit_code = 1
+
+    def __init__(self, backend: object, exc: BaseException) -> None:
+        super().__init__(
+            f"backend={backend} failed: {describe(exc)} (HYDRA_FULL_ERROR=1 shows the traceback)"
+        )
+
+
 class DivergenceError(RunnerError):
     """The loss became NaN or infinite; what was computed until then is kept."""
 
@@ -55,3 +71,12 @@ def installed_choices(names: Iterable[str]) -> str:
     """The names an entry-point group offers, or why it offers none: run from a checkout
     that was never installed, the project's own entry points are missing too."""
     return ", ".join(sorted(names)) or "none (is the project installed? pip install -e .)"
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one line, `Type: message`: its message's first line (` ...` marks
+    more; the rest, and where it was raised, are in the traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0]}{' ...' if len(lines) > 1 else ''}"

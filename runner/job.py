@@ -67,7 +67,12 @@ def execute(run: RunConfig, output_dir: Path, run_uid: str | None = None) -> dic
     if run.minimize is not None:
         return _minimize(run, run.minimize, backend, identity, output_dir)
     assert run.derivatives is not None
-    found = backend.derivatives(run.derivatives)
+    try:
+        found = backend.derivatives(run.derivatives)
+    except NotImplementedError as exc:  # a plugin's way to decline, as UnsupportedError is
+        raise UnsupportedError(
+            f"backend={run.backend} does not implement task=derivatives"
+        ) from exc
     result = derivatives_result(run.derivatives, found, identity)
     write_json(output_dir / RESULTS_FILE, result)
     print(derivatives_summary(result), _files_line(output_dir), sep="\n")

@@ -7,9 +7,18 @@ package that declares an entry point in BACKEND_GROUP.
 
 from __future__ import annotations
 
+import inspect
 from importlib.metadata import EntryPoint, entry_points
+from typing import Any
 
-from runner.errors import ConfigError, MissingFrameworkError, installed_choices
+from runner.errors import (
+    ConfigError,
+    MissingFrameworkError,
+    PluginError,
+    RunnerError,
+    describe,
+    installed_choices,
+)
 from runner.protocol import Backend
 
 BACKEND_GROUP = "gradient_runner.backends"
@@ -21,13 +30,18 @@ def backend_entry_points() -> dict[str, EntryPoint]:
 
 
 def load_backend(name: str) -> Backend:
-    """Import and instantiate the backend registered as `name`."""
+    """Import and instantiate the backend registered as `name`.
+
+    A plugin that cannot be imported or built, or that lacks part of the protocol, is
+    a PluginError naming it (the installation is wrong), raised before the run starts.
+    """
     found = backend_entry_points()
     if name not in found:
         choices = installed_choices(found)
         raise ConfigError(f"backend={name!r} is not installed; choose one of: {choices}")
+    entry_point = found[name]
     try:
-        cls = found[name].load()
+        backend = entry_point.load()()
     except ModuleNotFoundError as exc:
         extra = BUILTIN_EXTRAS.get(name)
         how = (
@@ -38,4 +52,42 @@ def load_backend(name: str) -> Backend:
         raise MissingFrameworkError(
             f"backend={name} needs the module '{exc.name}', which is not installed; {how}"
         ) from exc
-    return cls()
+    except RunnerError:  # the plugin's own words for the user
+        raise
+    except Exception as exc:  # SyntaxError, ImportError, a class the module lacks, ...
+        raise load_failure("backend", name, entry_point, exc) from exc
+    missing = missing_members(backend, Backend)
+    if missing:
+        raise PluginError(
+            f"backend={name}: its plugin '{entry_point.value}' lacks {', '.join(missing)}, "
+            f"which runner.protocol.Backend requires (all: {', '.join(members(Backend))})"
+        )
+    return backend
+
+
+def load_failure(group: str, name: str, entry_point: EntryPoint, exc: Exception) -> PluginError:
+    """The one line for a plugin whose import (or construction) raised `exc`."""
+    return PluginError(
+        f"{group}={name}: its plugin '{entry_point.value}' failed to load: {describe(exc)}"
+    )
+
+
+def members(protocol: type) -> list[str]:
+    """What a Protocol class declares, in its order: attributes as `name`, methods as
+    `name()` (read from the class, so a method added to the protocol is required too)."""
+    attributes = [a for a in inspect.get_annotations(protocol) if not a.startswith("_")]
+    methods = [f"{n}()" for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    return attributes + methods
+
+
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """The members of `protocol` that `obj` lacks (a method must be callable)."""
+    missing = []
+    for member in members(protocol):
+        value = getattr(obj, member.removesuffix("()"), _ABSENT)
+        if value is _ABSENT or (member.endswith("()") and not callable(value)):
+            missing.append(member)
+    return missing
+
+
+_ABSENT = object()

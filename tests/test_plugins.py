@@ -178,3 +178,115 @@ def test_an_installed_problem_plugin_is_a_choice_with_its_settings(tmp_path: Pat
     assert result["x"] == 5.0  # lr = 1/2: one step to x* = s
     listed = cli("problem=nope", cwd=tmp_path, env=env)
     assert "choose one of: quadratic, quadratic_form, rosenbrock, shifted" in listed.stderr
+
+
+def install_backend(site: Path, name: str, source: str, target: str = "AbacusBackend") -> None:
+    """A backend plugin `name` in its own module, its entry point naming `target` there."""
+    module = f"{name}_backend"
+    install_plugin(site, module, source, f"[{BACKEND_GROUP}]\n{name} = {module}:{target}\n")
+
+
+def test_a_broken_backend_plugin_fails_its_jobs_in_one_line_and_the_sweep_goes_on(
+    tmp_path: Path,
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    install_plugin(site)
+    install_backend(site, "noclass", PLUGIN_SOURCE, target="Nope")
+    install_backend(site, "syntax", "x = = 1\n")
+    install_backend(site, "badimport", "from runner.protocol import Nothing\n")
+    install_backend(site, "partial", PLUGIN_SOURCE.replace("def unsupported(", "def _gone("))
+    busy = "raise RuntimeError('abacus device is busy')"
+    install_backend(site, "busy", PLUGIN_SOURCE.replace("return Stepper(spec)", busy))
+    env = {"PYTHONPATH": f"{ROOT}:{site}"}
+    sweep = tmp_path / "sweep"
+    backends = "abacus,noclass,syntax,badimport,partial,busy"
+    proc = cli(
+        "-m", f"backend={backends}", "steps=3", "tracking=off", f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert "Traceback" not in proc.stderr
+    loading = "its plugin '{}_backend:{}' failed to load: "
+    lines = proc.stderr.strip().splitlines()
+    busy_line = (
+        "error: backend=busy failed: RuntimeError: abacus device is busy "
+        "(HYDRA_FULL_ERROR=1 shows the traceback)"
+    )
+    assert lines[0] == (
+        "error: backend=noclass: " + loading.format("noclass", "Nope")
+        + "AttributeError: module 'noclass_backend' has no attribute 'Nope'"
+    )  # fmt: skip
+    assert lines[1].startswith(
+        "error: backend=syntax: " + loading.format("syntax", "AbacusBackend") + "SyntaxError: "
+    )
+    assert lines[2] == (
+        "error: backend=badimport: " + loading.format("badimport", "AbacusBackend")
+        + f"ImportError: cannot import name 'Nothing' from 'runner.protocol' "
+        f"({ROOT / 'runner' / 'protocol.py'})"
+    )  # fmt: skip
+    assert lines[3] == (
+        "error: backend=partial: its plugin 'partial_backend:AbacusBackend' lacks "
+        "unsupported(), which runner.protocol.Backend requires (all: name, framework, "
+        "versions(), resolved_device(), unsupported(), prepare(), derivatives())"
+    )
+    assert lines[4] == busy_line
+    assert lines[5] == f"error: 5 of 6 jobs failed; the first: {lines[0].removeprefix('error: ')}"
+    assert len(lines) == 6 and proc.returncode == 2  # the installation is what is wrong
+    failures = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/job_failure.json")}
+    assert {k: v["exit_code"] for k, v in failures.items()} == {
+        "1_noclass_manual": 2, "2_syntax_manual": 2, "3_badimport_manual": 2,
+        "4_partial_manual": 2, "5_busy_manual": 1,
+    }  # fmt: skip
+    assert json.loads((sweep / "0_abacus_manual" / "results.json").read_text())["steps_run"] == 3
+    assert (sweep / "compare" / "comparison.json").exists()  # the sweep reached its report
+
+    code = (
+        "import sys\n"
+        "sys.argv = ['runner', 'backend=busy', 'tracking=off', 'progress=false']\n"
+        "from runner.cli import main\n"
+        "main()\n"
+    )
+    single = python_code(code, tmp_path, env={**env, "HYDRA_FULL_ERROR": "1"})
+    assert single.returncode == 1  # a run that failed, not bad input
+    assert "Traceback" in single.stderr and "in prepare\n" in single.stderr
+    assert single.stderr.strip().splitlines()[-1] == busy_line
+
+
+BROKEN_PROBLEM = f"[{PROBLEM_GROUP}]\nbroken = broken_problem:Broken\n"
+
+
+def test_a_broken_problem_plugin_fails_only_the_runs_that_choose_it(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    install_plugin(site, "broken_problem", "import no_such_module_here\n", BROKEN_PROBLEM)
+    env = {"PYTHONPATH": f"{ROOT}:{site}"}
+    other = cli("backend=numpy", "steps=3", "tracking=off", cwd=tmp_path, env=env)
+    assert other.returncode == 0, other.stderr
+    chosen = cli(
+        "-m", "backend=numpy", "problem=quadratic,broken", "steps=3", "tracking=off",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert chosen.returncode == 2
+    assert chosen.stderr.strip() == (
+        "error: problem=broken: its plugin 'broken_problem:Broken' failed to load: "
+        "ModuleNotFoundError: No module named 'no_such_module_here'"
+    )
+    assert not (tmp_path / "outputs" / "multirun").exists()  # refused before any job
+
+
+def test_a_backend_declines_derivatives_with_not_implemented_error(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    install_plugin(site)  # its derivatives() raises NotImplementedError
+    env = {"PYTHONPATH": f"{ROOT}:{site}"}
+    single = cli("backend=abacus", "task=derivatives", "tracking=off", cwd=tmp_path, env=env)
+    assert single.returncode == 2
+    assert single.stderr.strip() == "error: backend=abacus does not implement task=derivatives"
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m", "backend=abacus", "task=derivatives", "tracking=off", f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr  # a hole in the matrix, as NumPy's, not a failure
+    assert "skipped: backend=abacus does not implement task=derivatives" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(sweep.glob("*/job_failure.json"))
