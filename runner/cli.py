@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import shutil
@@ -230,14 +231,22 @@ def hydra_main(cfg: DictConfig) -> Any:
         except Exception as exc:  # a plugin's code raised, or the runner's own: one line
             raise unexpected(exc, OmegaConf.select(cfg, "backend.name")) from exc
     except RunnerError as exc:
-        report(exc, "skipped" if multirun and isinstance(exc, UnsupportedError) else "error")
         if not multirun:
+            report(exc)
             sys.exit(exc.exit_code)
-        if not isinstance(exc, UnsupportedError | DivergenceError):
+        # In a sweep a skipped or diverged job is a result, any other error a failed job;
+        # the sweep goes on either way, and its exit code reports the failures.
+        if isinstance(exc, DivergenceError):
+            report(exc, "diverged")
+            # Optuna's sweeper takes inf as the trial's (worst) loss, so its sampler learns
+            # that the lr is too large; with no value the trial would count as failed and
+            # teach it nothing, and a search whose every trial diverged would end in a
+            # traceback (no best trial).
+            return math.inf
+        report(exc, "skipped" if isinstance(exc, UnsupportedError) else "error")
+        if not isinstance(exc, UnsupportedError):
             record_job_failure(Path(hydra_cfg.runtime.output_dir), exc)
-        # The sweep goes on; its exit code reports the failure. No value: Optuna's sweeper
-        # marks the trial failed and carries on (a NaN it refuses, ending the search).
-        return None
+        return None  # Optuna's sweeper marks the trial failed and carries on
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated) or isinstance(stop_requested(), Terminated)
         word = "terminated" if terminated else "interrupted"

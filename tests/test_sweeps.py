@@ -6,6 +6,7 @@ skipped combinations, the matrix preset and a real `mlflow server`. No mocks: ev
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -199,6 +200,25 @@ def test_submitit_local_sweep_records_both_jobs(tmp_path: Path) -> None:
     by_mode = {"manual": results["0_jax_manual"], "apply": results["1_jax_apply"]}
     for run in jobs:
         assert run.data.metrics["final_x"] == by_mode[run.data.tags["mode"]]["x"]
+
+
+def test_optuna_search_whose_every_trial_diverges_ends_with_its_report(tmp_path: Path) -> None:
+    """A diverged trial is loss inf to Optuna (a completed, worst trial): with no value
+    the sweeper counted it failed, and when every trial diverged it ended in a traceback
+    (`No trials are completed yet`) with no comparison report."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = cli(
+        "+hparams_search=lr", "backend=numpy", "steps=200", "hydra.sweeper.n_trials=3",
+        "optimizer.lr=tag(log, interval(2, 100))", "tracking=off", "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr  # diverged runs are results, not failures
+    assert "Traceback" not in proc.stderr and "Failed experiment" not in proc.stderr
+    diverged = [line for line in proc.stderr.splitlines() if line.startswith("diverged: ")]
+    assert len(diverged) == 3 and "the loss became " in diverged[0], proc.stderr
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == math.inf
+    assert "; 0 finished, 3 diverged, 3 rows" in proc.stdout, proc.stdout  # the report
 
 
 def test_optuna_lr_search_improves_and_is_one_group(tmp_path: Path) -> None:
