@@ -12,7 +12,10 @@ folder) reads it.
 
 on_multirun_end makes the comparison report from the job folders, prints it, and
 hands it to whoever logs the sweep; it exits non-zero when jobs failed or the
-sweep could not be recorded.
+sweep could not be recorded. A sweep with failed jobs ends its parent run FAILED,
+tagged failed_jobs, and each job that failed before it had a run in MLflow (a bad
+setting stops a job before it logs itself) is logged as a FAILED run under it, with
+its config and error, so the hole shows in MLflow as in the report.
 """
 
 from __future__ import annotations
@@ -36,18 +39,18 @@ from runner.tracking import (
     TrackingError,
     check_store,
     client_for,
+    end_sweep_parent,
     ensure_experiment,
     logs_in_background,
     mask_uri,
     read_sweep,
     resolve_target,
-    retry_locked,
     start_sweep_parent,
     store_error,
     sweep_id_of,
     write_sweep,
 )
-from runner.upload import LOG_FILE, start_logger
+from runner.upload import LOG_FILE, start_logger, upload_failed_jobs
 
 REPORT_DIR = "compare"
 # The sweep's logger (runner.follow), by sweep folder: kept out of the callback, which
@@ -160,7 +163,9 @@ class SweepTracking(Callback):
             return exc.exit_code, f"{exc}; the sweep's parent run stays open until {later}"
         from runner.compare.logged import log_saved_report
 
+        problem = None
         try:
+            problem = _log_failed_jobs(sweep_dir, target)
             if report is not None:
                 log_saved_report(client, experiment_id, report, sweep.parent_run_id, sweep.sweep_id)
         except Exception as exc:
@@ -168,8 +173,19 @@ class SweepTracking(Callback):
             why = store_error(target.uri, exc)
             print(f"error: the report is not in MLflow: {why}", file=sys.stderr)
         finally:
-            retry_locked(lambda: client.set_terminated(sweep.parent_run_id, status))
-        return None
+            end_sweep_parent(client, sweep.parent_run_id, sweep_dir, status)
+        return problem
+
+
+def _log_failed_jobs(sweep_dir: Path, target: Any) -> tuple[int, str] | None:
+    """The jobs that failed before logging themselves (a bad setting stops a job before
+    its run starts) as FAILED runs of the sweep, as the sweep's logger records them."""
+    try:
+        upload_failed_jobs(sweep_dir, target)
+    except TrackingError as exc:
+        later = f"record them later with: python -m runner.upload {sweep_dir}"
+        return exc.exit_code, f"the failed jobs are not in MLflow ({exc}); {later}"
+    return None
 
 
 def stop_workers(config: DictConfig) -> None:

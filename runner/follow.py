@@ -99,6 +99,7 @@ def follow(
     parent = sweep.parent_run_id
     assert parent is not None
     uploader.parents[target, sweep.sweep_id] = parent
+    uploader.sweeps[sweep.sweep_id] = sweep_dir  # its failed jobs decide how the parent ends
     done_file = sweep_dir / DONE_FILE
     uploaded: set[Path] = set()
     while True:

@@ -296,7 +296,21 @@ def record_job_failure(output_dir: Path, exc: Exception) -> None:
 
 def sweep_failures(sweep_dir: Path) -> list[dict[str, Any]]:
     """The failures recorded by a sweep's jobs (divergence and skips are results, not failures)."""
-    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"**/{JOB_FAILURE_FILE}"))]
+    return list(job_failures(sweep_dir).values())
+
+
+def job_failures(sweep_dir: Path) -> dict[Path, dict[str, Any]]:
+    """Each failed job's folder and its job_failure.json, in job order: the report lists
+    them, and MLflow records them, by folder (the failure names no job)."""
+    paths = sorted(sweep_dir.glob(f"**/{JOB_FAILURE_FILE}"), key=lambda p: job_order(p.parent))
+    return {path.parent: json.loads(path.read_text()) for path in paths}
+
+
+def job_order(folder: Path) -> tuple[int, str]:
+    """Hydra numbers a sweep's job folders 0_, 1_, ..., 10_: ordered by that number, so
+    job 10 is not read before job 2 (a folder of another name goes last)."""
+    number, _, rest = folder.name.partition("_")
+    return (int(number), rest) if number.isdigit() else (1 << 62, folder.name)
 
 
 def write_trajectory(path: Path, columns: Mapping[str, np.ndarray]) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +34,13 @@ except ImportError:  # not POSIX: no locks, as before
     fcntl = None  # type: ignore[assignment]
 
 from runner.errors import ConfigError, RunnerError, UnsupportedError, setting
-from runner.results import RESULTS_FILE, TRAJECTORY_FILE, atomic_write
+from runner.results import (
+    JOB_FAILURE_FILE,
+    RESULTS_FILE,
+    TRAJECTORY_FILE,
+    atomic_write,
+    sweep_failures,
+)
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
 DEFAULT_ARTIFACTS = Path("outputs") / "mlartifacts"
@@ -45,6 +52,7 @@ PARAM_VALUE_LIMIT = 6000
 KEY_LIMIT = 250
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 SWEEP_FILE = "mlflow_sweep.json"
+FAILED_JOBS_TAG = "failed_jobs"  # on a sweep's parent run: how many of its jobs failed
 PLOT_FILE = "convergence.png"
 SECRET_WORDS = ("password", "secret", "token", "apikey", "api_key", "credential")
 LOCK_WAIT_S = 10.0  # how long a write waits for a locked SQLite store, in all
@@ -565,9 +573,14 @@ def log_run_dir(
 
     extra = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     results_path = run_dir / RESULTS_FILE
-    if not results_path.exists():
-        if extra:
-            retry_locked(lambda: client.log_batch(run_id, tags=extra))
+    if not results_path.exists():  # failed or stopped before a result: what it was to run
+        try:
+            log_hydra_config(client, run_id, run_dir)
+            if (run_dir / JOB_FAILURE_FILE).exists():
+                client.log_artifact(run_id, str(run_dir / JOB_FAILURE_FILE))
+        finally:  # last, and whatever became of the files: its error is what it has to say
+            if extra:
+                retry_locked(lambda: client.log_batch(run_id, tags=extra))
         return None
     result = json.loads(results_path.read_text())
     now = int(time.time() * 1000)
@@ -772,12 +785,52 @@ def tracked_run(
     finally:
         if error:
             extra_tags["error"] = mask_text(error)[:5000]
+        if status == RunStatus.FAILED:
+            extra_tags.update(_failed_job_identity(tags, run_dir))
         problem = finish_run(client, run_id, run_dir, RunStatus.to_string(status), extra_tags)
         if problem is not None:
             outage = store_error(uri, problem)
             if not job_failed:
                 raise outage
             print(f"error: {outage}", file=sys.stderr, flush=True)
+
+
+def _failed_job_identity(tags: Mapping[str, str], run_dir: Path) -> dict[str, str]:
+    """A sweep job that failed before it had a result is named by failure_uid, not by the
+    run_uid no results.json holds: the sweep's end (and a later upload) records the job
+    folders that failed without a run in MLflow, and must find this one there."""
+    sweep_id = tags.get("sweep_id")
+    if not sweep_id or (run_dir / RESULTS_FILE).exists():
+        return {}
+    return {"run_uid": failure_uid(sweep_id, run_dir.name)}
+
+
+def failure_uid(sweep_id: str, job: str) -> str:
+    """The run_uid of a sweep job that failed before writing results.json (which holds a
+    run's run_uid): made from the sweep's id (mlflow_sweep.json) and the job folder's
+    name, so every logger of the sweep, and every later upload, names the run alike."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"{sweep_id}/{job}").hex
+
+
+def failed_jobs(sweep_dir: Path) -> int:
+    """The sweep's jobs that failed (job_failure.json), a store that was away aside: a
+    job whose only fault was the store has its results, and uploading records them."""
+    return sum(
+        1 for f in sweep_failures(sweep_dir) if f.get("exit_code") != TrackingError.exit_code
+    )
+
+
+def end_sweep_parent(client: Any, run_id: str, sweep_dir: Path | None, status: str) -> None:
+    """End the sweep's parent run: FAILED where a job failed (a sweep that ran to its end
+    was FINISHED even then; KILLED, an interrupted sweep, stays KILLED), tagged with how
+    many failed (FAILED_JOBS_TAG), so the run list tells a sweep with holes from one without.
+    sweep_dir None: the sweep's folder is not known here (none of its jobs was seen)."""
+    if sweep_dir is not None:
+        failed = failed_jobs(sweep_dir)
+        if failed and status == "FINISHED":
+            status = "FAILED"
+        retry_locked(lambda: client.set_tag(run_id, FAILED_JOBS_TAG, str(failed)))
+    retry_locked(lambda: client.set_terminated(run_id, status))
 
 
 def start_run(

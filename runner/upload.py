@@ -6,7 +6,9 @@ given (run_dirs) and logs each one that the store does not hold yet, exactly as 
 run is logged (params from .hydra/config.yaml, tags, metrics, artifacts, status), tagged
 `run_uid`. A run counts as held when a run with its run_uid and a results.json
 artifact exists; a half-logged one (the store went away while logging it) is
-deleted and logged again. Running the command twice adds nothing. A path with no run
+deleted and logged again. Running the command twice adds nothing. A sweep job that
+failed before a result (job_failure.json) is logged FAILED with its config and error,
+its run_uid made from the sweep and the folder (runner.tracking.failure_uid). A path with no run
 folder under it is an error: a silent "uploaded 0" would read like success.
 
 Without --tracking-uri each run goes to its own store; one that fails holds back only
@@ -16,7 +18,7 @@ upload at once.
 
 Runs of a sweep are nested under the sweep's parent run, found by its `sweep_id`
 tag or created once; a parent left RUNNING by a sweep whose store went away is
-closed as FINISHED.
+closed as FINISHED, or FAILED where a job failed (tag failed_jobs).
 
 Each run folder is uploaded under an exclusive lock (fcntl.flock on its
 `.upload.lock`): a second upload of the same folder, at the same time, waits and
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import logging
 import os
@@ -48,7 +51,7 @@ from typing import Any
 
 from runner.command_line import OneLineParser
 from runner.errors import RunnerError
-from runner.results import RESULTS_FILE
+from runner.results import JOB_FAILURE_FILE, RESULTS_FILE, job_failures
 from runner.tracking import (
     SWEEP_FILE,
     TrackingError,
@@ -56,9 +59,12 @@ from runner.tracking import (
     anchor_uri,
     client_for,
     config_params,
+    end_sweep_parent,
     ensure_experiment,
+    failure_uid,
     finish_run,
     in_command_flags,
+    mask_text,
     mask_uri,
     read_sweep,
     resolve_target,
@@ -74,7 +80,7 @@ try:
 except ImportError:  # not POSIX: uploads are not locked (as before)
     fcntl = None  # type: ignore[assignment]
 
-STATUSES = {"finished": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED"}
+STATUSES = {"finished": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
 # The checkout now, not when the run ran: left off a run uploaded later.
 UNCOMMITTED_TAGS = ("git_commit", "mlflow.source.git.commit", "git_dirty")
 LOCK_FILE = ".upload.lock"
@@ -189,7 +195,9 @@ def run_dirs(paths: Iterable[Path]) -> Iterator[Path]:
     """Every run folder under each path, in order, once (none under a path is no error:
     a sweep's logger scans its folder before the first job has a result).
 
-    A run folder is one holding a results.json, outside MLflow's copies of logged runs'
+    A run folder is one holding a results.json, or a sweep job's job_failure.json (it
+    failed before a result: logged as a FAILED run with its config and error, so MLflow
+    shows the hole in the sweep), outside MLflow's copies of logged runs'
     files (`<run id>/artifacts/`, under outputs/mlartifacts/ for the default store): a
     copy holds a results.json too, but uploading it would log its run a second time.
     `.hydra/` is not required beside results.json: a run made with
@@ -238,9 +246,9 @@ def _results_folders(path: Path) -> list[Path]:
     found = []
     for top, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not _is_artifact_copy(Path(top, d))]
-        if RESULTS_FILE in files:
-            found.append(Path(top, RESULTS_FILE))
-    return [results.parent for results in sorted(found)]
+        if RESULTS_FILE in files or JOB_FAILURE_FILE in files:
+            found.append(Path(top))
+    return sorted(found)
 
 
 def _is_artifact_copy(folder: Path) -> bool:
@@ -292,6 +300,8 @@ class Uploader:
         self.outcome = Outcome()
         self.stores: dict[TrackingTarget, tuple[Any, str | None]] = {}
         self.parents: dict[tuple[TrackingTarget, str], str] = {}
+        self.sweeps: dict[str, Path] = {}  # sweep folders by sweep id: their failures end them
+        self.logged_as = "background"  # tag runner.logged of a live upload's runs
 
     def store(self, target: TrackingTarget) -> tuple[Any, str | None]:
         """(client, experiment id) of the target, opened once.
@@ -328,7 +338,9 @@ class Uploader:
         fails (a server long gone) holds back its own runs only, tried once, not once
         per run; Outcome.unreached says which, at the end.
         """
-        result = json.loads((run_dir / RESULTS_FILE).read_text())
+        result = _record(run_dir)
+        if _in_sweep(run_dir):
+            self.sweeps.setdefault(read_sweep(run_dir.parent).sweep_id, run_dir.parent)
         if not result.get("run_uid"):
             print(f"skipped {run_dir}: its results.json has no run_uid", file=self.out)
             self.outcome.skipped += 1
@@ -355,19 +367,19 @@ class Uploader:
         with contextlib.nullcontext() if self.dry_run else folder_lock(run_dir, self.out):
             _upload_locked(
                 run_dir, cfg, result, target, client, experiment_id, self.parents,
-                self.outcome, self.dry_run, self.live, self.out,
+                self.outcome, self.dry_run, self.logged_as if self.live else None, self.out,
             )  # fmt: skip
 
     def close_parents(self, status: str = "FINISHED") -> None:
         """End the sweep parents still RUNNING (their sweep could not close them), in the
-        stores that did not fail."""
-        for (target, _), parent in self.parents.items():
+        stores that did not fail: FAILED where a job failed (end_sweep_parent)."""
+        for (target, sweep_id), parent in self.parents.items():
             if target.uri in self.outcome.unreached:
                 continue
             client = self.stores[target][0]
             try:
                 if client.get_run(parent).info.status == "RUNNING":
-                    retry_locked(lambda c=client, p=parent: c.set_terminated(p, status))
+                    end_sweep_parent(client, parent, self.sweeps.get(sweep_id), status)
             except Exception as exc:
                 raise store_error(target.uri, exc) from None
 
@@ -382,7 +394,7 @@ def _upload_locked(
     parents: dict[tuple[TrackingTarget, str], str],
     outcome: Outcome,
     dry_run: bool,
-    live: bool,
+    live: str | None,
     out: Any,
 ) -> None:
     """One run folder, its lock held: recorded already, or logged now.
@@ -402,7 +414,8 @@ def _upload_locked(
         )
         return
     try:
-        held, stale = _existing(client, experiment_id, result["run_uid"])
+        failed = result.get("status") == "failed"
+        held, stale = _existing(client, experiment_id, result["run_uid"], failed)
         if held:
             print(f"already recorded {run_dir} (run {held})", file=out)
             outcome.present += 1
@@ -604,8 +617,15 @@ def _started_in(run_dir: Path) -> Path:
     return Path.cwd()
 
 
-def _existing(client: Any, experiment_id: str, uid: str) -> tuple[str | None, list[str]]:
-    """(a complete run with this uid, or None; the ids of incomplete ones)."""
+def _existing(
+    client: Any, experiment_id: str, uid: str, failed: bool = False
+) -> tuple[str | None, list[str]]:
+    """(a complete run with this uid, or None; the ids of incomplete ones).
+
+    Complete: ended, and holding its results.json artifact (logged last), or for a job
+    that failed before a result (failed), its error tag (logged last; a job that logged
+    itself in-process, runner.tracking.tracked_run, failed before its job_failure.json
+    was written, so the tag is what such runs share)."""
     from mlflow.entities import ViewType
 
     found = retry_locked(
@@ -615,8 +635,11 @@ def _existing(client: Any, experiment_id: str, uid: str) -> tuple[str | None, li
     )
     stale = []
     for run in found:
-        names = {a.path for a in client.list_artifacts(run.info.run_id)}
-        if RESULTS_FILE in names and run.info.status != "RUNNING":
+        if failed:
+            complete = "error" in run.data.tags
+        else:
+            complete = RESULTS_FILE in {a.path for a in client.list_artifacts(run.info.run_id)}
+        if complete and run.info.status != "RUNNING":
             return run.info.run_id, []
         stale.append(run.info.run_id)
     return None, stale
@@ -657,12 +680,14 @@ def _upload_one(
     result: Mapping[str, Any],
     sweep_id: str | None,
     parent_run_id: str | None,
-    live: bool = False,
+    live: str | None = None,
 ) -> str:
-    """One run, logged as a live run is, ending with the status its results.json records.
+    """One run, logged as a live run is, ending with the status its results.json records
+    (a job that failed before a result: FAILED, with its error).
 
-    live (the run's own background upload, started as it ended): the git commit is
-    the run's, and the run is not marked as uploaded later.
+    live (the run's own background upload as it ended, or the sweep's logger; the value
+    of tag runner.logged): the git commit is the run's, and the run is not marked as
+    uploaded later.
     """
     from runner.cli import run_name
 
@@ -672,11 +697,10 @@ def _upload_one(
         if live or k not in UNCOMMITTED_TAGS
     }
     tags["run_uid"] = result["run_uid"]
-    tags["runner.logged" if live else "runner.uploaded_from"] = (
-        "background" if live else str(run_dir)
-    )
+    tags["runner.logged" if live else "runner.uploaded_from"] = live or str(run_dir)
     config = run_dir / ".hydra" / "config.yaml"
-    started = config if config.is_file() else run_dir / RESULTS_FILE
+    record = run_dir / (JOB_FAILURE_FILE if result.get("status") == "failed" else RESULTS_FILE)
+    started = config if config.is_file() else record
     run_id = start_run(
         client,
         experiment_id,
@@ -690,6 +714,8 @@ def _upload_one(
     end_tags = {}
     if status == "skipped":
         end_tags["skip_reason"] = str(result.get("reason", ""))[:5000]
+    elif status == "failed":
+        end_tags["error"] = mask_text(str(result.get("error", "")))[:5000]
     elif status == "diverged":
         end_tags["error"] = (
             f"the loss became {result.get('loss')} at step {result.get('diverged_at')} "
@@ -704,11 +730,35 @@ def _upload_one(
             run_dir,
             _status(result),
             end_tags,
-            end_time=int((run_dir / RESULTS_FILE).stat().st_mtime * 1000),
+            end_time=int(record.stat().st_mtime * 1000),
         )
     if problem is not None:
         raise problem
     return run_id
+
+
+def _record(run_dir: Path) -> dict[str, Any]:
+    """results.json, or for a sweep job that failed before a result, a stand-in made from
+    its job_failure.json: status "failed", its error, and failure_uid for its run_uid."""
+    results = run_dir / RESULTS_FILE
+    if results.exists() or not (run_dir / JOB_FAILURE_FILE).exists():
+        return json.loads(results.read_text())
+    failure = json.loads((run_dir / JOB_FAILURE_FILE).read_text())
+    sweep_id = read_sweep(run_dir.parent).sweep_id
+    uid = failure_uid(sweep_id, run_dir.name)
+    return {"run_uid": uid, "status": "failed", "error": str(failure.get("error", ""))}
+
+
+def upload_failed_jobs(sweep_dir: Path, target: TrackingTarget) -> None:
+    """Log the sweep's jobs that failed before a result, and before any run of theirs was
+    in MLflow (a bad setting fails a job before it logs itself): as FAILED runs under the
+    sweep's parent, once each (one that logged itself in-process is found, not repeated).
+    For the sweep's end when its jobs log in-process; the sweep's logger finds them itself."""
+    uploader = Uploader(target.uri, target.experiment, out=io.StringIO(), live=True)
+    uploader.logged_as = "sweep"
+    for folder in job_failures(sweep_dir):
+        if not (folder / RESULTS_FILE).exists():
+            uploader.add_run(folder)  # one store, given: its failure is raised at once
 
 
 def _overrides(run_dir: Path) -> list[str]:

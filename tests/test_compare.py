@@ -169,6 +169,10 @@ def report(store: dict) -> dict:
             str(root / "out2"),
         ),
         "no_match": main_in_process("--tracking-uri", uri, "--backend", "no-such-backend"),
+        "one_backend": main_in_process(
+            *("--tracking-uri", uri, "--sweep", (root / "jax").as_posix(), "--backend", "jax"),
+            *("--out", str(root / "out3")),
+        ),
         "bad_experiment": finish(bad),
         "all": finish(everything),
     }
@@ -286,7 +290,7 @@ def test_plots_and_comparison_run_in_mlflow(store: dict, report: dict) -> None:
     assert is_png(out / "convergence.png") and is_png(out / "step_time.png")
     client = store["client"]
     exp = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id], "tags.`runner.kind` = 'comparison'")
+    runs = client.search_runs([exp.experiment_id], "tags.`compare.filters` = '(no filters)'")
     assert len(runs) == 1  # the --no-log and the failed invocations logged nothing
     run = runs[0]
     assert run.info.run_name == "compare all" and run.info.status == "FINISHED"
@@ -308,6 +312,27 @@ def test_filters_select_one_sweep_and_mode(store: dict, report: dict) -> None:
     ]
     assert all(r["backend"] == "jax" for r in rows)
     assert "files in" in out and "logged to MLflow" not in out
+
+
+def test_one_backends_modes_are_compared_across_modes_not_as_backends(
+    store: dict, report: dict
+) -> None:
+    """`--backend jax`: the agreement row "all" read as cross-backend agreement for what
+    was jax's modes against each other, and the comparison run was named 'compare all'."""
+    code, out, err = report["one_backend"]
+    assert code == 0, err
+    client = store["client"]
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], "tags.`runner.kind` = 'comparison'")
+    names = {r.info.run_name for r in runs}
+    assert names == {"compare all", f"compare {(store['root'] / 'jax').as_posix()} backend=jax"}
+    shown = markdown_rows((store["root"] / "out3" / "comparison.md").read_text(), "mode")
+    assert [(r["mode"], r["dtype"], r["backends"]) for r in shown] == [
+        ("across modes", "float32", "3 modes"),
+        ("across modes", "float64", "3 modes"),
+    ]
+    assert "agreement of final x across modes (one backend: no mode ran on two backends)" in out
+    assert "cross-backend" not in out
 
 
 def test_bad_input_is_one_line_and_exit_2(report: dict) -> None:
@@ -775,19 +800,44 @@ def test_the_fastest_finished_run_is_the_reference(tmp_path: Path) -> None:
     assert [r["vs fastest"] for r in shown] == ["1.0x", "2.00x", "0.8x"]
 
 
-def test_the_sweep_header_counts_skipped_jobs_and_one_row(tmp_path: Path) -> None:
-    """'1 finished, 1 rows' for a sweep whose second job was skipped (numpy mode=graph)."""
-    from runner.compare.report import compare_folder
+def test_the_sweep_report_counts_and_lists_skipped_and_failed_jobs(tmp_path: Path) -> None:
+    """'1 finished, 1 skipped, 1 failed, 1 row' for a sweep whose second job was skipped
+    (numpy mode=graph) and whose third failed (a bad setting); each is listed after the
+    table, with why: only stderr said which job it was, and why."""
+    from omegaconf import OmegaConf
 
-    runs = run_folders(tmp_path / "runs", {"ran": (("backend=numpy",), 0.0)})
-    skipped = json.loads((runs / "ran" / "results.json").read_text())
+    from runner.compare.report import compare_folder
+    from runner.errors import ConfigError
+    from runner.results import record_job_failure
+
+    runs = run_folders(tmp_path / "runs", {"0_ran": (("backend=numpy",), 0.0)})
+    skipped = json.loads((runs / "0_ran" / "results.json").read_text())
     skipped.update(status="skipped", mode="graph", reason="NumPy has no compiler")
-    (runs / "skipped").mkdir()
-    (runs / "skipped" / "results.json").write_text(json.dumps(skipped))
+    (runs / "1_skipped").mkdir()
+    (runs / "1_skipped" / "results.json").write_text(json.dumps(skipped))
+    failed = runs / "2_failed"  # stopped before a result: its config and its failure
+    (failed / ".hydra").mkdir(parents=True)
+    OmegaConf.save(composed("backend=jax", "problem.a=-1"), failed / ".hydra" / "config.yaml")
+    (failed / ".hydra" / "overrides.yaml").write_text("- backend=jax\n- problem.a=-1\n")
+    record_job_failure(failed, ConfigError("problem.a=-1.0: a*x^2 has no minimum\nmore"))
     report = compare_folder(runs, EXPERIMENT, tmp_path / "out")
-    assert report.text.splitlines()[0] == (
-        f"{EXPERIMENT}: sweep {runs.as_posix()}; 1 finished, 1 skipped, 1 row (one per run)"
+    lines = report.text.splitlines()
+    assert lines[0] == (
+        f"{EXPERIMENT}: sweep {runs.as_posix()}; 1 finished, 1 skipped, 1 failed, 1 row "
+        "(one per run)"
     )
+    listed = [
+        "skipped: numpy graph: NumPy has no compiler",
+        "failed: jax manual problem.a=-1: problem.a=-1.0: a*x^2 has no minimum",
+    ]
+    assert lines[4:7] == ["", *listed]  # after the title, the header, the rule and one row
+    markdown = (tmp_path / "out" / "comparison.md").read_text()
+    assert (
+        "## Skipped and failed jobs\n\n- skipped: numpy graph: NumPy has no compiler\n" in markdown
+    )
+    assert "- failed: jax manual problem.a=-1: problem.a=-1.0: a\\*x^2 has no" in markdown
+    saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert [h["status"] for h in saved["skipped_and_failed"]] == ["skipped", "failed"]
 
 
 def test_agreement_ulps_are_in_the_rows_dtype(tmp_path: Path) -> None:

@@ -290,6 +290,8 @@ def test_unsupported_combination_is_skipped_and_the_sweep_goes_on(tmp_path: Path
     skipped, finished = results["0_numpy_apply"], results["1_numpy_manual"]
     assert skipped["status"] == "skipped" and skipped["mode"] == "apply"
     assert skipped["reason"] and skipped["reason"] in skipped_lines[0]
+    # the report shows the hole too: which job, and why
+    assert f"skipped: numpy apply: {skipped['reason']}" in proc.stdout.splitlines()
     assert not (tmp_path / "sweep" / "0_numpy_apply" / "trajectory.csv").exists()
     assert finished["status"] == "finished" and finished["steps_run"] == 20
     parent, jobs = sweep_group(store(tmp_path))
@@ -432,11 +434,74 @@ def test_optuna_search_goes_on_past_a_diverged_trial(tmp_path: Path) -> None:
     assert "; 2 finished, 1 diverged, 3 rows" in proc.stdout
 
 
-def test_the_report_header_counts_a_job_that_failed_before_a_result(tmp_path: Path) -> None:
-    proc = cli(
-        "-m", "backend=numpy", "problem.a=1,-1", "steps=20", "tracking=off",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+def upload(*args: str, cwd: Path) -> str:
+    """`python -m runner.upload ARGS`: its last line (the counts)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.upload", *args],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+BAD_A = "problem.a=-1.0: a*x^2 + b*x + c has no minimum unless a > 0; give a positive problem.a"
+
+
+def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(tmp_path: Path) -> None:
+    """The report names the failed job and its error; MLflow holds it as a FAILED run
+    with its config, under a FAILED parent that says how many failed (the sweep's
+    logger, and a later upload to another store; neither twice). Before, the parent was
+    FINISHED over one child, and only stderr said which job had failed."""
+    from mlflow import MlflowClient
+
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m", "backend=numpy", "problem.a=1,-1", "steps=20", *sweep_args(tmp_path), cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert "; 1 finished, 1 failed, 1 row (one per run)" in proc.stdout, proc.stdout
-    assert proc.stderr.strip().endswith("no minimum unless a > 0; give a positive problem.a")
+    assert f"failed: numpy manual problem.a=-1: {BAD_A}" in proc.stdout.splitlines()
+    assert proc.stderr.strip().endswith(BAD_A)
+    for uri in (store(tmp_path), f"sqlite:///{tmp_path / 'later.db'}"):
+        if uri != store(tmp_path):  # the sweep's logger made the first; an upload this one
+            assert upload(str(sweep), "--tracking-uri", uri, cwd=tmp_path) == (
+                "uploaded 2, already recorded 0, skipped 0"
+            )
+        parent, jobs = sweep_group(uri)
+        assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "1"
+        by_a = {r.data.params["problem.a"]: r for r in jobs}
+        assert sorted(by_a) == ["-1", "1"] and by_a["1"].info.status == "FINISHED"
+        failed = by_a["-1"]
+        assert failed.info.status == "FAILED" and failed.data.tags["error"] == BAD_A
+        assert failed.info.run_name == "numpy-manual-float32 problem.a=-1 steps=20"
+        artifacts = {a.path for a in MlflowClient(uri).list_artifacts(failed.info.run_id)}
+        assert artifacts == {"hydra", "job_failure.json"}
+        assert upload(str(sweep), "--tracking-uri", uri, cwd=tmp_path) == (
+            "uploaded 0, already recorded 2, skipped 0"
+        )
+
+
+def test_in_process_jobs_record_each_failed_job_once(tmp_path: Path) -> None:
+    """tracking.background=false: a job that fails as it runs (device=gpu: numpy has none)
+    logs itself FAILED; one that fails on its config (a=-1) never starts a run, and the
+    sweep's end records it; the parent ends FAILED with failed_jobs=3. An upload of the
+    sweep then finds all four, repeating none."""
+    proc = cli(
+        "-m", "backend=numpy", "problem.a=1,-1", "device=cpu,gpu", "steps=5",
+        "tracking.background=false", *sweep_args(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    parent, jobs = sweep_group(store(tmp_path))
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "3"
+    by_job = {(r.data.params["problem.a"], r.data.params["device"]): r for r in jobs}
+    assert len(by_job) == len(jobs) == 4
+    assert {k: r.info.status for k, r in by_job.items()} == {
+        ("1", "cpu"): "FINISHED", ("1", "gpu"): "FAILED",
+        ("-1", "cpu"): "FAILED", ("-1", "gpu"): "FAILED",
+    }  # fmt: skip
+    assert by_job["1", "gpu"].data.tags["error"].startswith("device=gpu: NumPy runs on the CPU")
+    assert by_job["-1", "gpu"].data.tags["error"] == BAD_A
+    assert upload(str(tmp_path / "sweep"), cwd=tmp_path) == (
+        "uploaded 0, already recorded 4, skipped 0"
+    )

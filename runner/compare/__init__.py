@@ -9,11 +9,12 @@ named with them: `tf+jit_compile`, `numpy+convention=tf`):
 - comparison.md / comparison.csv / comparison.json: one row per configuration with final
   x and loss, the error to the analytic optimum, steps, compile and per-step time, and the
   per-step time relative to the fastest finished row (1.0x; a diverged run is no
-  reference); a problem and a device column where the rows differ in them;
+  reference); a problem and a device column where the rows differ in them; a sweep's
+  report lists its skipped and failed jobs after the table, one line each, with why;
 - agreement.csv (and a section of comparison.md): per mode and dtype, the two backends
   whose final x are furthest apart in ulps of the rows' dtype, their largest |dx| and ulps (the
   csv: float32 ulps, and float64 ulps for float64 runs); a row "all" per dtype compares
-  every mode with every other;
+  every mode with every other ("across modes" where one backend ran them all);
 - convergence.png (|loss - loss*| against step, from each run's per-step `loss`
   metric) and step_time.png (per-step time, log scale).
 
@@ -26,6 +27,7 @@ The package imports no framework; MLflow is imported inside functions.
 - rows:      Row, a results.json as a row, labels, order, relative step time
 - store:     finding the matching runs in an MLflow store, each as a Row
 - agreement: cross-backend agreement of final x, in ulps
+- holes:     a sweep's skipped and failed jobs, named, with why
 - output:    tables, comparison.md/.csv/.json, agreement.csv, plots
 - logged:    the files and agreement metrics logged to an MLflow run
 - report:    compare() and compare_folder(): one report from end to end

@@ -20,6 +20,10 @@ from runner.compare.rows import Row, differing_settings, mode_order, varying_set
 from runner.optimizers import CONVENTIONS, eps_form
 
 ALL_MODES = "all"
+# The "all" group where one backend ran every row: its pair is two of that backend's
+# modes, which says whether the modes agree, not whether the backends do.
+ACROSS_MODES = "across modes"
+ALL_GROUPS = (ALL_MODES, ACROSS_MODES)
 
 
 @dataclass
@@ -53,7 +57,9 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
     """Per mode x dtype x optimizer, the two backends whose final x are furthest apart in
     ulps of the rows' dtype: their largest |dx| and their ulps.
 
-    A group "all" per dtype x optimizer compares every row with every other, across modes.
+    A group "all" per dtype x optimizer compares every row with every other, across modes;
+    where its rows are of one backend it is named "across modes" (ACROSS_MODES), since
+    no other backend is in it to agree with.
     Diverged rows have no final x to compare and are left out, and so are vectors too long
     for results.json to list (it keeps their norms only). Where a backend has several rows
     in a group (it ran several problems, step counts or devices), the group is split by
@@ -93,7 +99,7 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
         worst = max(combinations(members, 2), key=lambda p: ulps(p[0].x, p[1].x, own))
         found.append(
             Agreement(
-                mode=mode,
+                mode=_group_name(mode, members),
                 dtype=dtype,
                 optimizer=optimizer,
                 compared=[label(m) for m in members],
@@ -112,10 +118,19 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
             a.dtype,
             a.optimizer,
             setups[a.setup],
-            a.mode == ALL_MODES,
+            a.mode in ALL_GROUPS,
             mode_order(a.mode),
         ),
     )
+
+
+def _group_name(mode: str, members: Sequence[Row]) -> str:
+    """The group's mode, "all" across backends and modes, or "across modes" where one
+    backend ran every row (`compare --backend jax`): "all" read as a cross-backend
+    figure there, for what was jax's modes against each other."""
+    if mode == ALL_MODES and len({m.backend for m in members}) < 2:
+        return ACROSS_MODES
+    return mode
 
 
 def _setup_note(members: Sequence[Row]) -> str:

@@ -43,11 +43,8 @@ def log_report(
         tags = {KIND_TAG: COMPARISON_KIND, "compare.filters": describe_selection(sweep_id, filters)}
         if sweep_id:
             tags["compare.sweep_id"] = sweep_id
-        run = retry_locked(
-            lambda: client.create_run(
-                experiment_id, run_name=f"compare {sweep_id or 'all'}", tags=tags
-            )
-        )
+        name = comparison_name(sweep_id, filters)
+        run = retry_locked(lambda: client.create_run(experiment_id, run_name=name, tags=tags))
         run_id = run.info.run_id
     status = RunStatus.FAILED
     try:
@@ -73,6 +70,14 @@ def log_report(
         if log_to_run_id is None:
             retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(status)))
     return run_id
+
+
+def comparison_name(sweep_id: str | None, filters: Mapping[str, list[str]]) -> str:
+    """'compare <sweep> backend=jax', 'compare all' only when nothing was filtered: a
+    comparison of jax's runs was named 'compare all' in the run list."""
+    parts = [sweep_id] if sweep_id else []
+    parts += [f"{name}={','.join(values)}" for name, values in filters.items() if values]
+    return f"compare {' '.join(parts) or 'all'}"
 
 
 def log_saved_report(

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from runner.compare.agreement import ALL_MODES, Agreement
+from runner.compare.agreement import ACROSS_MODES, ALL_MODES, Agreement
+from runner.compare.holes import Hole
 from runner.compare.rows import Row, differing_settings, varying_settings
 from runner.compare.store import download_text
 from runner.results import TRAJECTORY_FILE, atomic_write
@@ -166,12 +167,35 @@ def agreement_cells(item: Agreement) -> list[str]:
         item.mode,
         item.dtype,
         item.optimizer,
-        ", ".join(item.compared) if item.mode != ALL_MODES else f"{len(item.compared)} rows",
+        _compared(item),
         _g(item.abs_diff),
         " vs ".join(item.pair),
         _g(ulps_in_dtype(item), ".4g"),
         item.note,
     ]
+
+
+def _compared(item: Agreement) -> str:
+    """The backends a row compares; for a group across modes, how many rows or modes."""
+    if item.mode == ALL_MODES:
+        return f"{len(item.compared)} rows"
+    if item.mode == ACROSS_MODES:
+        return f"{len(item.compared)} modes"
+    return ", ".join(item.compared)
+
+
+def agreement_title(agreement: Sequence[Agreement]) -> str:
+    """What the agreement table compares: backends per mode, or (where one backend ran
+    the rows, e.g. `compare --backend jax`) that backend's modes against each other."""
+    across = {a.mode == ACROSS_MODES for a in agreement}
+    if across == {True}:
+        return "agreement of final x across modes (one backend: no mode ran on two backends)"
+    if True in across:
+        return (
+            "cross-backend agreement of final x (largest difference per mode; "
+            "across modes: one backend's modes)"
+        )
+    return "cross-backend agreement of final x (largest difference per mode)"
 
 
 def ulps_in_dtype(item: Agreement) -> float:
@@ -200,12 +224,21 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join([line(headers), "|" + "|".join(rule) + "|", *map(line, rows)])
 
 
-def terminal_text(rows: Sequence[Row], agreement: Sequence[Agreement], title: str = "") -> str:
+def terminal_text(
+    rows: Sequence[Row],
+    agreement: Sequence[Agreement],
+    title: str = "",
+    holes: Sequence[Hole] = (),
+) -> str:
+    """The rows' table, the sweep's jobs without a row (one line each), the agreement."""
     parts = [title] if title else []
     parts.append(text_table(*row_table(rows)))
     parts.append("")
+    if holes:
+        parts += [hole.line() for hole in holes]
+        parts.append("")
     if agreement:
-        parts.append("cross-backend agreement of final x (largest difference per mode)")
+        parts.append(agreement_title(agreement))
         parts.append(text_table(*agreement_table(agreement)))
     else:
         parts.append(
@@ -220,9 +253,15 @@ def write_files(
     agreement: Sequence[Agreement],
     header: Sequence[str],
     plots: Mapping[str, Path],
+    holes: Sequence[Hole] = (),
 ) -> dict[str, Path]:
     """comparison.md (tables and plots), comparison.csv, agreement.csv, comparison.json."""
     images = [f"![{name}]({path.name})\n" for name, path in plots.items()]
+    across = (
+        "; `across modes`: one backend's modes"
+        if any(a.mode == ACROSS_MODES for a in agreement)
+        else ""
+    )
     md = [
         "# Comparison",
         "",
@@ -234,11 +273,12 @@ def write_files(
         "",
         markdown_table(*row_table(rows)),
         "",
+        *_holes_markdown(holes),
         "## Cross-backend agreement",
         "",
-        "Largest difference of final x between backends per mode (`all`: across modes "
-        "too), absolute and in units in the last place of the larger value in the rows' "
-        "dtype (agreement.csv has float32 ulps for every row, float64 ulps for float64).",
+        f"Largest difference of final x between backends per mode (`all`: across modes "
+        f"too{across}), absolute and in units in the last place of the larger value in the "
+        "rows' dtype (agreement.csv has float32 ulps for every row, float64 ulps for float64).",
         "",
         markdown_table(*agreement_table(agreement))
         if agreement
@@ -252,9 +292,26 @@ def write_files(
     atomic_write(files["markdown"], "\n".join(md))
     atomic_write(files["csv"], _csv(rows_csv(rows)))
     atomic_write(files["agreement"], _csv(agreement_csv(agreement)))
-    data = {"rows": [asdict(r) for r in rows], "agreement": [asdict(a) for a in agreement]}
+    data = {
+        "rows": [asdict(r) for r in rows],
+        "agreement": [asdict(a) for a in agreement],
+        "skipped_and_failed": [asdict(h) for h in holes],
+    }
     atomic_write(files["json"], json.dumps(data, indent=2) + "\n")
     return files
+
+
+def _holes_markdown(holes: Sequence[Hole]) -> list[str]:
+    """A section after the table: each job without a row, one list item (its reason's
+    `*` and `_` escaped: `a*x^2 + b*x` is no emphasis)."""
+    if not holes:
+        return []
+    items = [f"- {_markdown_text(hole.line())}" for hole in holes]
+    return ["## Skipped and failed jobs", "", *items, ""]
+
+
+def _markdown_text(text: str) -> str:
+    return "".join(f"\\{c}" if c in "\\`*_[]<>|" else c for c in text)
 
 
 def _exact(value: Any) -> str:

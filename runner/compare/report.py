@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from runner.compare.agreement import Agreement, agreement_of
+from runner.compare.holes import Hole, sweep_holes
 from runner.compare.logged import log_report
 from runner.compare.output import (
     loss_curve,
@@ -61,6 +62,7 @@ class Report:
     run_id: str | None  # the run the files were logged to, None with log=False
     experiment: str
     sweep_id: str | None
+    holes: list[Hole] = field(default_factory=list)  # a sweep's skipped and failed jobs
 
 
 def compare(
@@ -79,7 +81,7 @@ def compare(
     """Compare the matching runs, write the files to out_dir and log them to MLflow.
 
     With log_to_run_id the files become artifacts of that run (left running: its owner
-    ends it); otherwise of a new run "compare <sweep or 'all'>" tagged
+    ends it); otherwise of a new run "compare <sweep and filters, or 'all'>" tagged
     runner.kind=comparison. `modes` matches a mode exactly ("graph/apply") or by its
     name before the slash ("graph"). Raises CompareError when nothing can be compared.
     """
@@ -162,6 +164,7 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
         sweep_id,
         out_dir,
         lambda row: trajectory_loss(sweep_dir / row.run_name / TRAJECTORY_FILE),
+        sweep_holes(sweep_dir),
     )
 
 
@@ -185,9 +188,11 @@ def _report(
     sweep_id: str | None,
     out: Path,
     curve_of: Callable[[Row], dict[str, np.ndarray] | None],
+    holes: Sequence[Hole] = (),
 ) -> Report:
     """Tables, agreement, plots and files for one row per configuration (the latest), of
-    the `found` runs, whatever they came from; the header says how many were repeats."""
+    the `found` runs, whatever they came from; the header says how many were repeats,
+    and a sweep's jobs without a row (holes) are listed after the table."""
     rows = list(latest_per_key(newest_first).values())
     set_problem_labels(rows)
     rows.sort(key=row_order)
@@ -206,10 +211,11 @@ def _report(
         f"- runs: {runs}, {plural(len(rows), 'row')} ({kept})",
         f"- made {datetime.now().isoformat(timespec='seconds')}",
     ]
-    text = terminal_text(rows, agreement, f"{experiment}: {header[1].removeprefix('- runs: ')}")
+    title = f"{experiment}: {header[1].removeprefix('- runs: ')}"
+    text = terminal_text(rows, agreement, title, holes)
     plots = write_plots(out, rows, curve_of)
-    files = {**write_files(out, rows, agreement, header, plots), **plots}
-    return Report(rows, agreement, text, out, files, None, experiment, sweep_id)
+    files = {**write_files(out, rows, agreement, header, plots, holes), **plots}
+    return Report(rows, agreement, text, out, files, None, experiment, sweep_id, list(holes))
 
 
 def _make_out(out: Path) -> None:

@@ -1,0 +1,123 @@
+"""The jobs of a sweep that have no row in its report: skipped and failed, with why.
+
+The table has a row per result, so a combination the backend cannot express (skipped:
+results.json says why) or a job that stopped on an error (job_failure.json) would show
+only as a count in the header; the reason was in the terminal's stderr stream alone.
+Each is one line below the table instead, named by what it would have run (backend and
+mode) and by the overrides that set it apart from the sweep's other jobs, so the hole in
+the matrix can be read off the report (and off comparison.md on the sweep's parent run).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.compare.rows import backend_label
+from runner.results import JOB_FAILURE_FILE, RESULTS_FILE, job_order
+from runner.tracking import is_secret_key, mask_text
+
+# Overrides the job's name says already (its backend and mode), left out of it.
+NAMED = ("backend", "mode", "mode.update", "task")
+
+
+@dataclass(frozen=True)
+class Hole:
+    """A job of the sweep without a row: what it would have run, and why it did not."""
+
+    status: str  # skipped | failed
+    job: str  # "numpy graph/apply", "numpy manual problem.a=-1"
+    reason: str  # one line
+
+    def line(self) -> str:
+        return f"{self.status}: {self.job}: {self.reason}"
+
+
+def sweep_holes(sweep_dir: Path) -> list[Hole]:
+    """The sweep's skipped and failed jobs, in job order."""
+    folders = sorted(
+        {
+            p.parent
+            for name in (RESULTS_FILE, JOB_FAILURE_FILE)
+            for p in sweep_dir.glob(f"*/{name}")
+        },
+        key=job_order,
+    )
+    overrides = {folder: _overrides(folder) for folder in folders}
+    shared = set.intersection(*map(set, overrides.values())) if overrides else set()
+    holes = []
+    for folder in folders:
+        found = _why(folder)
+        if found is not None:
+            apart = [o for o in overrides[folder] if o not in shared and _shown(o)]
+            holes.append(Hole(found[0], " ".join([_what(folder), *apart]), found[1]))
+    return holes
+
+
+def _why(folder: Path) -> tuple[str, str] | None:
+    """("failed", its error) or ("skipped", its reason); None for a job with a row."""
+    failure = _read_json(folder / JOB_FAILURE_FILE)
+    if failure is not None:
+        return "failed", _one_line(str(failure.get("error", "")))
+    result = _read_json(folder / RESULTS_FILE)
+    if result is not None and result.get("status") == "skipped":
+        return "skipped", _one_line(str(result.get("reason", "")))
+    return None
+
+
+def _what(folder: Path) -> str:
+    """'numpy graph/apply': the job's backend and mode as the table names them, from its
+    config (.hydra/config.yaml), else its results.json, else its folder's name."""
+    config = _read_yaml(folder / ".hydra" / "config.yaml")
+    if isinstance(config, dict):
+        backend = dict(config.get("backend") or {})
+        mode = dict(config.get("mode") or {})
+        update = mode.get("update") if mode.get("name") == "graph" else None
+        kind = "derivatives" if config.get("task") == "derivatives" else mode.get("name")
+        return _named(str(backend.pop("name", "?")), backend, str(kind), update)
+    result = _read_json(folder / RESULTS_FILE)
+    if result is not None:
+        options = result.get("options") or {}
+        return _named(
+            str(result.get("backend")), options, str(result.get("mode")), result.get("update")
+        )
+    return folder.name
+
+
+def _named(backend: str, options: Mapping[str, Any], mode: str, update: Any) -> str:
+    return f"{backend_label(backend, options)} {mode}{f'/{update}' if update else ''}"
+
+
+def _overrides(folder: Path) -> list[str]:
+    loaded = _read_yaml(folder / ".hydra" / "overrides.yaml")
+    return [str(o) for o in loaded] if isinstance(loaded, list) else []
+
+
+def _shown(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key not in NAMED and not is_secret_key(key)
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return mask_text(lines[0]) if lines else "(no message)"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
