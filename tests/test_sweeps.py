@@ -202,6 +202,19 @@ def test_submitit_local_sweep_records_both_jobs(tmp_path: Path) -> None:
         assert run.data.metrics["final_x"] == by_mode[run.data.tags["mode"]]["x"]
 
 
+def test_a_sweep_without_a_row_still_lists_each_job_and_why(tmp_path: Path) -> None:
+    """Every job skipped or failed: no table to compare, but the lines a report lists
+    below its table are printed all the same (they were on stderr only, among the jobs')."""
+    proc = cli(
+        "-m", "backend=numpy", "mode=apply,graph", "steps=5", "tracking=off",
+        "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr  # skipped jobs are holes, not failures
+    listed = [line for line in proc.stdout.splitlines() if line.startswith("skipped: ")]
+    assert [line.split(":")[1] for line in listed] == [" numpy apply", " numpy graph/apply"]
+    assert "no comparison report: " in proc.stderr
+
+
 def test_optuna_search_whose_every_trial_diverges_ends_with_its_report(tmp_path: Path) -> None:
     """A diverged trial is loss inf to Optuna (a completed, worst trial): with no value
     the sweeper counted it failed, and when every trial diverged it ended in a traceback
