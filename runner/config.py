@@ -44,7 +44,8 @@ MAX_RECORDED_ROWS = 10_000
 
 @dataclass(frozen=True)
 class RunConfig:
-    task: str
+    """A run's settings; its task is whichever spec is set (minimize or derivatives)."""
+
     backend: str
     device: str
     progress: bool
@@ -62,7 +63,6 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     backend = _node("backend", cfg)
     problem = build_problem(_node("problem", cfg))
     common = {
-        "task": task,
         "backend": str(backend.get("name")),
         "device": device,
         "progress": _flag("progress", cfg.get("progress", True)),

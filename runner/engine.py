@@ -59,10 +59,6 @@ class MinimizeOutcome:
     timings: Timings
     interrupted: bool = False
 
-    @property
-    def diverged(self) -> bool:
-        return not np.isfinite(self.trajectory.final_loss)
-
 
 def run_minimize(
     backend: Backend,
@@ -108,10 +104,14 @@ def _run_minimize(
     trajectory = _final_trajectory(program, loop)
     final_s = time.perf_counter() - start - run_s
     announce("done")
-    if loop.executed > loop.stopped_at and not loop.interrupted:
-        trajectory = _state_at_divergence(backend, spec, trajectory)
+    interrupted = loop.interrupted
+    if loop.executed > loop.stopped_at and not interrupted:
+        try:
+            trajectory = _state_at_divergence(backend, spec, trajectory)
+        except KeyboardInterrupt:  # the replay can take as long as the run: keep the rows
+            interrupted = True  # (the state is the loop's own, past the diverged step)
     timings = Timings(compile_s, run_s, loop.executed, final_s)
-    return MinimizeOutcome(trajectory, timings, loop.interrupted)
+    return MinimizeOutcome(trajectory, timings, interrupted)
 
 
 @contextmanager

@@ -49,9 +49,6 @@ class RecordPlan:
     def rows(self) -> int:
         return -(-self.steps // self.every)
 
-    def recorded_steps(self) -> np.ndarray:
-        return np.arange(0, self.steps, self.every, dtype=np.int64)
-
 
 @dataclass(frozen=True)
 class MinimizeSpec:

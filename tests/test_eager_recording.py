@@ -214,3 +214,39 @@ def test_progress_bar_is_made_outside_the_timed_loop() -> None:
     outcome = run_minimize(NumpyBackend(), spec_for(20, 1), progress=slow_first_tick)
     assert ticks[0] == 0 and ticks[-1] == 20
     assert outcome.timings.run_s < 0.15, outcome.timings
+
+
+def test_ctrl_c_during_the_divergence_replay_keeps_the_run() -> None:
+    """A diverged eager run is replayed to its bad step for the exact final state; a
+    stop there (the replay can take as long as the run) left run_minimize with nothing,
+    so the job said "stopped before a result existed". Now the run is kept, interrupted."""
+    from backends.numpy import NumpyBackend
+    from runner.engine import run_minimize
+
+    class StoppedInTheReplay(NumpyBackend):
+        prepared = 0
+
+        def prepare(self, spec: MinimizeSpec):  # type: ignore[no-untyped-def]
+            self.prepared += 1
+            program = super().prepare(spec)
+            if self.prepared == 2:  # the replay's program
+
+                def stop(record: bool) -> None:
+                    raise KeyboardInterrupt
+
+                program.step = stop
+            return program
+
+    spec = MinimizeSpec(
+        problem=Quadratic(),
+        optimizer=OptimizerSpec("sgd", 1.5),
+        mode="manual",
+        steps=300,
+        dtype="float32",
+        record=RecordPlan(300, 1),
+    )
+    outcome = run_minimize(StoppedInTheReplay(), spec)
+    assert outcome.interrupted
+    traj = outcome.trajectory
+    assert 0 < traj.stopped_at < 300  # the rows end where it diverged
+    assert traj.steps[-1] == traj.stopped_at - 1 and np.all(np.isfinite(traj.loss))
