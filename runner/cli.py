@@ -14,7 +14,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -26,9 +25,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from runner.command_line import unwritable
 from runner.config import CONFIG_DIR, build_run_config
 from runner.errors import DivergenceError, RunFailed, RunnerError, UnsupportedError
 from runner.job import execute, refuse_unsupported, request_stop, stop_requested
+from runner.naming import job_kind, run_name
 from runner.plugins import backend_entry_points
 from runner.problems import problem_classes
 from runner.results import RESULTS_FILE, new_run_uid, record_job_failure
@@ -39,7 +40,6 @@ from runner.tracking import (
     client_for,
     config_params,
     ensure_experiment,
-    is_secret_key,
     logs_in_background,
     mask_uri,
     read_sweep,
@@ -374,39 +374,9 @@ def announce_upload(output_dir: Path, run_uid: str, target: TrackingTarget, cwd:
         )
 
 
-def job_kind(task: str | None, mode: str) -> str:
-    """What a run did, for its folder and MLflow names: its mode, or the task where the
-    mode does not apply (task=derivatives runs no optimizer)."""
-    return "derivatives" if task == "derivatives" else mode
-
-
 # conf/config.yaml names run folders with it; registered on import, so that a sweep's
 # worker processes (which import this module for the job function) resolve it too.
 OmegaConf.register_new_resolver("job_kind", job_kind, replace=True)
-
-
-# Overrides a run's name leaves out: those its first part already says, and those about
-# where and how it is recorded rather than what it computes.
-_NAMED_ALREADY = ("backend", "mode", "mode.update", "dtype", "task")
-_NOT_COMPUTED = ("progress", "tracking", "hydra", "experiment", "hparams_search")
-RUN_NAME_LIMIT = 250  # MLflow's UI shows less; its store takes more
-
-
-def run_name(cfg: Mapping[str, Any], overrides: Iterable[str] = ()) -> str:
-    """`jax-graph-apply-float32`, then the overrides that tell this run from its
-    siblings (`optimizer.lr=0.0443 steps=20`): a sweep's jobs, or an Optuna search's
-    trials, would otherwise share one name in MLflow's run list."""
-    mode = cfg.get("mode", {})
-    kind = job_kind(cfg.get("task"), mode.get("name", ""))
-    update = [mode["update"]] if kind == "graph" else []
-    name = "-".join([cfg["backend"]["name"], kind, *update, str(cfg.get("dtype"))])
-    shown = [o for o in overrides if _names_a_setting(o.split("=", 1)[0].lstrip("+~"))]
-    return " ".join([name, *shown])[:RUN_NAME_LIMIT]
-
-
-def _names_a_setting(key: str) -> bool:
-    root = key.split(".", 1)[0].split("/", 1)[0]
-    return key not in _NAMED_ALREADY and root not in _NOT_COMPUTED and not is_secret_key(key)
 
 
 def report(exc: RunnerError, kind: str = "error") -> None:
@@ -430,17 +400,7 @@ def check_output_dir(args: list[str]) -> None:
     value = given or "outputs"
     static = value.split("${", 1)[0]
     path = Path(static if "${" not in value else static.rpartition("/")[0] or ".")
-    existing = path.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        problem = f"{existing} is a file, not a folder"
-    else:
-        try:
-            with tempfile.TemporaryFile(dir=existing):
-                problem = None
-        except OSError as exc:
-            problem = f"no file can be made in {existing} ({exc.strerror})"
+    problem = unwritable(path)
     if problem:
         setting = f"{key}={value}" if given else f"the run folder {path.absolute()}"
         raise RunnerError(

@@ -24,16 +24,17 @@ def out_dir_error(path: Path, given: bool) -> str | None:
     """Why the output folder `path` (--out, or the default when not given) cannot be
     written, or None; nothing is created. Checked before the work starts, so a bad --out
     costs no store read or benchmark and reads as one line, not mkdir's traceback."""
-    problem = _unwritable(path)
+    problem = unwritable(path)
     if problem is None:
         return None
     what = f"--out {path}" if given else f"the default output folder {path}"
     return f"{what} cannot be written: {problem}; give --out a folder you can write in"
 
 
-def _unwritable(path: Path) -> str | None:
-    """What keeps a folder from being made at path: its nearest existing ancestor (or
-    itself) must be a folder this process can create files in."""
+def unwritable(path: Path) -> str | None:
+    """What keeps a folder from being made at path (None: nothing), creating nothing: its
+    nearest existing ancestor (or itself) must be a folder this process can create files
+    in. The run folder of `python -m runner` and the --out of the other commands."""
     existing = path.absolute()
     while not _exists(existing) and existing != existing.parent:
         existing = existing.parent

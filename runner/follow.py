@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{timestamp()} not all recorded; once the store is fixed: python -m runner.upload "
               f"{sweep_dir}", flush=True)  # fmt: skip
         return exc.exit_code
-    done = uploader.outcome
-    print(f"uploaded {done.uploaded}, already recorded {done.present}, skipped {done.skipped}")
+    print(uploader.outcome.summary())
     print(f"{timestamp()} done in {time.monotonic() - started:.1f} s")
     return 0
 
@@ -106,7 +105,7 @@ def follow(
         last = done_file.exists() or os.getppid() != launcher_pid  # checked before the scan
         for run_dir in run_dirs([sweep_dir]):
             if run_dir not in uploaded:
-                uploader.add([run_dir])  # waits for a job still holding its folder's lock
+                uploader.add_run(run_dir)  # waits for a job still holding its folder's lock
                 uploaded.add(run_dir)
         if last:
             break

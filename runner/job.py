@@ -24,6 +24,7 @@ from runner.results import (
     TRAJECTORY_FILE,
     RunIdentity,
     derivatives_result,
+    divergence_message,
     minimize_result,
     new_run_uid,
     skipped_result,
@@ -104,13 +105,8 @@ def _minimize(
     if outcome.interrupted:
         raise KeyboardInterrupt
     if result["status"] == "diverged":
-        step = result["diverged_at"]
-        raise DivergenceError(
-            f"the loss became {result['loss']} at step {step} of {spec.steps} "
-            f"(lr={spec.optimizer.lr} is too large for this problem); "
-            f"the trajectory up to step {step} is in {output_dir / TRAJECTORY_FILE}",
-            step,
-        )
+        message = divergence_message(result, output_dir / TRAJECTORY_FILE)
+        raise DivergenceError(message, result["diverged_at"])
     return result
 
 
@@ -136,7 +132,8 @@ def request_stop(stop: KeyboardInterrupt) -> None:
 
     Python drops an exception raised while a garbage-collection callback runs (it
     prints "Exception ignored in ..."), so a handler's exception can be lost; the
-    eager loop checks this note at every progress tick and raises the stop again.
+    engine's progress tick (every chunk, in every mode) checks this note and raises the
+    stop again.
     """
     _STOPS.append(stop)
 

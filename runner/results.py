@@ -50,15 +50,10 @@ def minimize_result(
         "task": "minimize",
         "status": _status(spec, outcome),
         **run.fields(),
-        "options": json_safe(spec.options),
-        "mode": spec.mode,
-        "update": spec.update if spec.mode == "graph" else None,
-        "dtype": spec.dtype,
-        "steps": spec.steps,
+        **_asked(spec),
         "steps_run": traj.stopped_at,
         "record_every": spec.record.every,
         "problem": problem_record(problem),
-        "optimizer": {"name": spec.optimizer.name, "lr": spec.optimizer.lr, **spec.optimizer.hyper},
         **({"optimizer_used": dict(optimizer_used)} if optimizer_used is not None else {}),
         "x": as_number(traj.final_x) if listed else None,
         "loss": loss,
@@ -81,6 +76,24 @@ def minimize_result(
     return result
 
 
+def divergence_message(result: Mapping[str, Any], trajectory: Path | None = None) -> str:
+    """What a diverged run says, from its results.json (and where its trajectory.csv is,
+    when known): the error the command prints, and the MLflow `error` tag of its run
+    whichever process logs it (the run itself, or an upload of its folder).
+
+    `the loss became inf at step 64 of 300 (lr=1.5 is too large for this problem); the
+    trajectory up to step 64 is in <run dir>/trajectory.csv`
+    """
+    step = result.get("diverged_at")
+    text = f"the loss became {result.get('loss')} at step {step} of {result.get('steps')}"
+    lr = (result.get("optimizer") or {}).get("lr")
+    if lr is not None:
+        text += f" (lr={lr} is too large for this problem)"
+    if trajectory is not None:
+        text += f"; the trajectory up to step {step} is in {trajectory}"
+    return text
+
+
 def skipped_result(spec: MinimizeSpec, run: RunIdentity, reason: str) -> dict[str, Any]:
     """A combination the backend cannot express: on record, so a sweep shows the gap."""
     return {
@@ -88,6 +101,13 @@ def skipped_result(spec: MinimizeSpec, run: RunIdentity, reason: str) -> dict[st
         "status": "skipped",
         "reason": reason,
         **run.fields(),
+        **_asked(spec),
+    }
+
+
+def _asked(spec: MinimizeSpec) -> dict[str, Any]:
+    """What the run was asked to do, as every minimize record (run or skipped) states it."""
+    return {
         "options": json_safe(spec.options),
         "mode": spec.mode,
         "update": spec.update if spec.mode == "graph" else None,

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from runner.errors import as_typed
+from runner.naming import mode_label
 
 
 def fmt(value: Any, dtype: str = "float64") -> str:
@@ -27,7 +28,7 @@ def fmt(value: Any, dtype: str = "float64") -> str:
 def minimize_summary(result: Mapping[str, Any]) -> str:
     dtype = result["dtype"]
     problem, opt, timings = result["problem"], result["optimizer"], result["timings"]
-    mode = result["mode"] + (f" (update={result['update']})" if result.get("update") else "")
+    mode = mode_label(result["mode"], result.get("update"))
     versions = result["versions"]
     runtime = ("python", "gradient_runner") + (() if result["backend"] == "numpy" else ("numpy",))
     framework = ", ".join(f"{k} {v}" for k, v in versions.items() if k not in runtime)

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +34,7 @@ except ImportError:  # not POSIX: no locks, as before
     fcntl = None  # type: ignore[assignment]
 
 from runner.errors import ConfigError, RunnerError, UnsupportedError, setting
+from runner.naming import mode_label
 from runner.results import (
     JOB_FAILURE_FILE,
     RESULTS_FILE,
@@ -43,7 +44,7 @@ from runner.results import (
 )
 
 DEFAULT_STORE = Path("outputs") / "mlflow.db"
-DEFAULT_ARTIFACTS = Path("outputs") / "mlartifacts"
+ARTIFACTS_DIR = "mlartifacts"  # beside an SQLite store: its runs' files
 DEFAULT_EXPERIMENT = "gradient-runner"
 MAX_POINTS_PER_METRIC = 1000
 BATCH_VALUES = 1000  # MLflow's own per-request limit for metrics (and all values)
@@ -56,7 +57,7 @@ FAILED_JOBS_TAG = "failed_jobs"  # on a sweep's parent run: how many of its jobs
 PLOT_FILE = "convergence.png"
 SECRET_WORDS = ("password", "secret", "token", "apikey", "api_key", "credential")
 LOCK_WAIT_S = 10.0  # how long a write waits for a locked SQLite store, in all
-_SECRET_KEY = r"[\w.\-]*(?:password|secret|token|apikey|api_key|credential)[\w.\-]*"
+_SECRET_KEY = rf"[\w.\-]*(?:{'|'.join(map(re.escape, SECRET_WORDS))})[\w.\-]*"
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@'\"]*@")
 _SECRET_ASSIGN = re.compile(rf"(?P<key>{_SECRET_KEY}=)[^\s,'\"\]]+", re.IGNORECASE)
 _SECRET_YAML = re.compile(rf"^(?P<key>[ \t-]*{_SECRET_KEY}:[ \t]+)\S.*$", re.I | re.M)
@@ -94,7 +95,7 @@ def resolve_target(tracking: Mapping[str, Any], base_dir: Path) -> TrackingTarge
     artifacts = None
     if uri.startswith("sqlite:///"):
         db_path = Path(uri.removeprefix("sqlite:///"))
-        artifacts = (db_path.parent / DEFAULT_ARTIFACTS.name / experiment).resolve().as_uri()
+        artifacts = (db_path.parent / ARTIFACTS_DIR / experiment).resolve().as_uri()
     return TrackingTarget(uri, experiment, artifacts)
 
 
@@ -561,6 +562,25 @@ def _batches(items: list[T], size: int) -> Iterator[list[T]]:
         yield items[start : start + size]
 
 
+def log_batched(
+    client: Any,
+    run_id: str,
+    metrics: Sequence[Any] = (),
+    params: Sequence[Any] = (),
+    tags: Sequence[Any] = (),
+) -> None:
+    """Metrics, params and tags in requests of MLflow's sizes (1000 metrics, 100 params or
+    tags), each retried alone on a locked store. MlflowClient.log_batch splits a long list
+    itself, but a retry of the whole call would send again what its first requests stored."""
+    for kind, items, size in (
+        ("metrics", metrics, BATCH_VALUES),
+        ("params", params, TAGS_PER_BATCH),
+        ("tags", tags, TAGS_PER_BATCH),
+    ):
+        for batch in _batches(list(items), size):
+            retry_locked(lambda kind=kind, batch=batch: client.log_batch(run_id, **{kind: batch}))
+
+
 def log_run_dir(
     client: Any, run_id: str, run_dir: Path, tags: Mapping[str, str] | None = None
 ) -> dict[str, Any] | None:
@@ -637,9 +657,7 @@ def log_hydra_config(client: Any, run_id: str, run_dir: Path) -> None:
 
 
 def result_label(result: Mapping[str, Any]) -> str:
-    mode = result.get("mode") or result.get("task")
-    if result.get("update"):
-        mode = f"{mode}/{result['update']}"
+    mode = mode_label(result.get("mode") or result.get("task"), result.get("update"))
     return f"{result.get('backend')} {mode} {result.get('dtype')}"
 
 
@@ -679,7 +697,7 @@ def result_tags(result: Mapping[str, Any]) -> dict[str, str]:
         "dtype": result.get("dtype", ""),
     }
     if result.get("mode"):
-        tags["mode"] = result["mode"] + (f"/{result['update']}" if result.get("update") else "")
+        tags["mode"] = mode_label(result["mode"], result.get("update"))
     for name, version in result.get("versions", {}).items():
         tags[f"version.{name}"] = version
     for key, value in result.get("optimizer_used", {}).items():  # the params are as asked
@@ -736,13 +754,34 @@ def start_sweep_parent(
     Whoever logs the sweep creates it: the launcher (jobs log in-process) or the
     sweep's logger (runner.follow).
     """
-    tags = {"sweep_id": sweep.sweep_id, "runner.kind": "sweep", "overrides": sweep.overrides}
+    started = replace(
+        sweep, parent_run_id=create_sweep_parent(client, experiment_id, sweep_dir, sweep)
+    )
+    write_sweep(sweep_dir, started)
+    return started
+
+
+def create_sweep_parent(
+    client: Any,
+    experiment_id: str,
+    sweep_dir: Path,
+    sweep: SweepInfo,
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
+    """A new parent run for the sweep (RUNNING), its id: named after the sweep's folder,
+    tagged with its sweep_id and command-line overrides (SWEEP_FILE's), and `extra_tags`.
+    Made as the sweep starts (start_sweep_parent), or by an upload to a store that has
+    none (runner.upload, extra_tags runner.uploaded)."""
+    tags = {
+        "sweep_id": sweep.sweep_id,
+        "runner.kind": "sweep",
+        "overrides": sweep.overrides,
+        **(extra_tags or {}),
+    }
     run = retry_locked(
         lambda: client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
     )
-    started = replace(sweep, parent_run_id=run.info.run_id)
-    write_sweep(sweep_dir, started)
-    return started
+    return run.info.run_id
 
 
 @contextmanager

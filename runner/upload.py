@@ -51,14 +51,23 @@ from typing import Any
 
 from runner.command_line import OneLineParser
 from runner.errors import RunnerError
-from runner.results import JOB_FAILURE_FILE, RESULTS_FILE, job_failures
+from runner.naming import run_name
+from runner.results import (
+    JOB_FAILURE_FILE,
+    RESULTS_FILE,
+    TRAJECTORY_FILE,
+    divergence_message,
+    job_failures,
+)
 from runner.tracking import (
     SWEEP_FILE,
+    SweepInfo,
     TrackingError,
     TrackingTarget,
     anchor_uri,
     client_for,
     config_params,
+    create_sweep_parent,
     end_sweep_parent,
     ensure_experiment,
     failure_uid,
@@ -327,10 +336,6 @@ class Uploader:
             self.stores[target] = (client, found.experiment_id if found else None)
         return self.stores[target]
 
-    def add(self, paths: Iterable[Path]) -> None:
-        for run_dir in run_dirs(paths):
-            self.add_run(run_dir)
-
     def add_run(self, run_dir: Path) -> None:
         """Upload one run folder, unless its store failed earlier in this upload.
 
@@ -365,10 +370,63 @@ class Uploader:
         client, experiment_id = self.store(target)
         # check, then log: one upload of a folder at a time (a dry run writes no lock file)
         with contextlib.nullcontext() if self.dry_run else folder_lock(run_dir, self.out):
-            _upload_locked(
-                run_dir, cfg, result, target, client, experiment_id, self.parents,
-                self.outcome, self.dry_run, self.logged_as if self.live else None, self.out,
-            )  # fmt: skip
+            self._upload_locked(run_dir, cfg, result, target, client, experiment_id)
+
+    def _upload_locked(
+        self, run_dir: Path, cfg: Mapping[str, Any], result: Mapping[str, Any],
+        target: TrackingTarget, client: Any, experiment_id: str | None,
+    ) -> None:  # fmt: skip
+        """One run folder, its lock held: recorded already, or logged now.
+
+        experiment_id is None only in a dry run whose store or experiment does not exist.
+        """
+        outcome, out = self.outcome, self.out
+        if experiment_id is None:
+            outcome.uploaded += 1
+            missing = (
+                f"experiment {target.experiment} does not exist yet"
+                if client is not None
+                else "the store does not exist yet"
+            )
+            print(
+                f"would upload {run_dir} to {mask_uri(target.uri)} ({missing}: it would be "
+                "created)",
+                file=out,
+            )
+            return
+        try:
+            failed = result.get("status") == "failed"
+            held, stale = _existing(client, experiment_id, result["run_uid"], failed)
+            if held:
+                print(f"already recorded {run_dir} (run {held})", file=out)
+                outcome.present += 1
+                return
+            if self.dry_run:
+                outcome.uploaded += 1
+                print(f"would upload {run_dir} to {mask_uri(target.uri)}", file=out)
+                return
+            for run_id in stale:  # half-logged when the store went away: replaced
+                retry_locked(lambda run_id=run_id: client.delete_run(run_id))
+            sweep_id = parent = None
+            if _in_sweep(run_dir):
+                sweep = read_sweep(run_dir.parent)
+                sweep_id = sweep.sweep_id
+                if (target, sweep_id) not in self.parents:
+                    with folder_lock(run_dir.parent, out):  # one parent run per sweep
+                        self.parents[target, sweep_id] = _sweep_parent(
+                            client, experiment_id, run_dir.parent, sweep
+                        )
+                parent = self.parents[target, sweep_id]
+            live = self.logged_as if self.live else None
+            run_id = _upload_one(
+                client, experiment_id, run_dir, cfg, result, sweep_id, parent, live
+            )
+            outcome.uploaded += 1  # counted once logged: a store failing midway holds it back
+            print(f"uploaded {run_dir} as run {run_id} ({_status(result)})", file=out)
+        except RunnerError:
+            raise
+        except Exception as exc:
+            raise store_error(target.uri, exc) from None
 
     def close_parents(self, status: str = "FINISHED") -> None:
         """End the sweep parents still RUNNING (their sweep could not close them), in the
@@ -382,66 +440,6 @@ class Uploader:
                     end_sweep_parent(client, parent, self.sweeps.get(sweep_id), status)
             except Exception as exc:
                 raise store_error(target.uri, exc) from None
-
-
-def _upload_locked(
-    run_dir: Path,
-    cfg: Mapping[str, Any],
-    result: Mapping[str, Any],
-    target: TrackingTarget,
-    client: Any,
-    experiment_id: str | None,
-    parents: dict[tuple[TrackingTarget, str], str],
-    outcome: Outcome,
-    dry_run: bool,
-    live: str | None,
-    out: Any,
-) -> None:
-    """One run folder, its lock held: recorded already, or logged now.
-
-    experiment_id is None only in a dry run whose store or experiment does not exist.
-    """
-    if experiment_id is None:
-        outcome.uploaded += 1
-        missing = (
-            f"experiment {target.experiment} does not exist yet"
-            if client is not None
-            else "the store does not exist yet"
-        )
-        print(
-            f"would upload {run_dir} to {mask_uri(target.uri)} ({missing}: it would be created)",
-            file=out,
-        )
-        return
-    try:
-        failed = result.get("status") == "failed"
-        held, stale = _existing(client, experiment_id, result["run_uid"], failed)
-        if held:
-            print(f"already recorded {run_dir} (run {held})", file=out)
-            outcome.present += 1
-            return
-        if dry_run:
-            outcome.uploaded += 1
-            print(f"would upload {run_dir} to {mask_uri(target.uri)}", file=out)
-            return
-        for run_id in stale:  # half-logged when the store went away: replaced
-            retry_locked(lambda run_id=run_id: client.delete_run(run_id))
-        sweep_id = parent = None
-        if _in_sweep(run_dir):
-            sweep_id = read_sweep(run_dir.parent).sweep_id
-            if (target, sweep_id) not in parents:
-                with folder_lock(run_dir.parent, out):  # one parent run per sweep
-                    parents[target, sweep_id] = _sweep_parent(
-                        client, experiment_id, run_dir.parent, sweep_id
-                    )
-            parent = parents[target, sweep_id]
-        run_id = _upload_one(client, experiment_id, run_dir, cfg, result, sweep_id, parent, live)
-        outcome.uploaded += 1  # counted once logged: a store failing midway holds it back
-        print(f"uploaded {run_dir} as run {run_id} ({_status(result)})", file=out)
-    except RunnerError:
-        raise
-    except Exception as exc:
-        raise store_error(target.uri, exc) from None
 
 
 @contextmanager
@@ -650,26 +648,33 @@ def _in_sweep(run_dir: Path) -> bool:
     return (parent / SWEEP_FILE).is_file() or (parent / "multirun.yaml").is_file()
 
 
-def _sweep_parent(client: Any, experiment_id: str, sweep_dir: Path, sweep_id: str) -> str:
-    """The sweep's parent run in this store: the one its sweep made, or one made once here."""
-    recorded = read_sweep(sweep_dir).parent_run_id
+def _sweep_parent(client: Any, experiment_id: str, sweep_dir: Path, sweep: SweepInfo) -> str:
+    """The sweep's parent run in this store: the one its sweep made, or one made once here
+    (tagged runner.uploaded). A store error is raised (the caller makes it a TrackingError)."""
+    recorded = sweep.parent_run_id
     if recorded:
         try:
-            return client.get_run(recorded).info.run_id
-        except Exception:
-            pass  # made in another store
+            return retry_locked(lambda: client.get_run(recorded)).info.run_id
+        except Exception as exc:
+            if not _not_found(exc):  # the store failed: raised, as its other errors are
+                raise
+            # not in this store: the sweep made it in another
     found = retry_locked(
         lambda: client.search_runs(
-            [experiment_id], f"tags.sweep_id = '{sweep_id}' and tags.`runner.kind` = 'sweep'"
+            [experiment_id],
+            f"tags.sweep_id = '{sweep.sweep_id}' and tags.`runner.kind` = 'sweep'",
         )
     )
     if found:
         return found[0].info.run_id
-    tags = {"sweep_id": sweep_id, "runner.kind": "sweep", "runner.uploaded": "true"}
-    run = retry_locked(
-        lambda: client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
-    )
-    return run.info.run_id
+    return create_sweep_parent(client, experiment_id, sweep_dir, sweep, {"runner.uploaded": "true"})
+
+
+def _not_found(exc: Exception) -> bool:
+    """MLflow's "no such run" (from its SQL store, or a server's HTTP 404)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
 def _upload_one(
@@ -689,8 +694,6 @@ def _upload_one(
     of tag runner.logged): the git commit is the run's, and the run is not marked as
     uploaded later.
     """
-    from runner.cli import run_name
-
     tags = {
         k: v
         for k, v in run_tags(cfg, _overrides(run_dir), sweep_id).items()
@@ -716,11 +719,10 @@ def _upload_one(
         end_tags["skip_reason"] = str(result.get("reason", ""))[:5000]
     elif status == "failed":
         end_tags["error"] = mask_text(str(result.get("error", "")))[:5000]
-    elif status == "diverged":
-        end_tags["error"] = (
-            f"the loss became {result.get('loss')} at step {result.get('diverged_at')} "
-            f"of {result.get('steps')}"
-        )
+    elif status == "diverged":  # as the run said it, and tracked_run tags it in-process
+        trajectory = run_dir / TRAJECTORY_FILE
+        message = divergence_message(result, trajectory if trajectory.exists() else None)
+        end_tags["error"] = mask_text(message)[:5000]
     elif status != "finished":
         end_tags["error"] = "interrupted"
     with _no_run_links():

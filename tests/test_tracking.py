@@ -110,7 +110,8 @@ def test_diverged_run_is_failed_with_its_trajectory(tmp_path: Path) -> None:
     wait_for_upload(run_dir)  # the background upload records the failure too
     (run,) = runs_of(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     assert run.info.status == "FAILED"
-    assert "at step" in run.data.tags["error"]
+    # the upload tags the error the run printed, as a run logged in-process is tagged
+    assert run.data.tags["error"] == proc.stderr.strip().splitlines()[-1].removeprefix("error: ")
     step = single_result(tmp_path)["diverged_at"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     losses = client.get_metric_history(run.info.run_id, "loss")
@@ -408,3 +409,26 @@ def test_git_commit_is_the_runners_own_whatever_the_folder(tmp_path: Path, monke
     ).stdout.strip()  # fmt: skip
     tags = run_tags({"backend": {"name": "numpy"}}, [], None)
     assert tags["git_commit"] == own and tags["git_dirty"] == str(bool(dirty)).lower()
+
+
+def test_log_batched_logs_past_mlflows_per_request_limits(tmp_path: Path) -> None:
+    """The one batching helper (the comparison's metrics, the benchmark's metrics, params
+    and tags): every value arrives, in requests of MLflow's sizes."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    from runner.tracking import log_batched
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("batched")).info.run_id
+    log_batched(
+        client,
+        run_id,
+        metrics=[Metric(f"m{i}", float(i), 0, 0) for i in range(2500)],
+        params=[Param(f"p{i}", str(i)) for i in range(250)],
+        tags=[RunTag(f"t{i}", str(i)) for i in range(150)],
+    )
+    data = client.get_run(run_id).data
+    assert len(data.metrics) == 2500 and data.metrics["m2499"] == 2499.0
+    assert len(data.params) == 250
+    assert len([k for k in data.tags if k.startswith("t")]) == 150

@@ -75,7 +75,7 @@ def log_to_mlflow(results: Mapping[str, Any], out: Path, uri: str | None) -> str
     """One run named "bench" in experiment gradient-runner-bench; returns its id."""
     from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-    from runner.tracking import client_for, ensure_experiment, retry_locked
+    from runner.tracking import client_for, ensure_experiment, log_batched, retry_locked
 
     target = bench_target(uri)
     client = client_for(target)
@@ -93,15 +93,7 @@ def log_to_mlflow(results: Mapping[str, Any], out: Path, uri: str | None) -> str
         RunTag(metric_name(f"target.{t.subject}.{t.target}")[:250], t.verdict)
         for t in all_targets(results)
     ]
-    for start in range(0, len(metrics), 1000):
-        chunk = metrics[start : start + 1000]
-        retry_locked(lambda chunk=chunk: client.log_batch(run_id, metrics=chunk))
-    for start in range(0, len(params), 100):
-        chunk_p = params[start : start + 100]
-        retry_locked(lambda chunk_p=chunk_p: client.log_batch(run_id, params=chunk_p))
-    for start in range(0, len(tags), 100):
-        chunk_t = tags[start : start + 100]
-        retry_locked(lambda chunk_t=chunk_t: client.log_batch(run_id, tags=chunk_t))
+    log_batched(client, run_id, metrics=metrics, params=params, tags=tags)
     client.log_artifacts(run_id, str(out))
     retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED)))
     return run_id

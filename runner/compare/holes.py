@@ -19,11 +19,13 @@ from typing import Any
 import yaml
 
 from runner.compare.rows import backend_label
+from runner.naming import RUN_NAMED, config_kind, job_kind, mode_label, shown_overrides
 from runner.results import JOB_FAILURE_FILE, RESULTS_FILE, job_order
-from runner.tracking import is_secret_key, mask_text
+from runner.tracking import mask_text
 
-# Overrides the job's name says already (its backend and mode), left out of it.
-NAMED = ("backend", "mode", "mode.update", "task")
+# Overrides the job's name says already (its backend and mode, not its dtype), left out
+# of it; the rest of the rule is the run name's (runner.naming.shown_overrides).
+NAMED = tuple(key for key in RUN_NAMED if key != "dtype")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def sweep_holes(sweep_dir: Path) -> list[Hole]:
     for folder in folders:
         found = _why(folder)
         if found is not None:
-            apart = [o for o in overrides[folder] if o not in shared and _shown(o)]
+            apart = shown_overrides((o for o in overrides[folder] if o not in shared), NAMED)
             holes.append(Hole(found[0], " ".join([_what(folder), *apart]), found[1]))
     return holes
 
@@ -76,31 +78,23 @@ def _what(folder: Path) -> str:
     config = _read_yaml(folder / ".hydra" / "config.yaml")
     if isinstance(config, dict):
         backend = dict(config.get("backend") or {})
-        mode = dict(config.get("mode") or {})
-        update = mode.get("update") if mode.get("name") == "graph" else None
-        kind = "derivatives" if config.get("task") == "derivatives" else mode.get("name")
-        return _named(str(backend.pop("name", "?")), backend, str(kind), update)
+        kind, update = config_kind(config)
+        return _named(str(backend.pop("name", "?")), backend, mode_label(kind, update))
     result = _read_json(folder / RESULTS_FILE)
     if result is not None:
-        options = result.get("options") or {}
-        return _named(
-            str(result.get("backend")), options, str(result.get("mode")), result.get("update")
-        )
+        kind = job_kind(result.get("task"), str(result.get("mode")))
+        label = mode_label(kind, result.get("update"))
+        return _named(str(result.get("backend")), result.get("options") or {}, label)
     return folder.name
 
 
-def _named(backend: str, options: Mapping[str, Any], mode: str, update: Any) -> str:
-    return f"{backend_label(backend, options)} {mode}{f'/{update}' if update else ''}"
+def _named(backend: str, options: Mapping[str, Any], label: str) -> str:
+    return f"{backend_label(backend, options)} {label}"
 
 
 def _overrides(folder: Path) -> list[str]:
     loaded = _read_yaml(folder / ".hydra" / "overrides.yaml")
     return [str(o) for o in loaded] if isinstance(loaded, list) else []
-
-
-def _shown(override: str) -> bool:
-    key = override.split("=", 1)[0].lstrip("+~")
-    return key not in NAMED and not is_secret_key(key)
 
 
 def _one_line(text: str) -> str:

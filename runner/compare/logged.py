@@ -18,7 +18,7 @@ from runner.compare.agreement import Agreement
 from runner.compare.output import JSON_FILE
 from runner.compare.rows import Row
 from runner.compare.store import COMPARISON_KIND, KIND_TAG, describe_selection
-from runner.tracking import retry_locked
+from runner.tracking import log_batched, retry_locked
 
 
 def _metric_key(*parts: str) -> str:
@@ -62,7 +62,7 @@ def log_report(
                 metrics.append(
                     Metric(_metric_key("agreement_ulps_f64", *where), a.ulps_f64, now, 0)
                 )
-        retry_locked(lambda: client.log_batch(run_id, metrics=metrics))
+        log_batched(client, run_id, metrics=metrics)  # a metric pair per agreement group
         for path in files.values():
             retry_locked(lambda path=path: client.log_artifact(run_id, str(path)))
         status = RunStatus.FINISHED

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runner.config import backend_defaults
+from runner.naming import mode_label
 from runner.optimizers import HYPERPARAMETERS
 from runner.protocol import MODES
 from runner.results import RESULTS_FILE, device_kind
@@ -72,7 +73,7 @@ def row_from_result(result: Mapping[str, Any], **common: str) -> Row | None:
     """A minimize run's row from its results.json (exact values); None for other tasks."""
     if result.get("task") != "minimize":
         return None
-    mode = result["mode"] + (f"/{result['update']}" if result.get("update") else "")
+    mode = mode_label(result["mode"], result.get("update"))
     timings = result["timings"]
     return Row(
         backend=backend_label(result["backend"], result.get("options") or {}),
