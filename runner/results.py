@@ -18,6 +18,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -361,7 +362,11 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+@cache
 def _umask() -> int:
+    """The process's umask, read once: reading it means setting it for a moment, and a
+    file another thread (an MLflow or joblib helper) created in that moment would be
+    world-writable; nothing in the runner changes it later."""
     current = os.umask(0)
     os.umask(current)
     return current
