@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from runner.errors import ConfigError, not_allowed, setting
+from runner.errors import ConfigError, flag, not_allowed, setting, whole_number
 from runner.optimizers import validate_hyper
 from runner.problems import Problem, build_problem
 from runner.protocol import (
@@ -65,7 +65,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     common = {
         "backend": str(backend.get("name")),
         "device": device,
-        "progress": _flag("progress", cfg.get("progress", True)),
+        "progress": flag("progress", cfg.get("progress", True)),
     }
     if task == "derivatives":
         if problem.name != "quadratic" or problem.dim is not None:
@@ -80,9 +80,9 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
 def _minimize_spec(
     cfg: Mapping[str, Any], backend: Mapping[str, Any], problem: Problem, dtype: str, device: str
 ) -> MinimizeSpec:
-    steps = positive_int("steps", cfg.get("steps"))
+    steps = whole_number("steps", cfg.get("steps"))
     every = cfg.get("record_every")
-    every = default_record_every(steps) if every is None else positive_int("record_every", every)
+    every = default_record_every(steps) if every is None else whole_number("record_every", every)
     mode = _node("mode", cfg)
     mode_name = _choice("mode", mode.get("name"), MODES)
     update = mode.get("update", "apply")
@@ -146,12 +146,6 @@ def _optimizer(node: Mapping[str, Any]) -> OptimizerSpec:
     return OptimizerSpec(name=name, lr=lr, hyper=validate_hyper(name, values))
 
 
-def positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{setting(key, value)} is not allowed; give a whole number >= 1")
-    return value
-
-
 def positive_float(key: str, value: Any) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
@@ -162,12 +156,6 @@ def positive_float(key: str, value: Any) -> float:
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ConfigError(not_allowed(key, value, allowed))
-    return value
-
-
-def _flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{setting(key, value)} is not allowed; give true or false")
     return value
 
 

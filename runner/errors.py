@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class RunnerError(Exception):
@@ -80,3 +81,17 @@ def describe(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return f"{type(exc).__name__}: {lines[0]}{' ...' if len(lines) > 1 else ''}"
+
+
+def whole_number(key: str, value: Any, low: int = 1) -> int:
+    """`value` if it is a whole number >= low (a bool is not one), else the one line."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{setting(key, value)} is not allowed; give a whole number >= {low}")
+    return value
+
+
+def flag(key: str, value: Any) -> bool:
+    """`value` if it is true or false (not 'yes', not 1), else the one line."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{setting(key, value)} is not allowed; give true or false")
+    return value

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from runner.errors import ConfigError, setting
+from runner.errors import ConfigError, flag, setting
 
 # Our names and defaults; `None` means "the framework's own default" (see CONVENTIONS).
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
@@ -128,8 +128,7 @@ def validate_hyper(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
 def _check(name: str, key: str, value: Any) -> None:
     where = setting(f"optimizer.{key}", value)
     if key == "nesterov":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} is not allowed; give true or false")
+        flag(f"optimizer.{key}", value)
         return
     if value is None and HYPERPARAMETERS[name][key] is None:
         return

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from runner.errors import ConfigError, installed_choices, setting
+from runner.errors import ConfigError, installed_choices, setting, whole_number
 
 PROBLEM_GROUP = "gradient_runner.problems"
 NUMPY_OPS = SimpleNamespace(sum=np.sum, matvec=np.matmul)
@@ -305,11 +305,7 @@ def _setting(key: str, value: Any) -> Any:
         if value is None and key == "dim":
             return None
         low = 1 if key == "dim" else 0  # a seed is NumPy's: a non-negative integer
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(
-                f"{setting(f'problem.{key}', value)} is not allowed; give a whole number >= {low}"
-            )
-        return value
+        return whole_number(f"problem.{key}", value, low)
     items = value if isinstance(value, list) else [value]
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int | float):
