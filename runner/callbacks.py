@@ -32,23 +32,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import RunnerError
 from runner.follow import DONE_FILE
+from runner.masking import mask_uri
 from runner.results import atomic_write, sweep_failures
+from runner.sweep_record import SweepInfo, read_sweep, sweep_id_of, write_sweep
 from runner.tracking import (
-    DEFAULT_EXPERIMENT,
-    SweepInfo,
-    TrackingError,
-    check_store,
     client_for,
     end_sweep_parent,
     ensure_experiment,
     logs_in_background,
-    mask_uri,
-    read_sweep,
-    resolve_target,
     start_sweep_parent,
+)
+from runner.tracking_store import (
+    DEFAULT_EXPERIMENT,
+    TrackingError,
+    check_store,
+    resolve_target,
     store_error,
-    sweep_id_of,
-    write_sweep,
 )
 from runner.upload import LOG_FILE, start_logger, upload_failed_jobs
 

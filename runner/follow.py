@@ -31,7 +31,10 @@ from typing import TextIO
 
 from runner.compare.logged import log_saved_report
 from runner.errors import RunnerError
-from runner.tracking import mask_uri, read_sweep, resolve_target, start_sweep_parent, store_error
+from runner.masking import mask_uri
+from runner.sweep_record import read_sweep
+from runner.tracking import start_sweep_parent
+from runner.tracking_store import resolve_target, store_error
 from runner.upload import Uploader, inherit_lock, run_dirs, timestamp
 
 DONE_FILE = "sweep_done.json"  # {"status": ..., "report": {name: path in the sweep folder}}

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from runner.masking import is_secret_key
+
 # Overrides a run's name leaves out because its first part says them already
 # (`jax-graph-apply-float32`) ...
 RUN_NAMED = ("backend", "mode", "mode.update", "dtype", "task")
@@ -45,7 +47,6 @@ def shown_overrides(overrides: Iterable[str], named: Collection[str] = RUN_NAMED
     name says already (`named`: keys such as `mode.update`), those about where and how it
     is recorded (NOT_COMPUTED, by root key: `tracking.uri`, `hydra/launcher`) and those
     whose key looks like it holds a secret."""
-    from runner.tracking import is_secret_key  # tracking imports this module
 
     def shown(override: str) -> bool:
         key = override.split("=", 1)[0].lstrip("+~")

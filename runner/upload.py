@@ -8,7 +8,7 @@ run is logged (params from .hydra/config.yaml, tags, metrics, artifacts, status)
 artifact exists; a half-logged one (the store went away while logging it) is
 deleted and logged again. Running the command twice adds nothing. A sweep job that
 failed before a result (job_failure.json) is logged FAILED with its config and error,
-its run_uid made from the sweep and the folder (runner.tracking.failure_uid). A path with no run
+its run_uid made from the sweep and the folder (runner.sweep_record.failure_uid). A path with no run
 folder under it is an error: a silent "uploaded 0" would read like success.
 
 Without --tracking-uri each run goes to its own store; one that fails holds back only
@@ -51,6 +51,7 @@ from typing import Any
 
 from runner.command_line import OneLineParser
 from runner.errors import RunnerError
+from runner.masking import mask_text, mask_uri
 from runner.naming import run_name
 from runner.results import (
     JOB_FAILURE_FILE,
@@ -59,27 +60,24 @@ from runner.results import (
     divergence_message,
     job_failures,
 )
+from runner.sweep_record import SWEEP_FILE, SweepInfo, failure_uid, read_sweep
 from runner.tracking import (
-    SWEEP_FILE,
-    SweepInfo,
-    TrackingError,
-    TrackingTarget,
-    anchor_uri,
     client_for,
     config_params,
     create_sweep_parent,
     end_sweep_parent,
     ensure_experiment,
-    failure_uid,
     finish_run,
-    in_command_flags,
-    mask_text,
-    mask_uri,
-    read_sweep,
-    resolve_target,
-    retry_locked,
     run_tags,
     start_run,
+)
+from runner.tracking_store import (
+    TrackingError,
+    TrackingTarget,
+    anchor_uri,
+    in_command_flags,
+    resolve_target,
+    retry_locked,
     store_error,
     store_exists,
 )

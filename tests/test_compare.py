@@ -107,7 +107,8 @@ def is_png(path: Path) -> bool:
 def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("compare")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    from runner.tracking import client_for, ensure_experiment, resolve_target
+    from runner.tracking import client_for, ensure_experiment
+    from runner.tracking_store import resolve_target
 
     # Schema and experiment first, so the parallel processes below never race to make them.
     target = resolve_target({"uri": uri}, root)

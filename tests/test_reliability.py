@@ -25,8 +25,8 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from runner.masking import mask_text
 from runner.results import atomic_write
-from runner.tracking import mask_text
 from tests.conftest import (
     ROOT,
     LiveRun,

@@ -20,7 +20,9 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.errors import ConfigError
-from runner.tracking import config_params, mask_uri, resolve_target, run_tags, thin
+from runner.masking import mask_uri
+from runner.tracking import config_params, run_tags, thin
+from runner.tracking_store import resolve_target
 from tests.conftest import (
     ROOT,
     LiveRun,

@@ -25,7 +25,7 @@ from runner.command_line import OneLineParser, out_dir_error
 from runner.errors import ConfigError, MissingFrameworkError
 from runner.plugins import load_backend
 from runner.protocol import Backend
-from runner.tracking import (
+from runner.tracking_store import (
     TrackingError,
     TrackingTarget,
     check_store,
@@ -75,7 +75,8 @@ def log_to_mlflow(results: Mapping[str, Any], out: Path, uri: str | None) -> str
     """One run named "bench" in experiment gradient-runner-bench; returns its id."""
     from mlflow.entities import Metric, Param, RunStatus, RunTag
 
-    from runner.tracking import client_for, ensure_experiment, log_batched, retry_locked
+    from runner.tracking import client_for, ensure_experiment, log_batched
+    from runner.tracking_store import retry_locked
 
     target = bench_target(uri)
     client = client_for(target)

@@ -14,7 +14,7 @@ from pathlib import Path
 from runner.command_line import OneLineParser, out_dir_error
 from runner.compare.report import compare, default_out_dir
 from runner.errors import RunnerError
-from runner.tracking import DEFAULT_EXPERIMENT, in_command_flags
+from runner.tracking_store import DEFAULT_EXPERIMENT, in_command_flags
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

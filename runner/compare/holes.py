@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 
 from runner.compare.rows import backend_label
+from runner.masking import mask_text
 from runner.naming import RUN_NAMED, config_kind, job_kind, mode_label, shown_overrides
 from runner.results import JOB_FAILURE_FILE, RESULTS_FILE, job_order
-from runner.tracking import mask_text
 
 # Overrides the job's name says already (its backend and mode, not its dtype), left out
 # of it; the rest of the rule is the run name's (runner.naming.shown_overrides).

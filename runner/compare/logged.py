@@ -18,7 +18,8 @@ from runner.compare.agreement import Agreement
 from runner.compare.output import JSON_FILE
 from runner.compare.rows import Row
 from runner.compare.store import COMPARISON_KIND, KIND_TAG, describe_selection
-from runner.tracking import log_batched, retry_locked
+from runner.tracking import log_batched
+from runner.tracking_store import retry_locked
 
 
 def _metric_key(*parts: str) -> str:

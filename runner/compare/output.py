@@ -25,7 +25,8 @@ from runner.compare.holes import Hole
 from runner.compare.rows import Row, differing_settings, varying_settings
 from runner.compare.store import download_text
 from runner.results import TRAJECTORY_FILE, atomic_write
-from runner.tracking import read_trajectory, retry_locked
+from runner.tracking import read_trajectory
+from runner.tracking_store import retry_locked
 
 MARKDOWN_FILE = "comparison.md"
 CSV_FILE = "comparison.csv"

@@ -48,8 +48,9 @@ from runner.compare.store import (
     split_values,
     sweep_spellings,
 )
+from runner.masking import mask_uri
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, sweep_failures
-from runner.tracking import DEFAULT_EXPERIMENT, mask_uri, resolve_target
+from runner.tracking_store import DEFAULT_EXPERIMENT, resolve_target
 
 
 @dataclass

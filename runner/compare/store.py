@@ -21,7 +21,8 @@ from typing import Any
 from runner.compare.rows import Row, backend_label, optimizer_label, row_from_result
 from runner.errors import RunnerError
 from runner.results import RESULTS_FILE, device_kind
-from runner.tracking import DEFAULT_EXPERIMENT, TrackingTarget, client_for, retry_locked
+from runner.tracking import client_for
+from runner.tracking_store import DEFAULT_EXPERIMENT, TrackingTarget, retry_locked
 
 KIND_TAG = "runner.kind"
 COMPARISON_KIND = "comparison"

@@ -1,0 +1,186 @@
+"""The checks `python -m runner` makes on its command line before Hydra starts.
+
+Hydra reports an unknown config-group option as a page of search paths, a launcher or
+sweeper from a missing extra as a failed import, and a run folder it cannot create as a
+traceback; each is checked here first, so the user reads one line (a RunnerError)
+naming what is allowed, before any job, run folder or MLflow run exists. Apart from
+runner.cli, which runs what Hydra composes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from runner.command_line import unwritable
+from runner.config import CONFIG_DIR
+from runner.errors import RunnerError
+from runner.plugins import backend_entry_points
+from runner.problems import problem_classes
+
+CHECKED_GROUPS = ("backend", "mode", "problem", "optimizer", "tracking")
+
+
+def group_options(group: str) -> list[str]:
+    options = {p.stem for p in (CONFIG_DIR / group).glob("*.yaml")}
+    installed = PLUGIN_GROUPS[group][0]() if group in PLUGIN_GROUPS else {}
+    return sorted(options | set(installed))
+
+
+def check_group_choices(args: list[str]) -> None:
+    """Reject `backend=foo` (and comma-separated sweep lists) before Hydra starts."""
+    for arg in args:
+        match = re.fullmatch(r"(\w+)=([\w,\-]+)", arg)
+        if not match or match.group(1) not in CHECKED_GROUPS:
+            continue
+        group, values = match.groups()
+        options = group_options(group)
+        for value in values.split(","):
+            if value not in options:
+                article = "an" if group[0] in "aeiou" else "a"  # an optimizer choice
+                raise RunnerError(
+                    f"{group}={value} is not {article} {group} choice; "
+                    f"choose one of: {', '.join(options)}"
+                )
+
+
+SLURM_LAUNCHERS = ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm")
+# Hydra plugins behind the [sweeps] extra, by the override that selects them.
+SWEEP_PLUGINS = {
+    "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
+    "hydra/launcher=parallel": "hydra_plugins.hydra_joblib_launcher",
+    "hydra/launcher=submitit_local": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=local": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/launcher=slurm": "hydra_plugins.hydra_submitit_launcher",
+    "hydra/sweeper=optuna": "hydra_plugins.hydra_optuna_sweeper",
+    "+hparams_search=lr": "hydra_plugins.hydra_optuna_sweeper",
+}
+
+
+def check_sweep_plugins(args: list[str]) -> None:
+    """A launcher or sweeper from a missing extra: name the extra, not Hydra's search path."""
+    from importlib.util import find_spec
+
+    for arg in args:
+        module = SWEEP_PLUGINS.get(arg)
+        if module and find_spec(module) is None:
+            raise RunnerError(
+                f"{arg} needs the Hydra plugin '{module.split('.')[-1]}', which is not "
+                "installed; pip install 'gradient-runner[sweeps]'"
+            )
+        # submitit would fail deep in the sweep, after its parent run was opened
+        if arg in SLURM_LAUNCHERS and shutil.which("srun") is None:
+            raise RunnerError(
+                f"{arg} submits to a SLURM cluster, and this machine has no srun; "
+                "use hydra/launcher=local or hydra/launcher=parallel here"
+            )
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose the config once with the plain overrides: Hydra's errors become one line.
+
+    Sweep lists and Hydra's own settings are left to Hydra; this catches the common
+    slips (a misspelt key, a value of the wrong shape) before any job starts.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    plain = [a for a in args if "=" in a and not a.startswith(("-", "hydra")) and "," not in a]
+    plain = [a for a in plain if "(" not in a.split("=", 1)[1]]
+    check_task_settings(plain)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose("config", overrides=plain)
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [str(exc)]
+        missing = re.match(r"Could not override '([^']+)'", lines[0])
+        if missing and "not in struct" in str(exc.__cause__):
+            key = missing.group(1)
+            owners = options_with(key)
+            if owners:  # a real setting of another choice: +key would be silently ignored
+                raise RunnerError(
+                    f"{key} is a setting of {' and '.join(owners)} only; "
+                    f"choose {owners[0]} to use it"
+                ) from None
+            raise RunnerError(
+                f"{key} is not a setting of this config (misspelt?); "
+                f"to add a new key on purpose, write +{key}=..."
+            ) from None
+        raise RunnerError(lines[0]) from None
+
+
+# Settings of an optimization: task=derivatives evaluates dy/dx and d2y/dx2 at x0 and
+# runs no optimizer, so these would change nothing in its results.
+MINIMIZE_ONLY = ("mode", "optimizer", "steps", "record_every")
+
+
+def check_task_settings(plain: list[str]) -> None:
+    """`task=derivatives mode=graph` is refused: the mode would be recorded, not used."""
+    if "task=derivatives" not in plain:
+        return
+    for arg in plain:
+        root = re.split(r"[./]", arg.split("=", 1)[0].lstrip("+~"), maxsplit=1)[0]
+        if root in MINIMIZE_ONLY:
+            raise RunnerError(
+                f"{arg} does not apply to task=derivatives, which runs no optimizer "
+                f"(it evaluates the derivatives at problem.x0, eagerly and compiled); drop {arg}"
+            )
+
+
+def options_with(key: str) -> list[str]:
+    """The shipped config group options that have `key` ('mode.update' -> ['mode=graph'])."""
+    group, _, setting = key.partition(".")
+    if not setting or "." in setting:
+        return []
+    return [
+        f"{group}={path.stem}"
+        for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
+        if setting in OmegaConf.load(path)
+    ]
+
+
+def problem_defaults(entry_point: Any) -> dict[str, Any]:
+    """A problem plugin's settings (its dataclass fields) with their defaults."""
+    return {
+        f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+        for f in dataclasses.fields(entry_point.load())
+        if f.default is not dataclasses.MISSING
+    }
+
+
+# Config groups whose options installed plugins add: group -> ({name: entry point}, the
+# settings of an option's config node). A backend's options reach it as +backend.<key>.
+PLUGIN_GROUPS: dict[str, tuple[Callable[[], Mapping[str, Any]], Callable[[Any], dict]]] = {
+    "backend": (backend_entry_points, lambda _entry_point: {}),
+    "problem": (problem_classes, problem_defaults),
+}
+
+
+def check_output_dir(args: list[str]) -> None:
+    """A run folder that cannot be written is named in one line, before Hydra starts.
+
+    Hydra would create it itself and print a traceback; this checks the folder the
+    command line names (or outputs/), without creating anything: its nearest existing
+    parent must be a folder this process can write in.
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return  # --help, --cfg, --info ...: Hydra writes no run folder
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(args) else "hydra.run.dir"
+    given = next((a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")), None)
+    value = given or "outputs"
+    static = value.split("${", 1)[0]
+    path = Path(static if "${" not in value else static.rpartition("/")[0] or ".")
+    problem = unwritable(path)
+    if problem:
+        setting = f"{key}={value}" if given else f"the run folder {path.absolute()}"
+        raise RunnerError(
+            f"{setting} cannot be written: {problem}; set {key}= to a folder you can write"
+        )
