@@ -1,11 +1,11 @@
 """`python -m runner.background`: a single run's own upload, started detached by the run.
 
-`python -m runner` writes the run's files, then starts this (upload.start_background_upload)
-and returns. It waits for the run's process to exit before importing anything heavy,
-so its start-up (NumPy, then MLflow: ~1-2 s of CPU) does not compete with the run's
-last moments on a machine with few cores, then runs `python -m runner.upload
---background` on the run folder: logged once, as a live run is, with the status its
-results.json records, output in <run dir>/upload.log.
+`python -m runner` writes the run's files, then starts this
+(runner.upload_process.start_background_upload) and returns. It waits for the run's
+process to exit before importing anything heavy, so its start-up (NumPy, then MLflow:
+~1-2 s of CPU) does not compete with the run's last moments on a machine with few cores,
+then runs `python -m runner.upload --background` on the run folder: logged once, as a
+live run is, with the status its results.json records, output in <run dir>/upload.log.
 
 Arguments: --after-pid=<the run's pid>, then upload's own (--lock-fd, --experiment,
 the run folder). The store's URI comes in MLFLOW_TRACKING_URI, never argv.

@@ -49,7 +49,8 @@ from runner.tracking_store import (
     resolve_target,
     store_error,
 )
-from runner.upload import LOG_FILE, start_logger, upload_failed_jobs
+from runner.upload import upload_failed_jobs
+from runner.upload_process import LOG_FILE, start_logger
 
 REPORT_DIR = "compare"
 # The sweep's logger (runner.follow), by sweep folder: kept out of the callback, which

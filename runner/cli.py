@@ -46,7 +46,7 @@ from runner.tracking import (
     tracked_run,
 )
 from runner.tracking_store import TrackingError, TrackingTarget, check_store, resolve_target
-from runner.upload import folder_lock, start_background_upload
+from runner.upload_process import folder_lock, start_background_upload
 
 
 def register_plugins(args: Iterable[str] = ()) -> None:

@@ -32,10 +32,12 @@ from typing import TextIO
 from runner.compare.logged import log_saved_report
 from runner.errors import RunnerError
 from runner.masking import mask_uri
+from runner.run_folders import run_dirs
 from runner.sweep_record import read_sweep
 from runner.tracking import start_sweep_parent
 from runner.tracking_store import resolve_target, store_error
-from runner.upload import Uploader, inherit_lock, run_dirs, timestamp
+from runner.upload import Uploader
+from runner.upload_process import inherit_lock, timestamp
 
 DONE_FILE = "sweep_done.json"  # {"status": ..., "report": {name: path in the sweep folder}}
 POLL_S = 0.2

@@ -1,15 +1,16 @@
 """`python -m runner.upload DIR...`: record in MLflow the runs whose tracking store was away.
 
-A run always writes results.json (with its `run_uid`) and trajectory.csv, whether or
-not MLflow could be reached. This command finds the run folders under the paths it is
-given (run_dirs) and logs each one that the store does not hold yet, exactly as a live
-run is logged (params from .hydra/config.yaml, tags, metrics, artifacts, status), tagged
-`run_uid`. A run counts as held when a run with its run_uid and a results.json
-artifact exists; a half-logged one (the store went away while logging it) is
-deleted and logged again. Running the command twice adds nothing. A sweep job that
-failed before a result (job_failure.json) is logged FAILED with its config and error,
-its run_uid made from the sweep and the folder (runner.sweep_record.failure_uid). A path with no run
-folder under it is an error: a silent "uploaded 0" would read like success.
+A run always writes results.json (with its `run_uid`) and trajectory.csv, whether or not
+MLflow could be reached. This command finds the run folders under the paths it is given
+(runner.run_folders.run_dirs) and logs each one that the store does not hold yet,
+exactly as a live run is logged (params from .hydra/config.yaml, tags, metrics,
+artifacts, status), tagged `run_uid`. A run counts as held when a run with its run_uid
+and a results.json artifact exists; a half-logged one (the store went away while logging
+it) is deleted and logged again. Running the command twice adds nothing. A sweep job
+that failed before a result (job_failure.json) is logged FAILED with its config and
+error, its run_uid made from the sweep and the folder (runner.sweep_record.failure_uid).
+A path with no run folder under it is an error: a silent "uploaded 0" would read like
+success.
 
 Without --tracking-uri each run goes to its own store; one that fails holds back only
 its own runs: the others are uploaded, and the failure is reported once, at the end,
@@ -20,15 +21,15 @@ Runs of a sweep are nested under the sweep's parent run, found by its `sweep_id`
 tag or created once; a parent left RUNNING by a sweep whose store went away is
 closed as FINISHED, or FAILED where a job failed (tag failed_jobs).
 
-Each run folder is uploaded under an exclusive lock (fcntl.flock on its
-`.upload.lock`): a second upload of the same folder, at the same time, waits and
-then finds the run recorded. The same lock guards a sweep's parent run.
+Each run folder is uploaded under an exclusive lock (fcntl.flock on its `.upload.lock`,
+runner.upload_process.folder_lock): a second upload of the same folder, at the same
+time, waits and then finds the run recorded. The same lock guards a sweep's parent run.
 
 A single run logs itself through this command by default: `python -m runner` writes
 its files, then starts `python -m runner.background <run dir>` (this command with
 --background, once the run's process has exited) as a detached process
-(start_background_upload) that holds the folder's lock from its first instant until
-it exits, writing to `<run dir>/upload.log`.
+(runner.upload_process.start_background_upload) that holds the folder's lock from
+its first instant until it exits, writing to `<run dir>/upload.log`.
 """
 
 from __future__ import annotations
@@ -36,11 +37,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import os
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -60,7 +58,15 @@ from runner.results import (
     divergence_message,
     job_failures,
 )
-from runner.sweep_record import SWEEP_FILE, SweepInfo, failure_uid, read_sweep
+from runner.run_folders import (
+    in_sweep,
+    read_config,
+    read_overrides,
+    read_record,
+    run_folders,
+    started_in,
+)
+from runner.sweep_record import SweepInfo, read_sweep
 from runner.tracking import (
     client_for,
     config_params,
@@ -81,21 +87,11 @@ from runner.tracking_store import (
     store_error,
     store_exists,
 )
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: uploads are not locked (as before)
-    fcntl = None  # type: ignore[assignment]
+from runner.upload_process import folder_lock, inherit_lock, timestamp
 
 STATUSES = {"finished": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
 # The checkout now, not when the run ran: left off a run uploaded later.
 UNCOMMITTED_TAGS = ("git_commit", "mlflow.source.git.commit", "git_dirty")
-LOCK_FILE = ".upload.lock"
-LOG_FILE = "upload.log"
-_HELD_LOCKS: dict[Path, int] = {}  # folders whose lock this process inherited, by fd
-ARTIFACTS_FOLDER = "artifacts"  # MLflow's copy of a logged run's files: <run id>/artifacts/
-_RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids (uuid4 hex)
-FOLDER_HINT = "give run folders or sweep folders (outputs/runs/..., outputs/multirun/...)"
 
 
 @dataclass
@@ -151,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="say what would be uploaded, write nothing (no store or experiment is created)",
     )
-    # A run's own upload, started by `python -m runner` (start_background_upload): the
-    # store's URI comes in MLFLOW_TRACKING_URI (never argv: it may hold credentials),
-    # the run folder's lock is inherited as an open file descriptor.
+    # A run's own upload, started by `python -m runner`
+    # (upload_process.start_background_upload): the store's URI comes in MLFLOW_TRACKING_URI
+    # (never argv: it may hold credentials), the run folder's lock is inherited as an open
+    # file descriptor.
     parser.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -187,79 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.background:
         print(f"{timestamp()} done in {time.monotonic() - started:.1f} s")
     return TrackingError.exit_code if outcome.unreached else 0
-
-
-def inherit_lock(folder: Path, fd: int) -> None:
-    """This process holds folder's upload lock through fd, opened by its parent (start_logger)."""
-    _HELD_LOCKS[folder.resolve()] = fd
-
-
-def timestamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def run_dirs(paths: Iterable[Path]) -> Iterator[Path]:
-    """Every run folder under each path, in order, once (none under a path is no error:
-    a sweep's logger scans its folder before the first job has a result).
-
-    A run folder is one holding a results.json, or a sweep job's job_failure.json (it
-    failed before a result: logged as a FAILED run with its config and error, so MLflow
-    shows the hole in the sweep), outside MLflow's copies of logged runs'
-    files (`<run id>/artifacts/`, under outputs/mlartifacts/ for the default store): a
-    copy holds a results.json too, but uploading it would log its run a second time.
-    `.hydra/` is not required beside results.json: a run made with
-    hydra.output_subdir=null has none, and its own background upload must find it.
-    """
-    seen: set[Path] = set()
-    for path in paths:
-        if not path.exists():
-            raise RunnerError(f"{path} does not exist; give run folders or sweep folders")
-        for folder in _results_folders(path):
-            if folder not in seen:
-                seen.add(folder)
-                yield folder
-
-
-def run_folders(paths: Iterable[Path]) -> list[Path]:
-    """run_dirs, each path checked before anything is uploaded: a path with no run
-    folder under it (a typo'd or empty folder, a file, a sweep's compare/) is an error."""
-    found: dict[Path, None] = {}
-    for path in paths:
-        here = list(run_dirs([path]))
-        if not here:
-            raise RunnerError(_no_run_folder(path))
-        found.update(dict.fromkeys(here))
-    return list(found)
-
-
-def _no_run_folder(path: Path) -> str:
-    if not path.is_dir():
-        return f"{path} is not a folder; {FOLDER_HINT}"
-    if (path / ".hydra").is_dir():  # Hydra writes it first: the run ended before its result
-        return (
-            f"{path} holds no {RESULTS_FILE}: its run stopped before writing one; nothing to upload"
-        )
-    return f"no run folders under {path}; {FOLDER_HINT}"
-
-
-def _results_folders(path: Path) -> list[Path]:
-    """os.walk, not rglob: an artifact copy is pruned, not walked (mlartifacts/ grows with
-    every run logged), and a path inside one (given by hand) yields nothing."""
-    root = path.resolve()
-    if any(_is_artifact_copy(p) for p in (root, *root.parents)):
-        return []
-    if not root.is_dir():
-        return []
-    found = []
-    for top, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not _is_artifact_copy(Path(top, d))]
-        if RESULTS_FILE in files or JOB_FAILURE_FILE in files:
-            found.append(Path(top))
-    return sorted(found)
-
-
-def _is_artifact_copy(folder: Path) -> bool:
-    return folder.name == ARTIFACTS_FOLDER and bool(_RUN_ID.fullmatch(folder.parent.name))
 
 
 def upload(
@@ -341,14 +265,14 @@ class Uploader:
         fails (a server long gone) holds back its own runs only, tried once, not once
         per run; Outcome.unreached says which, at the end.
         """
-        result = _record(run_dir)
-        if _in_sweep(run_dir):
+        result = read_record(run_dir)
+        if in_sweep(run_dir):
             self.sweeps.setdefault(read_sweep(run_dir.parent).sweep_id, run_dir.parent)
         if not result.get("run_uid"):
             print(f"skipped {run_dir}: its results.json has no run_uid", file=self.out)
             self.outcome.skipped += 1
             return
-        cfg = _config(run_dir, result)
+        cfg = read_config(run_dir, result)
         target = _target(run_dir, cfg, self.tracking_uri, self.experiment)
         unreached = self.outcome.unreached.get(target.uri)
         if unreached is not None:
@@ -406,7 +330,7 @@ class Uploader:
             for run_id in stale:  # half-logged when the store went away: replaced
                 retry_locked(lambda run_id=run_id: client.delete_run(run_id))
             sweep_id = parent = None
-            if _in_sweep(run_dir):
+            if in_sweep(run_dir):
                 sweep = read_sweep(run_dir.parent)
                 sweep_id = sweep.sweep_id
                 if (target, sweep_id) not in self.parents:
@@ -440,154 +364,8 @@ class Uploader:
                 raise store_error(target.uri, exc) from None
 
 
-@contextmanager
-def folder_lock(folder: Path, out: Any = None) -> Iterator[None]:
-    """Hold the folder's upload lock (flock on `<folder>/.upload.lock`), waiting for it.
-
-    A lock this process inherited (a run's background upload) is already held. A
-    folder this process cannot write in is read-locked if its lock file exists, and
-    otherwise not locked (no upload started by the run can be writing it then).
-    """
-    if fcntl is None or folder.resolve() in _HELD_LOCKS:
-        yield
-        return
-    fd = None
-    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
-        try:
-            fd = os.open(folder / LOCK_FILE, flags, 0o644)
-            break
-        except OSError:
-            continue
-    try:
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"waiting for another upload of {folder} to finish ...", file=out)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock
-
-
-def start_background_upload(
-    run_dir: Path, run_uid: str, target: TrackingTarget, cwd: Path
-) -> Path | None:
-    """Start `python -m runner.background run_dir` (runner.upload), detached; its log.
-
-    Nothing is started (None) when run_dir holds no results.json of this run (it
-    stopped before a result existed).
-    """
-    try:
-        if json.loads((run_dir / RESULTS_FILE).read_text()).get("run_uid") != run_uid:
-            return None
-    except (OSError, ValueError):
-        return None
-    start_logger(run_dir, ["runner.background", f"--after-pid={os.getpid()}"], target, cwd)
-    return run_dir / LOG_FILE
-
-
-def start_logger(
-    folder: Path, module: list[str], target: TrackingTarget, cwd: Path
-) -> subprocess.Popen:
-    """Start `python -m <module...> folder`, detached, holding the folder's upload lock.
-
-    The lock is taken here and handed to the child as an open descriptor, so it is
-    held from before the child exists until the child exits: a concurrent `python -m
-    runner.upload` of the folder, or a test waiting for the upload (tests/conftest.py:
-    wait_for_upload), waits for it. The child has its own session (Ctrl-C in the
-    terminal does not reach it), no stdin, and writes to <folder>/upload.log; the
-    store's URI is in its environment (MLFLOW_TRACKING_URI), never on its command
-    line, which every user can read.
-    """
-    env = {**os.environ, "MLFLOW_TRACKING_URI": target.uri}
-    root = str(Path(__file__).resolve().parent.parent)  # runner/ lives here
-    if root not in _site_dirs():  # a checkout: the child imports the same runner
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", *module, "--experiment", target.experiment]
-    try:
-        lock = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                command.append(f"--lock-fd={lock}")
-            with (folder / LOG_FILE).open("ab") as sink:
-                return subprocess.Popen(
-                    [*command, str(folder)],
-                    cwd=cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=sink,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    pass_fds=(lock,),
-                )
-        finally:
-            os.close(lock)  # the child's copy keeps the lock
-    except OSError as exc:
-        raise TrackingError(
-            f"the background upload to {mask_uri(target.uri)} could not start "
-            f"({exc.strerror or exc})"
-        ) from None
-
-
-def wait_for_upload(run_dir: Path, timeout_s: float = 300) -> str:
-    """Wait until the background upload of run_dir has exited; its log (upload.log).
-
-    The upload holds the folder's lock from before `python -m runner` returns until
-    it exits, so getting the lock means it is done (no polling of the store, no
-    guessed sleep). TimeoutError after timeout_s; FileNotFoundError when no upload
-    was started for the folder.
-    """
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    late = f"the upload of {run_dir} still runs after {timeout_s} s"
-                    raise TimeoutError(late) from None
-                time.sleep(0.02)
-    finally:
-        os.close(fd)
-    return (run_dir / LOG_FILE).read_text()
-
-
-def _site_dirs() -> set[str]:
-    import site
-
-    dirs = set(site.getsitepackages())
-    if site.ENABLE_USER_SITE:
-        dirs.add(site.getusersitepackages())
-    return {str(Path(d).resolve()) for d in dirs}
-
-
 def _status(result: Mapping[str, Any]) -> str:
     return STATUSES.get(result.get("status"), "KILLED")
-
-
-def _config(run_dir: Path, result: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's resolved config from .hydra/config.yaml; a minimal one from results.json."""
-    path = run_dir / ".hydra" / "config.yaml"
-    if path.is_file():
-        from omegaconf import OmegaConf
-
-        loaded = OmegaConf.load(path)
-        try:
-            return OmegaConf.to_container(loaded, resolve=True)  # type: ignore[return-value]
-        except Exception:
-            return OmegaConf.to_container(loaded, resolve=False)  # type: ignore[return-value]
-    mode = {"name": result.get("mode"), "update": result.get("update") or "apply"}
-    return {
-        "backend": {"name": result.get("backend"), **(result.get("options") or {})},
-        "task": result.get("task"),
-        "mode": mode,
-        "dtype": result.get("dtype"),
-    }
 
 
 def _target(
@@ -598,19 +376,7 @@ def _target(
         tracking["uri"] = uri
     if experiment:
         tracking["experiment"] = experiment
-    return resolve_target(tracking, _started_in(run_dir))
-
-
-def _started_in(run_dir: Path) -> Path:
-    """The folder the run's command started in (Hydra's runtime.cwd), for its default store."""
-    path = run_dir / ".hydra" / "hydra.yaml"
-    if path.is_file():
-        from omegaconf import OmegaConf
-
-        cwd = OmegaConf.select(OmegaConf.load(path), "hydra.runtime.cwd", default=None)
-        if cwd:
-            return Path(cwd)
-    return Path.cwd()
+    return resolve_target(tracking, started_in(run_dir))
 
 
 def _existing(
@@ -639,11 +405,6 @@ def _existing(
             return run.info.run_id, []
         stale.append(run.info.run_id)
     return None, stale
-
-
-def _in_sweep(run_dir: Path) -> bool:
-    parent = run_dir.parent
-    return (parent / SWEEP_FILE).is_file() or (parent / "multirun.yaml").is_file()
 
 
 def _sweep_parent(client: Any, experiment_id: str, sweep_dir: Path, sweep: SweepInfo) -> str:
@@ -694,7 +455,7 @@ def _upload_one(
     """
     tags = {
         k: v
-        for k, v in run_tags(cfg, _overrides(run_dir), sweep_id).items()
+        for k, v in run_tags(cfg, read_overrides(run_dir), sweep_id).items()
         if live or k not in UNCOMMITTED_TAGS
     }
     tags["run_uid"] = result["run_uid"]
@@ -705,7 +466,7 @@ def _upload_one(
     run_id = start_run(
         client,
         experiment_id,
-        run_name(cfg, _overrides(run_dir)),
+        run_name(cfg, read_overrides(run_dir)),
         config_params(cfg),
         tags,
         parent_run_id,
@@ -737,18 +498,6 @@ def _upload_one(
     return run_id
 
 
-def _record(run_dir: Path) -> dict[str, Any]:
-    """results.json, or for a sweep job that failed before a result, a stand-in made from
-    its job_failure.json: status "failed", its error, and failure_uid for its run_uid."""
-    results = run_dir / RESULTS_FILE
-    if results.exists() or not (run_dir / JOB_FAILURE_FILE).exists():
-        return json.loads(results.read_text())
-    failure = json.loads((run_dir / JOB_FAILURE_FILE).read_text())
-    sweep_id = read_sweep(run_dir.parent).sweep_id
-    uid = failure_uid(sweep_id, run_dir.name)
-    return {"run_uid": uid, "status": "failed", "error": str(failure.get("error", ""))}
-
-
 def upload_failed_jobs(sweep_dir: Path, target: TrackingTarget) -> None:
     """Log the sweep's jobs that failed before a result, and before any run of theirs was
     in MLflow (a bad setting fails a job before it logs itself): as FAILED runs under the
@@ -759,16 +508,6 @@ def upload_failed_jobs(sweep_dir: Path, target: TrackingTarget) -> None:
     for folder in job_failures(sweep_dir):
         if not (folder / RESULTS_FILE).exists():
             uploader.add_run(folder)  # one store, given: its failure is raised at once
-
-
-def _overrides(run_dir: Path) -> list[str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    from omegaconf import OmegaConf
-
-    loaded = OmegaConf.to_container(OmegaConf.load(path)) or []
-    return [str(o) for o in loaded]  # type: ignore[union-attr]
 
 
 @contextmanager

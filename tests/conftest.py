@@ -40,8 +40,8 @@ def cli(
         text=True,
         timeout=timeout,
     )
-    from runner.upload import LOG_FILE
-    from runner.upload import wait_for_upload as wait
+    from runner.upload_process import LOG_FILE
+    from runner.upload_process import wait_for_upload as wait
 
     for log in cwd.glob(f"**/{LOG_FILE}"):
         wait(log.parent, timeout)
@@ -78,13 +78,13 @@ def run_dirs_in(cwd: Path) -> list[Path]:
 def wait_for_upload(run_dir: Path, timeout: float = 180) -> str:
     """Wait until the run's background upload has exited; its log (upload.log).
 
-    runner.upload.wait_for_upload: the upload holds the folder's lock (flock on
+    runner.upload_process.wait_for_upload: the upload holds the folder's lock (flock on
     .upload.lock) from before the run's command returns until it exits, so taking the
     lock means it is done: no polling of the store, no sleep that is too short on a
     loaded machine.
     """
-    from runner.upload import LOCK_FILE
-    from runner.upload import wait_for_upload as wait
+    from runner.upload_process import LOCK_FILE
+    from runner.upload_process import wait_for_upload as wait
 
     assert (run_dir / LOCK_FILE).exists(), f"no background upload was started for {run_dir}"
     return wait(run_dir, timeout)

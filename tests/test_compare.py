@@ -127,7 +127,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name, proc in procs.items():
         code, out, err = finish(proc)
         assert code == 0, f"{name}: {out[-2000:]}\n{err[-3000:]}"
-    from runner.upload import wait_for_upload
+    from runner.upload_process import wait_for_upload
 
     for name in sweeps:  # each sweep's logger finishes its last runs after the launcher exits
         wait_for_upload(root / name, 180)

@@ -71,7 +71,7 @@ def tracking_cost(repeats: int) -> dict[str, Any]:
     upload's exit (its folder lock is free then), timed from the command's start. The
     first tracked run creates the store (schema migrations): reported on its own.
     """
-    from runner.upload import wait_for_upload
+    from runner.upload_process import wait_for_upload
 
     with scratch_dir("tracking") as cwd:
         args = ("backend=jax", "steps=1000")
@@ -166,7 +166,7 @@ def sweep_cost(rounds: int = 2) -> dict[str, Any]:
     logger (runner.follow) to finish, so none shares the cores with the last one's
     logging. Wall time is the command's; logged_s is until its last run is in MLflow.
     """
-    from runner.upload import wait_for_upload
+    from runner.upload_process import wait_for_upload
 
     result: dict[str, Any] = {
         name: {"wall_samples_s": [], "logged_samples_s": []} for name in SWEEPS
