@@ -88,7 +88,7 @@ class SweepTracking(Callback):
         except TrackingError as exc:
             self.outage = exc
             print(f"error: {exc}; the jobs run and keep their results", file=sys.stderr)
-            write_sweep(sweep_dir, SweepInfo(sweep_id, None, "nobody"))
+            write_sweep(sweep_dir, SweepInfo(sweep_id, None, "nobody", overrides))
             return
         except RunnerError as exc:  # a bad tracking setting
             print(f"error: {exc}", file=sys.stderr)

@@ -464,6 +464,8 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: P
     parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
     jobs = [r for r in runs if r.data.tags.get("runner.kind") != "sweep"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # the sweep's record kept its overrides though the store was away as it started
+    assert "optimizer.lr=0.01,1.5" in parents[0].data.tags["overrides"]
     assert len(jobs) == 2
     by_uid = {r.data.tags["run_uid"]: r for r in jobs}
     assert set(by_uid) == {r["run_uid"] for r in results.values()}
