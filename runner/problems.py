@@ -287,6 +287,7 @@ def build_problem(cfg: Mapping[str, Any]) -> Problem:
         choices = installed_choices(found)
         raise ConfigError(f"problem={name!r} is unknown; choose one of: {choices}")
     cls = found[name].load()
+    _check_protocol(name, found[name].value, cls)
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - allowed)
     if unknown:
@@ -297,6 +298,20 @@ def build_problem(cfg: Mapping[str, Any]) -> Problem:
     for key, value in values.items():
         values[key] = _setting(key, value)
     return cls(**values)
+
+
+def _check_protocol(name: str, entry_point: str, cls: type) -> None:
+    """A plugin problem that lacks part of the protocol is named here, before the run: it
+    would fail inside the backend's loop and read as the backend's error."""
+    from runner.errors import PluginError
+    from runner.plugins import members, missing_members  # plugins -> protocol -> problems
+
+    missing = missing_members(cls, Problem)
+    if missing:
+        raise PluginError(
+            f"problem={name}: its plugin '{entry_point}' lacks {', '.join(missing)}, "
+            f"which runner.problems.Problem requires (all: {', '.join(members(Problem))})"
+        )
 
 
 def _setting(key: str, value: Any) -> Any:

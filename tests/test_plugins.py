@@ -272,6 +272,19 @@ def test_a_broken_problem_plugin_fails_only_the_runs_that_choose_it(tmp_path: Pa
         "ModuleNotFoundError: No module named 'no_such_module_here'"
     )
     assert not (tmp_path / "outputs" / "multirun").exists()  # refused before any job
+    # half-written: no grad(); it failed in the backend's loop as "backend=numpy failed"
+    source = PROBLEM_SOURCE.replace("def grad(", "def _gone(").replace('"shifted"', '"nograd"')
+    install_plugin(
+        site, "nograd_problem", source, f"[{PROBLEM_GROUP}]\nnograd = nograd_problem:Shifted\n"
+    )
+    partial = cli(
+        "backend=numpy", "problem=nograd", "steps=3", "tracking=off", cwd=tmp_path, env=env
+    )
+    assert partial.returncode == 2
+    assert partial.stderr.strip() == (
+        "error: problem=nograd: its plugin 'nograd_problem:Shifted' lacks grad(), which "
+        "runner.problems.Problem requires (all: name, x0_array(), loss(), grad(), optimum())"
+    )
 
 
 def test_a_backend_declines_derivatives_with_not_implemented_error(tmp_path: Path) -> None:
