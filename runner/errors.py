@@ -77,10 +77,15 @@ def installed_choices(names: Iterable[str]) -> str:
 def describe(exc: BaseException) -> str:
     """An exception as one line, `Type: message`: its message's first line (` ...` marks
     more; the rest, and where it was raised, are in the traceback)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = text_lines(str(exc))
     if not lines:
         return type(exc).__name__
     return f"{type(exc).__name__}: {lines[0]}{' ...' if len(lines) > 1 else ''}"
+
+
+def text_lines(text: str) -> list[str]:
+    """A message's non-blank lines, stripped: its first is what a one-line report shows."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def whole_number(key: str, value: Any, low: int = 1) -> int:

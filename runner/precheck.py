@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from runner.command_line import unwritable
 from runner.config import CONFIG_DIR
-from runner.errors import RunnerError
+from runner.errors import RunnerError, text_lines
 from runner.plugins import backend_entry_points
 from runner.problems import problem_classes
 
@@ -100,7 +100,7 @@ def check_overrides(args: list[str]) -> None:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             compose("config", overrides=plain)
     except (HydraException, OmegaConfBaseException) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [str(exc)]
+        lines = text_lines(str(exc)) or [str(exc)]
         missing = re.match(r"Could not override '([^']+)'", lines[0])
         if missing and "not in struct" in str(exc.__cause__):
             key = missing.group(1)

@@ -19,9 +19,11 @@ from typing import Any
 import yaml
 
 from runner.compare.rows import backend_label
+from runner.errors import text_lines
 from runner.masking import mask_text
 from runner.naming import RUN_NAMED, config_kind, job_kind, mode_label, shown_overrides
 from runner.results import JOB_FAILURE_FILE, RESULTS_FILE, job_order
+from runner.run_folders import read_overrides
 
 # Overrides the job's name says already (its backend and mode, not its dtype), left out
 # of it; the rest of the rule is the run name's (runner.naming.shown_overrides).
@@ -50,7 +52,7 @@ def sweep_holes(sweep_dir: Path) -> list[Hole]:
         },
         key=job_order,
     )
-    overrides = {folder: _overrides(folder) for folder in folders}
+    overrides = {folder: read_overrides(folder) for folder in folders}
     shared = set.intersection(*map(set, overrides.values())) if overrides else set()
     holes = []
     for folder in folders:
@@ -92,13 +94,8 @@ def _named(backend: str, options: Mapping[str, Any], label: str) -> str:
     return f"{backend_label(backend, options)} {label}"
 
 
-def _overrides(folder: Path) -> list[str]:
-    loaded = _read_yaml(folder / ".hydra" / "overrides.yaml")
-    return [str(o) for o in loaded] if isinstance(loaded, list) else []
-
-
 def _one_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = text_lines(text)
     return mask_text(lines[0]) if lines else "(no message)"
 
 
