@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.config import CONFIG_DIR, build_run_config
 from runner.errors import DivergenceError, RunFailed, RunnerError, UnsupportedError
-from runner.job import execute, refuse_unsupported, request_stop, stop_requested
+from runner.job import execute, request_stop, stop_requested, supported_backend
 from runner.masking import mask_uri
 from runner.naming import job_kind, run_name
 from runner.precheck import (
@@ -140,23 +140,22 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
     run = build_run_config(container)  # bad input fails here, before any import or record
-    if not multirun:
-        refuse_unsupported(run)
+    backend = None if multirun else supported_backend(run)
     run_uid = new_run_uid()  # results.json and the MLflow tag run_uid: uploads happen once
     tracking = container.get("tracking") or {}
     if not tracking.get("enabled", True):
-        return execute(run, output_dir, run_uid)
+        return execute(run, output_dir, run_uid, backend)
     executed = False
 
     def job() -> dict[str, Any]:
         nonlocal executed
         executed = True
-        return execute(run, output_dir, run_uid)
+        return execute(run, output_dir, run_uid, backend)
 
     sweep = read_sweep(Path(hydra_cfg.sweep.dir)) if multirun else None
     if sweep is not None and sweep.logged_by != "jobs":  # the sweep's logger, or nobody
         with folder_lock(output_dir):  # the logger uploads the folder once the job is done
-            return execute(run, output_dir, run_uid)
+            return execute(run, output_dir, run_uid, backend)
     cwd = Path(hydra_cfg.runtime.cwd)
     target = resolve_target(tracking, cwd)
     try:

@@ -6,6 +6,7 @@ a tracking outage or a bad summary never loses what was computed.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -35,29 +36,47 @@ from runner.results import (
 from runner.summary import derivatives_summary, minimize_summary
 
 
-def refuse_unsupported(run: RunConfig) -> None:
-    """A single run the backend cannot express is bad input, refused before anything is
-    written or logged. (A sweep's job records it as skipped instead, so that the sweep's
-    report shows the hole in its matrix: `execute` does that.)"""
-    if run.minimize is None:
-        return
-    reason = load_backend(run.backend).unsupported(run.minimize)
-    if reason:
-        raise _unsupported(run, run.minimize, reason)
+def supported_backend(run: RunConfig) -> Backend:
+    """The run's backend, loaded once for the check and the run (a plugin's __init__ may
+    be costly, or count). A single run the backend cannot express is bad input, refused
+    here, before anything is written or logged. (A sweep's job records it as skipped
+    instead, so that the sweep's report shows the hole in its matrix: `execute` does
+    that.)"""
+    backend = load_backend(run.backend)
+    if run.minimize is not None:
+        reason = backend.unsupported(run.minimize)
+        if reason:
+            raise _unsupported(run, run.minimize, reason)
+    return backend
+
+
+# A reason that starts by naming a setting ("optimizer=adam: ...", "backend.unroll=0
+# must ...") says what it refuses; any other is about the mode asked for, which is named.
+_NAMES_ITS_SETTING = re.compile(r"[\w.]+=")
 
 
 def _unsupported(run: RunConfig, spec: MinimizeSpec, reason: str) -> UnsupportedError:
-    mode = spec.mode + (f" mode.update={spec.update}" if spec.mode == "graph" else "")
-    return UnsupportedError(f"backend={run.backend} mode={mode}: {reason}")
+    asked = f"backend={run.backend}"
+    if not _NAMES_ITS_SETTING.match(reason):
+        asked += f" mode={spec.mode}" + (
+            f" mode.update={spec.update}" if spec.mode == "graph" else ""
+        )
+    return UnsupportedError(f"{asked}: {reason}")
 
 
-def execute(run: RunConfig, output_dir: Path, run_uid: str | None = None) -> dict[str, Any]:
+def execute(
+    run: RunConfig,
+    output_dir: Path,
+    run_uid: str | None = None,
+    backend: Backend | None = None,
+) -> dict[str, Any]:
     """Run the task `run` asks for, write its files to output_dir, return the result.
 
     run_uid (a fresh one when not given) goes into results.json: the run's identity
-    in MLflow, live or uploaded later.
+    in MLflow, live or uploaded later. backend: supported_backend's, when it checked
+    the run; else the run's is loaded here.
     """
-    backend = load_backend(run.backend)
+    backend = backend or load_backend(run.backend)
     identity = RunIdentity(
         run.backend,
         backend.framework,

@@ -99,6 +99,33 @@ def test_installed_plugin_is_discovered_and_runs(tmp_path: Path) -> None:
     assert "choose one of: abacus, jax, numpy, tf, torch" in listed.stderr
 
 
+def test_a_run_builds_its_backend_once_and_a_refusal_names_the_setting_refused(
+    tmp_path: Path,
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    built = tmp_path / "built.txt"
+    counted = PLUGIN_SOURCE.replace(
+        'framework = "Abacus"',
+        f'framework = "Abacus"\n    def __init__(self):\n'
+        f'        open({str(built)!r}, "a").write("built\\n")',
+    ).replace(
+        'return None if spec.mode == "manual"',
+        'if spec.optimizer.name != "sgd":\n'
+        '            return f"optimizer={spec.optimizer.name}: abacus steps sgd only"\n'
+        '        return None if spec.mode == "manual"',
+    )
+    install_backend(site, "counted", counted)
+    env = {"PYTHONPATH": f"{ROOT}:{site}"}
+    proc = cli("backend=counted", "steps=3", "tracking=off", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert built.read_text() == "built\n"  # checked and run by the one instance
+    refused = cli("backend=counted", "optimizer=adam", "tracking=off", cwd=tmp_path, env=env)
+    assert refused.returncode == 2
+    # the mode is not what was refused: not named
+    assert refused.stderr.strip() == "error: backend=counted: optimizer=adam: abacus steps sgd only"
+
+
 @pytest.mark.parametrize(
     ("backend", "framework"), [("jax", "jax"), ("tf", "tensorflow"), ("torch", "torch")]
 )
