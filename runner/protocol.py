@@ -227,7 +227,10 @@ class Backend(Protocol):
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         """A one-line reason when this backend cannot run `spec`, else None (a backend
-        that runs every mode, update and dtype starts with `outside_vocabulary`)."""
+        that runs every mode, update and dtype starts with `outside_vocabulary`). The
+        user sees it after `backend=X mode=Y:`, or after `backend=X:` when it starts
+        with the setting it refuses (`optimizer=adam: ...`), so it never blames the mode
+        for what the optimizer or an option refuses."""
         ...
 
     def prepare(self, spec: MinimizeSpec) -> EagerProgram | CompiledProgram: ...
