@@ -801,10 +801,13 @@ def test_the_fastest_finished_run_is_the_reference(tmp_path: Path) -> None:
     assert [r["vs fastest"] for r in shown] == ["1.0x", "2.00x", "0.8x"]
 
 
-def test_the_sweep_report_counts_and_lists_skipped_and_failed_jobs(tmp_path: Path) -> None:
+def test_the_sweep_report_counts_and_lists_skipped_and_failed_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """'1 finished, 1 skipped, 1 failed, 1 row' for a sweep whose second job was skipped
     (numpy mode=graph) and whose third failed (a bad setting); each is listed after the
-    table, with why: only stderr said which job it was, and why."""
+    table, with why: only stderr said which job it was, and why. The sweep is named by
+    its MLflow group (sweep_id: the absolute path) though its folder is given relative."""
     from omegaconf import OmegaConf
 
     from runner.compare.report import compare_folder
@@ -821,7 +824,8 @@ def test_the_sweep_report_counts_and_lists_skipped_and_failed_jobs(tmp_path: Pat
     OmegaConf.save(composed("backend=jax", "problem.a=-1"), failed / ".hydra" / "config.yaml")
     (failed / ".hydra" / "overrides.yaml").write_text("- backend=jax\n- problem.a=-1\n")
     record_job_failure(failed, ConfigError("problem.a=-1.0: a*x^2 has no minimum\nmore"))
-    report = compare_folder(runs, EXPERIMENT, tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    report = compare_folder(Path("runs"), EXPERIMENT, tmp_path / "out")
     lines = report.text.splitlines()
     assert lines[0] == (
         f"{EXPERIMENT}: sweep {runs.as_posix()}; 1 finished, 1 skipped, 1 failed, 1 row "

@@ -50,6 +50,7 @@ from runner.compare.store import (
 )
 from runner.masking import mask_uri
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, sweep_failures
+from runner.sweep_record import sweep_id_of
 from runner.tracking_store import DEFAULT_EXPERIMENT, resolve_target
 
 
@@ -155,7 +156,7 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
             rows.append(row)
     if not rows:
         raise CompareError(f"no finished minimize runs in {sweep_dir}")
-    sweep_id = sweep_dir.as_posix()
+    sweep_id = sweep_id_of(sweep_dir)  # as its MLflow group is tagged
     return _report(
         rows,
         len(rows),
