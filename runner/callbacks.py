@@ -34,7 +34,7 @@ from runner.errors import RunnerError
 from runner.follow import DONE_FILE
 from runner.masking import mask_uri
 from runner.results import atomic_write, sweep_failures
-from runner.sweep_record import SweepInfo, read_sweep, sweep_id_of, write_sweep
+from runner.sweep_record import REPORT_DIR, SweepInfo, read_sweep, sweep_id_of, write_sweep
 from runner.tracking import (
     client_for,
     end_sweep_parent,
@@ -52,7 +52,6 @@ from runner.tracking_store import (
 from runner.upload import upload_failed_jobs
 from runner.upload_process import LOG_FILE, start_logger
 
-REPORT_DIR = "compare"
 # The sweep's logger (runner.follow), by sweep folder: kept out of the callback, which
 # Hydra's joblib launcher pickles into every job (a process handle cannot be pickled).
 _LOGGERS: dict[Path, subprocess.Popen] = {}
@@ -101,10 +100,10 @@ class SweepTracking(Callback):
         stop_workers(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         tracking = _tracking(config)
-        report, status = _report(sweep_dir, str(tracking.get("experiment") or DEFAULT_EXPERIMENT))
+        status = _report(sweep_dir, str(tracking.get("experiment") or DEFAULT_EXPERIMENT))
         problems = []
         if tracking.get("enabled", True):
-            problem = self._close_sweep(config, sweep_dir, report, status)
+            problem = self._close_sweep(config, sweep_dir, status)
             if problem is not None:
                 problems.append(problem)
         failures = sweep_failures(sweep_dir)
@@ -123,16 +122,15 @@ class SweepTracking(Callback):
             sys.exit(problems[-1][0])
 
     def _close_sweep(
-        self, config: DictConfig, sweep_dir: Path, report: Any, status: str
+        self, config: DictConfig, sweep_dir: Path, status: str
     ) -> tuple[int, str] | None:
         """Hand the report to whoever logs the sweep and end its parent run; what failed."""
         later = f"record the sweep later with: python -m runner.upload {sweep_dir}"
         if self.outage is not None:
             return self.outage.exit_code, f"the sweep is not in MLflow ({self.outage}); {later}"
-        files = {n: p.relative_to(sweep_dir).as_posix() for n, p in (report or {}).items()}
         logger = _LOGGERS.pop(sweep_dir, None)
         if logger is not None:
-            done = {"status": status, "report": files}
+            done = {"status": status}  # the logger attaches the report as it ends the parent
             atomic_write(sweep_dir / DONE_FILE, json.dumps(done))
             log = sweep_dir / LOG_FILE
             code = logger.poll()  # not waited for: it logs the last jobs after this exits
@@ -161,13 +159,12 @@ class SweepTracking(Callback):
             experiment_id = ensure_experiment(client, target)
         except TrackingError as exc:
             return exc.exit_code, f"{exc}; the sweep's parent run stays open until {later}"
-        from runner.compare.logged import log_saved_report
+        from runner.compare.logged import log_sweep_report
 
         problem = None
         try:
             problem = _log_failed_jobs(sweep_dir, target)
-            if report is not None:
-                log_saved_report(client, experiment_id, report, sweep.parent_run_id, sweep.sweep_id)
+            log_sweep_report(client, experiment_id, sweep_dir, sweep.parent_run_id, sweep.sweep_id)
         except Exception as exc:
             status = "FAILED"
             why = store_error(target.uri, exc)
@@ -205,8 +202,9 @@ def _launcher(config: DictConfig) -> str:
     return str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
 
 
-def _report(sweep_dir: Path, experiment: str) -> tuple[dict[str, Path] | None, str]:
-    """The sweep's comparison report from its job folders, printed; (its files, status)."""
+def _report(sweep_dir: Path, experiment: str) -> str:
+    """The sweep's comparison report from its job folders (REPORT_DIR), printed; the
+    status its parent run ends with."""
     from runner.compare.report import compare_folder
     from runner.compare.store import CompareError
 
@@ -219,12 +217,12 @@ def _report(sweep_dir: Path, experiment: str) -> tuple[dict[str, Path] | None, s
         for hole in sweep_holes(sweep_dir):
             print(hole.line())
         print(f"no comparison report: {exc}", file=sys.stderr)
-        return None, "FINISHED"
+        return "FINISHED"
     except Exception as exc:  # the sweep's runs are all recorded; say why no report
         print(f"error: comparison report not made: {exc}", file=sys.stderr)
-        return None, "FAILED"
+        return "FAILED"
     print(report.text)
-    return report.files, "FINISHED"
+    return "FINISHED"
 
 
 def _tracking(config: DictConfig) -> dict[str, Any]:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from runner.compare.logged import log_saved_report
 from runner.errors import RunnerError
 from runner.masking import mask_uri
 from runner.run_folders import run_dirs
@@ -39,7 +38,7 @@ from runner.tracking_store import resolve_target, store_error
 from runner.upload import Uploader
 from runner.upload_process import inherit_lock, timestamp
 
-DONE_FILE = "sweep_done.json"  # {"status": ..., "report": {name: path in the sweep folder}}
+DONE_FILE = "sweep_done.json"  # {"status": the status the sweep's parent run ends with}
 POLL_S = 0.2
 # Below the jobs: on a machine whose cores the jobs fill (a parallel sweep), logging
 # waits for a free core (the slack at the end of the sweep, or after it) instead of
@@ -116,15 +115,7 @@ def follow(
             break
         time.sleep(POLL_S)
     done = json.loads(done_file.read_text()) if done_file.exists() else {"status": "KILLED"}
-    try:
-        if done.get("report"):
-            files = {name: sweep_dir / path for name, path in done["report"].items()}
-            try:
-                log_saved_report(client, experiment_id, files, parent, sweep.sweep_id)
-            except Exception as exc:
-                raise store_error(uri, exc) from None
-    finally:
-        uploader.close_parents(done["status"])
+    uploader.close_parents(done["status"])  # with the sweep's report attached
     return uploader
 
 

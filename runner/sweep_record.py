@@ -17,6 +17,7 @@ from pathlib import Path
 from runner.results import atomic_write
 
 SWEEP_FILE = "mlflow_sweep.json"
+REPORT_DIR = "compare"  # the comparison report of its jobs a sweep makes as it ends
 
 
 @dataclass(frozen=True)

@@ -352,14 +352,23 @@ class Uploader:
 
     def close_parents(self, status: str = "FINISHED") -> None:
         """End the sweep parents still RUNNING (their sweep could not close them), in the
-        stores that did not fail: FAILED where a job failed (end_sweep_parent)."""
+        stores that did not fail, with the report the sweep made as it ended attached:
+        FAILED where a job failed (end_sweep_parent)."""
+        from runner.compare.logged import log_sweep_report
+
         for (target, sweep_id), parent in self.parents.items():
             if target.uri in self.outcome.unreached:
                 continue
-            client = self.stores[target][0]
+            client, experiment_id = self.stores[target]
+            sweep_dir = self.sweeps.get(sweep_id)
             try:
-                if client.get_run(parent).info.status == "RUNNING":
-                    end_sweep_parent(client, parent, self.sweeps.get(sweep_id), status)
+                if client.get_run(parent).info.status != "RUNNING":
+                    continue
+                try:
+                    if sweep_dir is not None:
+                        log_sweep_report(client, experiment_id, sweep_dir, parent, sweep_id)
+                finally:
+                    end_sweep_parent(client, parent, sweep_dir, status)
             except Exception as exc:
                 raise store_error(target.uri, exc) from None
 

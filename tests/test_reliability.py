@@ -466,6 +466,10 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: P
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     # the sweep's record kept its overrides though the store was away as it started
     assert "optimizer.lr=0.01,1.5" in parents[0].data.tags["overrides"]
+    # with the report the sweep printed as it ended, as a sweep logged live has it
+    reported = {a.path for a in MlflowClient(store).list_artifacts(parents[0].info.run_id)}
+    assert {"comparison.md", "comparison.json"} <= reported
+    assert parents[0].data.metrics["compare.rows"] == 2
     assert len(jobs) == 2
     by_uid = {r.data.tags["run_uid"]: r for r in jobs}
     assert set(by_uid) == {r["run_uid"] for r in results.values()}

@@ -1,9 +1,9 @@
 """Logging a report to MLflow: its files as artifacts and the agreement as metrics.
 
 To a new comparison run (tag runner.kind=comparison) or to an existing one: the sweep's
-parent, when a multirun's report is logged as it ends (runner.callbacks) or later
-(runner.follow, from the comparison.json written then). MLflow is imported inside the
-functions.
+parent, when a multirun's report is logged as it ends (runner.callbacks), or later by
+whoever ends that run (runner.follow, or an upload when the store was away), from the
+comparison.json written then. MLflow is imported inside the functions.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from runner.compare.agreement import Agreement
 from runner.compare.output import JSON_FILE
 from runner.compare.rows import Row
 from runner.compare.store import COMPARISON_KIND, KIND_TAG, describe_selection
+from runner.sweep_record import REPORT_DIR
 from runner.tracking import log_batched
 from runner.tracking_store import retry_locked
 
@@ -81,11 +82,16 @@ def comparison_name(sweep_id: str | None, filters: Mapping[str, list[str]]) -> s
     return f"compare {' '.join(parts) or 'all'}"
 
 
-def log_saved_report(
-    client: Any, experiment_id: str, files: Mapping[str, Path], run_id: str, sweep_id: str
+def log_sweep_report(
+    client: Any, experiment_id: str, sweep_dir: Path, run_id: str, sweep_id: str
 ) -> None:
-    """Log a report written earlier (its comparison.json holds rows and agreement) to run_id."""
-    data = json.loads(next(p for p in files.values() if p.name == JSON_FILE).read_text())
+    """Log the report the sweep made as it ended (its folder REPORT_DIR; comparison.json
+    holds the rows and agreement) to run_id, its parent; nothing when it made none."""
+    folder = sweep_dir / REPORT_DIR
+    if not (folder / JSON_FILE).is_file():
+        return
+    files = {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
+    data = json.loads(files[JSON_FILE].read_text())
     rows = [Row(**row) for row in data["rows"]]
     agreement = [Agreement(**item) for item in data["agreement"]]
     log_report(client, experiment_id, files, agreement, rows, sweep_id, {}, run_id)
