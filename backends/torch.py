@@ -270,6 +270,10 @@ class TorchBackend:
         raise ConfigError(f"device={requested!r} is unknown; choose one of cpu, gpu, auto")
 
     def convention(self, spec: MinimizeSpec) -> Convention:
+        """torch.optim's, whose Adam bias correction torch.compile moves into the run's
+        dtype (CONVENTIONS["torch_compiled"]); the hand-written rules keep float64."""
+        if spec.mode == "graph" and spec.update != "manual":
+            return CONVENTIONS["torch_compiled"]
         return _CONVENTION
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:

@@ -87,6 +87,13 @@ CONVENTIONS: dict[str, Convention] = {
         adam_bias_correction="run dtype",
     ),
 }
+# torch.optim under torch.compile (backend=torch mode=graph, update apply or minimize):
+# the step counter is a tensor in the run's dtype, so Adam's 1 - beta**t is tensor
+# arithmetic in that dtype, from betas rounded to it; eagerly torch.optim computes it in
+# Python floats. In float32 the two part by ~100 ulps of x within 200 steps.
+CONVENTIONS["torch_compiled"] = replace(
+    CONVENTIONS["torch"], name="torch_compiled", adam_bias_correction="run dtype"
+)
 # NumPy's default: the papers' formulas, which torch.optim follows; named for itself, so
 # that a NumPy run's record and summary do not call its defaults torch's.
 CONVENTIONS["paper"] = replace(CONVENTIONS["torch"], name="paper")

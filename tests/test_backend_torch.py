@@ -293,6 +293,31 @@ def test_graph_float32_defaults_converge_for_each_update(backend):
         assert counters["stats"]["unique_graphs"] == graphs, "a chunk boundary compiled"
 
 
+def test_compiled_adam_float32_is_recorded_as_its_own_convention(backend):
+    """torch.compile turns torch.optim's step counter into a tensor in the run's dtype, so
+    Adam's 1 - beta**t is float32 arithmetic: ~100 ulps from eager torch.optim by step 200.
+    The run says so (convention torch_compiled) and the NumPy rule under it lands within
+    a few ulps (the op order of Inductor's kernel); under eager torch's it does not."""
+    from backends.numpy import NumpyBackend
+
+    spec = spec_for("graph", "apply", name="adam", lr=0.001, steps=200)
+    assert backend.convention(spec).name == "torch_compiled"
+    assert backend.convention(spec_for("graph", "manual", name="adam")).name == "torch"
+    assert backend.convention(spec_for("apply", name="adam")).name == "torch"
+    compiled = run_compiled(backend.prepare(spec), spec).x.astype(np.float32)
+
+    def numpy_x(convention: str) -> np.ndarray:
+        options = {"convention": convention}
+        rule = dataclasses.replace(spec, mode="manual", options=options)
+        return run_minimize(NumpyBackend(), rule).trajectory.x.astype(np.float32)
+
+    def ulps(a: np.ndarray, b: np.ndarray) -> int:
+        return int(np.abs(a.view(np.int32) - b.view(np.int32)).max())  # x >= 0 throughout
+
+    assert ulps(compiled, numpy_x("torch_compiled")) <= 8
+    assert ulps(compiled, numpy_x("torch")) >= 50
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("update", UPDATES)
 def test_graph_float64_closed_form_and_thinning(backend, update):
