@@ -73,6 +73,22 @@ def key_of(result: dict) -> tuple[str, str, str, str]:
     return (result["backend"], mode, optimizer_label(result["optimizer"]), result["dtype"])
 
 
+def test_ulps_count_the_values_between_across_a_power_of_two() -> None:
+    """Adjacent float32s are 1 ulp apart also where the spacing doubles (x* = 1 is the
+    notebook's optimum): |dx| over the larger one's spacing said 0.5. A float64 x counted
+    in float32 ulps stays a fraction of the spacing."""
+    from runner.compare.agreement import ulps
+
+    f32 = np.float32
+    below = np.nextafter(f32(1), f32(0))
+    assert ulps(below, f32(1), f32) == 1
+    assert ulps(below, np.nextafter(f32(1), f32(2)), f32) == 2
+    assert ulps(f32(-0.0), f32(0.0), f32) == 0
+    assert ulps(-np.nextafter(f32(0), f32(1)), np.nextafter(f32(0), f32(1)), f32) == 2
+    assert ulps(np.nextafter(1.0, 0.0), 1.0, np.float64) == 1
+    assert ulps(0.1, 0.1 + 1e-9, f32) == pytest.approx(1e-9 / float(np.spacing(f32(0.1))))
+
+
 def same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 

@@ -43,10 +43,30 @@ class Agreement:
 
 
 def ulps(a: Any, b: Any, dtype: type[np.floating]) -> float:
-    """|a - b| in units in the last place of the larger magnitude, in `dtype` (elementwise max)."""
+    """How far apart a and b are in `dtype`'s ulps (elementwise max).
+
+    Values of that dtype (a float32 run's x counted in float32) are counted in steps
+    between representable values: adjacent floats are 1 apart, also across a power of
+    two, where |a - b| over the larger one's spacing said 0.5 (0.99999994 and 1.0).
+    Values finer than the dtype (a float64 run's x in float32 ulps), or not finite, are
+    |a - b| over the spacing at the larger magnitude: a fraction.
+    """
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a_own, b_own = a64.astype(dtype), b64.astype(dtype)
+    exact = np.array_equal(a_own, a64) and np.array_equal(b_own, b64)
+    if exact and np.all(np.isfinite(a64)) and np.all(np.isfinite(b64)):
+        steps = np.abs(_ordinal(a_own).astype(object) - _ordinal(b_own).astype(object))
+        return float(np.max(steps))
     scale = np.maximum(np.abs(a64), np.abs(b64)).astype(dtype)
     return float(np.max(np.abs(a64 - b64) / np.spacing(scale).astype(np.float64)))
+
+
+def _ordinal(x: np.ndarray) -> np.ndarray:
+    """Each float's place in the order of its dtype's values, as an integer (+0 and -0
+    alike): the bit pattern of a positive float, minus the magnitude's for a negative."""
+    bits = np.atleast_1d(x).view(np.int32 if x.dtype == np.float32 else np.int64)
+    magnitude = bits & np.iinfo(bits.dtype).max
+    return np.where(bits < 0, -magnitude, magnitude)
 
 
 def abs_diff(a: Any, b: Any) -> float:
