@@ -55,6 +55,8 @@ def _plain_log_labels(axis: Any) -> None:
 
 
 LINE_STYLES = ("-", "--", "-.", ":")
+LEGEND_INSIDE = 12  # entries the axes hold in a corner; more go beside them, in columns
+LEGEND_ROWS = 32  # entries per column beside the axes (x-small type on a 5-inch figure)
 
 
 def convergence_plot(
@@ -90,11 +92,18 @@ def convergence_plot(
     ax.set_ylabel("|loss - loss*| (log)")
     ax.set_title(f"Convergence (loss* = {optimum_loss:.6g})")
     ax.grid(True, which="both", alpha=0.3)
-    # curves fall from the top left: the legend goes top right (no "best" search)
-    ax.legend(fontsize="small", loc="upper right")
     fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)  # no tight_layout pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries <= LEGEND_INSIDE:  # curves fall from the top left: the legend goes top right
+        ax.legend(fontsize="small", loc="upper right")
+        fig.savefig(path)
+        return path
+    # A big sweep's legend would cover the curves and run off the figure: beside the
+    # axes, in columns, the image widened to hold it (a measuring pass, for these only).
+    columns = -(-entries // LEGEND_ROWS)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1), ncol=columns)
+    fig.savefig(path, bbox_inches="tight")
     return path
 
 
