@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from runner.errors import ConfigError, UnsupportedError
+from runner.errors import ConfigError, UnsupportedError, not_allowed
 from runner.optimizers import CONVENTIONS, Convention, resolve
 from runner.protocol import Derivatives, DerivativesSpec, MinimizeSpec, option_misfit
 from runner.reference import rule
@@ -88,7 +88,7 @@ class NumpyBackend:
             return "NumPy has no optimizer objects or compiler; only mode=manual is defined"
         convention = spec.options.get("convention", "paper")
         if convention not in CONVENTIONS:
-            return f"backend.convention={convention!r}; choose one of: {', '.join(CONVENTIONS)}"
+            return not_allowed("backend.convention", convention, CONVENTIONS)
         return option_misfit(spec, {"convention": "paper"}, ())
 
     def prepare(self, spec: MinimizeSpec) -> _Stepper:

@@ -49,12 +49,26 @@ from runner.tracking_store import (
     resolve_target,
     store_error,
 )
+from runner.unused_folder import note_new
 from runner.upload import upload_failed_jobs
 from runner.upload_process import LOG_FILE, start_logger
 
 # The sweep's logger (runner.follow), by sweep folder: kept out of the callback, which
 # Hydra's joblib launcher pickles into every job (a process handle cannot be pickled).
 _LOGGERS: dict[Path, subprocess.Popen] = {}
+
+
+class NewRunFolder(Callback):
+    """Notes, just before Hydra makes a single run's folder, which folders it is about to
+    create: a run refused before it computed anything removes them (runner.unused_folder)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:  # Hydra resolves it the same way next (`now` is cached per config)
+            run_dir = OmegaConf.select(config, "hydra.run.dir")
+        except Exception:  # e.g. a ${hydra:...} only the job resolves: nothing is noted
+            return
+        if run_dir:
+            note_new(str(run_dir))
 
 
 class SweepTracking(Callback):

@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from runner.precheck import (
     check_overrides,
     check_sweep_plugins,
 )
+from runner.provenance import git_state
 from runner.results import RESULTS_FILE, new_run_uid, record_job_failure
 from runner.sweep_record import read_sweep
 from runner.tracking import (
@@ -46,6 +47,7 @@ from runner.tracking import (
     tracked_run,
 )
 from runner.tracking_store import TrackingError, TrackingTarget, check_store, resolve_target
+from runner.unused_folder import remove_unused
 from runner.upload_process import folder_lock, start_background_upload
 
 
@@ -84,8 +86,9 @@ def hydra_main(cfg: DictConfig) -> Any:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        git = git_state()  # the code that runs, as it starts: a commit made later is not it
         try:
-            result = run_job(cfg, hydra_cfg, multirun)
+            result = run_job(cfg, hydra_cfg, multirun, git)
         except RunnerError:
             raise
         except Exception as exc:  # a plugin's code raised, or the runner's own: one line
@@ -93,6 +96,8 @@ def hydra_main(cfg: DictConfig) -> Any:
     except RunnerError as exc:
         if not multirun:
             report(exc)
+            if exc.exit_code == 2:  # refused: a folder holding no result is not left behind
+                discard_run_folder(hydra_cfg)
             sys.exit(exc.exit_code)
         # In a sweep a skipped or diverged job is a result, any other error a failed job;
         # the sweep goes on either way, and its exit code reports the failures.
@@ -105,7 +110,7 @@ def hydra_main(cfg: DictConfig) -> Any:
             return math.inf
         report(exc, "skipped" if isinstance(exc, UnsupportedError) else "error")
         if not isinstance(exc, UnsupportedError):
-            record_job_failure(Path(hydra_cfg.runtime.output_dir), exc)
+            record_job_failure(Path(hydra_cfg.runtime.output_dir), exc, git)
         return None  # Optuna's sweeper marks the trial failed and carries on
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated) or isinstance(stop_requested(), Terminated)
@@ -117,6 +122,13 @@ def hydra_main(cfg: DictConfig) -> Any:
     return result.get("loss")
 
 
+def discard_run_folder(hydra_cfg: Any) -> None:
+    """Remove the folder Hydra made for this run if it still holds only Hydra's files and
+    an empty log (runner.unused_folder): a refused command leaves no empty run behind."""
+    log_name = f"{hydra_cfg.job.name}.log"  # Hydra's job_logging file
+    remove_unused(Path(hydra_cfg.runtime.output_dir), hydra_cfg.output_subdir, log_name)
+
+
 def unexpected(exc: Exception, backend: str | None) -> RunnerError:
     """An exception no one expected, as a job's error: a file the run could not write
     (e.g. a full disk) is exit 2, anything else (a plugin's bug, or the runner's own) a
@@ -126,7 +138,9 @@ def unexpected(exc: Exception, backend: str | None) -> RunnerError:
     return RunFailed(backend, exc)
 
 
-def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
+def run_job(
+    cfg: DictConfig, hydra_cfg: Any, multirun: bool, git: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Run the job and log it to MLflow when tracking is on; files first, always.
 
     A single run is logged after it ends by a detached upload (`python -m
@@ -135,7 +149,8 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
     importing MLflow, runs, starts the upload and returns. A sweep's jobs are logged
     by the sweep's one logger (runner.follow) as each ends. With
     tracking.background=false a run, or each job, logs in-process around the job
-    (the run is RUNNING in MLflow while it runs).
+    (the run is RUNNING in MLflow while it runs). git: the code state read as the job
+    started, into its record and its git tags, whoever logs it and whenever.
     """
     output_dir = Path(hydra_cfg.runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -143,19 +158,19 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
     backend = None if multirun else supported_backend(run)
     run_uid = new_run_uid()  # results.json and the MLflow tag run_uid: uploads happen once
     tracking = container.get("tracking") or {}
-    if not tracking.get("enabled", True):
-        return execute(run, output_dir, run_uid, backend)
     executed = False
 
     def job() -> dict[str, Any]:
         nonlocal executed
         executed = True
-        return execute(run, output_dir, run_uid, backend)
+        return execute(run, output_dir, run_uid, backend, git)
 
+    if not tracking.get("enabled", True):
+        return job()
     sweep = read_sweep(Path(hydra_cfg.sweep.dir)) if multirun else None
     if sweep is not None and sweep.logged_by != "jobs":  # the sweep's logger, or nobody
         with folder_lock(output_dir):  # the logger uploads the folder once the job is done
-            return execute(run, output_dir, run_uid, backend)
+            return job()
     cwd = Path(hydra_cfg.runtime.cwd)
     target = resolve_target(tracking, cwd)
     try:
@@ -173,7 +188,7 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
                 run_name=run_name(container, overrides),
                 params=config_params(container),
                 tags={
-                    **run_tags(container, overrides, sweep.sweep_id if sweep else None),
+                    **run_tags(container, overrides, sweep.sweep_id if sweep else None, git),
                     "run_uid": run_uid,
                 },
                 run_dir=output_dir,
@@ -190,7 +205,7 @@ def run_job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> dict[str, Any]:
             except BaseException:
                 report(unrecorded)  # the job's own error follows: the user reads both
                 if multirun:
-                    record_job_failure(output_dir, unrecorded)
+                    record_job_failure(output_dir, unrecorded, git)
                 raise
         raise unrecorded from None
 

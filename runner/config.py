@@ -16,7 +16,7 @@ from typing import Any
 
 from runner.errors import ConfigError, flag, not_allowed, setting, whole_number
 from runner.optimizers import validate_hyper
-from runner.problems import Problem, build_problem
+from runner.problems import Problem, build_problem, check_in_dtype
 from runner.protocol import (
     DTYPES,
     GRAPH_UPDATES,
@@ -62,6 +62,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     device = _choice("device", device, DEVICES)
     backend = _node("backend", cfg)
     problem = build_problem(_node("problem", cfg))
+    check_in_dtype(problem, dtype, minimize=task == "minimize")
     common = {
         "backend": str(backend.get("name")),
         "device": device,

@@ -89,10 +89,25 @@ def text_lines(text: str) -> list[str]:
 
 
 def whole_number(key: str, value: Any, low: int = 1) -> int:
-    """`value` if it is a whole number >= low (a bool is not one), else the one line."""
+    """`value` if it is a whole number >= low (a bool is not one), else the one line.
+
+    Hydra reads `1e3` and `1000.0` as floats: refused too (a count given as a float is
+    a slip, and a large one may not be the integer it reads as), but said as such, since
+    "1000.0 is not allowed; give a whole number" reads as a contradiction.
+    """
+    if isinstance(value, float) and value.is_integer():
+        raise ConfigError(f"{setting(key, value)} is a float; {_whole_hint(value, low)}")
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ConfigError(f"{setting(key, value)} is not allowed; give a whole number >= {low}")
     return value
+
+
+def _whole_hint(value: float, low: int) -> str:
+    """What to write instead of a float with a whole value (when that value is allowed)."""
+    hint = f"give a whole number >= {low}"
+    if value >= low:
+        hint += f" (write {int(value)}, without a decimal point or an exponent)"
+    return hint
 
 
 def flag(key: str, value: Any) -> bool:

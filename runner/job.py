@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,12 +69,14 @@ def execute(
     output_dir: Path,
     run_uid: str | None = None,
     backend: Backend | None = None,
+    git: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the task `run` asks for, write its files to output_dir, return the result.
 
     run_uid (a fresh one when not given) goes into results.json: the run's identity
     in MLflow, live or uploaded later. backend: supported_backend's, when it checked
-    the run; else the run's is loaded here.
+    the run; else the run's is loaded here. git: the code state read as the run started
+    (runner.provenance.git_state), kept in results.json for its MLflow tags.
     """
     backend = backend or load_backend(run.backend)
     identity = RunIdentity(
@@ -83,6 +85,7 @@ def execute(
         backend.resolved_device(run.device),
         backend.versions(),
         run_uid or new_run_uid(),
+        git,
     )
     if run.minimize is not None:
         return _minimize(run, run.minimize, backend, identity, output_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from functools import cached_property
 from importlib.metadata import entry_points
 from types import SimpleNamespace
@@ -24,6 +24,14 @@ from runner.errors import ConfigError, installed_choices, setting, whole_number
 PROBLEM_GROUP = "gradient_runner.problems"
 NUMPY_OPS = SimpleNamespace(sum=np.sum, matvec=np.matmul)
 Number = float | int
+# QuadraticForm builds A = Q diag(geomspace(1, cond, n)) Q^T in float64, where its
+# eigenvalue 1 is rounding noise beside cond once cond nears 1/eps = 4.5e15. Measured over
+# dims 1-200 (seeds 0-19) and 500-2000 (seeds 0-2), x* = A^-1 b against the spectral
+# Q diag(1/lambda) Q^T b: worst relative error 6e-5 at cond 1e12, 7e-3 at 1e14, 7e-2
+# at 1e15; from 1e16 A is not positive definite for some seeds (Cholesky fails), from 1e17
+# np.linalg.solve raises LinAlgError (Singular matrix). 1e12 keeps x* to ~4 digits and
+# leaves a margin of 1e4 below the breakdown.
+MAX_COND = 1e12
 
 
 class Problem(Protocol):
@@ -82,6 +90,13 @@ def _check_dim(problem: Any, low: int, why: str = "") -> None:
         )
 
 
+def _check_scalar(problem: Any, key: str) -> None:
+    """A setting that is one number for every dim (a list would fail in a comparison)."""
+    value = getattr(problem, key)
+    if np.ndim(value) != 0:
+        raise ConfigError(f"problem.{key}={_show(value)} must be a number, not a list")
+
+
 def _vector(key: str, value: Any, dim: int) -> np.ndarray:
     """A scalar broadcast to dim (a read-only view: no memory of size n), or dim numbers."""
     return np.broadcast_to(_value(key, value, dim), (dim,))
@@ -111,6 +126,7 @@ class Quadratic:
     x0: Number | Sequence[Number] = 0.0
     dim: int | None = None
     name: ClassVar[str] = "quadratic"
+    positive: ClassVar[tuple[str, ...]] = ("a",)  # see check_in_dtype
 
     def __post_init__(self) -> None:
         if self.dim is None:
@@ -189,9 +205,12 @@ class QuadraticForm:
 
     def __post_init__(self) -> None:
         _check_dim(self, 1)
-        if not self.cond >= 1:
+        _check_scalar(self, "cond")
+        if not 1 <= self.cond <= MAX_COND:
             raise ConfigError(
-                f"problem.cond={self.cond} is not allowed; a condition number is >= 1"
+                f"problem.cond={_show(self.cond)} is not allowed; give a condition number "
+                f"from 1 to {MAX_COND:.0e} (beyond it float64 loses A's smallest eigenvalues: "
+                "x* = A^-1 b loses its digits, then A its definiteness)"
             )
         self.x0_array()
 
@@ -230,9 +249,11 @@ class Rosenbrock:
     b: Number = 100.0
     x0: Number | Sequence[Number] = 0.0
     name: ClassVar[str] = "rosenbrock"
+    positive: ClassVar[tuple[str, ...]] = ("b",)  # see check_in_dtype
 
     def __post_init__(self) -> None:
         _check_dim(self, 2, "its sum runs over neighbouring coordinates")
+        _check_scalar(self, "b")
         if not self.b > 0:
             raise ConfigError(f"problem.b={self.b} is not allowed; give a number > 0")
         self.x0_array()
@@ -262,6 +283,103 @@ class Rosenbrock:
 
 def _show(value: Any) -> str:
     return str(list(value)) if np.ndim(value) else repr(float(value))
+
+
+def check_in_dtype(problem: Problem, dtype: str, minimize: bool = True) -> None:
+    """Refuse a problem the run's dtype cannot hold, before the run, naming the setting.
+
+    Settings are checked in float64 (Python's floats), but a backend computes with them
+    rounded to `dtype`: in float32 `problem.a=1e40` is inf and `problem.a=1e-320` is 0
+    (the quadratic then has no minimum), which used to run and end in a NaN blamed on
+    the lr, or in x* = inf. Every coefficient and x0 must be finite in `dtype`, a
+    coefficient the problem needs positive (its class's `positive`) nonzero, and for a
+    minimization the optimum, where the problem gives a numeric one, finite too.
+    """
+    for key, value in {**problem.coefficients, "x0": problem.x0_array()}.items():
+        _check_value(problem, key, value, dtype)
+    if minimize:
+        _check_optimum(problem, dtype)
+
+
+def _check_value(problem: Problem, key: str, value: Any, dtype: str) -> None:
+    """One coefficient (or x0): finite in dtype, and nonzero where it must be positive."""
+    extremes = _extremes(value)
+    if extremes is None:
+        return
+    subject = _subject(problem, key)
+    if not all(np.isfinite(_rounded(v, dtype)) for v in extremes):
+        raise ConfigError(
+            f"{subject} overflows {dtype} ({_largest(dtype)}); give a smaller number{_wider(dtype)}"
+        )
+    if key in getattr(problem, "positive", ()) and _rounded(min(extremes), dtype) == 0:
+        raise ConfigError(
+            f"{subject} is 0 in {dtype} (its smallest positive number is "
+            f"{np.finfo(dtype).smallest_subnormal:.2g}); "
+            f"give a larger problem.{key}{_wider(dtype)}"
+        )
+
+
+def _check_optimum(problem: Problem, dtype: str) -> None:
+    """The optimum the run is measured against must be a number in the run's dtype:
+    x* = -b/2a of a float32 quadratic with a=1e-40 is 1e40, beyond float32's reach."""
+    with np.errstate(all="ignore"):  # an infinite optimum is refused, not warned about
+        x_star, loss_star = problem.optimum()
+    x_range, loss_range = _extremes(x_star), _extremes(loss_star)
+    if x_range is None or loss_range is None:
+        return  # the problem states no numeric optimum
+    if all(np.isfinite(_rounded(v, dtype)) or np.isnan(v) for v in (*x_range, *loss_range)):
+        return  # NaN: the problem states no optimum value
+    x_text = f"{max(x_range, key=abs):.6g}" + ("" if np.ndim(x_star) == 0 else " in a coordinate")
+    settings = [f"problem.{k}" for k in problem.coefficients if k in _fields(problem)]
+    raise ConfigError(
+        f"problem={problem.name} has its minimum at x* = {x_text}, "
+        f"loss* = {loss_range[0]:.6g}, which {dtype} cannot hold ({_largest(dtype)}); "
+        f"change {_either(settings) or 'its settings'}{_wider(dtype)}"
+    )
+
+
+def _either(names: list[str]) -> str:
+    """`a, b or c`."""
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def _wider(dtype: str) -> str:
+    """The other way out of a float32 limit."""
+    return ", or dtype=float64" if np.finfo(dtype).max < np.finfo(np.float64).max else ""
+
+
+def _extremes(value: Any) -> tuple[float, float] | None:
+    """The smallest and largest entry, in float64 (a broadcast is read once, no copy of
+    size n); None for an empty or non-numeric value (a plugin's optimum may be None)."""
+    try:
+        array = np.asarray(compact(value), dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if not array.size:
+        return None
+    return float(array.min()), float(array.max())
+
+
+def _rounded(value: float, dtype: str) -> float:
+    """`value` as the run's dtype holds it (inf where it overflows), without a warning."""
+    with np.errstate(over="ignore"):
+        return float(np.asarray(value, dtype=dtype))
+
+
+def _largest(dtype: str) -> str:
+    return f"largest {np.finfo(dtype).max:.2g}"
+
+
+def _fields(problem: Any) -> set[str]:
+    return {f.name for f in fields(problem)} if is_dataclass(problem) else set()
+
+
+def _subject(problem: Any, key: str) -> str:
+    """A value as the user set it (`problem.a=1e+40`), or, for one the problem derives
+    (quadratic_form's A), as the problem's."""
+    if key in _fields(problem):
+        return f"problem.{key}={_show(getattr(problem, key))}"
+    return f"problem={problem.name}'s {key}"
 
 
 def problem_record(problem: Problem) -> dict[str, Any]:
@@ -325,6 +443,19 @@ def _setting(key: str, value: Any) -> Any:
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int | float):
             raise ConfigError(f"{setting(f'problem.{key}', value)} must be a number")
-        if not math.isfinite(item):
-            raise ConfigError(f"problem.{key}={value!r} is not finite; give a finite number")
+        _check_finite(key, value, item)
     return tuple(value) if isinstance(value, list) else value
+
+
+def _check_finite(key: str, value: Any, item: float) -> None:
+    """One number of a setting is finite in float64, where every problem computes first.
+    An int beyond float64 (`problem.a=1` and 400 zeros) makes math.isfinite raise."""
+    try:
+        finite = math.isfinite(item)
+    except OverflowError:
+        raise ConfigError(
+            f"problem.{key}={value!r} overflows float64 ({_largest('float64')}); "
+            "give a smaller number"
+        ) from None
+    if not finite:
+        raise ConfigError(f"problem.{key}={value!r} is not finite; give a finite number")

@@ -86,13 +86,28 @@ def divergence_message(result: Mapping[str, Any], trajectory: Path | None = None
     trajectory up to step 64 is in <run dir>/trajectory.csv`
     """
     step = result.get("diverged_at")
-    text = f"the loss became {result.get('loss')} at step {step} of {result.get('steps')}"
-    lr = (result.get("optimizer") or {}).get("lr")
-    if lr is not None:
-        text += f" (lr={lr} is too large for this problem)"
+    if step == 0:
+        text = _start_not_finite(result)
+    else:
+        text = f"the loss became {result.get('loss')} at step {step} of {result.get('steps')}"
+        lr = (result.get("optimizer") or {}).get("lr")
+        if lr is not None:
+            text += f" (lr={lr} is too large for this problem)"
     if trajectory is not None:
         text += f"; the trajectory up to step {step} is in {trajectory}"
     return text
+
+
+def _start_not_finite(result: Mapping[str, Any]) -> str:
+    """Step 0's loss is x0's, before any update: no lr made it overflow (`problem.x0=1e20`
+    in float32: x0 is finite, x0^2 is not), so the lr is not named as the cause."""
+    dtype = result.get("dtype")
+    wider = ", or dtype=float64" if dtype == "float32" else ""
+    return (
+        f"the loss at the starting point is {result.get('loss')} in {dtype}, before any "
+        f"update (step 0 of {result.get('steps')}; not the lr's doing): give a problem.x0 "
+        f"nearer the optimum{wider}"
+    )
 
 
 def skipped_result(spec: MinimizeSpec, run: RunIdentity, reason: str) -> dict[str, Any]:
@@ -189,6 +204,8 @@ class RunIdentity:
 
     run_uid names the run for life: it is the MLflow tag `run_uid` of the run that
     records it, so `python -m runner.upload` can tell which runs a store already holds.
+    git (runner.provenance.git_state, read as the run started) is the code that ran:
+    its git tags in MLflow come from here, whenever the run is logged.
     """
 
     backend: str
@@ -196,6 +213,7 @@ class RunIdentity:
     device_name: str  # the framework's own name for the device (backend.resolved_device)
     versions: Mapping[str, str]
     run_uid: str | None = None
+    git: Mapping[str, Any] | None = None
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -210,6 +228,7 @@ class RunIdentity:
                 "numpy": np.__version__,
                 "gradient_runner": __version__,
             },
+            **({"git": dict(self.git)} if self.git else {}),
         }
 
 
@@ -305,14 +324,17 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 JOB_FAILURE_FILE = "job_failure.json"
 
 
-def record_job_failure(output_dir: Path, exc: Exception) -> None:
+def record_job_failure(
+    output_dir: Path, exc: Exception, git: Mapping[str, Any] | None = None
+) -> None:
     """Leave a sweep job's failure in its folder: the sweep's exit code is made from these.
 
     Hydra's launchers drop a job's return value, so the launching process reads the
-    sweep folder instead; that works for every launcher, SLURM included.
+    sweep folder instead; that works for every launcher, SLURM included. git: the code
+    state as the job started (as results.json holds it), for the FAILED run's git tags.
     """
-    exit_code = getattr(exc, "exit_code", 1)
-    write_json(output_dir / JOB_FAILURE_FILE, {"exit_code": exit_code, "error": str(exc)})
+    failure = {"exit_code": getattr(exc, "exit_code", 1), "error": str(exc)}
+    write_json(output_dir / JOB_FAILURE_FILE, {**failure, **({"git": dict(git)} if git else {})})
 
 
 def sweep_failures(sweep_dir: Path) -> list[dict[str, Any]]:

@@ -130,14 +130,16 @@ def in_sweep(run_dir: Path) -> bool:
 
 def read_record(run_dir: Path) -> dict[str, Any]:
     """results.json, or for a sweep job that failed before a result, a stand-in made from
-    its job_failure.json: status "failed", its error, and failure_uid for its run_uid."""
+    its job_failure.json: status "failed", its error, failure_uid for its run_uid, and the
+    code state it recorded as it started (git, None if it has none)."""
     results = run_dir / RESULTS_FILE
     if results.exists() or not (run_dir / JOB_FAILURE_FILE).exists():
         return json.loads(results.read_text())
     failure = json.loads((run_dir / JOB_FAILURE_FILE).read_text())
     sweep_id = read_sweep(run_dir.parent).sweep_id
     uid = failure_uid(sweep_id, run_dir.name)
-    return {"run_uid": uid, "status": "failed", "error": str(failure.get("error", ""))}
+    error = str(failure.get("error", ""))
+    return {"run_uid": uid, "status": "failed", "error": error, "git": failure.get("git")}
 
 
 def read_overrides(run_dir: Path) -> list[str]:

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -164,9 +163,17 @@ def config_params(cfg: Mapping[str, Any]) -> dict[str, str]:
 
 
 def run_tags(
-    cfg: Mapping[str, Any], overrides: Iterable[str], sweep_id: str | None
+    cfg: Mapping[str, Any],
+    overrides: Iterable[str],
+    sweep_id: str | None,
+    git: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Tags known before the run starts; result_tags adds framework, versions and device."""
+    """Tags known before the run starts; result_tags adds framework, versions and device.
+
+    git: the code state the run recorded as it started (runner.provenance.git_state, kept
+    in its record), never read here: a run is often logged after it ran, when the
+    checkout may hold another commit. None (a record made outside git, or before runs
+    recorded it): no git tags, rather than those of the checkout at logging time."""
     tags = {
         "backend": str(cfg["backend"]["name"]),
         "task": str(cfg.get("task")),
@@ -175,38 +182,24 @@ def run_tags(
         "overrides": mask_text(
             " ".join(o for o in overrides if not is_secret_key(o.split("=")[0]))
         ),
+        **git_tags(git),
     }
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
-        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
     if sweep_id:
         tags["sweep_id"] = sweep_id
     return tags
 
 
-def git_commit() -> str | None:
-    """The commit of the runner's own code (a git checkout it runs from), whatever folder
-    the command was typed in: the tag says which code made the numbers. None for an
-    installed copy outside git. (Its companion tag git_dirty says whether tracked files
-    differed from that commit: then the commit alone does not say which code ran.)"""
-    return _git("rev-parse", "HEAD") or None
-
-
-def _git(*args: str) -> str:
-    """`git ARGS` in the runner's own checkout: its output, "" where git cannot answer."""
-    try:
-        out = subprocess.run(
-            ["git", *args],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
+def git_tags(git: Mapping[str, Any] | None) -> dict[str, str]:
+    """The commit (as ours and as MLflow's own source tag) and git_dirty: whether tracked
+    files differed from it, when the commit alone does not say which code ran."""
+    if not git or not git.get("commit"):
+        return {}
+    commit = str(git["commit"])
+    return {
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        "git_dirty": str(bool(git.get("dirty"))).lower(),
+    }
 
 
 def thin(rows: int, limit: int = MAX_POINTS_PER_METRIC) -> np.ndarray:
@@ -321,9 +314,17 @@ def result_label(result: Mapping[str, Any]) -> str:
 
 
 def result_metrics(result: Mapping[str, Any]) -> dict[str, float]:
-    """The final numbers of a run, as MLflow metrics (vectors by their norm)."""
+    """The final numbers of a run, as MLflow metrics (vectors by their norm), those that
+    are finite: as for the per-step metrics, a diverged run's inf or NaN (final_loss,
+    error_loss, ...) is left out, since MLflow stores inf as ±1.8e308, which reads as a
+    finite number. results.json keeps the value itself."""
     if result.get("status") == "skipped":
         return {}
+    return {k: v for k, v in _final_numbers(result).items() if np.isfinite(v)}
+
+
+def _final_numbers(result: Mapping[str, Any]) -> dict[str, float]:
+    """Every final number of a run that is not skipped, finite or not."""
     if result["task"] == "derivatives":
         values = flatten({k: result[k] for k in ("y", "dy_dx", "dy_dcoef", "d2y_dx2", "compiled")})
         errors = {f"error.{k}": v for k, v in flatten(result["error"]).items()}

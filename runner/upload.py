@@ -90,8 +90,6 @@ from runner.tracking_store import (
 from runner.upload_process import folder_lock, inherit_lock, timestamp
 
 STATUSES = {"finished": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
-# The checkout now, not when the run ran: left off a run uploaded later.
-UNCOMMITTED_TAGS = ("git_commit", "mlflow.source.git.commit", "git_dirty")
 
 
 @dataclass
@@ -197,7 +195,7 @@ def upload(
     """Upload every run under `paths` that its store does not hold yet; report per run.
 
     live: the run's own background upload, as it ends: recorded as a live run is
-    (git commit tags, no `runner.uploaded_from`).
+    (tag runner.logged, no `runner.uploaded_from`).
     """
     folders = run_folders(paths)
     uploader = Uploader(tracking_uri, experiment, dry_run=dry_run, out=out, live=live)
@@ -459,14 +457,11 @@ def _upload_one(
     (a job that failed before a result: FAILED, with its error).
 
     live (the run's own background upload as it ended, or the sweep's logger; the value
-    of tag runner.logged): the git commit is the run's, and the run is not marked as
-    uploaded later.
+    of tag runner.logged): the run is not marked as uploaded later. Live or not, the git
+    tags are the commit the run recorded as it started (none where its record has none,
+    a folder written before runs recorded it): never the checkout's at upload time.
     """
-    tags = {
-        k: v
-        for k, v in run_tags(cfg, read_overrides(run_dir), sweep_id).items()
-        if live or k not in UNCOMMITTED_TAGS
-    }
+    tags = run_tags(cfg, read_overrides(run_dir), sweep_id, result.get("git"))
     tags["run_uid"] = result["run_uid"]
     tags["runner.logged" if live else "runner.uploaded_from"] = live or str(run_dir)
     config = run_dir / ".hydra" / "config.yaml"

@@ -157,6 +157,20 @@ BAD_INPUTS = [
     (["tracking.uri="], "tracking.uri='' is not a store MLflow can log to; give sqlite:///"),
     (["task=derivatives", "mode=graph"], "mode=graph does not apply to task=derivatives"),
     (["-m", "tracking.uri=./mlruns"], "tracking.uri='./mlruns' is not a store MLflow can log"),
+    # settings checked in the run's dtype (float32 by default), not only in float64
+    (["backend=numpy", "problem.a=1e-320"], "problem.a=1e-320 is 0 in float32 (its smallest"),
+    (["backend=numpy", "problem.a=1e40"], "problem.a=1e+40 overflows float32 (largest 3.4e+38)"),
+    (["backend=numpy", "problem.x0=1e39"], "problem.x0=1e+39 overflows float32 (largest 3.4e+38)"),
+    (["backend=numpy", "problem.a=1e-40"], "problem=quadratic has its minimum at x* = 1e+40,"),
+    (
+        ["backend=numpy", "problem=quadratic_form", "problem.cond=1e20"],
+        "problem.cond=1e+20 is not allowed; give a condition number from 1 to 1e+12",
+    ),
+    (["steps=1e3"], "steps=1000.0 is a float; give a whole number >= 1 (write 1000, without"),
+    (
+        ["backend=numpy", "backend.convention=keras"],
+        "backend=numpy: backend.convention='keras' is not allowed; choose one of: tf, ",
+    ),
 ]
 
 
@@ -168,8 +182,47 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and message in lines[0]
     assert not list((tmp_path / "outputs").glob("**/results.json"))
+    if "-m" not in args:  # a refused single run leaves no empty run folder (a sweep's job does)
+        assert not list((tmp_path / "outputs").glob("runs/*/*")), "an empty run folder is left"
     assert not list((tmp_path / "outputs").glob("**/upload.log"))
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing logged either
+
+
+def test_refused_run_removes_only_the_folders_it_made(tmp_path: Path) -> None:
+    """Hydra makes the run folder (and outputs/runs/<date>/) before the job can refuse a
+    setting; the refusal removes what this command made, nothing that was there before."""
+    proc = cli("backend=numpy", "steps=0", "tracking=off", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert not (tmp_path / "outputs").exists()  # the first command here: all of it was new
+    (tmp_path / "outputs" / "runs").mkdir(parents=True)
+    (tmp_path / "outputs" / "keep.txt").write_text("mine")
+    proc = cli("backend=numpy", "steps=0", "tracking=off", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["keep.txt", "runs"]
+    assert not list((tmp_path / "outputs" / "runs").iterdir())  # its date folder was new
+    mine = tmp_path / "mine"  # a folder that existed before the command stays
+    mine.mkdir()
+    proc = cli("backend=numpy", "steps=0", "tracking=off", f"hydra.run.dir={mine}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert (mine / ".hydra" / "config.yaml").is_file()
+    proc = cli("backend=numpy", "steps=3", "tracking=off", cwd=tmp_path)  # a run that ran
+    assert proc.returncode == 0, proc.stderr
+    assert single_result(tmp_path)["steps"] == 3
+
+
+def test_loss_not_finite_at_the_start_does_not_blame_the_lr(tmp_path: Path) -> None:
+    """x0=1e20 is finite in float32, x0^2 is not: the loss is inf before any update."""
+    proc = cli("backend=numpy", "problem.x0=1e20", "steps=5", "tracking=off", cwd=tmp_path)
+    assert proc.returncode == 3
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        "error: the loss at the starting point is inf in float32, before any update "
+        "(step 0 of 5; not the lr's doing): give a problem.x0 nearer the optimum, "
+        "or dtype=float64; the trajectory up to step 0 is in "
+    ), line
+    assert "too large" not in line
+    result = single_result(tmp_path)  # what was computed is kept
+    assert result["status"] == "diverged" and result["diverged_at"] == 0
 
 
 def test_help_says_what_the_runner_does(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -570,6 +571,92 @@ def test_the_metrics_fallback_labels_options_from_the_logged_params(tmp_path: Pa
     report = compare(uri, EXPERIMENT, out_dir=tmp_path / "out", client=client, log=False)
     assert [(r.backend, r.mode) for r in report.rows] == OPTION_ROWS
     assert {r.source for r in report.rows} == {"metrics"}
+
+
+def test_a_diverged_run_without_final_loss_metrics_is_compared(tmp_path: Path) -> None:
+    """A diverged run logs no final_loss or error_loss (inf would be stored as 1.8e308, a
+    finite-looking number): its row reads them from results.json, or, where the artifact
+    store lost that, has none (nan), where it read 1.8e308 before."""
+    from urllib.parse import urlsplit
+
+    from runner.compare.report import compare
+    from runner.compare.store import open_client
+    from runner.results import RESULTS_FILE
+    from runner.upload import upload
+
+    args = ("backend=numpy", "optimizer.lr=1.5", "steps=300", "tracking=off", "progress=false")
+    code, _, err = finish(start("runner", *args, cwd=tmp_path))
+    assert code == 3, err
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    upload([tmp_path / "outputs" / "runs"], uri, EXPERIMENT, out=io.StringIO())
+    client = open_client(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert run.data.tags["status"] == "diverged"
+    assert not {"final_loss", "error_loss"} & set(run.data.metrics)
+    report = compare(uri, EXPERIMENT, out_dir=tmp_path / "from_results", client=client, log=False)
+    (row,) = report.rows
+    assert (row.status, row.source, row.loss) == ("diverged", RESULTS_FILE, math.inf)
+    (Path(urlsplit(run.info.artifact_uri).path) / RESULTS_FILE).unlink()
+    report = compare(uri, EXPERIMENT, out_dir=tmp_path / "from_metrics", client=client, log=False)
+    (row,) = report.rows
+    assert (row.status, row.source) == ("diverged", "metrics")
+    assert math.isnan(row.loss) and math.isnan(row.error_loss)
+    assert row.x == run.data.metrics["final_x"] and row.steps_run == run.data.metrics["steps_run"]
+    assert (tmp_path / "from_metrics" / "comparison.md").is_file()
+
+
+class CountingClient:
+    """An MlflowClient that counts its search_runs calls."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.searches = client, 0
+
+    def search_runs(self, *args: Any, **kwargs: Any) -> Any:
+        self.searches += 1
+        return self.client.search_runs(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_a_sweep_still_being_logged_is_said(tmp_path: Path) -> None:
+    """Compared while its logger is still uploading (its parent run RUNNING), a sweep's
+    report may lack its last jobs: one stderr line and a note in the header say so, at the
+    cost of one search; it said "2 matching, 2 rows" of the sweep's 3 jobs, no warning."""
+    from runner.compare.report import compare
+    from runner.compare.store import open_client
+    from runner.sweep_record import SweepInfo, sweep_id_of, write_sweep
+    from runner.upload import Uploader
+
+    jobs = {f"{i}_job": ((f"optimizer.lr={lr}",), 0.0) for i, lr in enumerate((0.01, 0.1, 0.2))}
+    sweep = run_folders(tmp_path / "sweep", jobs)
+    sweep_id = sweep_id_of(sweep)
+    write_sweep(sweep, SweepInfo(sweep_id, None))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = Uploader(uri, EXPERIMENT, out=io.StringIO(), live=True)
+    for name in sorted(jobs)[:2]:  # the third job is not logged yet
+        logger.add_run(sweep / name)
+    warning = (
+        f"sweep {sweep_id} is still being logged (its parent run is RUNNING): the report "
+        "may lack its last jobs"
+    )
+    for selection in ((), ("--sweep", sweep_id)):
+        out = tmp_path / f"out{len(selection)}"
+        code, stdout, err = main_in_process(
+            "--tracking-uri", uri, *selection, "--no-log", "--out", str(out)
+        )
+        assert code == 0, err
+        assert err.splitlines() == [f"warning: {warning}"]
+        assert "2 matching, 2 rows" in stdout
+        assert f"- warning: {warning}\n" in (out / "comparison.md").read_text()
+    client = CountingClient(open_client(uri))
+    compare(uri, EXPERIMENT, out_dir=tmp_path / "counted", client=client, log=False)
+    assert client.searches == 2  # the runs (one page), and the sweeps still RUNNING
+    logger.add_run(sweep / sorted(jobs)[2])
+    logger.close_parents()  # the sweep is logged: nothing to say
+    code, stdout, err = main_in_process("--tracking-uri", uri, "--no-log", "--out", str(out))
+    assert code == 0 and err == "", err
+    assert "3 matching, 3 rows" in stdout and "warning" not in (out / "comparison.md").read_text()
 
 
 def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from runner.engine import run_minimize
 from runner.problems import Quadratic
-from runner.protocol import DerivativesSpec, MinimizeSpec, OptimizerSpec, RecordPlan
+from runner.protocol import DTYPES, DerivativesSpec, MinimizeSpec, OptimizerSpec, RecordPlan
 from runner.results import RunIdentity, minimize_result
 from tests.specs import MODE_UPDATES
 
@@ -136,3 +136,78 @@ def test_never_finished_with_a_non_finite_result(backend, a, b, x0, factor, step
         assert result["steps_run"] < steps or not finite
     if factor < 0.99:  # inside the bound nothing can overflow from these starts
         assert result["status"] == "finished"
+
+
+# Any finite float64, subnormals and values beyond float32's range included.
+any_number = st.floats(allow_nan=False, allow_infinity=False)
+
+
+def run_config(problem: dict, dtype: str):
+    """build_run_config of a whole run's config (what the CLI hands it), with `problem`."""
+    from runner.config import build_run_config
+
+    return build_run_config(
+        {
+            "task": "minimize", "dtype": dtype, "device": "cpu", "steps": 10,
+            "record_every": None, "progress": False, "backend": {"name": "numpy"},
+            "mode": {"name": "manual"}, "problem": problem,
+            "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.0, "nesterov": False},
+        }
+    )  # fmt: skip
+
+
+def in_dtype(value: float, dtype: str) -> float:
+    with np.errstate(over="ignore"):
+        return float(np.asarray(value, dtype=dtype))
+
+
+@SETTINGS
+@given(a=any_number, b=any_number, c=any_number, x0=any_number, dtype=st.sampled_from(DTYPES))
+@example(a=1e-320, b=-2.0, c=1.0, x0=0.0, dtype="float32")  # a is 0 in float32: no minimum
+@example(a=1e40, b=-2.0, c=1.0, x0=0.0, dtype="float32")  # a is inf in float32
+@example(a=1.0, b=-2.0, c=1.0, x0=1e39, dtype="float32")  # x0 is inf in float32
+@example(a=1e-40, b=-2.0, c=1.0, x0=0.0, dtype="float32")  # x* = 1e40 overflows float32
+@example(a=1e-320, b=-2.0, c=1.0, x0=0.0, dtype="float64")  # x* = 1e320 overflows float64
+def test_an_accepted_problem_is_finite_in_its_dtype(a, b, c, x0, dtype):
+    """A quadratic the config accepts has coefficients, x0 and optimum that the run's
+    dtype holds (a > 0 in it): a run computes with them rounded to that dtype."""
+    from runner.errors import ConfigError
+
+    settings = {"name": "quadratic", "a": a, "b": b, "c": c, "x0": x0}
+    try:
+        problem = run_config(settings, dtype).minimize.problem
+    except ConfigError:
+        return  # refused before the run, in one line: fine
+    assert all(math.isfinite(in_dtype(v, dtype)) for v in (a, b, c, x0))
+    assert in_dtype(a, dtype) > 0
+    with np.errstate(all="ignore"):
+        x_star, loss_star = problem.optimum()
+    assert math.isfinite(in_dtype(x_star, dtype)) and math.isfinite(in_dtype(loss_star, dtype))
+
+
+@SETTINGS
+@given(
+    cond=st.floats(1.0, 1e30),
+    dim=st.integers(1, 8),
+    seed=st.integers(0, 50),
+    dtype=st.sampled_from(DTYPES),
+)
+@example(cond=1e20, dim=2, seed=0, dtype="float64")  # was np.linalg.LinAlgError: Singular
+@example(cond=1e16, dim=2, seed=0, dtype="float64")  # was solvable, but A not positive definite
+def test_an_accepted_quadratic_form_is_positive_definite_and_solvable(cond, dim, seed, dtype):
+    """A condition number the config accepts builds an SPD A whose x* = A^-1 b is exact to
+    ~4 digits (runner.problems.MAX_COND says how its bound was measured)."""
+    from runner.errors import ConfigError
+
+    settings = {"name": "quadratic_form", "dim": dim, "cond": cond, "seed": seed, "x0": 0.0}
+    try:
+        problem = run_config(settings, dtype).minimize.problem
+    except ConfigError:
+        assert cond > 1e12
+        return
+    a, b = problem.coefficients["A"], problem.coefficients["b"]
+    np.linalg.cholesky(a)  # raises unless A is positive definite in float64
+    x_star, _ = problem.optimum()
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, dim)))
+    exact = q @ ((q.T @ b) / np.geomspace(1.0, cond, dim))  # A^-1 b from A's own spectrum
+    assert np.linalg.norm(x_star - exact) <= 1e-3 * np.linalg.norm(exact)

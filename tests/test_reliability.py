@@ -118,6 +118,14 @@ MORE_BAD_INPUTS = [
         ["backend=tf", "backend.legacy_optimizers=yes"],
         "backend.legacy_optimizers='yes' is not allowed; choose one of: true, false",
     ),
+    (
+        ["backend=numpy", "problem=quadratic_form", "problem.cond=[1,2]"],
+        "problem.cond=[1, 2] must be a number, not a list",
+    ),
+    (
+        ["backend=numpy", f"problem.a=1{'0' * 400}"],  # an int: math.isfinite raised
+        f"problem.a=1{'0' * 400} overflows float64 (largest 1.8e+308); give a smaller number",
+    ),
 ]
 
 
@@ -130,6 +138,45 @@ def test_more_bad_input_is_one_line(tmp_path: Path, args: list[str], message: st
     assert proc.stderr.strip() == error_line(proc)
     assert error_line(proc).startswith(f"error: {message}")
     assert not list(tmp_path.rglob("results.json"))
+    if "-m" not in args:  # nor an empty run folder
+        assert not list(tmp_path.glob("outputs/runs/*/*"))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [None, "results.json", ".upload.lock", "cli.log", ".hydra/notes.txt"],
+    ids=["as-hydra-left-it", "a-result", "an-upload-lock", "a-log-line", "more-in-hydra"],
+)
+def test_a_refused_runs_folder_goes_only_if_it_holds_nothing(tmp_path: Path, extra) -> None:
+    """runner.unused_folder removes a folder this command made (and the parents it made)
+    only while it holds Hydra's three files and an empty log; anything more keeps it."""
+    from runner import unused_folder
+
+    run_dir = tmp_path / "outputs" / "runs" / "day" / "run"
+    unused_folder.note_new(str(run_dir))  # as the callback does, before Hydra makes it
+    (run_dir / ".hydra").mkdir(parents=True)
+    for name in unused_folder.HYDRA_FILES:
+        (run_dir / ".hydra" / name).write_text("{}\n")
+    (run_dir / "cli.log").write_text("")
+    if extra:
+        (run_dir / extra).write_text("something\n")
+    removed = unused_folder.remove_unused(run_dir, ".hydra", "cli.log")
+    assert removed is (extra is None)
+    assert run_dir.exists() is (extra is not None)
+    assert tmp_path.is_dir() and (tmp_path / "outputs").exists() is (extra is not None)
+    if extra:
+        assert (run_dir / extra).read_text() == "something\n"
+
+
+def test_a_folder_that_existed_before_the_run_is_never_removed(tmp_path: Path) -> None:
+    from runner import unused_folder
+
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    unused_folder.note_new(str(run_dir))
+    (run_dir / "cli.log").write_text("")
+    assert not unused_folder.remove_unused(run_dir, ".hydra", "cli.log")
+    assert (run_dir / "cli.log").exists()
 
 
 def test_overflow_on_the_very_last_step_is_not_success(tmp_path: Path) -> None:
@@ -429,6 +476,8 @@ def test_interrupted_sweep_is_logged_killed(tmp_path: Path) -> None:
 
 
 def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: Path) -> None:
+    from runner.tracking import git_tags
+
     sweep = tmp_path / "sweep"
     away = f"http://127.0.0.1:{free_port()}"
     proc = cli(
@@ -480,7 +529,10 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: P
         assert run.info.status == expected
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.data.tags["runner.uploaded_from"] == str(sweep / name)
-        assert not {"git_commit", "git_dirty"} & set(run.data.tags)  # today's checkout, not its
+        # the commit the job recorded as it ran (results.json), not today's checkout's
+        recorded = git_tags(result.get("git"))
+        assert {k: run.data.tags.get(k) for k in recorded} == recorded
+        assert ("git_commit" in run.data.tags) == ("git" in result)
         assert run.data.params["optimizer.lr"] == str(result["optimizer"]["lr"])
         assert f"optimizer.lr={result['optimizer']['lr']}" in run.info.run_name
         assert run.data.params["tracking.uri"] == away

@@ -459,6 +459,7 @@ def upload(*args: str, cwd: Path) -> str:
 
 
 BAD_A = "problem.a=-1.0: a*x^2 + b*x + c has no minimum unless a > 0; give a positive problem.a"
+GIT_TAG_PREFIXES = ("git_", "mlflow.source.git.")  # runner.tracking.git_tags's
 
 
 def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(tmp_path: Path) -> None:
@@ -468,6 +469,8 @@ def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(tmp_pa
     FINISHED over one child, and only stderr said which job had failed."""
     from mlflow import MlflowClient
 
+    from runner.tracking import git_tags
+
     sweep = tmp_path / "sweep"
     proc = cli(
         "-m", "backend=numpy", "problem.a=1,-1", "steps=20", *sweep_args(tmp_path), cwd=tmp_path
@@ -476,6 +479,8 @@ def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(tmp_pa
     assert "; 1 finished, 1 failed, 1 row (one per run)" in proc.stdout, proc.stdout
     assert f"failed: numpy manual problem.a=-1: {BAD_A}" in proc.stdout.splitlines()
     assert proc.stderr.strip().endswith(BAD_A)
+    failure = json.loads(next(sweep.glob("*/job_failure.json")).read_text())
+    assert ("git" in failure) == (ROOT / ".git").exists()  # the code as the job started
     for uri in (store(tmp_path), f"sqlite:///{tmp_path / 'later.db'}"):
         if uri != store(tmp_path):  # the sweep's logger made the first; an upload this one
             assert upload(str(sweep), "--tracking-uri", uri, cwd=tmp_path) == (
@@ -490,6 +495,9 @@ def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(tmp_pa
         assert failed.info.run_name == "numpy-manual-float32 problem.a=-1 steps=20"
         artifacts = {a.path for a in MlflowClient(uri).list_artifacts(failed.info.run_id)}
         assert artifacts == {"hydra", "job_failure.json"}
+        # the code the job recorded as it started, by its logger and by a later upload alike
+        git = {k: v for k, v in failed.data.tags.items() if k.startswith(GIT_TAG_PREFIXES)}
+        assert git == git_tags(failure.get("git"))
         assert upload(str(sweep), "--tracking-uri", uri, cwd=tmp_path) == (
             "uploaded 0, already recorded 2, skipped 0"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,23 @@ def test_diverged_run_is_failed_with_its_trajectory(tmp_path: Path) -> None:
     xs = client.get_metric_history(run.info.run_id, "x")
     assert max(m.step for m in losses) == step - 1  # an infinite loss is not a point
     assert max(m.step for m in xs) == step  # x there is still finite: where it blew up
+    # nor a final value: MLflow would store it as 1.8e308, a finite-looking number
+    assert not {"final_loss", "error_loss"} & set(run.data.metrics)
+    assert run.data.metrics["final_x"] == single_result(tmp_path)["x"]  # finite: logged
+    assert run.data.metrics["steps_run"] == step
+
+
+def test_final_metrics_leave_out_non_finite_values() -> None:
+    """inf and NaN alike, as the per-step metrics leave them out; the finite ones stay."""
+    from runner.tracking import result_metrics
+
+    timings = {"compile_s": 0.0, "run_s": 0.5, "step_us": 2.0, "final_s": 0.0}
+    for bad in (np.inf, -np.inf, np.nan):
+        result = {
+            "task": "minimize", "status": "diverged", "loss": bad, "x": 3.0e30,
+            "error": {"x": bad, "loss": bad}, "steps_run": 7, "timings": timings,
+        }  # fmt: skip
+        assert result_metrics(result) == {"final_x": 3.0e30, "steps_run": 7.0, **timings}
 
 
 def test_ctrl_c_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path: Path) -> None:
@@ -393,9 +411,9 @@ def test_logged_points_are_bounded() -> None:
     assert list(thin(5)) == [0, 1, 2, 3, 4]
 
 
-def test_git_commit_is_the_runners_own_whatever_the_folder(tmp_path: Path, monkeypatch) -> None:
-    """Typed in another git repository (or none), the tag still names the runner's code."""
-    from runner.tracking import git_commit
+def test_git_state_is_the_runners_own_whatever_the_folder(tmp_path: Path, monkeypatch) -> None:
+    """Typed in another git repository (or none), the state still names the runner's code."""
+    from runner.provenance import git_state
 
     if not (ROOT / ".git").exists():
         pytest.skip("the runner's code is not a git checkout here")
@@ -404,13 +422,101 @@ def test_git_commit_is_the_runners_own_whatever_the_folder(tmp_path: Path, monke
     ).stdout.strip()
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     monkeypatch.chdir(tmp_path)
-    assert git_commit() == own
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    tags = run_tags({"backend": {"name": "numpy"}}, [], None)
-    assert tags["git_commit"] == own and tags["git_dirty"] == str(bool(dirty)).lower()
+    state = git_state()
+    assert state == {"commit": own, "dirty": bool(dirty)}
+    tags = run_tags({"backend": {"name": "numpy"}}, [], None, state)
+    assert tags["git_commit"] == tags["mlflow.source.git.commit"] == own
+    assert tags["git_dirty"] == str(bool(dirty)).lower()
+    assert not {"git_commit", "git_dirty"} & set(run_tags({"backend": {"name": "numpy"}}, [], None))
+
+
+def git_in(folder: Path, *args: str) -> str:
+    """`git ARGS` in folder, as a user who can commit; its output."""
+    who = ["-c", "user.name=runner tests", "-c", "user.email=tests@localhost"]
+    return subprocess.run(
+        ["git", *who, *args], cwd=folder, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="no git here")
+def test_a_commit_made_while_the_run_is_logged_is_not_the_runs(tmp_path: Path) -> None:
+    """The review's reproduction: in a checkout of the runner, a run, then `git commit` at
+    once, while its background upload imports MLflow. The run is tagged with the commit it
+    ran at, dirty (a tracked file differed from it as it ran); the upload read the checkout
+    as it logged, and tagged the commit made after the run, clean."""
+    clone = tmp_path / "clone"
+    for part in ("runner", "conf", "backends"):
+        shutil.copytree(ROOT / part, clone / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (clone / "NOTES").write_text("before the run\n")
+    git_in(clone, "init", "-q")
+    git_in(clone, "add", "-A")
+    git_in(clone, "commit", "-q", "-m", "the code that runs")
+    ran_at = git_in(clone, "rev-parse", "HEAD")
+    (clone / "NOTES").write_text("edited, not committed, as the run starts\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    uri = f"sqlite:///{tmp_path / 'git.db'}"
+    env = {**os.environ, "PYTHONPATH": str(clone)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "backend=numpy", "steps=3", "progress=false",
+         f"tracking.uri={uri}"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    git_in(clone, "commit", "-q", "-am", "made after the run")  # as its upload starts
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs_in(work)
+    wait_for_upload(run_dir)
+    (run,) = runs_of(uri)
+    assert run.data.tags["git_commit"] == run.data.tags["mlflow.source.git.commit"] == ran_at
+    assert run.data.tags["git_dirty"] == "true"
+    assert single_result(work)["git"] == {"commit": ran_at, "dirty": True}
+
+
+def test_uploads_tag_the_commit_the_run_recorded(tmp_path: Path) -> None:
+    """Live (a run's background upload, a sweep's logger) or later (runner.upload), a run
+    is tagged with the code state its record holds (results.json, or a failed job's
+    job_failure.json), never the checkout's at logging time; a record without one (a
+    folder from before runs kept it) gets no git tags, live or later."""
+    import io
+
+    from runner.results import JOB_FAILURE_FILE, new_run_uid, write_json
+    from runner.run_folders import read_record
+    from runner.sweep_record import SweepInfo, sweep_id_of, write_sweep
+    from runner.upload import upload
+
+    proc = cli("backend=numpy", "steps=3", "tracking=off", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (ran,) = run_dirs_in(tmp_path)
+    recorded = {"commit": "0123456789abcdef" * 2 + "01234567", "dirty": True}
+    folders = {name: tmp_path / "runs" / name for name in ("with", "without")}
+    for name, folder in folders.items():
+        shutil.copytree(ran, folder)
+        result = json.loads((folder / "results.json").read_text())
+        result.pop("git", None)
+        result.update(run_uid=new_run_uid(), **({"git": recorded} if name == "with" else {}))
+        (folder / "results.json").write_text(json.dumps(result))
+    sweep = tmp_path / "sweep"
+    write_sweep(sweep, SweepInfo(sweep_id_of(sweep), None))
+    folders["failed"] = sweep / "0_failed"  # stopped before a result: config and failure
+    shutil.copytree(ran / ".hydra", folders["failed"] / ".hydra")
+    failure = {"exit_code": 2, "error": "a bad setting", "git": recorded}
+    write_json(folders["failed"] / JOB_FAILURE_FILE, failure)  # as record_job_failure writes
+    uids = {name: read_record(folder)["run_uid"] for name, folder in folders.items()}
+    tagged = {"git_commit": recorded["commit"], "git_dirty": "true"}
+    want = {"with": tagged, "without": {}, "failed": tagged}
+    for live in (True, False):
+        uri = f"sqlite:///{tmp_path / f'live_{live}.db'}"
+        upload(list(folders.values()), uri, out=io.StringIO(), live=live)
+        tags = {r.data.tags.get("run_uid"): r.data.tags for r in runs_of(uri)}
+        for name, uid in uids.items():
+            git = {k: v for k, v in tags[uid].items() if k in ("git_commit", "git_dirty")}
+            assert git == want[name], (name, live)
+            assert ("runner.uploaded_from" in tags[uid]) is not live
 
 
 def test_log_batched_logs_past_mlflows_per_request_limits(tmp_path: Path) -> None:

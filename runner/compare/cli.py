@@ -77,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: tracking store: {message}", file=sys.stderr, flush=True)
         return 4
+    for warning in report.warnings:  # what the table may lack, where scripts look for it
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     print(report.text)
     print(f"\nfiles in {report.out_dir}")
     if report.run_id:

@@ -46,7 +46,9 @@ from runner.compare.store import (
     row_of_run,
     search_runs,
     split_values,
+    still_logging,
     sweep_spellings,
+    sweeps_still_logging,
 )
 from runner.masking import mask_uri
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, sweep_failures
@@ -65,6 +67,7 @@ class Report:
     experiment: str
     sweep_id: str | None
     holes: list[Hole] = field(default_factory=list)  # a sweep's skipped and failed jobs
+    warnings: list[str] = field(default_factory=list)  # in the header; the CLI's stderr
 
 
 def compare(
@@ -116,6 +119,9 @@ def compare(
         sweep_id,
         Path(out_dir) if out_dir else default_out_dir(),
         lambda row: loss_curve(client, row),
+        warnings=[
+            still_logging(s) for s in sweeps_still_logging(client, found.experiment_id, runs)
+        ],
     )
     if log:
         report.run_id = log_report(
@@ -191,10 +197,12 @@ def _report(
     out: Path,
     curve_of: Callable[[Row], dict[str, np.ndarray] | None],
     holes: Sequence[Hole] = (),
+    warnings: Sequence[str] = (),
 ) -> Report:
     """Tables, agreement, plots and files for one row per configuration (the latest), of
     the `found` runs, whatever they came from; the header says how many were repeats,
-    and a sweep's jobs without a row (holes) are listed after the table."""
+    and what the rows may lack (warnings: a sweep still being logged), and a sweep's jobs
+    without a row (holes) are listed after the table."""
     rows = list(latest_per_key(newest_first).values())
     set_problem_labels(rows)
     rows.sort(key=row_order)
@@ -211,13 +219,16 @@ def _report(
     header = [
         f"- {source}",
         f"- runs: {runs}, {plural(len(rows), 'row')} ({kept})",
+        *(f"- warning: {warning}" for warning in warnings),
         f"- made {datetime.now().isoformat(timespec='seconds')}",
     ]
     title = f"{experiment}: {header[1].removeprefix('- runs: ')}"
     text = terminal_text(rows, agreement, title, holes)
     plots = write_plots(out, rows, curve_of)
     files = {**write_files(out, rows, agreement, header, plots, holes), **plots}
-    return Report(rows, agreement, text, out, files, None, experiment, sweep_id, list(holes))
+    return Report(
+        rows, agreement, text, out, files, None, experiment, sweep_id, list(holes), list(warnings)
+    )
 
 
 def _make_out(out: Path) -> None:

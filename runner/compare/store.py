@@ -166,6 +166,32 @@ def latest_sweep(client: Any, experiment_id: str, experiment: str) -> str:
     return page[0].data.tags["sweep_id"]
 
 
+def sweeps_still_logging(client: Any, experiment_id: str, runs: Sequence[Any]) -> list[str]:
+    """The sweeps among `runs` whose parent run is still RUNNING: its logger (runner.follow,
+    which logs the last jobs after a parallel sweep's command returned) or its in-process
+    jobs may not have logged every job yet, so a report of them may lack rows, silently.
+    One search, and none when no run of a sweep is among them."""
+    sweep_ids = {run.data.tags.get("sweep_id") for run in runs} - {None}
+    if not sweep_ids:
+        return []
+    running = retry_locked(
+        lambda: client.search_runs(
+            [experiment_id],
+            f"tags.`{KIND_TAG}` = '{SWEEP_KIND}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
+    )
+    return sorted(sweep_ids & {run.data.tags.get("sweep_id") for run in running})
+
+
+def still_logging(sweep_id: str) -> str:
+    """The warning for such a sweep: stderr's line and the report header's note."""
+    return (
+        f"sweep {sweep_id} is still being logged (its parent run is RUNNING): the report may "
+        "lack its last jobs"
+    )
+
+
 def describe_selection(sweep_id: str | None, filters: Mapping[str, list[str]]) -> str:
     parts = [f"sweep={sweep_id}"] if sweep_id else []
     parts += [f"{k}={','.join(v)}" for k, v in filters.items() if v]
