@@ -16,7 +16,8 @@ from typing import Any
 
 from runner.errors import ConfigError, flag, not_allowed, setting, whole_number
 from runner.optimizers import validate_hyper
-from runner.problems import Problem, build_problem, check_in_dtype
+from runner.problem_limits import check_in_dtype
+from runner.problems import Problem, build_problem
 from runner.protocol import (
     DTYPES,
     GRAPH_UPDATES,

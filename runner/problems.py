@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from importlib.metadata import entry_points
 from types import SimpleNamespace
@@ -94,7 +94,7 @@ def _check_scalar(problem: Any, key: str) -> None:
     """A setting that is one number for every dim (a list would fail in a comparison)."""
     value = getattr(problem, key)
     if np.ndim(value) != 0:
-        raise ConfigError(f"problem.{key}={_show(value)} must be a number, not a list")
+        raise ConfigError(f"problem.{key}={shown(value)} must be a number, not a list")
 
 
 def _vector(key: str, value: Any, dim: int) -> np.ndarray:
@@ -126,7 +126,7 @@ class Quadratic:
     x0: Number | Sequence[Number] = 0.0
     dim: int | None = None
     name: ClassVar[str] = "quadratic"
-    positive: ClassVar[tuple[str, ...]] = ("a",)  # see check_in_dtype
+    positive: ClassVar[tuple[str, ...]] = ("a",)  # see runner.problem_limits
 
     def __post_init__(self) -> None:
         if self.dim is None:
@@ -139,7 +139,7 @@ class Quadratic:
         values = self.coefficients | {"x0": _value("x0", self.x0, self.dim or 0)}
         if np.any(np.asarray(values["a"]) <= 0):
             raise ConfigError(
-                f"problem.a={_show(self.a)}: a*x^2 + b*x + c has no minimum unless a > 0; "
+                f"problem.a={shown(self.a)}: a*x^2 + b*x + c has no minimum unless a > 0; "
                 "give a positive problem.a"
             )
 
@@ -208,7 +208,7 @@ class QuadraticForm:
         _check_scalar(self, "cond")
         if not 1 <= self.cond <= MAX_COND:
             raise ConfigError(
-                f"problem.cond={_show(self.cond)} is not allowed; give a condition number "
+                f"problem.cond={shown(self.cond)} is not allowed; give a condition number "
                 f"from 1 to {MAX_COND:.0e} (beyond it float64 loses A's smallest eigenvalues: "
                 "x* = A^-1 b loses its digits, then A its definiteness)"
             )
@@ -249,7 +249,7 @@ class Rosenbrock:
     b: Number = 100.0
     x0: Number | Sequence[Number] = 0.0
     name: ClassVar[str] = "rosenbrock"
-    positive: ClassVar[tuple[str, ...]] = ("b",)  # see check_in_dtype
+    positive: ClassVar[tuple[str, ...]] = ("b",)  # see runner.problem_limits
 
     def __post_init__(self) -> None:
         _check_dim(self, 2, "its sum runs over neighbouring coordinates")
@@ -281,105 +281,14 @@ class Rosenbrock:
         return np.ones(self.dim), 0.0
 
 
-def _show(value: Any) -> str:
-    return str(list(value)) if np.ndim(value) else repr(float(value))
-
-
-def check_in_dtype(problem: Problem, dtype: str, minimize: bool = True) -> None:
-    """Refuse a problem the run's dtype cannot hold, before the run, naming the setting.
-
-    Settings are checked in float64 (Python's floats), but a backend computes with them
-    rounded to `dtype`: in float32 `problem.a=1e40` is inf and `problem.a=1e-320` is 0
-    (the quadratic then has no minimum), which used to run and end in a NaN blamed on
-    the lr, or in x* = inf. Every coefficient and x0 must be finite in `dtype`, a
-    coefficient the problem needs positive (its class's `positive`) nonzero, and for a
-    minimization the optimum, where the problem gives a numeric one, finite too.
-    """
-    for key, value in {**problem.coefficients, "x0": problem.x0_array()}.items():
-        _check_value(problem, key, value, dtype)
-    if minimize:
-        _check_optimum(problem, dtype)
-
-
-def _check_value(problem: Problem, key: str, value: Any, dtype: str) -> None:
-    """One coefficient (or x0): finite in dtype, and nonzero where it must be positive."""
-    extremes = _extremes(value)
-    if extremes is None:
-        return
-    subject = _subject(problem, key)
-    if not all(np.isfinite(_rounded(v, dtype)) for v in extremes):
-        raise ConfigError(
-            f"{subject} overflows {dtype} ({_largest(dtype)}); give a smaller number{_wider(dtype)}"
-        )
-    if key in getattr(problem, "positive", ()) and _rounded(min(extremes), dtype) == 0:
-        raise ConfigError(
-            f"{subject} is 0 in {dtype} (its smallest positive number is "
-            f"{np.finfo(dtype).smallest_subnormal:.2g}); "
-            f"give a larger problem.{key}{_wider(dtype)}"
-        )
-
-
-def _check_optimum(problem: Problem, dtype: str) -> None:
-    """The optimum the run is measured against must be a number in the run's dtype:
-    x* = -b/2a of a float32 quadratic with a=1e-40 is 1e40, beyond float32's reach."""
-    with np.errstate(all="ignore"):  # an infinite optimum is refused, not warned about
-        x_star, loss_star = problem.optimum()
-    x_range, loss_range = _extremes(x_star), _extremes(loss_star)
-    if x_range is None or loss_range is None:
-        return  # the problem states no numeric optimum
-    if all(np.isfinite(_rounded(v, dtype)) or np.isnan(v) for v in (*x_range, *loss_range)):
-        return  # NaN: the problem states no optimum value
-    x_text = f"{max(x_range, key=abs):.6g}" + ("" if np.ndim(x_star) == 0 else " in a coordinate")
-    settings = [f"problem.{k}" for k in problem.coefficients if k in _fields(problem)]
-    raise ConfigError(
-        f"problem={problem.name} has its minimum at x* = {x_text}, "
-        f"loss* = {loss_range[0]:.6g}, which {dtype} cannot hold ({_largest(dtype)}); "
-        f"change {_either(settings) or 'its settings'}{_wider(dtype)}"
-    )
-
-
-def _either(names: list[str]) -> str:
-    """`a, b or c`."""
-    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
-
-
-def _wider(dtype: str) -> str:
-    """The other way out of a float32 limit."""
-    return ", or dtype=float64" if np.finfo(dtype).max < np.finfo(np.float64).max else ""
-
-
-def _extremes(value: Any) -> tuple[float, float] | None:
-    """The smallest and largest entry, in float64 (a broadcast is read once, no copy of
-    size n); None for an empty or non-numeric value (a plugin's optimum may be None)."""
-    try:
-        array = np.asarray(compact(value), dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-    if not array.size:
-        return None
-    return float(array.min()), float(array.max())
-
-
-def _rounded(value: float, dtype: str) -> float:
-    """`value` as the run's dtype holds it (inf where it overflows), without a warning."""
-    with np.errstate(over="ignore"):
-        return float(np.asarray(value, dtype=dtype))
-
-
-def _largest(dtype: str) -> str:
+def largest_text(dtype: str) -> str:
+    """`largest 3.4e+38`: a dtype's limit, as the refusals of a setting beyond it say."""
     return f"largest {np.finfo(dtype).max:.2g}"
 
 
-def _fields(problem: Any) -> set[str]:
-    return {f.name for f in fields(problem)} if is_dataclass(problem) else set()
-
-
-def _subject(problem: Any, key: str) -> str:
-    """A value as the user set it (`problem.a=1e+40`), or, for one the problem derives
-    (quadratic_form's A), as the problem's."""
-    if key in _fields(problem):
-        return f"problem.{key}={_show(getattr(problem, key))}"
-    return f"problem={problem.name}'s {key}"
+def shown(value: Any) -> str:
+    """A setting as a refusal quotes it: a float, or a list of them."""
+    return str(list(value)) if np.ndim(value) else repr(float(value))
 
 
 def problem_record(problem: Problem) -> dict[str, Any]:
@@ -454,7 +363,7 @@ def _check_finite(key: str, value: Any, item: float) -> None:
         finite = math.isfinite(item)
     except OverflowError:
         raise ConfigError(
-            f"problem.{key}={value!r} overflows float64 ({_largest('float64')}); "
+            f"problem.{key}={value!r} overflows float64 ({largest_text('float64')}); "
             "give a smaller number"
         ) from None
     if not finite:
