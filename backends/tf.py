@@ -139,6 +139,26 @@ def _convention(spec: MinimizeSpec) -> Convention:
     return CONVENTIONS["tf_legacy" if spec.options.get("legacy_optimizers") else "tf"]
 
 
+def _eps_form(opt: Resolved, convention: Convention) -> str | None:
+    """Where _Manual's rule puts opt's epsilon under `convention` (None: SGD has none)."""
+    if opt.name == "adam":
+        return convention.adam_eps_form
+    if opt.name == "adagrad":
+        return convention.adagrad_eps_form
+    if opt.name == "rmsprop":
+        return convention.rmsprop_form(opt["momentum"])
+    return None
+
+
+def _manual_rule(spec: MinimizeSpec, convention: Convention) -> tuple[Any, ...]:
+    """All that _Manual's rule reads of `convention` for spec's optimizer: its settings,
+    defaults filled in, and where epsilon goes. The hand-written rule uses no Keras
+    optimizer, so legacy_optimizers reaches it only through these (SGD: not at all)."""
+    o = spec.optimizer
+    opt = resolve(o.name, o.lr, o.hyper, convention)
+    return opt.name, sorted(opt.values.items()), _eps_form(opt, convention)
+
+
 # (loss, x, grad) as TensorFlow values.
 Values = tuple[Any, Any, Any]
 # What one update returns: (loss_i, grad_i, x_i or None), see _Run.loss().
@@ -286,7 +306,7 @@ class _Manual:
         self, opt: Resolved, convention: Convention, x: tf.Variable, dtype: tf.DType
     ) -> None:
         self.opt = opt
-        self.convention = convention
+        self.form = _eps_form(opt, convention)  # all it reads of the convention
         self.name = opt.name
         self.dtype = dtype
         self.lr = self._c(opt.lr)
@@ -332,19 +352,17 @@ class _Manual:
             m = s["m"].assign(c(b1) * s["m"] + c(1 - b1) * g)
             v = s["v"].assign(c(b2) * s["v"] + c(1 - b2) * g * g)
             bias1, bias2 = 1 - tf.pow(c(b1), t), 1 - tf.pow(c(b2), t)
-            if self.convention.adam_eps_form == "corrected":
+            if self.form == "corrected":
                 x.assign_sub(lr * (m / bias1) / (tf.sqrt(v / bias2) + eps))
             else:  # Keras' epsilon-hat: the bias correction folded into the step size
                 x.assign_sub(lr * tf.sqrt(bias2) / bias1 * m / (tf.sqrt(v) + eps))
         elif self.name == "adagrad":
             acc = s["acc"].assign_add(g * g)
-            form = self.convention.adagrad_eps_form
-            x.assign_sub(lr * g / self._root(acc, c(opt["eps"]), form))
+            x.assign_sub(lr * g / self._root(acc, c(opt["eps"]), self.form))
         else:  # rmsprop
             rho = opt["rho"]
             ms = s["ms"].assign(c(rho) * s["ms"] + c(1 - rho) * g * g)
-            form = self.convention.rmsprop_form(opt["momentum"])
-            direction = g / self._root(ms, c(opt["eps"]), form)
+            direction = g / self._root(ms, c(opt["eps"]), self.form)
             if opt["momentum"]:
                 direction = s["buf"].assign(c(opt["momentum"]) * s["buf"] + direction)
             x.assign_sub(lr * direction)
@@ -948,6 +966,21 @@ class TensorFlowBackend:
 
     def convention(self, spec: MinimizeSpec) -> Convention:
         return _convention(spec)
+
+    def options_used(self, spec: MinimizeSpec) -> dict[str, Any]:
+        """spec.options less those without effect: jit_compile outside mode=graph (where
+        unsupported() allows only its default), legacy_optimizers where the hand-written
+        rule runs (mode=manual, or update=manual) and the legacy convention gives it the
+        same rule (SGD, Adam, RMSprop with momentum)."""
+        used = dict(spec.options)
+        if spec.mode != "graph":
+            used.pop("jit_compile", None)
+        manual = (spec.update if spec.mode == "graph" else spec.mode) == "manual"
+        if manual and _manual_rule(spec, CONVENTIONS["tf"]) == _manual_rule(
+            spec, CONVENTIONS["tf_legacy"]
+        ):
+            used.pop("legacy_optimizers", None)
+        return used
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         outside = outside_vocabulary(spec)

@@ -70,8 +70,24 @@ _OPTIONS: dict[str, Any] = {"scan_chunk": 1000, "unroll": 4, "cpp_wrapper": "aut
 
 
 def _inductor_options(options: Mapping[str, Any], device: torch.device) -> dict[str, bool]:
-    wrapper = options["cpp_wrapper"]
-    return {"cpp_wrapper": device.type == "cpu" if wrapper == "auto" else bool(wrapper)}
+    return {"cpp_wrapper": _cpp_wrapper(options["cpp_wrapper"], device.type)}
+
+
+def _cpp_wrapper(wrapper: Any, device_type: str) -> bool:
+    """backend.cpp_wrapper as a run uses it: auto is on for the CPU only."""
+    return device_type == "cpu" if wrapper == "auto" else bool(wrapper)
+
+
+def _unroll(steps: int, unroll: int) -> int:
+    """The optimizer steps a compiled call runs: the largest power of two <= unroll that
+    divides steps."""
+    return math.gcd(steps, 1 << (int(unroll).bit_length() - 1))
+
+
+def _scan_chunk(spec: MinimizeSpec, scan_chunk: int) -> int:
+    """The steps a compiled scan call runs: scan_chunk, fewer for a short run or a large x."""
+    entries = max(1, _SCAN_ENTRIES // int(np.size(spec.problem.x0_array())))
+    return min(spec.steps, int(scan_chunk), entries)
 
 
 def _before_compiling(device: torch.device) -> None:
@@ -275,6 +291,28 @@ class TorchBackend:
         if spec.mode == "graph" and spec.update != "manual":
             return CONVENTIONS["torch_compiled"]
         return _CONVENTION
+
+    def options_used(self, spec: MinimizeSpec) -> dict[str, Any]:
+        """The graph options that made this run differ from one at the defaults, at the
+        values it used: unroll (update apply|minimize) and scan_chunk (update=manual) as
+        reduced for the run's steps and x, cpp_wrapper as resolved for its device. One
+        that ran as its default would (unroll=8 over 300 steps: 4, as 4 does), or that
+        this update never reads, is left out; the eager modes read none of them."""
+        if spec.mode != "graph":
+            return {}
+        device = torch.device(self.resolved_device(spec.device)).type
+        as_used: dict[str, Callable[[Any], Any]] = (
+            {"scan_chunk": lambda value: _scan_chunk(spec, value)}
+            if spec.update == "manual"
+            else {"unroll": lambda value: _unroll(spec.steps, value)}
+        )
+        as_used["cpp_wrapper"] = lambda value: _cpp_wrapper(value, device)
+        given = {**_OPTIONS, **spec.options}
+        return {
+            key: used(given[key])
+            for key, used in as_used.items()
+            if used(given[key]) != used(_OPTIONS[key])
+        }
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         outside = outside_vocabulary(spec)
@@ -657,7 +695,7 @@ class _ScanLoop(_Program):
     """
 
     def __init__(self, spec: MinimizeSpec, run: _Run, options: Mapping[str, Any]) -> None:
-        steps, every, n_rows = spec.steps, spec.record.every, spec.record.rows
+        every, n_rows = spec.record.every, spec.record.rows
         self._spec, self._run = spec, run
         device, dtype = run.x0.device, run.x0.dtype
         shape = run.x0.shape
@@ -666,8 +704,7 @@ class _ScanLoop(_Program):
         x_star1 = None if run.x_star is None else _lift(run.x_star)
         self._rule = rule = _HandRule(_resolved(spec))
         self._rows = rows = _Rows(spec.record, dtype, device)
-        entries = max(1, _SCAN_ENTRIES // run.x0.numel())
-        self._chunk = chunk = min(steps, int(options["scan_chunk"]), entries)
+        self._chunk = chunk = _scan_chunk(spec, options["scan_chunk"])
         offsets = torch.arange(chunk, device=device)
         self._done = 0
         self._carry = self._start_state()
@@ -796,7 +833,7 @@ class _OptimizerLoop(_Program):
         opt.state[x].update(_initial_state(opt, x))
         opt_step = inspect.unwrap(type(opt).step)
         self._rows = rows = _Rows(spec.record, dtype, device)
-        self._unroll = unroll = math.gcd(steps, 1 << (int(options["unroll"]).bit_length() - 1))
+        self._unroll = unroll = _unroll(steps, options["unroll"])
         self._i = i = torch.zeros(_ONE, dtype=torch.int64, device=device)
         self._stop = stop = torch.full(_ONE, steps, device=device)
         minimize = spec.update == "minimize"

@@ -19,7 +19,8 @@ from runner.engine import run_minimize
 from runner.errors import DivergenceError, UnsupportedError
 from runner.optimizers import used_record
 from runner.plugins import load_backend
-from runner.protocol import Backend, FollowsConvention, MinimizeSpec
+from runner.protocol import Backend, FollowsConvention, MinimizeSpec, RecordsOptions
+from runner.provenance import machine_state, numerics_environment
 from runner.results import (
     RESULTS_FILE,
     TRAJECTORY_FILE,
@@ -76,7 +77,9 @@ def execute(
     run_uid (a fresh one when not given) goes into results.json: the run's identity
     in MLflow, live or uploaded later. backend: supported_backend's, when it checked
     the run; else the run's is loaded here. git: the code state read as the run started
-    (runner.provenance.git_state), kept in results.json for its MLflow tags.
+    (runner.provenance.git_state), kept in results.json for its MLflow tags, as are the
+    machine and the numerics-relevant environment, read here once the backend (whose
+    module may set a framework's default) is loaded.
     """
     backend = backend or load_backend(run.backend)
     identity = RunIdentity(
@@ -86,6 +89,8 @@ def execute(
         backend.versions(),
         run_uid or new_run_uid(),
         git,
+        machine_state(),
+        numerics_environment(),
     )
     if run.minimize is not None:
         return _minimize(run, run.minimize, backend, identity, output_dir)
@@ -120,7 +125,8 @@ def _minimize(
             on_phase=_phase_printer(run.progress, spec.mode == "graph", spec.steps),
             progress=advance,
         )
-    result = minimize_result(spec, outcome, identity, _optimizer_used(backend, spec))
+    options = backend.options_used(spec) if isinstance(backend, RecordsOptions) else None
+    result = minimize_result(spec, outcome, identity, _optimizer_used(backend, spec), options)
     write_trajectory(output_dir / TRAJECTORY_FILE, trajectory_rows(spec, outcome))
     write_json(output_dir / RESULTS_FILE, result)
     print(minimize_summary(result), _files_line(output_dir), sep="\n")

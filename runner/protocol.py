@@ -251,6 +251,21 @@ class FollowsConvention(Protocol):
     def convention(self, spec: MinimizeSpec) -> Convention: ...
 
 
+@runtime_checkable
+class RecordsOptions(Protocol):
+    """A backend that says which of a spec's options a run used, and at what values.
+
+    Optional (a plugin without it records spec.options as asked): with it, results.json's
+    `options`, which the comparison report names and groups backends by, hold the options
+    as the run used them: one without effect in this spec left out (`legacy_optimizers`
+    where TF's hand-written rule reads nothing of it), a value the backend adjusts as it
+    ran (torch's `unroll`, reduced to a power of two dividing steps), so an option that
+    changed nothing makes no backend of its own. The MLflow params keep what was asked.
+    """
+
+    def options_used(self, spec: MinimizeSpec) -> dict[str, Any]: ...
+
+
 def outside_vocabulary(spec: MinimizeSpec) -> str | None:
     """Why a spec's mode, graph update or dtype is none of the shared vocabulary, else None.
 

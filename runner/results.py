@@ -39,9 +39,11 @@ def minimize_result(
     outcome: MinimizeOutcome,
     run: RunIdentity,
     optimizer_used: Mapping[str, Any] | None = None,
+    options_used: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """results.json of a run; `optimizer_used` (see runner.optimizers.used_record) where
-    the backend says whose defaults it ran."""
+    the backend says whose defaults it ran; `options_used` (protocol.RecordsOptions) where
+    it says which options the run used, in place of spec.options as asked."""
     traj = outcome.trajectory
     problem = spec.problem
     x_star, loss_star = problem.optimum()
@@ -52,6 +54,7 @@ def minimize_result(
         "status": _status(spec, outcome),
         **run.fields(),
         **_asked(spec),
+        **({"options": json_safe(options_used)} if options_used is not None else {}),
         "steps_run": traj.stopped_at,
         "record_every": spec.record.every,
         "problem": problem_record(problem),
@@ -205,7 +208,9 @@ class RunIdentity:
     run_uid names the run for life: it is the MLflow tag `run_uid` of the run that
     records it, so `python -m runner.upload` can tell which runs a store already holds.
     git (runner.provenance.git_state, read as the run started) is the code that ran:
-    its git tags in MLflow come from here, whenever the run is logged.
+    its git tags in MLflow come from here, whenever the run is logged. machine and
+    environment (runner.provenance.machine_state, numerics_environment) are where it
+    ran: the CPU and its features, the numerics-relevant environment variables set.
     """
 
     backend: str
@@ -214,6 +219,8 @@ class RunIdentity:
     versions: Mapping[str, str]
     run_uid: str | None = None
     git: Mapping[str, Any] | None = None
+    machine: Mapping[str, Any] | None = None
+    environment: Mapping[str, str] | None = None
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -229,6 +236,8 @@ class RunIdentity:
                 "gradient_runner": __version__,
             },
             **({"git": dict(self.git)} if self.git else {}),
+            **({"machine": dict(self.machine)} if self.machine is not None else {}),
+            **({"environment": dict(self.environment)} if self.environment is not None else {}),
         }
 
 

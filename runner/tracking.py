@@ -362,6 +362,22 @@ def result_tags(result: Mapping[str, Any]) -> dict[str, str]:
         tags[f"version.{name}"] = version
     for key, value in result.get("optimizer_used", {}).items():  # the params are as asked
         tags[f"optimizer_used.{key}"] = str(value)
+    return {**tags, **machine_tags(result)}
+
+
+def machine_tags(result: Mapping[str, Any]) -> dict[str, str]:
+    """Where the run ran, from its record (results.json `machine`, `environment`): `cpu`,
+    `cpu_features` (comma-joined; none where /proc/cpuinfo did not say) and `env.NAME`
+    for each numerics-relevant variable that was set, its value masked as recorded."""
+    machine = result.get("machine") or {}
+    tags = {}
+    if machine.get("cpu"):
+        tags["cpu"] = str(machine["cpu"])[:PARAM_VALUE_LIMIT]
+    if machine.get("cpu_features") is not None:
+        tags["cpu_features"] = ",".join(machine["cpu_features"]) or "none"
+    for name, value in (result.get("environment") or {}).items():
+        text = "***" if is_secret_key(name) else mask_text(str(value))
+        tags[f"env.{name}"[:KEY_LIMIT]] = text[:PARAM_VALUE_LIMIT]
     return tags
 
 

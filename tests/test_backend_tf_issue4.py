@@ -432,3 +432,26 @@ def test_float32_adam_bias_correction_is_computed_as_keras_does() -> None:
         NumpyBackend(), dataclasses.replace(spec, options={"convention": "tf"})
     ).trajectory
     assert np.float32(by_tf.final_x) == np.float32(0.049693942) == by_numpy.final_x
+
+
+@pytest.mark.parametrize("mode", ["manual", "graph"])
+def test_results_record_legacy_optimizers_only_where_it_changes_the_rule(mode: str) -> None:
+    """The hand-written rule (mode=manual, update=manual) uses no Keras optimizer:
+    legacy_optimizers reaches it only through CONVENTIONS['tf_legacy'], whose SGD, Adam and
+    RMSprop with momentum are tf's, so results.json leaves it out there."""
+    problem = PROBLEMS["quadratic"][0]
+    options = {"jit_compile": False, "legacy_optimizers": True}
+    without = {"jit_compile": False} if mode == "graph" else {}
+
+    def used(opt_id: str, update: str = "manual") -> dict:
+        name, hyper = OPTIMIZERS[opt_id]
+        run_mode = update if mode == "manual" else mode  # manual: update names the mode
+        spec = make_spec(problem, name, 0.05, hyper, run_mode, update, options=options)
+        assert BACKEND.unsupported(spec) is None
+        return BACKEND.options_used(spec)
+
+    for opt_id in ("sgd", "sgd-nesterov", "adam", "rmsprop-momentum"):
+        assert used(opt_id) == without, opt_id
+    for opt_id in ("adagrad", "rmsprop"):  # eps outside the root: another rule
+        assert used(opt_id) == {**without, "legacy_optimizers": True}, opt_id
+    assert used("sgd", "apply") == {**without, "legacy_optimizers": True}  # Keras' legacy SGD

@@ -474,3 +474,29 @@ def test_unsupported_reasons_are_one_line() -> None:
     assert reason is not None and "xla" in reason
     with pytest.raises(ConfigError, match="weight_decay"):
         BACKEND.prepare(bad_hyper)
+
+
+def test_results_record_the_graph_options_as_the_run_used_them() -> None:
+    """results.json's options (the comparison's backend label) hold what a run used: an
+    option this mode or update never reads is left out, unroll as reduced to a power of
+    two dividing steps, one that ran as its default would is left out."""
+    problem = PROBLEMS["quadratic"][0]
+
+    def used(mode: str, update: str = "apply", steps: int = 300, **options: Any) -> dict:
+        spec = make_spec(problem, "sgd", 0.05, {}, mode, update, steps=steps, options=options)
+        assert BACKEND.unsupported(spec) is None
+        return BACKEND.options_used(spec)
+
+    assert used("graph", "apply", scan_chunk=7) == {}  # the scan's option, no scan here
+    assert used("graph", "minimize", scan_chunk=7) == {}
+    assert used("graph", "manual", scan_chunk=7) == {"scan_chunk": 7}
+    assert used("graph", "manual", unroll=2) == {}  # no optimizer loop to unroll
+    assert used("graph", "apply", unroll=3) == {"unroll": 2}  # as it ran
+    assert used("graph", "apply", unroll=8) == {}  # 300 steps: 4 a call, as the default
+    assert used("graph", "apply", steps=301, unroll=2) == {}  # odd steps: 1 a call either way
+    assert used("graph", "manual", steps=300, scan_chunk=500) == {}  # 300 a call either way
+    assert used("graph", "apply", cpp_wrapper=False) == {"cpp_wrapper": False}  # on CPU
+    assert used("graph", "manual", cpp_wrapper=True) == {}  # auto's choice on CPU
+    assert used("graph", "apply", **_OPTIONS) == {}
+    for mode in EAGER:
+        assert used(mode, **_OPTIONS) == {}

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from runner.compare.rows import optimizer_label
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, cli, free_port
 
 # One worker builds the module's store (a ~30 s fixture) and runs every test of it.
 pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("compare-store")]
@@ -501,6 +501,41 @@ def test_a_result_is_labelled_with_its_non_default_backend_options() -> None:
         assert row is not None and row.backend == label
     older = {k: v for k, v in result.items() if k != "options"}  # before results.json had them
     assert row_from_result(older, **run).backend == "tf"
+
+
+def test_an_option_without_effect_makes_no_backend_of_its_own(tmp_path: Path) -> None:
+    """`backend.legacy_optimizers=true mode=manual`: the hand-written rule uses no Keras
+    optimizer, and SGD's reads nothing of the legacy convention, so the run records the
+    options it used (none) and the comparison calls it `tf`, one backend with the plain
+    run; Adagrad's legacy rule (eps outside the root) keeps its own label."""
+    from omegaconf import OmegaConf
+
+    from runner.compare.rows import row_from_result
+
+    pytest.importorskip("tensorflow")
+    proc = cli(
+        "-m", "backend=tf", "mode=manual", "backend.legacy_optimizers=true,false",
+        "optimizer=sgd,adagrad", "steps=20", "tracking=off",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run = {"run_id": "", "run_name": "", "started": ""}
+    found: dict[tuple[str, bool], tuple[dict, str]] = {}
+    for path in (tmp_path / "sweep").glob("*/results.json"):
+        result = json.loads(path.read_text())
+        asked = OmegaConf.load(path.parent / ".hydra" / "config.yaml").backend
+        row = row_from_result(result, **run)
+        assert row is not None
+        found[result["optimizer"]["name"], asked.legacy_optimizers] = (
+            result["options"],
+            row.backend,
+        )
+    assert found == {
+        ("sgd", True): ({}, "tf"),  # was {"jit_compile": False, "legacy_optimizers": True}
+        ("sgd", False): ({}, "tf"),
+        ("adagrad", True): ({"legacy_optimizers": True}, "tf+legacy_optimizers"),
+        ("adagrad", False): ({"legacy_optimizers": False}, "tf"),
+    }
 
 
 def test_rows_order_numbers_as_numbers() -> None:

@@ -178,3 +178,78 @@ def _leaves(tree: object) -> list[float]:
     if isinstance(tree, dict):
         return [leaf for value in tree.values() for leaf in _leaves(value)]
     return [float(tree)]
+
+
+def test_numerics_environment_keeps_what_changes_numerics_and_masks_secrets() -> None:
+    from runner.provenance import numerics_environment
+
+    environ = {
+        "XLA_FLAGS": "--xla_cpu_enable_fast_math=false",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+        "TORCHINDUCTOR_FREEZING": "1",
+        "NVIDIA_TF32_OVERRIDE": "0",
+        "MKL_NUM_THREADS": "4",
+        "TF_CPP_MIN_LOG_LEVEL": "2",  # logging
+        "JAX_COMPILATION_CACHE_DIR": "/tmp/cache",  # where files go
+        "TORCHINDUCTOR_CACHE_DIR": "/tmp/inductor",
+        "HOME": "/home/me",
+        "NVIDIA_VISIBLE_DEVICES": "all",
+        "TORCH_HUB_TOKEN": "hunter2",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "https://user:pw@host/x",  # a credential in a value
+    }
+    found = numerics_environment(environ)
+    assert list(found) == sorted(found)
+    assert found == {
+        "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+        "MKL_NUM_THREADS": "4",
+        "NVIDIA_TF32_OVERRIDE": "0",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "TORCHINDUCTOR_FREEZING": "1",
+        "TORCH_HUB_TOKEN": "***",
+        "XLA_FLAGS": "--xla_cpu_enable_fast_math=false",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "https://***@host/x",
+    }
+
+
+def test_machine_state_reads_the_cpu_model_and_features(tmp_path, monkeypatch) -> None:
+    """The first processor's block of /proc/cpuinfo: x86 `model name`/`flags`, ARM
+    `Features`; without the file, platform's answer and no claim about features."""
+    import platform
+
+    from runner import provenance
+
+    x86 = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 fma avx avx2 avx512f\n\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve\nCPU part\t: 0xd0c\n\n"
+    cases = [(x86, "Some CPU", ["fma", "avx", "avx2", "avx512f"]), (arm, None, ["asimd", "sve"])]
+    for text, model, features in cases:
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(text + text.replace(": 0", ": 1").replace("fma ", ""))
+        monkeypatch.setattr(provenance, "_CPUINFO", cpuinfo)
+        provenance.machine_state.cache_clear()
+        state = provenance.machine_state()
+        assert state["cpu_features"] == features
+        assert state["cpu"] == (model or platform.processor() or platform.machine() or "unknown")
+    monkeypatch.setattr(provenance, "_CPUINFO", tmp_path / "absent")
+    provenance.machine_state.cache_clear()
+    assert provenance.machine_state()["cpu_features"] is None
+    provenance.machine_state.cache_clear()
+
+
+def test_machine_and_environment_reach_the_record_and_the_tags() -> None:
+    from runner.tracking import result_tags
+
+    identity = RunIdentity(
+        "numpy", "NumPy", "cpu", {}, None, None,
+        {"cpu": "Some CPU", "arch": "x86_64", "cpu_features": ["fma", "avx2"]},
+        {"XLA_FLAGS": "--a=1", "TF_API_TOKEN": "***"},
+    )  # fmt: skip
+    fields = identity.fields()
+    assert fields["machine"]["cpu_features"] == ["fma", "avx2"]
+    assert fields["environment"] == {"XLA_FLAGS": "--a=1", "TF_API_TOKEN": "***"}
+    tags = result_tags(fields)
+    assert tags["cpu"] == "Some CPU"
+    assert tags["cpu_features"] == "fma,avx2"
+    assert tags["env.XLA_FLAGS"] == "--a=1"
+    assert tags["env.TF_API_TOKEN"] == "***"
+    assert "machine" not in IDENTITY.fields()  # recorded where read (runner.job), not guessed

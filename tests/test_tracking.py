@@ -540,3 +540,46 @@ def test_log_batched_logs_past_mlflows_per_request_limits(tmp_path: Path) -> Non
     assert len(data.metrics) == 2500 and data.metrics["m2499"] == 2499.0
     assert len(data.params) == 250
     assert len([k for k in data.tags if k.startswith("t")]) == 150
+
+
+def test_a_run_records_its_machine_and_numerics_environment(tmp_path: Path) -> None:
+    """What moves the last ulp on another machine with the same code is in results.json
+    (`machine`: the CPU and its FMA/AVX features; `environment`: the numerics-relevant
+    variables set, a secret-looking one masked) and in the run's MLflow tags."""
+    import io
+
+    from runner.upload import upload
+
+    env = {
+        "XLA_FLAGS": "--xla_cpu_enable_fast_math=false",
+        "OMP_NUM_THREADS": "1",
+        "GRADIENT_RUNNER_UNRELATED": "not numerics",
+        "TF_HUB_API_TOKEN": "hunter2",  # caught by the TF_ prefix: masked
+    }
+    proc = cli("backend=numpy", "steps=3", "tracking=off", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = single_result(tmp_path)
+    assert result["machine"]["cpu"]
+    assert result["machine"]["arch"]
+    environment = result["environment"]
+    assert environment["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+    assert environment["OMP_NUM_THREADS"] == "1"
+    assert environment["TF_HUB_API_TOKEN"] == "***"
+    assert "GRADIENT_RUNNER_UNRELATED" not in environment
+    assert "TF_CPP_MIN_LOG_LEVEL" not in environment  # logging, set by the runner itself
+    (run_dir,) = run_dirs_in(tmp_path)
+    assert "hunter2" not in (run_dir / "results.json").read_text()
+
+    uri = f"sqlite:///{tmp_path / 'machine.db'}"
+    upload([run_dir], uri, out=io.StringIO(), live=True)
+    (run,) = runs_of(uri)
+    tags = run.data.tags
+    assert tags["cpu"] == result["machine"]["cpu"]
+    features = result["machine"]["cpu_features"]
+    if features is not None:  # /proc/cpuinfo said
+        assert tags["cpu_features"] == (",".join(features) or "none")
+    assert tags["env.XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+    assert tags["env.OMP_NUM_THREADS"] == "1"
+    assert tags["env.TF_HUB_API_TOKEN"] == "***"
+    assert not any("GRADIENT_RUNNER_UNRELATED" in key for key in tags)
+    assert "hunter2" not in json.dumps(tags)
