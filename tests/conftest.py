@@ -105,6 +105,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("mlflow-server"))
 
 
+def mlflow_server_env() -> dict[str, str]:
+    """The environment of a test's `mlflow server`: this one, without MLflow's job runner.
+
+    By default `mlflow server` also starts eight processes for its jobs (GenAI scorers,
+    trace rollups: a job runner and Huey consumers), ~20 s of CPU as they start on a
+    2-core machine whose cores the other test worker needs; no test uses them.
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION is MLflow's own switch for that feature; the
+    tracking server the tests talk to is the same.
+    """
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` (SQLite backend, local artifact root) on a free loopback port."""
@@ -120,7 +132,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
             "--backend-store-uri", f"sqlite:///{base / 'server.db'}",
             "--artifacts-destination", str(base / "artifacts"),
         ],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env=mlflow_server_env(),
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90

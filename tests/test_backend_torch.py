@@ -515,39 +515,90 @@ print(json.dumps({"probes": probes, "trusted": config.cpp.vec_isa_ok,
 """
 
 
+# For each line read on stdin, runs _VEC_ISA_PROBES (argv[1]) in a new fork of this
+# process, then prints "done <exit code>": torch and Inductor are imported once (~2.5 s of
+# CPU), not once per process. This process only imports them, probing nothing and reading
+# no record, so each fork starts with Inductor's probe caches and trust_probed_vec_isa's
+# empty, and finds of the forks before it only the record on disk, as a new process would.
+_FORKED_PROBES = """
+import os, sys, traceback
+from torch._inductor import config, cpu_vec_isa
+while sys.stdin.readline():
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            exec(sys.argv[1], {"__name__": "__main__"})
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(f"done {os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}", flush=True)
+"""
+
+
 def test_the_vector_isa_probe_runs_once_per_machine(tmp_path):
     import json
+    import subprocess
+    import sys
     from collections import Counter
 
     from backends.torch_isa import RECORD_FILE
-    from tests.conftest import python_code
+    from tests.conftest import ROOT, python_code
 
     cache = tmp_path / "inductor"
     record_file = cache / RECORD_FILE
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as sink:
+        forks = subprocess.Popen(
+            [sys.executable, "-c", _FORKED_PROBES, _VEC_ISA_PROBES],
+            cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=sink, text=True,
+        )  # fmt: skip
+    assert forks.stdin is not None and forks.stdout is not None
 
-    def process(**env: str) -> dict:
-        proc = python_code(
-            _VEC_ISA_PROBES, tmp_path, env={"TORCHINDUCTOR_CACHE_DIR": str(cache), **env}
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout.splitlines()[-1])
+    def process() -> dict:
+        """What a new process probed, trusted and picked (a fork of `forks`)."""
+        forks.stdin.write("\n")
+        forks.stdin.flush()
+        lines = []
+        while not (line := forks.stdout.readline()).startswith("done "):
+            assert line, errors.read_text()[-2000:]  # `forks` itself ended
+            lines.append(line)
+        assert line == "done 0\n", errors.read_text()[-2000:]
+        return json.loads(lines[-1])
 
-    first = process()
-    record = json.loads(record_file.read_text())
-    claimed = record["key"]["claimed"]
-    assert set(first["probes"]) == set(claimed)  # each claimed ISA probed (VNNI twice)
-    all_passed = record["passed"] == claimed
-    assert first["trusted"] is (True if all_passed else None)
-    second = process()
-    # trusted: the base probe of each claimed ISA is gone (AVX-512's own bf16/VNNI checks
-    # stay: Inductor runs them whatever vec_isa_ok says)
-    saved = Counter(claimed) if all_passed else Counter()
-    assert Counter(second["probes"]) == Counter(first["probes"]) - saved
-    assert (second["trusted"], second["picked"]) == (first["trusted"], first["picked"])
-    # a record from another torch (or CPU, or compiler) is probed again and replaced
-    record["key"]["torch"] = "0.0"
-    record_file.write_text(json.dumps(record))
-    assert set(process()["probes"]) == set(claimed)
-    assert json.loads(record_file.read_text())["key"]["torch"] == torch.__version__
-    # the user's own setting wins: nothing probed, nothing trusted
-    assert process(TORCHINDUCTOR_VEC_ISA_OK="0")["probes"] == []
+    try:
+        first = process()
+        record = json.loads(record_file.read_text())
+        claimed = record["key"]["claimed"]
+        assert set(first["probes"]) == set(claimed)  # each claimed ISA probed (VNNI twice)
+        all_passed = record["passed"] == claimed
+        assert first["trusted"] is (True if all_passed else None)
+        second = process()
+        # trusted: the base probe of each claimed ISA is gone (AVX-512's own bf16/VNNI
+        # checks stay: Inductor runs them whatever vec_isa_ok says)
+        saved = Counter(claimed) if all_passed else Counter()
+        assert Counter(second["probes"]) == Counter(first["probes"]) - saved
+        assert (second["trusted"], second["picked"]) == (first["trusted"], first["picked"])
+        # a record from another torch (or CPU, or compiler) is probed again and replaced
+        record["key"]["torch"] = "0.0"
+        record_file.write_text(json.dumps(record))
+        assert set(process()["probes"]) == set(claimed)
+        assert json.loads(record_file.read_text())["key"]["torch"] == torch.__version__
+    finally:
+        forks.stdin.close()
+        forks.stdout.close()
+        try:
+            forks.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            forks.kill()
+            forks.wait()
+    # the user's own setting wins: nothing probed, nothing trusted. A process of its own:
+    # Inductor reads TORCHINDUCTOR_VEC_ISA_OK as it is imported.
+    proc = python_code(_VEC_ISA_PROBES, tmp_path, env={**env, "TORCHINDUCTOR_VEC_ISA_OK": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["probes"] == []

@@ -32,6 +32,7 @@ from tests.conftest import (
     LiveRun,
     cli,
     free_port,
+    mlflow_server_env,
     single_result,
     wait_for_upload,
 )
@@ -575,7 +576,7 @@ def start_server(base: Path, port: int) -> subprocess.Popen:
             "--backend-store-uri", f"sqlite:///{base / 'server.db'}",
             "--artifacts-destination", str(base / "artifacts"),
         ],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=mlflow_server_env(),
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
