@@ -155,9 +155,13 @@ def run_job(
     output_dir = Path(hydra_cfg.runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True)
     run = build_run_config(container)  # bad input fails here, before any import or record
+    tracking = container.get("tracking") or {}
+    cwd = Path(hydra_cfg.runtime.cwd)
+    # The store's settings are checked before the backend is loaded (TensorFlow: ~3 s), so
+    # a mistyped tracking.uri or experiment is said at once.
+    target = resolve_target(tracking, cwd) if tracking.get("enabled", True) else None
     backend = None if multirun else supported_backend(run)
     run_uid = new_run_uid()  # results.json and the MLflow tag run_uid: uploads happen once
-    tracking = container.get("tracking") or {}
     executed = False
 
     def job() -> dict[str, Any]:
@@ -165,14 +169,12 @@ def run_job(
         executed = True
         return execute(run, output_dir, run_uid, backend, git)
 
-    if not tracking.get("enabled", True):
+    if target is None:  # tracking=off
         return job()
     sweep = read_sweep(Path(hydra_cfg.sweep.dir)) if multirun else None
     if sweep is not None and sweep.logged_by != "jobs":  # the sweep's logger, or nobody
         with folder_lock(output_dir):  # the logger uploads the folder once the job is done
             return job()
-    cwd = Path(hydra_cfg.runtime.cwd)
-    target = resolve_target(tracking, cwd)
     try:
         if not multirun and logs_in_background(tracking, target):
             check_store(target)  # what MLflow would say at once, said here, before the run

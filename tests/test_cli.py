@@ -188,6 +188,15 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing logged either
 
 
+def test_a_bad_store_setting_is_said_before_the_framework_loads(tmp_path: Path) -> None:
+    """A mistyped tracking.uri was refused only after TensorFlow's import (~2.5 s)."""
+    for bad in ("tracking.uri=", "tracking.experiment="):
+        proc = cli("backend=tf", bad, cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert proc.returncode == 2
+        imported = [line for line in proc.stderr.splitlines() if line.startswith("import time")]
+        assert imported and not [line for line in imported if "| tensorflow" in line]
+
+
 def test_refused_run_removes_only_the_folders_it_made(tmp_path: Path) -> None:
     """Hydra makes the run folder (and outputs/runs/<date>/) before the job can refuse a
     setting; the refusal removes what this command made, nothing that was there before."""
