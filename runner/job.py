@@ -44,6 +44,7 @@ def supported_backend(run: RunConfig) -> Backend:
     instead, so that the sweep's report shows the hole in its matrix: `execute` does
     that.)"""
     backend = load_backend(run.backend)
+    backend.resolved_device(run.device)  # device=gpu where there is none: refused here too
     if run.minimize is not None:
         reason = backend.unsupported(run.minimize)
         if reason:

@@ -149,6 +149,8 @@ BAD_INPUTS = [
     (["dtype=float16"], "dtype='float16' is not allowed; choose one of: float32, float64"),
     (["mode=graph", "mode.update=sgd"], "mode.update='sgd' is not allowed; choose one of"),
     (["backend=numpy", "device=cuda"], "device=gpu: NumPy runs on the CPU only"),  # an alias
+    # refused before MLflow's run opens: it was logged as a FAILED run
+    (["backend=numpy", "device=gpu", "tracking.background=false"], "NumPy runs on the CPU only"),
     (["device=[1]"], "device=[1] is not allowed; choose one of: cpu, gpu, auto"),
     (["backend=numpy", "mode=apply"], "backend=numpy mode=apply: NumPy has no optimizer objects"),
     (["backend=numpy", "+backend.foo=1"], "backend.foo is not an option of this backend; allowed"),
