@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,18 +12,26 @@ from runner.errors import as_typed
 from runner.naming import mode_label
 
 
-def fmt(value: Any, dtype: str = "float64") -> str:
-    """Shortest text that reads back as the same value in the run's dtype."""
+def fmt(value: Any, dtype: str = "float64", head: int = 4) -> str:
+    """Shortest text that reads back as the same value in the run's dtype (a list: its
+    first `head` entries), for the run's summary and the comparison table alike."""
     if value is None:
         return "(too long to list)"
     if isinstance(value, list):
-        head = ", ".join(fmt(v, dtype) for v in value[:4])
-        return f"[{head}{', ...' if len(value) > 4 else ''}] (n={len(value)})"
+        shown = ", ".join(fmt(v, dtype) for v in value[:head])
+        return f"[{shown}{', ...' if len(value) > head else ''}] (n={len(value)})"
     number = (np.float32 if dtype == "float32" else np.float64)(value)
     # Positional reads best (0.99999857), but spells a diverged 1.8446744e+19 in 20 digits.
     if number and np.isfinite(number) and not 1e-5 <= abs(number) < 1e16:
         return np.format_float_scientific(number, unique=True, trim="-")
     return np.format_float_positional(number, unique=True, trim="-")
+
+
+def step_time_text(step_us: float) -> str:
+    """Three significant digits, without an exponent from 1000 us up (1760, not 1.76e+03)."""
+    if not math.isfinite(step_us):
+        return str(step_us)
+    return f"{step_us:.0f}" if step_us >= 1000 else f"{step_us:.3g}"
 
 
 def minimize_summary(result: Mapping[str, Any]) -> str:
@@ -50,7 +59,7 @@ def minimize_summary(result: Mapping[str, Any]) -> str:
         f"|loss - loss*| = {result['error']['loss']:.3g}",
         *([_vector_line(result)] if "x_norm" in result else []),
         f"timing    compile {timings['compile_s']:.3f} s   run {timings['run_s']:.3f} s   "
-        f"{timings['step_us']:.3g} us/step   final state {timings['final_s']:.3f} s",
+        f"{step_time_text(timings['step_us'])} us/step   final state {timings['final_s']:.3f} s",
     ]
     return "\n".join(lines)
 

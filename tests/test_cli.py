@@ -283,3 +283,15 @@ def test_summary_numbers_are_short_and_read_back_exactly(value, dtype, text) -> 
     assert fmt(value, dtype) == text
     cast = np.float32 if dtype == "float32" else np.float64
     assert cast(float(text)) == cast(value)
+
+
+@pytest.mark.parametrize(
+    ("step_us", "text"),
+    [(1760.4, "1760"), (999.4, "999"), (12.345, "12.3"), (0.0421, "0.0421"), (math.inf, "inf")],
+)
+def test_step_times_read_without_an_exponent(step_us: float, text: str) -> None:
+    """A short run's 1760 us/step read 1.76e+03 in the summary (the comparison table
+    already wrote 1760); one function now serves both."""
+    from runner.summary import step_time_text
+
+    assert step_time_text(step_us) == text

@@ -25,6 +25,7 @@ from runner.compare.holes import Hole
 from runner.compare.rows import Row, differing_settings, varying_settings
 from runner.compare.store import download_text
 from runner.results import TRAJECTORY_FILE, atomic_write
+from runner.summary import fmt, step_time_text
 from runner.tracking import read_trajectory
 from runner.tracking_store import retry_locked
 
@@ -78,17 +79,6 @@ def relative_text(value: float) -> str:
     return f"{value:.3g}x" if value < 1000 else f"{value:,.0f}x"
 
 
-def exact_text(value: Any, dtype: str) -> str:
-    """Shortest text that reads back as the same value in the run's dtype (a list: its head)."""
-    if value is None:
-        return "(too long to list)"
-    if isinstance(value, list):
-        head = ", ".join(exact_text(v, dtype) for v in value[:3])
-        return f"[{head}{', ...' if len(value) > 3 else ''}] (n={len(value)})"
-    with np.errstate(over="ignore"):
-        return str((np.float32 if dtype == "float32" else np.float64)(value))
-
-
 def _g(value: float, spec: str = ".3g") -> str:
     return format(value, spec) if math.isfinite(value) else str(value)
 
@@ -134,12 +124,12 @@ def row_cells(row: Row) -> list[str]:
         row.dtype,
         status,
         steps,
-        exact_text(row.x, row.dtype),
-        exact_text(row.loss, row.dtype),
+        fmt(row.x, row.dtype, head=3),
+        fmt(row.loss, row.dtype),
         _g(row.error_x),
         _g(row.error_loss),
         _g(row.compile_s, ".3f"),
-        _g(row.step_us) if not row.step_us >= 1000 else f"{row.step_us:.0f}",
+        step_time_text(row.step_us),
         relative_text(row.relative),
     ]
 
