@@ -37,6 +37,10 @@ def config_dir() -> Path:
 
 CONFIG_DIR = config_dir()
 TASKS = ("minimize", "derivatives")
+# Settings of an optimization: task=derivatives evaluates dy/dx and d2y/dx2 at x0 and
+# runs no optimizer, so these would change nothing in its results
+# (refused on its command line, left out of its MLflow params).
+MINIMIZE_ONLY = ("mode", "optimizer", "steps", "record_every")
 DEVICES = ("cpu", "gpu", "auto")
 # Other names users give a device: PyTorch's and JAX's own name for an NVIDIA GPU.
 DEVICE_ALIASES = {"cuda": "gpu"}

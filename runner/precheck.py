@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from runner.command_line import unwritable
-from runner.config import CONFIG_DIR
+from runner.config import CONFIG_DIR, MINIMIZE_ONLY
 from runner.errors import RunnerError, text_lines
 from runner.plugins import backend_entry_points
 from runner.problems import problem_classes
@@ -115,11 +115,6 @@ def check_overrides(args: list[str]) -> None:
                 f"to add a new key on purpose, write +{key}=..."
             ) from None
         raise RunnerError(lines[0]) from None
-
-
-# Settings of an optimization: task=derivatives evaluates dy/dx and d2y/dx2 at x0 and
-# runs no optimizer, so these would change nothing in its results.
-MINIMIZE_ONLY = ("mode", "optimizer", "steps", "record_every")
 
 
 def check_task_settings(plain: list[str]) -> None:

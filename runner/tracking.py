@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from runner.config import MINIMIZE_ONLY
 from runner.errors import RunnerError, UnsupportedError, setting
 from runner.masking import is_secret_key, mask_text, mask_uri
 from runner.naming import mode_label
@@ -152,9 +153,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_params(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """The resolved config as dotted params within MLflow's limits, secrets masked."""
+    """The resolved config as dotted params within MLflow's limits, secrets masked; a
+    derivatives run's without the optimization's settings, which it does not use (its
+    params read mode.name=manual, optimizer.name=sgd, steps=1000)."""
+    unused = MINIMIZE_ONLY if cfg.get("task") == "derivatives" else ()
     params = {}
-    for key, value in flatten(cfg).items():
+    for key, value in flatten({k: v for k, v in cfg.items() if k not in unused}).items():
         text = "***" if is_secret_key(key) else str(value)
         if key.endswith("uri") and isinstance(value, str):
             text = mask_uri(value)

@@ -404,6 +404,23 @@ def test_secrets_are_masked() -> None:
     }
 
 
+def test_a_derivatives_run_has_no_optimization_params() -> None:
+    """task=derivatives runs no optimizer: its params said mode.name=manual,
+    optimizer.name=sgd, steps=1000, which its command line may not even set."""
+    cfg = {
+        "task": "derivatives",
+        "backend": {"name": "jax"},
+        "mode": {"name": "manual", "update": "apply"},
+        "optimizer": {"name": "sgd", "lr": 0.01},
+        "steps": 1000,
+        "record_every": None,
+        "dtype": "float32",
+    }
+    assert config_params(cfg) == {"task": "derivatives", "backend.name": "jax", "dtype": "float32"}
+    minimize = config_params({**cfg, "task": "minimize"})
+    assert minimize["optimizer.name"] == "sgd" and minimize["steps"] == "1000"
+
+
 def test_logged_points_are_bounded() -> None:
     keep = thin(10_000_001)
     assert len(keep) <= 1000 and keep[0] == 0 and keep[-1] == 10_000_000
