@@ -673,7 +673,8 @@ def test_a_sweep_still_being_logged_is_said(tmp_path: Path) -> None:
         logger.add_run(sweep / name)
     warning = (
         f"sweep {sweep_id} is still being logged (its parent run is RUNNING): the report "
-        "may lack its last jobs"
+        f"may lack its last jobs; if the sweep has ended, `python -m runner.upload {sweep_id}` "
+        "records them"
     )
     for selection in ((), ("--sweep", sweep_id)):
         out = tmp_path / f"out{len(selection)}"

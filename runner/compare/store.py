@@ -185,10 +185,13 @@ def sweeps_still_logging(client: Any, experiment_id: str, runs: Sequence[Any]) -
 
 
 def still_logging(sweep_id: str) -> str:
-    """The warning for such a sweep: stderr's line and the report header's note."""
+    """The warning for such a sweep: stderr's line and the report header's note. A parent
+    stays RUNNING too when the sweep's logger was killed or its store was away: the
+    upload command then records the rest (the sweep's id is its folder)."""
     return (
         f"sweep {sweep_id} is still being logged (its parent run is RUNNING): the report may "
-        "lack its last jobs"
+        f"lack its last jobs; if the sweep has ended, `python -m runner.upload {sweep_id}` "
+        "records them"
     )
 
 
