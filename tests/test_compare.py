@@ -538,6 +538,33 @@ def test_an_option_without_effect_makes_no_backend_of_its_own(tmp_path: Path) ->
     }
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "convention", "dtype", "used"),
+    [
+        ("sgd", "tf", "float32", {}),  # SGD reads nothing of a convention
+        ("adam", "torch", "float32", {}),  # the papers' rule under another name
+        ("adam", "jax", "float64", {}),  # bias correction in float64 either way
+        ("adam", "jax", "float32", {"convention": "jax"}),  # ... not in float32
+        ("adagrad", "tf", "float64", {"convention": "tf"}),  # eps inside the root
+    ],
+)
+def test_a_numpy_convention_without_effect_makes_no_backend_of_its_own(
+    optimizer: str, convention: str, dtype: str, used: dict
+) -> None:
+    """`backend=numpy backend.convention=tf optimizer=sgd` was `numpy+convention=tf`, a
+    row identical to numpy's: the run records the convention only where it changes the
+    rule the reference follows."""
+    from backends.numpy import NumpyBackend
+    from runner.compare.rows import backend_label
+    from tests.specs import notebook_spec
+
+    spec = notebook_spec("manual", name=optimizer, dtype=dtype, options={"convention": convention})
+    assert NumpyBackend().options_used(spec) == used
+    assert backend_label("numpy", used) == (
+        "numpy" if not used else f"numpy+convention={convention}"
+    )
+
+
 def test_rows_order_numbers_as_numbers() -> None:
     """An lr sweep's rows come in the order of their lr, not of its text."""
     from runner.compare.rows import numbers_in_order, row_from_result, row_order
