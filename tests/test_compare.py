@@ -999,14 +999,14 @@ def test_the_sweep_report_counts_and_lists_skipped_and_failed_jobs(
     )
     listed = [
         "skipped: numpy graph: NumPy has no compiler",
-        "failed: jax manual problem.a=-1: problem.a=-1.0: a*x^2 has no minimum",
+        "failed: jax manual: problem.a=-1.0: a*x^2 has no minimum",  # the setting said once
     ]
     assert lines[4:7] == ["", *listed]  # after the title, the header, the rule and one row
     markdown = (tmp_path / "out" / "comparison.md").read_text()
     assert (
         "## Skipped and failed jobs\n\n- skipped: numpy graph: NumPy has no compiler\n" in markdown
     )
-    assert "- failed: jax manual problem.a=-1: problem.a=-1.0: a\\*x^2 has no" in markdown
+    assert "- failed: jax manual: problem.a=-1.0: a\\*x^2 has no" in markdown
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert [h["status"] for h in saved["skipped_and_failed"]] == ["skipped", "failed"]
 

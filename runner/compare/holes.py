@@ -59,6 +59,8 @@ def sweep_holes(sweep_dir: Path) -> list[Hole]:
         found = _why(folder)
         if found is not None:
             apart = shown_overrides((o for o in overrides[folder] if o not in shared), NAMED)
+            # a setting the reason names first is said there, with its value as read
+            apart = [o for o in apart if not found[1].startswith(o.split("=")[0] + "=")]
             holes.append(Hole(found[0], " ".join([_what(folder), *apart]), found[1]))
     return holes
 
