@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from runner.errors import ConfigError, UnsupportedError, not_allowed
-from runner.optimizers import CONVENTIONS, Convention, eps_form, resolve
+from runner.optimizers import CONVENTIONS, Convention, resolve, rule_reads
 from runner.protocol import Derivatives, DerivativesSpec, MinimizeSpec, option_misfit
 from runner.reference import rule
 
@@ -23,19 +23,6 @@ from runner.reference import rule
 def _convention(spec: MinimizeSpec) -> Convention:
     """The formulas backend.convention names (checked by unsupported())."""
     return CONVENTIONS[spec.options.get("convention", "paper")]
-
-
-def _rule_of(spec: MinimizeSpec, convention: Convention) -> tuple[Any, ...]:
-    """All the reference rule reads of `convention` for spec's optimizer: its settings,
-    defaults filled in, where eps goes and, for Adam below float64, in which dtype the
-    bias correction is computed (in float64 both ways give the same numbers)."""
-    o = spec.optimizer
-    opt = resolve(o.name, o.lr, o.hyper, convention)
-    form = eps_form(opt.name, float(opt.values.get("momentum") or 0), convention)
-    bias = (
-        convention.adam_bias_correction if opt.name == "adam" and spec.dtype != "float64" else None
-    )
-    return sorted(opt.values.items()), form, bias
 
 
 class _Stepper:
@@ -101,7 +88,10 @@ class NumpyBackend:
         a convention that gives this optimizer the papers' rule makes no backend of its
         own in the comparison (numpy+convention=tf with SGD was a row identical to numpy's)."""
         convention = _convention(spec)
-        if _rule_of(spec, convention) == _rule_of(spec, CONVENTIONS["paper"]):
+        below_float64 = spec.dtype != "float64"  # the reference reads its bias correction
+        paper = CONVENTIONS["paper"]
+        rules = (rule_reads(spec.optimizer, c, below_float64) for c in (convention, paper))
+        if len(set(rules)) == 1:
             return {}
         return {"convention": convention.name}
 

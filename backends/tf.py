@@ -32,7 +32,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from runner.errors import ConfigError, not_allowed
-from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
+from runner.optimizers import (
+    CONVENTIONS,
+    Convention,
+    Resolved,
+    eps_placement,
+    resolve,
+    rule_reads,
+)
 from runner.problems import compact
 from runner.protocol import (
     Derivatives,
@@ -137,26 +144,6 @@ _OPS = SimpleNamespace(sum=tf.reduce_sum, matvec=tf.linalg.matvec)
 def _convention(spec: MinimizeSpec) -> Convention:
     """Where the run's Keras 2 optimizers put epsilon, their defaults, Adagrad's first sum."""
     return CONVENTIONS["tf_legacy" if spec.options.get("legacy_optimizers") else "tf"]
-
-
-def _eps_form(opt: Resolved, convention: Convention) -> str | None:
-    """Where _Manual's rule puts opt's epsilon under `convention` (None: SGD has none)."""
-    if opt.name == "adam":
-        return convention.adam_eps_form
-    if opt.name == "adagrad":
-        return convention.adagrad_eps_form
-    if opt.name == "rmsprop":
-        return convention.rmsprop_form(opt["momentum"])
-    return None
-
-
-def _manual_rule(spec: MinimizeSpec, convention: Convention) -> tuple[Any, ...]:
-    """All that _Manual's rule reads of `convention` for spec's optimizer: its settings,
-    defaults filled in, and where epsilon goes. The hand-written rule uses no Keras
-    optimizer, so legacy_optimizers reaches it only through these (SGD: not at all)."""
-    o = spec.optimizer
-    opt = resolve(o.name, o.lr, o.hyper, convention)
-    return opt.name, sorted(opt.values.items()), _eps_form(opt, convention)
 
 
 # (loss, x, grad) as TensorFlow values.
@@ -306,7 +293,9 @@ class _Manual:
         self, opt: Resolved, convention: Convention, x: tf.Variable, dtype: tf.DType
     ) -> None:
         self.opt = opt
-        self.form = _eps_form(opt, convention)  # all it reads of the convention
+        # all it reads of the convention (rule_reads: TF's rule computes Adam's bias
+        # correction in the run's dtype whatever the convention says)
+        self.form = eps_placement(opt.name, float(opt.values.get("momentum") or 0), convention)
         self.name = opt.name
         self.dtype = dtype
         self.lr = self._c(opt.lr)
@@ -976,9 +965,8 @@ class TensorFlowBackend:
         if spec.mode != "graph":
             used.pop("jit_compile", None)
         manual = (spec.update if spec.mode == "graph" else spec.mode) == "manual"
-        if manual and _manual_rule(spec, CONVENTIONS["tf"]) == _manual_rule(
-            spec, CONVENTIONS["tf_legacy"]
-        ):
+        rules = (rule_reads(spec.optimizer, CONVENTIONS[c], False) for c in ("tf", "tf_legacy"))
+        if manual and len(set(rules)) == 1:
             used.pop("legacy_optimizers", None)
         return used
 

@@ -308,11 +308,8 @@ class TorchBackend:
         )
         as_used["cpp_wrapper"] = lambda value: _cpp_wrapper(value, device)
         given = {**_OPTIONS, **spec.options}
-        return {
-            key: used(given[key])
-            for key, used in as_used.items()
-            if used(given[key]) != used(_OPTIONS[key])
-        }
+        ran = {key: used(given[key]) for key, used in as_used.items()}
+        return {key: value for key, value in ran.items() if value != as_used[key](_OPTIONS[key])}
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         outside = outside_vocabulary(spec)

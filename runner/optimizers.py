@@ -12,9 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import ConfigError, flag, setting
+
+if TYPE_CHECKING:  # runner.protocol imports this module
+    from runner.protocol import OptimizerSpec
 
 # Our names and defaults; `None` means "the framework's own default" (see CONVENTIONS).
 HYPERPARAMETERS: dict[str, dict[str, Any]] = {
@@ -149,15 +152,38 @@ def _check(name: str, key: str, value: Any) -> None:
         raise ConfigError(f"{where} is not allowed; give a number >= 0")
 
 
+def eps_placement(name: str, momentum: float, convention: Convention) -> str | None:
+    """Where `name`'s epsilon goes under `convention`: Adam's corrected|raw, Adagrad's and
+    RMSprop's inside|outside (the root); None for SGD, which has none."""
+    if name == "adam":
+        return convention.adam_eps_form
+    if name == "adagrad":
+        return convention.adagrad_eps_form
+    if name == "rmsprop":
+        return convention.rmsprop_form(momentum)
+    return None
+
+
 def eps_form(name: str, momentum: float, convention: Convention) -> str | None:
     """Where `name`'s epsilon goes under `convention`, in a few words (None: no eps)."""
-    if name == "adam":
-        return "on sqrt(v_hat)" if convention.adam_eps_form == "corrected" else "epsilon-hat"
-    if name == "adagrad":
-        return f"{convention.adagrad_eps_form} the root"
-    if name == "rmsprop":
-        return f"{convention.rmsprop_form(momentum)} the root"
-    return None
+    placement = eps_placement(name, momentum, convention)
+    if placement is None or name != "adam":
+        return placement and f"{placement} the root"
+    return "on sqrt(v_hat)" if placement == "corrected" else "epsilon-hat"
+
+
+def rule_reads(
+    optimizer: OptimizerSpec, convention: Convention, bias_correction: bool
+) -> tuple[Any, ...]:
+    """All a hand-written rule reads of `convention` for `optimizer`: its settings, the
+    framework's defaults filled in, where eps goes, and (bias_correction: a rule that
+    reads it, below float64, where both ways part) Adam's bias-correction dtype. Two
+    conventions that read alike give one rule, so an option choosing between them
+    changed nothing (backends' options_used)."""
+    opt = resolve(optimizer.name, optimizer.lr, optimizer.hyper, convention)
+    form = eps_placement(opt.name, float(opt.values.get("momentum") or 0), convention)
+    bias = convention.adam_bias_correction if bias_correction and opt.name == "adam" else None
+    return tuple(sorted(opt.values.items())), form, bias
 
 
 def used_record(name: str, lr: float, hyper: Mapping[str, Any], convention: Convention) -> dict:

@@ -41,13 +41,13 @@ def _check_value(problem: Problem, key: str, value: Any, dtype: str) -> None:
     if not all(np.isfinite(_rounded(v, dtype)) for v in extremes):
         raise ConfigError(
             f"{subject} overflows {dtype} ({largest_text(dtype)}); "
-            f"give a smaller number{_wider(dtype)}"
+            f"give a smaller number{wider_dtype(dtype)}"
         )
     if key in getattr(problem, "positive", ()) and _rounded(min(extremes), dtype) == 0:
         raise ConfigError(
             f"{subject} is 0 in {dtype} (its smallest positive number is "
             f"{np.finfo(dtype).smallest_subnormal:.2g}); "
-            f"give a larger problem.{key}{_wider(dtype)}"
+            f"give a larger problem.{key}{wider_dtype(dtype)}"
         )
 
 
@@ -66,7 +66,7 @@ def _check_optimum(problem: Problem, dtype: str) -> None:
     raise ConfigError(
         f"problem={problem.name} has its minimum at x* = {x_text}, "
         f"loss* = {loss_range[0]:.6g}, which {dtype} cannot hold ({largest_text(dtype)}); "
-        f"change {_either(settings) or 'its settings'}{_wider(dtype)}"
+        f"change {_either(settings) or 'its settings'}{wider_dtype(dtype)}"
     )
 
 
@@ -75,8 +75,9 @@ def _either(names: list[str]) -> str:
     return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
-def _wider(dtype: str) -> str:
-    """The other way out of a float32 limit."""
+def wider_dtype(dtype: str) -> str:
+    """The other way out of a float32 limit (`, or dtype=float64`), for a setting beyond
+    it and for a loss that is not finite at the start alike."""
     return ", or dtype=float64" if np.finfo(dtype).max < np.finfo(np.float64).max else ""
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from runner import __version__
 from runner.engine import MinimizeOutcome
+from runner.problem_limits import wider_dtype
 from runner.problems import compact, problem_record
 from runner.protocol import Derivatives, DerivativesSpec, MinimizeSpec
 
@@ -104,12 +105,11 @@ def divergence_message(result: Mapping[str, Any], trajectory: Path | None = None
 def _start_not_finite(result: Mapping[str, Any]) -> str:
     """Step 0's loss is x0's, before any update: no lr made it overflow (`problem.x0=1e20`
     in float32: x0 is finite, x0^2 is not), so the lr is not named as the cause."""
-    dtype = result.get("dtype")
-    wider = ", or dtype=float64" if dtype == "float32" else ""
+    dtype = str(result.get("dtype"))
     return (
         f"the loss at the starting point is {result.get('loss')} in {dtype}, before any "
         f"update (step 0 of {result.get('steps')}; not the lr's doing): give a problem.x0 "
-        f"nearer the optimum{wider}"
+        f"nearer the optimum{wider_dtype(dtype)}"
     )
 
 
