@@ -15,14 +15,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from runner.errors import ConfigError, UnsupportedError, not_allowed
-from runner.optimizers import CONVENTIONS, Convention, resolve, rule_reads
+from runner.optimizers import CONVENTIONS, Convention, resolve, rule_convention
 from runner.protocol import Derivatives, DerivativesSpec, MinimizeSpec, option_misfit
 from runner.reference import rule
 
 
 def _convention(spec: MinimizeSpec) -> Convention:
-    """The formulas backend.convention names (checked by unsupported())."""
-    return CONVENTIONS[spec.options.get("convention", "paper")]
+    """The formulas backend.convention names (checked by unsupported()), or the papers'
+    where it gives this run's rule nothing of its own (any convention with SGD): that run
+    is numpy's plain row in the comparison, and its record says so. Adam's bias-correction
+    dtype counts below float64 only, where the two ways part."""
+    chosen = CONVENTIONS[spec.options.get("convention", "paper")]
+    return rule_convention(spec.optimizer, chosen, CONVENTIONS["paper"], spec.dtype != "float64")
 
 
 class _Stepper:
@@ -84,16 +88,9 @@ class NumpyBackend:
         return _convention(spec)
 
     def options_used(self, spec: MinimizeSpec) -> dict[str, Any]:
-        """backend.convention where it changes this run's rule: SGD reads none of it, and
-        a convention that gives this optimizer the papers' rule makes no backend of its
-        own in the comparison (numpy+convention=tf with SGD was a row identical to numpy's)."""
+        """backend.convention where it changed this run's rule (see _convention)."""
         convention = _convention(spec)
-        below_float64 = spec.dtype != "float64"  # the reference reads its bias correction
-        paper = CONVENTIONS["paper"]
-        rules = (rule_reads(spec.optimizer, c, below_float64) for c in (convention, paper))
-        if len(set(rules)) == 1:
-            return {}
-        return {"convention": convention.name}
+        return {} if convention.name == "paper" else {"convention": convention.name}
 
     def unsupported(self, spec: MinimizeSpec) -> str | None:
         if spec.mode != "manual":

@@ -38,7 +38,7 @@ from runner.optimizers import (
     Resolved,
     eps_placement,
     resolve,
-    rule_reads,
+    rule_convention,
 )
 from runner.problems import compact
 from runner.protocol import (
@@ -142,8 +142,17 @@ _OPS = SimpleNamespace(sum=tf.reduce_sum, matvec=tf.linalg.matvec)
 
 
 def _convention(spec: MinimizeSpec) -> Convention:
-    """Where the run's Keras 2 optimizers put epsilon, their defaults, Adagrad's first sum."""
-    return CONVENTIONS["tf_legacy" if spec.options.get("legacy_optimizers") else "tf"]
+    """Where the run's Keras 2 optimizers put epsilon, their defaults, Adagrad's first sum.
+    The hand-written rule (mode=manual, update=manual) follows legacy_optimizers only where
+    the legacy convention changes it (Adagrad, RMSprop without momentum): elsewhere the
+    rule that ran is the plain one, and its record says so."""
+    plain = CONVENTIONS["tf"]
+    if not spec.options.get("legacy_optimizers"):
+        return plain
+    legacy = CONVENTIONS["tf_legacy"]
+    if (spec.update if spec.mode == "graph" else spec.mode) != "manual":
+        return legacy
+    return rule_convention(spec.optimizer, legacy, plain, False)
 
 
 # (loss, x, grad) as TensorFlow values.
@@ -957,16 +966,12 @@ class TensorFlowBackend:
         return _convention(spec)
 
     def options_used(self, spec: MinimizeSpec) -> dict[str, Any]:
-        """spec.options less those without effect: jit_compile outside mode=graph (where
-        unsupported() allows only its default), legacy_optimizers where the hand-written
-        rule runs (mode=manual, or update=manual) and the legacy convention gives it the
-        same rule (SGD, Adam, RMSprop with momentum)."""
-        used = dict(spec.options)
-        if spec.mode != "graph":
-            used.pop("jit_compile", None)
-        manual = (spec.update if spec.mode == "graph" else spec.mode) == "manual"
-        rules = (rule_reads(spec.optimizer, CONVENTIONS[c], False) for c in ("tf", "tf_legacy"))
-        if manual and len(set(rules)) == 1:
+        """The options that made this run differ from one at the defaults (both are off by
+        default; unsupported() allows jit_compile only in mode=graph): legacy_optimizers
+        where the run followed the legacy convention (not the hand-written rule of SGD,
+        Adam, RMSprop with momentum, which it leaves alone)."""
+        used = {key: value for key, value in spec.options.items() if value}
+        if _convention(spec).name != "tf_legacy":
             used.pop("legacy_optimizers", None)
         return used
 

@@ -186,6 +186,18 @@ def rule_reads(
     return tuple(sorted(opt.values.items())), form, bias
 
 
+def rule_convention(
+    optimizer: OptimizerSpec, chosen: Convention, plain: Convention, bias_correction: bool
+) -> Convention:
+    """`plain` where `chosen` gives `optimizer`'s hand-written rule nothing of its own (see
+    rule_reads): the convention a run's record names is then the one its options leave
+    out, so two runs of one rule are one row in the comparison."""
+    same = rule_reads(optimizer, chosen, bias_correction) == rule_reads(
+        optimizer, plain, bias_correction
+    )
+    return plain if same else chosen
+
+
 def used_record(name: str, lr: float, hyper: Mapping[str, Any], convention: Convention) -> dict:
     """The hyperparameters a run ran with, its framework's defaults filled in, and whose
     formulas (results.json's `optimizer_used`; `optimizer` keeps the settings as asked,

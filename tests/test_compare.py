@@ -529,12 +529,13 @@ def test_an_option_without_effect_makes_no_backend_of_its_own(tmp_path: Path) ->
         found[result["optimizer"]["name"], asked.legacy_optimizers] = (
             result["options"],
             row.backend,
+            result["optimizer_used"]["convention"],
         )
     assert found == {
-        ("sgd", True): ({}, "tf"),  # was {"jit_compile": False, "legacy_optimizers": True}
-        ("sgd", False): ({}, "tf"),
-        ("adagrad", True): ({"legacy_optimizers": True}, "tf+legacy_optimizers"),
-        ("adagrad", False): ({"legacy_optimizers": False}, "tf"),
+        ("sgd", True): ({}, "tf", "tf"),  # was {"jit_compile": False, ...: True}, tf_legacy
+        ("sgd", False): ({}, "tf", "tf"),
+        ("adagrad", True): ({"legacy_optimizers": True}, "tf+legacy_optimizers", "tf_legacy"),
+        ("adagrad", False): ({}, "tf", "tf"),  # was {"legacy_optimizers": False}
     }
 
 
@@ -560,6 +561,7 @@ def test_a_numpy_convention_without_effect_makes_no_backend_of_its_own(
 
     spec = notebook_spec("manual", name=optimizer, dtype=dtype, options={"convention": convention})
     assert NumpyBackend().options_used(spec) == used
+    assert NumpyBackend().convention(spec).name == used.get("convention", "paper")  # the record
     assert backend_label("numpy", used) == (
         "numpy" if not used else f"numpy+convention={convention}"
     )
