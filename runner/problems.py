@@ -202,6 +202,7 @@ class QuadraticForm:
     seed: int = 0
     x0: Number | Sequence[Number] = 0.0
     name: ClassVar[str] = "quadratic_form"
+    definite: ClassVar[tuple[str, ...]] = ("A",)  # see runner.problem_limits
 
     def __post_init__(self) -> None:
         _check_dim(self, 1)

@@ -168,6 +168,10 @@ BAD_INPUTS = [
         ["backend=numpy", "problem=quadratic_form", "problem.cond=1e20"],
         "problem.cond=1e+20 is not allowed; give a condition number from 1 to 1e+12",
     ),
+    (
+        ["backend=numpy", "problem=quadratic_form", "problem.cond=1e9", "problem.seed=2"],
+        "problem=quadratic_form's A is not positive definite once rounded to float32",
+    ),
     (["steps=1e3"], "steps=1000.0 is a float; give a whole number >= 1 (write 1000, without"),
     (
         ["backend=numpy", "backend.convention=keras"],

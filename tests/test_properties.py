@@ -194,19 +194,27 @@ def test_an_accepted_problem_is_finite_in_its_dtype(a, b, c, x0, dtype):
 )
 @example(cond=1e20, dim=2, seed=0, dtype="float64")  # was np.linalg.LinAlgError: Singular
 @example(cond=1e16, dim=2, seed=0, dtype="float64")  # was solvable, but A not positive definite
+@example(cond=1e9, dim=2, seed=2, dtype="float32")  # A rounded to float32 is indefinite
 def test_an_accepted_quadratic_form_is_positive_definite_and_solvable(cond, dim, seed, dtype):
-    """A condition number the config accepts builds an SPD A whose x* = A^-1 b is exact to
-    ~4 digits (runner.problems.MAX_COND says how its bound was measured)."""
+    """A condition number the config accepts builds an SPD A, SPD in the run's dtype too,
+    whose x* = A^-1 b is exact to ~4 digits (runner.problems.MAX_COND says how its bound
+    was measured); one it refuses within that bound is a float32 A that is not SPD."""
     from runner.errors import ConfigError
+    from runner.problems import QuadraticForm
 
     settings = {"name": "quadratic_form", "dim": dim, "cond": cond, "seed": seed, "x0": 0.0}
     try:
         problem = run_config(settings, dtype).minimize.problem
-    except ConfigError:
-        assert cond > 1e12
+    except ConfigError as exc:
+        if cond <= 1e12:
+            assert dtype != "float64" and "not positive definite" in str(exc)
+            a = QuadraticForm(dim, cond, seed).coefficients["A"]
+            with pytest.raises(np.linalg.LinAlgError):
+                np.linalg.cholesky(a.astype(dtype).astype(np.float64))
         return
     a, b = problem.coefficients["A"], problem.coefficients["b"]
     np.linalg.cholesky(a)  # raises unless A is positive definite in float64
+    np.linalg.cholesky(a.astype(dtype).astype(np.float64))  # ... and in the run's dtype
     x_star, _ = problem.optimum()
     q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((dim, dim)))
     exact = q @ ((q.T @ b) / np.geomspace(1.0, cond, dim))  # A^-1 b from A's own spectrum
