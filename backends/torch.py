@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from backends.torch_isa import trust_probed_vec_isa
-from runner.errors import ConfigError, UnsupportedError, setting
+from runner.errors import ConfigError, UnsupportedError, not_allowed, whole_number
 from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.problems import compact
 from runner.protocol import (
@@ -316,16 +316,14 @@ class TorchBackend:
         if outside:
             return outside
         try:
-            _resolved(spec)
-        except ConfigError as exc:  # the core checks the vocabulary; a bare spec is checked here
+            _resolved(spec)  # the core checks the vocabulary; a bare spec is checked here
+            for key in ("scan_chunk", "unroll"):
+                whole_number(f"backend.{key}", spec.options.get(key, 1))
+        except ConfigError as exc:
             return str(exc)
-        for key in ("scan_chunk", "unroll"):
-            value = spec.options.get(key, 1)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                return f"{setting(f'backend.{key}', value)} must be an integer >= 1"
         wrapper = spec.options.get("cpp_wrapper", "auto")
         if not (isinstance(wrapper, bool) or wrapper == "auto"):
-            return f"{setting('backend.cpp_wrapper', wrapper)} must be true, false or auto"
+            return not_allowed("backend.cpp_wrapper", wrapper, ("true", "false", "auto"))
         return option_misfit(spec, _OPTIONS, tuple(_OPTIONS))  # all three: graph mode's
 
     def prepare(self, spec: MinimizeSpec) -> Any:

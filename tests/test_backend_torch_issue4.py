@@ -450,7 +450,15 @@ def test_cpp_wrapper_auto_is_on_for_the_cpu_only() -> None:
     assert _inductor_options({"cpp_wrapper": True}, torch.device("cuda:0")) == {"cpp_wrapper": True}
     problem, lr = PROBLEMS["quadratic_form"]
     spec = make_spec(problem, "sgd", lr, {}, "graph", options={"cpp_wrapper": "yes"})
-    assert BACKEND.unsupported(spec) == "backend.cpp_wrapper='yes' must be true, false or auto"
+    assert BACKEND.unsupported(spec) == (
+        "backend.cpp_wrapper='yes' is not allowed; choose one of: true, false, auto"
+    )
+    for key in ("unroll", "scan_chunk"):  # the whole-number wording every count shares
+        spec = make_spec(problem, "sgd", lr, {}, "graph", options={key: 4.0})
+        assert BACKEND.unsupported(spec) == (
+            f"backend.{key}=4.0 is a float; give a whole number >= 1 "
+            "(write 4, without a decimal point or an exponent)"
+        )
     eager = make_spec(problem, "sgd", lr, {}, "apply", options={"cpp_wrapper": False})
     assert BACKEND.unsupported(eager) == (
         "backend.cpp_wrapper=false sets mode=graph's compiled loop; mode=apply runs eagerly: "
