@@ -1013,6 +1013,46 @@ def test_the_sweep_report_counts_and_lists_skipped_and_failed_jobs(
     assert [h["status"] for h in saved["skipped_and_failed"]] == ["skipped", "failed"]
 
 
+def test_jobs_skipped_for_one_reason_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 4-mode x 2-optimizer x 2-dtype NumPy sweep listed the same reason 12 times: the
+    jobs of one reason are one line, their overrides merged as a sweep writes them;
+    comparison.json keeps one entry per job."""
+    from runner.compare.report import compare_folder
+
+    runs = run_folders(tmp_path / "runs", {"0_ran": (("backend=numpy",), 0.0)})
+    result = json.loads((runs / "0_ran" / "results.json").read_text())
+    why = "NumPy has no optimizer objects or compiler"
+    jobs = [(m, o, d) for m in ("apply", "minimize") for o in ("sgd", "adam") for d in ("a", "b")]
+    for i, (mode, opt, dtype) in enumerate(jobs, start=1):
+        folder = runs / f"{i}_skipped"
+        (folder / ".hydra").mkdir(parents=True)
+        overrides = ["backend=numpy", f"mode={mode}", f"optimizer={opt}", f"+tag={dtype}"]
+        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        skipped = {**result, "status": "skipped", "mode": mode, "reason": why}
+        (folder / "results.json").write_text(json.dumps(skipped))
+    lone = runs / "9_skipped"  # another reason: a line of its own
+    lone.mkdir()
+    (lone / "results.json").write_text(json.dumps({**skipped, "reason": "another"}))
+    monkeypatch.chdir(tmp_path)
+    report = compare_folder(Path("runs"), EXPERIMENT, tmp_path / "out")
+    listed = [
+        f"skipped, 8 jobs (numpy apply, numpy minimize; optimizer=sgd,adam; +tag=a,b): {why}",
+        "skipped: numpy minimize: another",
+    ]
+    assert report.text.splitlines()[4:7] == ["", *listed]
+    markdown = (tmp_path / "out" / "comparison.md").read_text()
+    assert "".join(f"- {line}\n" for line in listed) in markdown
+    saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert len(saved["skipped_and_failed"]) == 9
+    assert saved["skipped_and_failed"][0] == {
+        "status": "skipped",
+        "job": "numpy apply optimizer=sgd +tag=a",
+        "reason": why,
+    }
+
+
 def test_agreement_ulps_are_in_the_rows_dtype(tmp_path: Path) -> None:
     """The table's one ulps column was 'float32 ulps' for float64 rows too: float64 runs
     a float64 ulp apart read as 5e-10 ulps. agreement.csv keeps both."""

@@ -11,8 +11,8 @@ the matrix can be read off the report (and off comparison.md on the sweep's pare
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,40 @@ class Hole:
     status: str  # skipped | failed
     job: str  # "numpy graph/apply", "numpy manual problem.a=-1"
     reason: str  # one line
+    what: str = field(default="", compare=False, repr=False)  # "numpy graph/apply"
+    apart: tuple[str, ...] = field(default=(), compare=False, repr=False)  # its overrides
 
     def line(self) -> str:
         return f"{self.status}: {self.job}: {self.reason}"
+
+    def record(self) -> dict[str, str]:
+        """comparison.json's entry: one per job, as a script reads them."""
+        return {"status": self.status, "job": self.job, "reason": self.reason}
+
+
+def hole_lines(holes: Sequence[Hole]) -> list[str]:
+    """One line per reason: the jobs a sweep skipped or lost for one and the same reason
+    (NumPy's 12 optimizer-object jobs in a 4 x 2 x 2 matrix) are one line, their
+    overrides merged as a sweep writes them (`optimizer=sgd,adam; dtype=float32,float64`),
+    rather than 12 lines repeating it."""
+    groups: dict[tuple[str, str], list[Hole]] = {}
+    for hole in holes:
+        groups.setdefault((hole.status, hole.reason), []).append(hole)
+    lines = []
+    for (status, reason), group in groups.items():
+        if len(group) == 1:
+            lines.append(group[0].line())
+            continue
+        values: dict[str, list[str]] = {}  # key -> its values, in job order
+        for hole in group:
+            for override in hole.apart:
+                key, _, value = override.partition("=")
+                if value not in values.setdefault(key, []):
+                    values[key].append(value)
+        whats = ", ".join(dict.fromkeys(h.what or h.job for h in group))
+        merged = [f"{key}={','.join(vals)}" for key, vals in values.items()]
+        lines.append(f"{status}, {len(group)} jobs ({'; '.join([whats, *merged])}): {reason}")
+    return lines
 
 
 def sweep_holes(sweep_dir: Path) -> list[Hole]:
@@ -61,7 +92,9 @@ def sweep_holes(sweep_dir: Path) -> list[Hole]:
             apart = shown_overrides((o for o in overrides[folder] if o not in shared), NAMED)
             # a setting the reason names first is said there, with its value as read
             apart = [o for o in apart if not found[1].startswith(o.split("=")[0] + "=")]
-            holes.append(Hole(found[0], " ".join([_what(folder), *apart]), found[1]))
+            what = _what(folder)
+            job = " ".join([what, *apart])
+            holes.append(Hole(found[0], job, found[1], what, tuple(apart)))
     return holes
 
 

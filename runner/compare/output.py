@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from runner.compare.agreement import ACROSS_MODES, ALL_MODES, Agreement
-from runner.compare.holes import Hole
+from runner.compare.holes import Hole, hole_lines
 from runner.compare.rows import Row, differing_settings, varying_settings
 from runner.compare.store import download_text
 from runner.results import TRAJECTORY_FILE, atomic_write
@@ -216,7 +216,7 @@ def terminal_text(
     parts.append(text_table(*row_table(rows)))
     parts.append("")
     if holes:
-        parts += [hole.line() for hole in holes]
+        parts += hole_lines(holes)
         parts.append("")
     if agreement:
         parts.append(agreement_title(agreement))
@@ -276,7 +276,7 @@ def write_files(
     data = {
         "rows": [asdict(r) for r in rows],
         "agreement": [asdict(a) for a in agreement],
-        "skipped_and_failed": [asdict(h) for h in holes],
+        "skipped_and_failed": [h.record() for h in holes],
     }
     atomic_write(files["json"], json.dumps(data, indent=2) + "\n")
     return files
@@ -287,7 +287,7 @@ def _holes_markdown(holes: Sequence[Hole]) -> list[str]:
     `*` and `_` escaped: `a*x^2 + b*x` is no emphasis)."""
     if not holes:
         return []
-    items = [f"- {_markdown_text(hole.line())}" for hole in holes]
+    items = [f"- {_markdown_text(line)}" for line in hole_lines(holes)]
     return ["## Skipped and failed jobs", "", *items, ""]
 
 
