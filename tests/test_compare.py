@@ -724,6 +724,25 @@ def test_a_sweep_still_being_logged_is_said(tmp_path: Path) -> None:
     assert "3 matching, 3 rows" in stdout and "warning" not in (out / "comparison.md").read_text()
 
 
+def test_agreement_notes_differing_problems_as_the_table_does() -> None:
+    """problem.a=1 (results.json's int) and the default 1.0 are one problem in the table;
+    the agreement note said 'problems differ' for them."""
+    from runner.compare.agreement import agreement_of
+    from runner.compare.rows import row_from_result
+
+    result, _ = sgd_run(composed("backend=jax"))
+    run = {"run_id": "", "run_name": "", "started": ""}
+
+    def row(backend: str, a: float) -> Any:
+        problem = {**result["problem"], "a": a}
+        return row_from_result({**result, "backend": backend, "problem": problem}, **run)
+
+    (same,) = agreement_of([row("jax", 1.0), row("torch", 1)])
+    assert same.note == ""
+    (other,) = agreement_of([row("jax", 1.0), row("torch", 2)])
+    assert other.note == "problems differ"
+
+
 def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> None:
     """Adam under TF's conventions (eps 1e-7, epsilon-hat) against the papers' (1e-8, eps on
     sqrt(v_hat)): the agreement note says so, from results.json and from MLflow's tags."""

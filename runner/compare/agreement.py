@@ -8,7 +8,6 @@ steps, framework defaults or eps forms) the note says why.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -16,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from runner.compare.rows import Row, differing_settings, mode_order, varying_settings
+from runner.compare.rows import (
+    Row,
+    differing_settings,
+    mode_order,
+    problem_key,
+    varying_settings,
+)
 from runner.optimizers import CONVENTIONS, eps_form
 
 ALL_MODES = "all"
@@ -159,7 +164,7 @@ def _setup_note(members: Sequence[Row]) -> str:
     steps = sorted({m.steps for m in members})
     if len(steps) > 1:
         notes.append("steps differ: " + ", ".join(map(str, steps)))
-    problems = {json.dumps(m.problem, sort_keys=True) for m in members}
+    problems = {problem_key(m.problem) for m in members}  # a=1 and a=1.0 are one problem
     if len(problems) > 1:
         notes.append("problems differ")
     notes += _defaults_differ(members)

@@ -64,7 +64,7 @@ class Row:
             self.optimizer,
             self.dtype,
             str(self.steps),
-            _problem_key(self.problem),
+            problem_key(self.problem),
             self.device,
         )
 
@@ -154,7 +154,7 @@ def latest_per_key(rows: Iterable[Row]) -> dict[tuple[str, ...], Row]:
     return latest
 
 
-def _problem_key(problem: Mapping[str, Any]) -> str:
+def problem_key(problem: Mapping[str, Any]) -> str:
     """The problem's settings as its label spells them (x0=5 and x0=5.0 are one problem),
     so two rows of one name have other keys exactly where their labels differ."""
     return json.dumps({k: _setting_text(v) for k, v in problem.items()}, sort_keys=True)
@@ -175,7 +175,7 @@ def set_problem_labels(rows: Sequence[Row]) -> None:
     problems are told apart, and settings all of them share are not repeated."""
     by_name: dict[str, dict[str, Mapping[str, Any]]] = {}
     for row in rows:
-        by_name.setdefault(str(row.problem.get("name", "?")), {})[_problem_key(row.problem)] = (
+        by_name.setdefault(str(row.problem.get("name", "?")), {})[problem_key(row.problem)] = (
             row.problem
         )
     labels = {}
@@ -186,7 +186,7 @@ def set_problem_labels(rows: Sequence[Row]) -> None:
             parts = [f"{k}={_setting_text(problem.get(k))}" for k in varying]
             labels[key] = " ".join([name, *parts])
     for row in rows:
-        row.problem_label = labels[_problem_key(row.problem)]
+        row.problem_label = labels[problem_key(row.problem)]
 
 
 def differing_settings(rows: Sequence[Row]) -> set[str]:
