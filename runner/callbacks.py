@@ -34,6 +34,7 @@ from runner.errors import RunnerError
 from runner.follow import DONE_FILE
 from runner.masking import mask_uri
 from runner.results import atomic_write, sweep_failures
+from runner.reused_folder import check_new_run_dir, check_new_sweep_dir
 from runner.sweep_record import REPORT_DIR, SweepInfo, read_sweep, sweep_id_of, write_sweep
 from runner.tracking import (
     client_for,
@@ -67,8 +68,14 @@ class NewRunFolder(Callback):
             run_dir = OmegaConf.select(config, "hydra.run.dir")
         except Exception:  # e.g. a ${hydra:...} only the job resolves: nothing is noted
             return
-        if run_dir:
-            note_new(str(run_dir))
+        if not run_dir:
+            return
+        try:
+            check_new_run_dir(Path(run_dir).absolute())
+        except RunnerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        note_new(str(run_dir))
 
 
 class SweepTracking(Callback):
@@ -76,6 +83,11 @@ class SweepTracking(Callback):
         self.outage: TrackingError | None = None  # the store was away as the sweep started
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_new_sweep_dir(Path(config.hydra.sweep.dir).absolute())
+        except RunnerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
         if "BasicLauncher" not in _launcher(config):  # jobs elsewhere: this process waits
             from runner.plots import preload_while_waiting
 

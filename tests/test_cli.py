@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,52 @@ def test_refused_run_removes_only_the_folders_it_made(tmp_path: Path) -> None:
     proc = cli("backend=numpy", "steps=3", "tracking=off", cwd=tmp_path)  # a run that ran
     assert proc.returncode == 0, proc.stderr
     assert single_result(tmp_path)["steps"] == 3
+
+
+def test_a_folder_holding_an_earlier_run_or_sweep_is_refused(tmp_path: Path) -> None:
+    """hydra.run.dir / hydra.sweep.dir naming a folder used before: the second command
+    replaced the first's files (a single run's background upload then logged the second
+    run under the first's MLflow run), or mixed its jobs into the earlier sweep's report,
+    exit code and MLflow record. Refused in one line, before Hydra writes a file there."""
+    same = tmp_path / "same"
+    args = ("backend=numpy", "tracking=off", f"hydra.run.dir={same}")
+    assert cli(*args, "steps=11", cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in same.rglob("*") if p.is_file()}
+    proc = cli(*args, "steps=22", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: hydra.run.dir={same} holds an earlier run (results.json); a run there would "
+        "replace its files, logged or not; choose a new folder, or leave hydra.run.dir "
+        "unset (a new folder per run)"
+    ]
+    assert {p: p.read_bytes() for p in same.rglob("*") if p.is_file()} == before
+    sweep = tmp_path / "sweep"
+    args = ("-m", "backend=numpy", "tracking=off", f"hydra.sweep.dir={sweep}")
+    assert cli(*args, "steps=10,20", cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    proc = cli(*args, "steps=30", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: hydra.sweep.dir={sweep} holds an earlier sweep (the results of 2 jobs); "
+        "a sweep there would mix its jobs with those in its report, exit code and MLflow "
+        "record; choose a new folder, or leave hydra.sweep.dir unset (a new folder per sweep)"
+    ]
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+
+
+def test_two_sweeps_started_in_one_second_get_two_folders() -> None:
+    """The default sweep folder was named to the second: two sweeps started together
+    (two terminals, a script) wrote their jobs into one folder and one report."""
+    from hydra import compose, initialize_config_dir
+
+    import runner.cli  # noqa: F401  (its job_kind resolver names run folders)
+    from runner.config import CONFIG_DIR
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", ["backend=numpy"], return_hydra_config=True)
+    stamp = r"\d{2}-\d{2}-\d{2}-\d{6}"  # to the microsecond, as run folders are named
+    assert re.fullmatch(rf"outputs/multirun/[\d-]+/{stamp}", cfg.hydra.sweep.dir)
+    assert re.fullmatch(rf"outputs/runs/[\d-]+/{stamp}_numpy_manual", cfg.hydra.run.dir)
 
 
 def test_loss_not_finite_at_the_start_does_not_blame_the_lr(tmp_path: Path) -> None:
