@@ -16,7 +16,7 @@ from typing import Any
 
 from runner.errors import ConfigError, flag, not_allowed, setting, whole_number
 from runner.optimizers import validate_hyper
-from runner.problem_limits import check_in_dtype
+from runner.problem_limits import check_in_dtype, check_lr_in_dtype
 from runner.problems import Problem, build_problem
 from runner.protocol import (
     DTYPES,
@@ -94,9 +94,11 @@ def _minimize_spec(
     update = mode.get("update", "apply")
     if mode_name == "graph":
         update = _choice("mode.update", update, GRAPH_UPDATES)
+    optimizer = _optimizer(_node("optimizer", cfg))
+    check_lr_in_dtype(optimizer.lr, dtype)
     return MinimizeSpec(
         problem=problem,
-        optimizer=_optimizer(_node("optimizer", cfg)),
+        optimizer=optimizer,
         mode=mode_name,
         steps=steps,
         dtype=dtype,

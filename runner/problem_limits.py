@@ -1,4 +1,4 @@
-"""What a run's dtype can hold of a problem, checked before the run.
+"""What a run's dtype can hold of a problem and its lr, checked before the run.
 
 Settings are read in float64 (Python's floats), but a backend computes with them
 rounded to the run's dtype: in float32 `problem.a=1e40` is inf and `problem.a=1e-320`
@@ -27,29 +27,35 @@ def check_in_dtype(problem: Problem, dtype: str, minimize: bool = True) -> None:
     minimization the optimum, where the problem gives a numeric one, finite too.
     """
     for key, value in {**problem.coefficients, "x0": problem.x0_array()}.items():
-        _check_value(problem, key, value, dtype)
+        positive = key in getattr(problem, "positive", ())
+        _check_value(_subject(problem, key), f"problem.{key}", value, dtype, positive)
     if minimize:
         for key in getattr(problem, "definite", ()):
             _check_definite(problem, key, dtype)
         _check_optimum(problem, dtype)
 
 
-def _check_value(problem: Problem, key: str, value: Any, dtype: str) -> None:
-    """One coefficient (or x0): finite in dtype, and nonzero where it must be positive."""
+def check_lr_in_dtype(lr: float, dtype: str) -> None:
+    """The lr as the run's dtype holds it: `optimizer.lr=1e-50` is 0 in float32 (x never
+    moved, silently) and `1e39` inf (reported as a divergence blamed on the lr)."""
+    _check_value(setting("optimizer.lr", lr), "optimizer.lr", lr, dtype, positive=True)
+
+
+def _check_value(subject: str, key: str, value: Any, dtype: str, positive: bool) -> None:
+    """One setting: finite in dtype, and nonzero where it must be positive."""
     extremes = _extremes(value)
     if extremes is None:
         return
-    subject = _subject(problem, key)
     if not all(np.isfinite(_rounded(v, dtype)) for v in extremes):
         raise ConfigError(
             f"{subject} overflows {dtype} ({largest_text(dtype)}); "
             f"give a smaller number{wider_dtype(dtype)}"
         )
-    if key in getattr(problem, "positive", ()) and _rounded(min(extremes), dtype) == 0:
+    if positive and _rounded(min(extremes), dtype) == 0:
         raise ConfigError(
             f"{subject} is 0 in {dtype} (its smallest positive number is "
             f"{np.finfo(dtype).smallest_subnormal:.2g}); "
-            f"give a larger problem.{key}{wider_dtype(dtype)}"
+            f"give a larger {key}{wider_dtype(dtype)}"
         )
 
 

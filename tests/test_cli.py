@@ -165,6 +165,9 @@ BAD_INPUTS = [
     (["backend=numpy", "problem.a=1e40"], "problem.a=1e+40 overflows float32 (largest 3.4e+38)"),
     (["backend=numpy", "problem.x0=1e39"], "problem.x0=1e+39 overflows float32 (largest 3.4e+38)"),
     (["backend=numpy", "problem.a=1e-40"], "problem=quadratic has its minimum at x* = 1e+40,"),
+    # an lr that is 0 in float32 ran with x never moving; inf was a divergence blamed on it
+    (["backend=numpy", "optimizer.lr=1e-50"], "optimizer.lr=1e-50 is 0 in float32 (its small"),
+    (["backend=numpy", "optimizer.lr=1e39"], "optimizer.lr=1e+39 overflows float32 (largest"),
     (
         ["backend=numpy", "problem=quadratic_form", "problem.cond=1e20"],
         "problem.cond=1e+20 is not allowed; give a condition number from 1 to 1e+12",
