@@ -34,7 +34,7 @@ from runner.results import (
     write_json,
     write_trajectory,
 )
-from runner.summary import derivatives_summary, minimize_summary
+from runner.summary import derivatives_summary, minimize_summary, plural
 
 
 def supported_backend(run: RunConfig) -> Backend:
@@ -217,7 +217,7 @@ def _phase_printer(enabled: bool, compiled: bool, steps: int) -> Callable[[str],
     """
     if not enabled:
         return None
-    messages = {"run": f"running {steps} steps ..."}
+    messages = {"run": f"running {plural(steps, 'step')} ..."}
     if compiled:
         messages["compile"] = "compiling the loop ..."
 

@@ -68,8 +68,13 @@ def _steps(result: Mapping[str, Any]) -> str:
     """The steps asked for, and how many ran where a signal stopped the run early (a
     diverged run says where on its result line)."""
     if result["status"] == "interrupted":
-        return f"{result['steps_run']} of {result['steps']} steps (INTERRUPTED)"
-    return f"{result['steps']} steps"
+        return f"{result['steps_run']} of {plural(result['steps'], 'step')} (INTERRUPTED)"
+    return plural(result["steps"], "step")
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 step', '2 steps', '0 rows'."""
+    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def derivatives_summary(result: Mapping[str, Any]) -> str:

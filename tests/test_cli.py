@@ -323,6 +323,14 @@ def test_missing_framework_names_the_extra(tmp_path: Path) -> None:
     )
 
 
+def test_a_one_step_run_says_step(tmp_path: Path) -> None:
+    """'running 1 steps ...' and 'mode manual, float32, 1 steps' read as slips."""
+    proc = cli("backend=numpy", "steps=1", "tracking=off", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "running 1 step ...\n" in proc.stderr + proc.stdout
+    assert "mode      manual, float32, 1 step\n" in proc.stdout
+
+
 @pytest.mark.parametrize(
     ("value", "dtype", "text"),
     [
