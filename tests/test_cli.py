@@ -323,12 +323,17 @@ def test_missing_framework_names_the_extra(tmp_path: Path) -> None:
     )
 
 
-def test_a_one_step_run_says_step(tmp_path: Path) -> None:
+def test_a_one_step_run_says_step(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """'running 1 steps ...' and 'mode manual, float32, 1 steps' read as slips."""
+    from runner.job import _phase_printer
+
     proc = cli("backend=numpy", "steps=1", "tracking=off", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "running 1 step ...\n" in proc.stderr + proc.stdout
     assert "mode      manual, float32, 1 step\n" in proc.stdout
+    announce = _phase_printer(True, False, 1)
+    assert announce is not None
+    announce("run")
+    assert capsys.readouterr().err == "running 1 step ...\n"
 
 
 @pytest.mark.parametrize(
