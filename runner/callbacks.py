@@ -127,12 +127,14 @@ class SweepTracking(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         tracking = _tracking(config)
         status = _report(sweep_dir, str(tracking.get("experiment") or DEFAULT_EXPERIMENT))
+        failures = sweep_failures(sweep_dir)
+        if failures:  # the parent ends FAILED, and sweep_done.json says so too
+            status = "FAILED"
         problems = []
         if tracking.get("enabled", True):
             problem = self._close_sweep(config, sweep_dir, status)
             if problem is not None:
                 problems.append(problem)
-        failures = sweep_failures(sweep_dir)
         if failures:  # every job ran; a script still learns that some did not succeed
             jobs = len(list(sweep_dir.glob("**/.hydra")))
             first = failures[0]

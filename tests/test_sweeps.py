@@ -479,6 +479,8 @@ def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(tmp_pa
     assert "; 1 finished, 1 failed, 1 row (one per run)" in proc.stdout, proc.stdout
     assert f"failed: numpy manual: {BAD_A}" in proc.stdout.splitlines()
     assert proc.stderr.strip().endswith(BAD_A)
+    done = json.loads((sweep / "sweep_done.json").read_text())
+    assert done == {"status": "FAILED"}  # as its parent ends (it said FINISHED)
     failure = json.loads(next(sweep.glob("*/job_failure.json")).read_text())
     assert ("git" in failure) == (ROOT / ".git").exists()  # the code as the job started
     for uri in (store(tmp_path), f"sqlite:///{tmp_path / 'later.db'}"):
