@@ -20,6 +20,7 @@ from runner.problem_limits import check_in_dtype, check_lr_in_dtype
 from runner.problems import Problem, build_problem
 from runner.protocol import (
     DTYPES,
+    EAGER_MODES,
     GRAPH_UPDATES,
     MODES,
     DerivativesSpec,
@@ -56,6 +57,9 @@ class RunConfig:
     progress: bool
     minimize: MinimizeSpec | None = None
     derivatives: DerivativesSpec | None = None
+    # Why the run cannot be what it asks, though each setting is valid: skipped in a
+    # sweep (its report lists the hole), refused before the backend loads in a single run.
+    unsupported: str | None = None
 
 
 def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
@@ -80,7 +84,26 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
                 "drop problem.dim and choose problem=quadratic"
             )
         return RunConfig(**common, derivatives=DerivativesSpec(problem, dtype, device))
-    return RunConfig(**common, minimize=_minimize_spec(cfg, backend, problem, dtype, device))
+    spec = _minimize_spec(cfg, backend, problem, dtype, device)
+    return RunConfig(**common, minimize=spec, unsupported=_eager_update(_node("mode", cfg)))
+
+
+def _eager_update(mode: Mapping[str, Any]) -> str | None:
+    """An eager mode's update is the mode itself (conf/mode/<name>.yaml says so), so that
+    `-m mode=manual,graph mode.update=manual` is a sweep: mode.update reaches every job,
+    and an eager job whose mode is another update (mode=apply mode.update=manual, from
+    `mode=manual,apply,minimize,graph mode.update=apply,minimize,manual`) is skipped, not
+    a second copy of the same run."""
+    name = mode.get("name")
+    asked = mode.get("update", name)
+    if name == "graph" or asked == name:
+        return None
+    _choice("mode.update", asked, GRAPH_UPDATES)
+    other = f", or mode={asked}" if asked in EAGER_MODES else ""
+    return (  # the same words for every eager mode: a sweep's report lists them as one
+        f"mode.update={asked} is a setting of mode=graph (an eager mode is its own update); "
+        f"choose mode=graph mode.update={asked}{other}"
+    )
 
 
 def _minimize_spec(

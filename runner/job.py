@@ -43,6 +43,8 @@ def supported_backend(run: RunConfig) -> Backend:
     here, before anything is written or logged. (A sweep's job records it as skipped
     instead, so that the sweep's report shows the hole in its matrix: `execute` does
     that.)"""
+    if run.unsupported:  # no framework needed to say so
+        raise UnsupportedError(run.unsupported)
     backend = load_backend(run.backend)
     backend.resolved_device(run.device)  # device=gpu where there is none: refused here too
     if run.minimize is not None:
@@ -115,10 +117,10 @@ def _minimize(
     identity: RunIdentity,
     output_dir: Path,
 ) -> dict[str, Any]:
-    reason = backend.unsupported(spec)
+    reason = run.unsupported or backend.unsupported(spec)
     if reason:
         write_json(output_dir / RESULTS_FILE, skipped_result(spec, identity, reason))
-        raise _unsupported(run, spec, reason)
+        raise UnsupportedError(reason) if run.unsupported else _unsupported(run, spec, reason)
     with _progress(run.progress, spec.steps) as advance:
         outcome = run_minimize(
             backend,

@@ -104,7 +104,11 @@ MORE_BAD_INPUTS = [
     ),
     (["optimizer.lr=0"], "optimizer.lr=0 is not allowed; give a finite number > 0"),
     (["stepz=3"], "stepz is not a setting of this config (misspelt?); to add a new key on"),
-    (["mode.update=manual"], "mode.update is a setting of mode=graph only; choose mode=graph"),
+    (
+        ["backend=numpy", "mode.update=minimize"],
+        "mode.update=minimize is a setting of mode=graph (an eager mode is its own "
+        "update); choose mode=graph mode.update=minimize, or mode=minimize",
+    ),
     (
         ["-m", "hydra/launcher=slurm", "backend=numpy"],
         "hydra/launcher=slurm submits to a SLURM cluster, and this machine has no srun; use ",

@@ -284,6 +284,30 @@ def test_optuna_default_search_finds_the_one_step_lr(tmp_path: Path) -> None:
     assert 0.4 <= best["best_params"]["optimizer.lr"] <= 0.6, best
 
 
+def test_eager_modes_and_graph_updates_sweep_together(tmp_path: Path) -> None:
+    """`mode=manual,graph mode.update=manual` was refused whole (mode.update was a key of
+    mode=graph only): an eager mode is its own update, so the matrix of eager modes and
+    graph updates is one sweep, and an eager job asked for another update is skipped (it
+    would be a second copy of its mode's run), not run."""
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m", "backend=jax", "mode=manual,apply,graph", "mode.update=manual,apply",
+        "steps=20", "tracking=off", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    results = job_results(sweep)
+    ran = sorted((r["mode"], r["update"]) for r in results.values() if r["status"] == "finished")
+    assert ran == [("apply", None), ("graph", "apply"), ("graph", "manual"), ("manual", None)]
+    skipped = {k: r["reason"] for k, r in results.items() if r["status"] == "skipped"}
+    assert skipped == {
+        "1_jax_manual": "mode.update=apply is a setting of mode=graph (an eager mode is its "
+        "own update); choose mode=graph mode.update=apply, or mode=apply",
+        "2_jax_apply": "mode.update=manual is a setting of mode=graph (an eager mode is its "
+        "own update); choose mode=graph mode.update=manual, or mode=manual",
+    }
+    assert "; 4 finished, 2 skipped, 4 rows" in proc.stdout
+
+
 def test_unsupported_combination_is_skipped_and_the_sweep_goes_on(tmp_path: Path) -> None:
     """backend=numpy has no optimizer objects: mode=apply is not expressible, mode=manual is."""
     proc = cli(
