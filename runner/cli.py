@@ -37,6 +37,7 @@ from runner.precheck import (
 )
 from runner.provenance import git_state
 from runner.results import RESULTS_FILE, new_run_uid, record_job_failure
+from runner.search import end_search, register_sweeper
 from runner.sweep_record import read_sweep
 from runner.tracking import (
     client_for,
@@ -305,11 +306,12 @@ def main() -> None:
     except RunnerError as exc:
         report(exc)
         sys.exit(exc.exit_code)
+    register_sweeper()  # +hparams_search's sweeper (runner.search_sweeper)
     try:
         hydra_main()
-    except SystemExit as stop:
-        exit_now(stop.code)
-    exit_now(0)
+    except SystemExit as stop:  # e.g. a sweep whose jobs failed (callbacks.SweepTracking)
+        exit_now(end_search(stop.code))
+    exit_now(end_search(0))
 
 
 def exit_now(code: int | str | None) -> None:

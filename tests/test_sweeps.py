@@ -471,6 +471,97 @@ def test_optuna_search_goes_on_past_a_diverged_trial(tmp_path: Path) -> None:
     assert "; 2 finished, 1 diverged, 3 rows" in proc.stdout
 
 
+NO_BEST = "error: the search has no best trial: none of its "
+
+
+def no_best_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line of a search none of whose trials finished, last on stderr, and no
+    traceback: that search ended in Optuna's `No trials are completed yet`, before the
+    sweep's report, its MLflow parent's end and its exit code."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(NO_BEST)]
+    assert len(lines) == 1 and proc.stderr.splitlines()[-1] == lines[0], proc.stderr
+    return lines[0]
+
+
+def test_optuna_search_whose_every_trial_fails_ends_like_a_failed_sweep(tmp_path: Path) -> None:
+    """Failed trials are not losses (no best lr is made of them): the search has no best
+    trial, and ends as a sweep whose jobs failed: report, FAILED parent, exit 2."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    proc = cli(
+        "+hparams_search=lr", "backend=jax", "problem.a=-1", "hydra.sweeper.n_trials=2",
+        "steps=5", *sweep_args(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    sweep = tmp_path / "sweep"
+    assert no_best_line(proc) == (
+        f"{NO_BEST}2 trials finished with a loss (2 failed); no "
+        f"{sweep / 'optimization_results.yaml'} is written; the lines above say why"
+    )
+    assert f"error: 2 of 2 jobs failed; the first: {BAD_A}" in proc.stderr.splitlines()
+    failed = [line for line in proc.stdout.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 2 and failed[0].endswith(BAD_A), proc.stdout  # the report's list
+    assert not (sweep / "optimization_results.yaml").exists()
+    parent, jobs = sweep_group(store(tmp_path))
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "2"
+    assert [r.info.status for r in jobs] == ["FAILED", "FAILED"]
+
+
+def test_optuna_search_whose_every_trial_is_skipped_says_it_has_no_best(tmp_path: Path) -> None:
+    """Skipped trials are results of the sweep, but not a search's: its report lists
+    them, and it exits 2, as a single run of that combination is refused."""
+    proc = lr_search(tmp_path, "backend=numpy", "mode=apply", "hydra.sweeper.n_trials=3", "steps=5")
+    assert proc.returncode == 2, proc.stderr
+    line = no_best_line(proc)
+    assert line.startswith(f"{NO_BEST}3 trials finished with a loss (3 skipped); no ")
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("skipped: ")]
+    assert len(skipped) == 3 and "only mode=manual is defined" in skipped[0], proc.stdout
+    assert not (tmp_path / "sweep" / "optimization_results.yaml").exists()
+
+
+def test_only_a_search_whose_every_trial_ran_without_a_value_has_no_best() -> None:
+    """Optuna's other errors stay errors: a trial that raised (the sweeper re-raises
+    its error) or trials not all run (an error before or among them)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from runner.search_sweeper import TrialReturns
+
+    def trials(*returns: tuple[JobStatus, Any]) -> TrialReturns:
+        launcher = TrialReturns(None)
+        launcher.returns = [JobReturn(status=s, _return_value=v) for s, v in returns]
+        return launcher
+
+    done = JobStatus.COMPLETED
+    assert trials((done, None), (done, None)).none_completed(2)
+    assert trials((done, None), (done, float("nan"))).none_completed(2)  # Optuna: failed
+    assert not trials((done, None), (done, math.inf)).none_completed(2)  # diverged: a value
+    assert not trials((done, None), (JobStatus.FAILED, ValueError())).none_completed(2)
+    assert not trials((done, None)).none_completed(2)
+
+
+def test_optuna_search_with_some_trials_skipped_picks_its_best_of_the_rest(
+    tmp_path: Path,
+) -> None:
+    """The search over mode too: TPE's seeded trials choose apply (skipped) twice and
+    manual twice; the skipped ones are failed trials to Optuna, as before, never best."""
+    proc = lr_search(
+        tmp_path,
+        "backend=numpy",
+        "mode=choice(manual,apply)",
+        "hydra.sweeper.n_trials=4",
+        "steps=5",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert NO_BEST not in proc.stderr and "Traceback" not in proc.stderr
+    results = job_results(tmp_path / "sweep")
+    assert sorted(r["status"] for r in results.values()) == ["finished"] * 2 + ["skipped"] * 2
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    finished = [r for r in results.values() if r["status"] == "finished"]
+    assert best["best_params"]["mode"] == "manual"
+    assert best["best_value"] == min(r["loss"] for r in finished)
+
+
 def upload(*args: str, cwd: Path) -> str:
     """`python -m runner.upload ARGS`: its last line (the counts)."""
     proc = subprocess.run(

@@ -1,0 +1,89 @@
+"""The sweeper of `+hparams_search=...`: Optuna's, except when no trial completed.
+
+Optuna's sweeper runs the trials, then reads its study's best trial, which raises when
+none completed (`No trials are completed yet`): skipped and failed trials return no loss
+(runner.cli), and Optuna counts them as failed trials, not as losses a best lr could be
+picked from. Everything else is Optuna's own: its sampling, its max_failure_rate, its
+optimization_results.yaml whenever a trial completed. Only that last error becomes the
+search's result, noted for the command's end (runner.search), so that Hydra goes on to
+on_multirun_end: the report, the MLflow parent run closed, the exit code.
+
+Imports Optuna's sweeper: read only where the [sweeps] extra is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from omegaconf import DictConfig
+
+from runner.search import PLUGIN_MODULE, note_no_best
+
+
+class OptunaSearch(OptunaSweeper):
+    """Optuna's sweeper; a search none of whose trials completed ends like a sweep."""
+
+    # Hydra instantiates only plugins named in the hydra_plugins namespace: the class
+    # is registered under this name (runner.search.register_sweeper), which
+    # conf/hparams_search gives as hydra.sweeper._target_.
+    __module__ = PLUGIN_MODULE
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        # Optuna's sweeper keeps the trials' returns to itself: they are read on the way
+        self.trials = TrialReturns(self.sweeper.launcher)
+        self.sweeper.launcher = self.trials
+
+    def sweep(self, arguments: list[str]) -> None:
+        try:
+            return super().sweep(arguments)
+        except ValueError:
+            if not self.trials.none_completed(self.sweeper.n_trials):
+                raise  # not the study's "no trials are completed": as before
+        folders = [Path(r.hydra_cfg.hydra.runtime.output_dir) for r in self.trials.returns]
+        note_no_best(folders, Path(self.sweeper.sweep_dir))
+        return None
+
+
+class TrialReturns:
+    """The launcher Optuna's sweeper calls, passed through, keeping what each trial returned."""
+
+    def __init__(self, launcher: Any) -> None:
+        self.launcher = launcher
+        self.returns: list[JobReturn] = []
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        returns = self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
+        self.returns.extend(returns)
+        return returns
+
+    def __getattr__(self, name: str) -> Any:  # anything else is the launcher's
+        return getattr(self.launcher, name)
+
+    def none_completed(self, n_trials: int) -> bool:
+        """Every trial ran and none gave Optuna a value: the error after them is the
+        study's, having no best trial. A job that raised (its error is re-raised by the
+        sweeper) or a trial not run (an error before or during the trials) is not this."""
+        if len(self.returns) != n_trials:
+            return False
+        return all(
+            r.status == JobStatus.COMPLETED and not _is_value(r.return_value) for r in self.returns
+        )
+
+
+def _is_value(value: Any) -> bool:
+    """What Optuna's sweeper takes as a trial's value: anything float() accepts."""
+    try:
+        return not math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
