@@ -239,11 +239,11 @@ def _report(sweep_dir: Path, experiment: str) -> str:
     try:
         report = compare_folder(sweep_dir, experiment, sweep_dir / REPORT_DIR)
     except CompareError as exc:  # e.g. every job failed: nothing to compare
-        from runner.compare.holes import sweep_holes
+        from runner.compare.holes import hole_lines, sweep_holes
 
         # what a report would have listed below its table: each job and why it has no row
-        for hole in sweep_holes(sweep_dir):
-            print(hole.line())
+        for line in hole_lines(sweep_holes(sweep_dir)):
+            print(line)
         print(f"no comparison report: {exc}", file=sys.stderr)
         return "FINISHED"
     except Exception as exc:  # the sweep's runs are all recorded; say why no report

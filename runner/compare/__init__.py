@@ -1,8 +1,9 @@
 """`python -m runner.compare`: do the frameworks agree, and which way is fastest?
 
-Reads finished minimize runs from any MLflow tracking URI (the runner's SQLite store
-by default), keeps one row per configuration (Row.key: backend, mode, optimizer, dtype,
-steps, problem, device; of repeats of one configuration the latest), and writes (a
+Reads finished minimize and derivatives runs from any MLflow tracking URI (the runner's
+SQLite store by default), keeps one row per configuration (Row.key: backend, mode,
+optimizer, dtype, steps, problem, device; of repeats of one configuration the latest;
+a derivatives run's: backend, dtype, problem, device), and writes (a
 backend run with options other than its conf/backend defaults is a backend of its own,
 named with them: `tf+jit_compile`, `numpy+convention=tf`):
 
@@ -16,7 +17,12 @@ named with them: `tf+jit_compile`, `numpy+convention=tf`):
   csv: float32 ulps, and float64 ulps for float64 runs); a row "all" per dtype compares
   every mode with every other ("across modes" where one backend ran them all);
 - convergence.png (|loss - loss*| against step, from each run's per-step `loss`
-  metric) and step_time.png (per-step time, log scale).
+  metric) and step_time.png (per-step time, log scale);
+- for derivatives runs (task=derivatives; `--mode derivatives` selects them alone), a
+  section of comparison.md and derivatives.csv: per point (problem, x0, dtype) the
+  analytic values, then each run's values with their distance from them in ulps of the
+  dtype; and per point two or more backends evaluated, the pair and the value furthest
+  apart in ulps.
 
 The files are logged as artifacts of a comparison run (tag runner.kind=comparison) in
 the same experiment, or of an existing run (the sweep's parent when a multirun ends).
@@ -25,10 +31,12 @@ a run whose artifact cannot be read falls back to its MLflow metrics, tags and p
 The package imports no framework; MLflow is imported inside functions.
 
 - rows:      Row, a results.json as a row, labels, order, relative step time
-- store:     finding the matching runs in an MLflow store, each as a Row
+- store:     finding the matching runs in an MLflow store, each as a row
 - agreement: cross-backend agreement of final x, in ulps
+- derivatives: a derivatives run as a row; the backends' agreement per point, in ulps
 - holes:     a sweep's skipped and failed jobs, named, with why
 - output:    tables, comparison.md/.csv/.json, agreement.csv, plots
+- derivative_tables: the derivatives runs' tables, their section, derivatives.csv
 - logged:    the files and agreement metrics logged to an MLflow run
 - report:    compare() and compare_folder(): one report from end to end
 - cli:       the command line

@@ -22,7 +22,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m runner.compare",
         description="Compare finished minimize runs in MLflow: a table per backend x mode "
         "(x optimizer, dtype), cross-backend agreement of final x, convergence and "
-        "per-step time plots. Files go to --out and to a comparison run in MLflow.",
+        "per-step time plots; and derivatives runs (task=derivatives): each value, its ulps "
+        "from the analytic value, and the backends' agreement per point. Files go to --out "
+        "and to a comparison run in MLflow.",
     )
     parser.add_argument(
         "--tracking-uri",
@@ -38,7 +40,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--{name}",
             action="append",
             help=f"only these {name}s; repeat or comma-separate (e.g. {example})"
-            + ("; 'graph' matches every graph/<update>" if name == "mode" else "")
+            + (
+                "; 'graph' matches every graph/<update>; 'derivatives' the derivatives runs"
+                if name == "mode"
+                else ""
+            )
             + ("; 'tf' matches tf+<options> too" if name == "backend" else ""),
         )
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/compare/<time>)")

@@ -9,12 +9,14 @@ comparison.json written then. MLflow is imported inside the functions.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from runner.compare.agreement import Agreement
+from runner.compare.derivatives import DerivativeRow, PointAgreement
 from runner.compare.output import JSON_FILE
 from runner.compare.rows import Row
 from runner.compare.store import COMPARISON_KIND, KIND_TAG, describe_selection
@@ -36,8 +38,15 @@ def log_report(
     sweep_id: str | None,
     filters: Mapping[str, list[str]],
     log_to_run_id: str | None,
+    derivatives: Sequence[DerivativeRow] = (),
+    derivative_agreement: Sequence[PointAgreement] = (),
 ) -> str:
-    """Log the files (and the agreement as metrics) to log_to_run_id or a new comparison run."""
+    """Log the files (and the agreement as metrics) to log_to_run_id or a new comparison run.
+
+    Derivatives runs add their count and, per point two backends evaluated, the largest
+    difference in ulps (`derivatives_ulps/<dtype>/<problem x0=...>`); a report without
+    them logs what it logged before they had a table.
+    """
     from mlflow.entities import Metric, RunStatus
 
     run_id = log_to_run_id
@@ -64,6 +73,13 @@ def log_report(
                 metrics.append(
                     Metric(_metric_key("agreement_ulps_f64", *where), a.ulps_f64, now, 0)
                 )
+        if derivatives:
+            metrics.append(Metric("compare.derivative_rows", float(len(derivatives)), now, 0))
+        for point in derivative_agreement:
+            if not math.isfinite(point.ulps):  # stored as ±1.8e308 it would read as finite
+                continue
+            key = _metric_key("derivatives_ulps", point.dtype, point.problem)
+            metrics.append(Metric(key, point.ulps, now, 0))
         log_batched(client, run_id, metrics=metrics)  # a metric pair per agreement group
         for path in files.values():
             retry_locked(lambda path=path: client.log_artifact(run_id, str(path)))
@@ -94,4 +110,8 @@ def log_sweep_report(
     data = json.loads(files[JSON_FILE].read_text())
     rows = [Row(**row) for row in data["rows"]]
     agreement = [Agreement(**item) for item in data["agreement"]]
-    log_report(client, experiment_id, files, agreement, rows, sweep_id, {}, run_id)
+    derivatives = [DerivativeRow(**row) for row in data.get("derivatives", [])]
+    points = [PointAgreement(**item) for item in data.get("derivative_agreement", [])]
+    log_report(
+        client, experiment_id, files, agreement, rows, sweep_id, {}, run_id, derivatives, points
+    )

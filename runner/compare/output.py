@@ -13,7 +13,7 @@ import io
 import json
 import math
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -185,23 +185,28 @@ def ulps_in_dtype(item: Agreement) -> float:
     return item.ulps_f64 if item.ulps_f64 is not None else item.ulps_f32
 
 
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def text_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Collection[str] = NUMERIC
+) -> str:
+    """Columns padded to their widest cell; those headed by a `numeric` name right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
-            c.rjust(w) if h in NUMERIC else c.ljust(w)
+            c.rjust(w) if h in numeric else c.ljust(w)
             for c, w, h in zip(cells, widths, headers, strict=True)
         ).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], numeric: Collection[str] = NUMERIC
+) -> str:
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    rule = ["---:" if h in NUMERIC else "---" for h in headers]
+    rule = ["---:" if h in numeric else "---" for h in headers]
     return "\n".join([line(headers), "|" + "|".join(rule) + "|", *map(line, rows)])
 
 
@@ -210,21 +215,30 @@ def terminal_text(
     agreement: Sequence[Agreement],
     title: str = "",
     holes: Sequence[Hole] = (),
+    derivatives: Sequence[str] = (),
 ) -> str:
-    """The rows' table, the sweep's jobs without a row (one line each), the agreement."""
+    """The rows' table, the sweep's jobs without a row (one line each), the agreement;
+    then the derivatives runs' section (derivative_tables.derivatives_text), if any.
+    A report of derivatives runs alone has no minimize table: its jobs without a row
+    come after its section."""
     parts = [title] if title else []
-    parts.append(text_table(*row_table(rows)))
-    parts.append("")
-    if holes:
-        parts += hole_lines(holes)
+    if rows:
+        parts.append(text_table(*row_table(rows)))
         parts.append("")
-    if agreement:
-        parts.append(agreement_title(agreement))
-        parts.append(text_table(*agreement_table(agreement)))
-    else:
-        parts.append(
-            "cross-backend agreement: no mode has a finite, listed final x from two backends"
-        )
+        if holes:
+            parts += hole_lines(holes)
+            parts.append("")
+        if agreement:
+            parts.append(agreement_title(agreement))
+            parts.append(text_table(*agreement_table(agreement)))
+        else:
+            parts.append(
+                "cross-backend agreement: no mode has a finite, listed final x from two backends"
+            )
+    if derivatives:
+        parts += [""] * bool(rows) + list(derivatives)
+        if holes and not rows:
+            parts += ["", *hole_lines(holes)]
     return "\n".join(parts)
 
 
@@ -235,19 +249,23 @@ def write_files(
     header: Sequence[str],
     plots: Mapping[str, Path],
     holes: Sequence[Hole] = (),
+    derivatives: Sequence[str] = (),
+    derivatives_data: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """comparison.md (tables and plots), comparison.csv, agreement.csv, comparison.json."""
+    """comparison.md (tables and plots), comparison.csv, agreement.csv, comparison.json.
+
+    derivatives: the derivatives runs' markdown section (derivative_tables), put after
+    the agreement, and derivatives_data their entries in comparison.json. A report of
+    derivatives runs alone has no minimize table, comparison.csv or agreement.csv: its
+    section comes first, its jobs without a row after it.
+    """
     images = [f"![{name}]({path.name})\n" for name, path in plots.items()]
     across = (
         "; `across modes`: one backend's modes"
         if any(a.mode == ACROSS_MODES for a in agreement)
         else ""
     )
-    md = [
-        "# Comparison",
-        "",
-        *header,
-        "",
+    minimize = [
         "Final x and loss are exact in the run's dtype; `vs fastest` is the per-step time "
         "over the fastest finished row's (1.0x); a diverged row's is timed over the steps "
         "it ran, and may be below 1.0x.",
@@ -265,17 +283,30 @@ def write_files(
         if agreement
         else "No mode has runs from two backends.",
         "",
+    ]
+    md = [
+        "# Comparison",
+        "",
+        *header,
+        "",
+        *(minimize if rows else []),
+        *derivatives,
+        *(_holes_markdown(holes) if derivatives and not rows else []),
         *(["## Plots", "", *images] if images else []),
     ]
-    files = {"markdown": out / MARKDOWN_FILE, "csv": out / CSV_FILE}
-    files["agreement"] = out / AGREEMENT_FILE
+    files = {"markdown": out / MARKDOWN_FILE}
+    if rows or not derivatives:
+        files["csv"] = out / CSV_FILE
+        files["agreement"] = out / AGREEMENT_FILE
     files["json"] = out / JSON_FILE
     atomic_write(files["markdown"], "\n".join(md))
-    atomic_write(files["csv"], _csv(rows_csv(rows)))
-    atomic_write(files["agreement"], _csv(agreement_csv(agreement)))
+    if "csv" in files:
+        atomic_write(files["csv"], csv_text(rows_csv(rows)))
+        atomic_write(files["agreement"], csv_text(agreement_csv(agreement)))
     data = {
         "rows": [asdict(r) for r in rows],
         "agreement": [asdict(a) for a in agreement],
+        **(derivatives_data or {}),
         "skipped_and_failed": [h.record() for h in holes],
     }
     atomic_write(files["json"], json.dumps(data, indent=2) + "\n")
@@ -295,7 +326,7 @@ def _markdown_text(text: str) -> str:
     return "".join(f"\\{c}" if c in "\\`*_[]<>|" else c for c in text)
 
 
-def _exact(value: Any) -> str:
+def exact_text(value: Any) -> str:
     """repr of the float64 (the value results.json holds), a JSON list for vectors."""
     if isinstance(value, list):
         return json.dumps(value)
@@ -313,14 +344,14 @@ ROW_CSV = {
     "problem": lambda r: r.problem_label,
     "problem_settings": lambda r: json.dumps(r.problem, sort_keys=True, default=str),
     "device": lambda r: r.device,
-    "final_x": lambda r: _exact(r.x),
-    "final_loss": lambda r: _exact(r.loss),
-    "error_x": lambda r: _exact(r.error_x),
-    "error_loss": lambda r: _exact(r.error_loss),
-    "compile_s": lambda r: _exact(r.compile_s),
-    "run_s": lambda r: _exact(r.run_s),
-    "step_us": lambda r: _exact(r.step_us),
-    "relative_step_time": lambda r: _exact(r.relative),
+    "final_x": lambda r: exact_text(r.x),
+    "final_loss": lambda r: exact_text(r.loss),
+    "error_x": lambda r: exact_text(r.error_x),
+    "error_loss": lambda r: exact_text(r.error_loss),
+    "compile_s": lambda r: exact_text(r.compile_s),
+    "run_s": lambda r: exact_text(r.run_s),
+    "step_us": lambda r: exact_text(r.step_us),
+    "relative_step_time": lambda r: exact_text(r.relative),
     "run_id": lambda r: r.run_id,
     "run_name": lambda r: r.run_name,
     "started": lambda r: r.started,
@@ -332,11 +363,11 @@ AGREEMENT_CSV = {
     "optimizer": lambda a: a.optimizer,
     "setup": lambda a: a.setup,
     "backends": lambda a: "; ".join(a.compared),
-    "abs_diff": lambda a: _exact(a.abs_diff),
+    "abs_diff": lambda a: exact_text(a.abs_diff),
     "pair_a": lambda a: a.pair[0],
     "pair_b": lambda a: a.pair[1],
-    "ulps_float32": lambda a: _exact(a.ulps_f32),
-    "ulps_float64": lambda a: _exact(a.ulps_f64),
+    "ulps_float32": lambda a: exact_text(a.ulps_f32),
+    "ulps_float64": lambda a: exact_text(a.ulps_f64),
     "note": lambda a: a.note,
 }
 
@@ -349,7 +380,7 @@ def agreement_csv(agreement: Sequence[Agreement]) -> list[list[str]]:
     return [list(AGREEMENT_CSV), *([get(a) for get in AGREEMENT_CSV.values()] for a in agreement)]
 
 
-def _csv(table: Sequence[Sequence[str]]) -> str:
+def csv_text(table: Sequence[Sequence[str]]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(table)
     return buffer.getvalue()

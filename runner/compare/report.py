@@ -18,6 +18,19 @@ from typing import Any
 import numpy as np
 
 from runner.compare.agreement import Agreement, agreement_of
+from runner.compare.derivative_tables import (
+    derivatives_data,
+    derivatives_markdown,
+    derivatives_text,
+    write_derivatives_csv,
+)
+from runner.compare.derivatives import (
+    DerivativeRow,
+    PointAgreement,
+    derivative_order,
+    derivative_row_from_result,
+    point_agreement,
+)
 from runner.compare.holes import Hole, sweep_holes
 from runner.compare.logged import log_report
 from runner.compare.output import (
@@ -68,6 +81,8 @@ class Report:
     sweep_id: str | None
     holes: list[Hole] = field(default_factory=list)  # a sweep's skipped and failed jobs
     warnings: list[str] = field(default_factory=list)  # in the header; the CLI's stderr
+    derivatives: list[DerivativeRow] = field(default_factory=list)  # task=derivatives runs
+    derivative_agreement: list[PointAgreement] = field(default_factory=list)
 
 
 def compare(
@@ -110,8 +125,9 @@ def compare(
         raise CompareError(
             no_match_message(client, found.experiment_id, experiment, sweep_id, filters)
         )
+    read = [row_of_run(client, run) for run in newest_per_setting(runs)]
     report = _report(
-        [row_of_run(client, run) for run in newest_per_setting(runs)],
+        [row for row in read if isinstance(row, Row)],
         len(runs),
         f"tracking URI: `{mask_uri(uri)}`, experiment `{experiment}`",
         f"{describe_selection(sweep_id, filters)}; {len(runs)} matching",
@@ -122,6 +138,7 @@ def compare(
         warnings=[
             still_logging(s) for s in sweeps_still_logging(client, found.experiment_id, runs)
         ],
+        derivatives=[row for row in read if isinstance(row, DerivativeRow)],
     )
     if log:
         report.run_id = log_report(
@@ -133,6 +150,8 @@ def compare(
             sweep_id,
             filters,
             log_to_run_id,
+            report.derivatives,
+            report.derivative_agreement,
         )
     return report
 
@@ -147,7 +166,7 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
     written = {path: path.stat().st_mtime for path in sweep_dir.glob(f"*/{RESULTS_FILE}")}
     # newest first, as latest_per_key expects
     newest_first = sorted(sorted(written), key=written.__getitem__, reverse=True)
-    rows, not_compared = [], []
+    rows, derivatives, not_compared = [], [], []
     for path in newest_first:
         try:
             result = json.loads(path.read_text())
@@ -157,31 +176,37 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
             not_compared.append(str(result.get("status")))  # skipped, interrupted
             continue
         started = datetime.fromtimestamp(written[path]).isoformat(timespec="seconds")
-        row = row_from_result(result, run_id="", run_name=path.parent.name, started=started)
+        common = {"run_id": "", "run_name": path.parent.name, "started": started}
+        row = row_from_result(result, **common)
         if row is not None:
             rows.append(row)
-    if not rows:
-        raise CompareError(f"no finished minimize runs in {sweep_dir}")
+        elif (derivative := derivative_row_from_result(result, **common)) is not None:
+            derivatives.append(derivative)
+    if not rows and not derivatives:
+        raise CompareError(f"no finished minimize or derivatives runs in {sweep_dir}")
     sweep_id = sweep_id_of(sweep_dir)  # as its MLflow group is tagged
+    statuses = [row.status for row in [*rows, *derivatives]]
+    counts = _job_counts(statuses, not_compared, len(sweep_failures(sweep_dir)))
     return _report(
         rows,
-        len(rows),
+        len(rows) + len(derivatives),
         f"run folders: `{sweep_dir}`",
-        f"sweep {sweep_id}; {_job_counts(rows, not_compared, len(sweep_failures(sweep_dir)))}",
+        f"sweep {sweep_id}; {counts}",
         experiment,
         sweep_id,
         out_dir,
         lambda row: trajectory_loss(sweep_dir / row.run_name / TRAJECTORY_FILE),
         sweep_holes(sweep_dir),
+        derivatives=derivatives,
     )
 
 
-def _job_counts(rows: Sequence[Row], not_compared: Sequence[str], failed: int) -> str:
+def _job_counts(statuses: Sequence[str], not_compared: Sequence[str], failed: int) -> str:
     """'4 finished', '3 finished, 1 diverged, 1 skipped, 1 failed': every job the sweep
     ran, so one that has no row (a combination the backend cannot express, a bad setting)
     is not silently missing from the header."""
     counts = {"finished": 0, "diverged": 0, "skipped": 0, "interrupted": 0}
-    for status in [row.status for row in rows] + list(not_compared):
+    for status in [*statuses, *not_compared]:
         counts[status] = counts.get(status, 0) + 1
     counts["failed"] = failed
     return ", ".join(f"{n} {status}" for status, n in counts.items() if n or status == "finished")
@@ -198,18 +223,24 @@ def _report(
     curve_of: Callable[[Row], dict[str, np.ndarray] | None],
     holes: Sequence[Hole] = (),
     warnings: Sequence[str] = (),
+    derivatives: Sequence[DerivativeRow] = (),
 ) -> Report:
     """Tables, agreement, plots and files for one row per configuration (the latest), of
     the `found` runs, whatever they came from; the header says how many were repeats,
     and what the rows may lack (warnings: a sweep still being logged), and a sweep's jobs
-    without a row (holes) are listed after the table."""
+    without a row (holes) are listed after the table. Derivatives runs (newest first too)
+    get a table and an agreement of their own, after the minimize runs'."""
     rows = list(latest_per_key(newest_first).values())
     set_problem_labels(rows)
     rows.sort(key=row_order)
     set_relative(rows)
     agreement = agreement_of(rows)
+    points = list(latest_per_key(derivatives).values())
+    set_problem_labels(points, always=("x0",))  # a derivative is at a point: say which
+    points.sort(key=derivative_order)
+    point_agreed = point_agreement(points)
     _make_out(out)
-    repeats = found - len(rows)
+    repeats = found - len(rows) - len(points)
     kept = (
         f"one per configuration; {plural(repeats, 'earlier repeat')} of an "
         "identical configuration left out"
@@ -218,16 +249,39 @@ def _report(
     )
     header = [
         f"- {source}",
-        f"- runs: {runs}, {plural(len(rows), 'row')} ({kept})",
+        f"- runs: {runs}, {plural(len(rows) + len(points), 'row')} ({kept})",
         *(f"- warning: {warning}" for warning in warnings),
         f"- made {datetime.now().isoformat(timespec='seconds')}",
     ]
     title = f"{experiment}: {header[1].removeprefix('- runs: ')}"
-    text = terminal_text(rows, agreement, title, holes)
+    shown = derivatives_text(points, point_agreed) if points else []
+    text = terminal_text(rows, agreement, title, holes, shown)
     plots = write_plots(out, rows, curve_of)
-    files = {**write_files(out, rows, agreement, header, plots, holes), **plots}
+    files = write_files(
+        out,
+        rows,
+        agreement,
+        header,
+        plots,
+        holes,
+        derivatives_markdown(points, point_agreed) if points else (),
+        derivatives_data(points, point_agreed) if points else None,
+    )
+    if points:
+        files["derivatives"] = write_derivatives_csv(out, points)
     return Report(
-        rows, agreement, text, out, files, None, experiment, sweep_id, list(holes), list(warnings)
+        rows,
+        agreement,
+        text,
+        out,
+        {**files, **plots},
+        None,
+        experiment,
+        sweep_id,
+        list(holes),
+        list(warnings),
+        points,
+        point_agreed,
     )
 
 

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from runner.config import backend_defaults
 from runner.naming import mode_label
@@ -145,10 +145,27 @@ def _g_exact(value: float) -> str:
     return text if float(text) == value else repr(value)
 
 
-def latest_per_key(rows: Iterable[Row]) -> dict[tuple[str, ...], Row]:
+class Keyed(Protocol):
+    """A row of either table (Row, a derivatives run's row): what identifies it."""
+
+    @property
+    def key(self) -> tuple[str, ...]: ...
+
+
+class OfProblem(Protocol):
+    """A row of either table, as far as its problem's label goes."""
+
+    problem: dict[str, Any]
+    problem_label: str
+
+
+K = TypeVar("K", bound=Keyed)
+
+
+def latest_per_key(rows: Iterable[K]) -> dict[tuple[str, ...], K]:
     """Rows arrive newest first, so the first row of a key is its latest run: a re-run of
     one configuration replaces the older, it does not repeat it."""
-    latest: dict[tuple[str, ...], Row] = {}
+    latest: dict[tuple[str, ...], K] = {}
     for row in rows:
         latest.setdefault(row.key, row)
     return latest
@@ -169,10 +186,12 @@ def _setting_text(value: Any) -> str:
     return "null" if value in (None, "None") else str(value)  # "None": a logged param
 
 
-def set_problem_labels(rows: Sequence[Row]) -> None:
+def set_problem_labels(rows: Sequence[OfProblem], always: Sequence[str] = ()) -> None:
     """Label each row's problem by its name and the settings that take more than one value
     among the report's problems of that name ('quadratic x0=5'): rows that ran other
-    problems are told apart, and settings all of them share are not repeated."""
+    problems are told apart, and settings all of them share are not repeated. Settings in
+    `always` are named even where every row shares them: a derivatives run's x0 is where
+    it evaluated, which its row must say."""
     by_name: dict[str, dict[str, Mapping[str, Any]]] = {}
     for row in rows:
         by_name.setdefault(str(row.problem.get("name", "?")), {})[problem_key(row.problem)] = (
@@ -181,7 +200,11 @@ def set_problem_labels(rows: Sequence[Row]) -> None:
     labels = {}
     for name, problems in by_name.items():
         keys = sorted({k for p in problems.values() for k in p if k != "name"})
-        varying = [k for k in keys if len({_setting_text(p.get(k)) for p in problems.values()}) > 1]
+        varying = [
+            k
+            for k in keys
+            if k in always or len({_setting_text(p.get(k)) for p in problems.values()}) > 1
+        ]
         for key, problem in problems.items():
             parts = [f"{k}={_setting_text(problem.get(k))}" for k in varying]
             labels[key] = " ".join([name, *parts])

@@ -18,8 +18,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from runner.compare.derivatives import (
+    DerivativeRow,
+    derivative_row_from_metrics,
+    derivative_row_from_result,
+)
 from runner.compare.rows import Row, backend_label, optimizer_label, row_from_result
 from runner.errors import RunnerError
+from runner.naming import job_kind
 from runner.results import RESULTS_FILE, device_kind
 from runner.tracking import client_for
 from runner.tracking_store import DEFAULT_EXPERIMENT, TrackingTarget, retry_locked
@@ -28,6 +34,7 @@ KIND_TAG = "runner.kind"
 COMPARISON_KIND = "comparison"
 SWEEP_KIND = "sweep"
 FILTERS = ("backend", "mode", "dtype")  # the tags --backend, --mode and --dtype select by
+TASKS = ("minimize", "derivatives")  # the runs a report has tables for
 
 
 class CompareError(RunnerError):
@@ -86,9 +93,10 @@ def search_runs(
     """Matching runs, newest first; the store filters what it can, Python the rest.
 
     MLflow's tag filters have no IN, and `!=` drops runs that lack the tag, so the
-    exclusions (comparison and sweep runs) and multi-valued filters are applied here.
+    exclusions (comparison and sweep runs), the tasks (minimize and derivatives runs) and
+    multi-valued filters are applied here.
     """
-    clauses = ["tags.task = 'minimize'"]
+    clauses = []
     if sweep_id is not None and _quoted(sweep_id):
         clauses.append(f"tags.sweep_id = {_quoted(sweep_id)}")
     for tag in ("backend", "dtype"):
@@ -100,7 +108,7 @@ def search_runs(
         page = retry_locked(
             lambda token=token: client.search_runs(
                 [experiment_id],
-                " and ".join(clauses),
+                " and ".join(clauses),  # "" for no clause: every run
                 max_results=1000,
                 order_by=["attributes.start_time DESC"],
                 page_token=token,
@@ -114,7 +122,7 @@ def search_runs(
 
 def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -> bool:
     tags = run.data.tags
-    if tags.get(KIND_TAG) in (COMPARISON_KIND, SWEEP_KIND) or tags.get("task") != "minimize":
+    if tags.get(KIND_TAG) in (COMPARISON_KIND, SWEEP_KIND) or tags.get("task") not in TASKS:
         return False
     finished = run.info.status == "FINISHED" and tags.get("status") != "skipped"
     diverged = run.info.status == "FAILED" and tags.get("status") == "diverged"
@@ -132,8 +140,14 @@ def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -
         and backend_label(backend, _logged_options(run.data.params)) not in wanted
     ):
         return False
-    mode = tags.get("mode", "")
+    mode = _mode_of(tags)
     return not filters["mode"] or any(m in (mode, mode.split("/")[0]) for m in filters["mode"])
+
+
+def _mode_of(tags: Mapping[str, str]) -> str:
+    """The run's mode tag; `derivatives` for a derivatives run, which has none (it runs
+    no optimizer), as its folder and the sweep's lines name it: --mode derivatives."""
+    return job_kind(tags.get("task"), tags.get("mode", ""))
 
 
 def sweep_spellings(sweep_id: str | None) -> list[str | None]:
@@ -249,15 +263,20 @@ def _filter_value(run: Any, name: str) -> str:
     tags = run.data.tags
     if name == "backend":
         return backend_label(tags.get("backend", "?"), _logged_options(run.data.params))
+    if name == "mode":
+        return _mode_of(tags) or "?"
     return tags.get(name, "?")
 
 
-def row_of_run(client: Any, run: Any) -> Row:
+def row_of_run(client: Any, run: Any) -> Row | DerivativeRow:
     """One run as a row: results.json when the artifact can be read, else its metrics."""
     result = _download_json(client, run.info.run_id, RESULTS_FILE)
     started = datetime.fromtimestamp(run.info.start_time / 1000).isoformat(timespec="seconds")
     common = {"run_id": run.info.run_id, "run_name": run.info.run_name or "", "started": started}
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    if tags.get("task") == "derivatives":
+        found = derivative_row_from_result(result, **common) if result is not None else None
+        return found or derivative_row_from_metrics(tags, metrics, _problem(params), **common)
     options = _logged_options(params)
     if result is not None and "options" not in result:  # written before it held them
         result = {**result, "options": options}
@@ -284,11 +303,7 @@ def row_of_run(client: Any, run: Any) -> Row:
         run_s=metrics.get("run_s", math.nan),
         step_us=metrics.get("step_us", math.nan),
         relative=math.nan,
-        problem={
-            k.removeprefix("problem."): _number(v)
-            for k, v in params.items()
-            if k.startswith("problem.")
-        },
+        problem=_problem(params),
         optimum_loss=optimum,
         source="metrics",
         device=device_kind(tags.get("device", "")),  # runs logged before it was canonical
@@ -299,6 +314,12 @@ def row_of_run(client: Any, run: Any) -> Row:
         },
         **common,
     )
+
+
+def _problem(params: Mapping[str, str]) -> dict[str, Any]:
+    """The problem's settings from a run's params (`problem.x0` = '1.5': 1.5)."""
+    prefix = "problem."
+    return {k.removeprefix(prefix): _number(v) for k, v in params.items() if k.startswith(prefix)}
 
 
 def _logged_options(params: Mapping[str, str]) -> dict[str, str]:
@@ -341,7 +362,7 @@ SETTING_PARAMS = ("steps", "optimizer.", "backend.", "problem.", "mode.")
 
 
 def newest_per_setting(runs: Sequence[Any]) -> list[Any]:
-    """The newest run per backend, mode, dtype, device and steps, optimizer, backend,
+    """The newest run per task, backend, mode, dtype, device and steps, optimizer, backend,
     problem and mode params, before any download.
 
     A finer key than a row's (every such param counts), so no row loses its latest run;
@@ -351,6 +372,7 @@ def newest_per_setting(runs: Sequence[Any]) -> list[Any]:
     for run in runs:
         tags, params = run.data.tags, run.data.params
         setting = (
+            tags.get("task"),
             tags.get("backend"),
             tags.get("mode"),
             tags.get("dtype"),
