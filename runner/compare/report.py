@@ -65,6 +65,7 @@ from runner.compare.store import (
 )
 from runner.masking import mask_uri
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, sweep_failures
+from runner.summary import plural
 from runner.sweep_record import sweep_id_of
 from runner.tracking_store import DEFAULT_EXPERIMENT, resolve_target
 
@@ -292,11 +293,6 @@ def _make_out(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CompareError(f"cannot write the report to {out}: {exc.strerror}") from None
-
-
-def plural(count: int, noun: str) -> str:
-    """'1 row', '2 rows', '0 rows'."""
-    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def default_out_dir() -> Path:
