@@ -101,15 +101,17 @@ def hydra_main(cfg: DictConfig) -> Any:
                 discard_run_folder(hydra_cfg)
             sys.exit(exc.exit_code)
         # In a sweep a skipped or diverged job is a result, any other error a failed job;
-        # the sweep goes on either way, and its exit code reports the failures.
+        # the sweep goes on either way, and its exit code reports the failures. Each line
+        # names its job as MLflow does: a parallel sweep's lines come in any order.
+        job = _job_name(cfg, hydra_cfg)
         if isinstance(exc, DivergenceError):
-            report(exc, "diverged")
+            report(exc, f"diverged: {job}")
             # Optuna's sweeper takes inf as the trial's (worst) loss, so its sampler learns
             # that the lr is too large; with no value the trial would count as failed and
             # teach it nothing, and a search whose every trial diverged would end in a
             # traceback (no best trial).
             return math.inf
-        report(exc, "skipped" if isinstance(exc, UnsupportedError) else "error")
+        report(exc, f"{'skipped' if isinstance(exc, UnsupportedError) else 'error'}: {job}")
         if not isinstance(exc, UnsupportedError):
             record_job_failure(Path(hydra_cfg.runtime.output_dir), exc, git)
         return None  # Optuna's sweeper marks the trial failed and carries on
@@ -121,6 +123,15 @@ def hydra_main(cfg: DictConfig) -> Any:
         print(f"{word}: {what}", file=sys.stderr)
         sys.exit(143 if terminated else 130)
     return result.get("loss")
+
+
+def _job_name(cfg: DictConfig, hydra_cfg: Any) -> str:
+    """A sweep job as its MLflow run is named (`numpy-apply-float64 optimizer=adam`), or
+    its folder's name where its config cannot be resolved."""
+    try:
+        return run_name(OmegaConf.to_container(cfg, resolve=True), hydra_cfg.overrides.task)
+    except Exception:
+        return Path(hydra_cfg.runtime.output_dir).name
 
 
 def discard_run_folder(hydra_cfg: Any) -> None:

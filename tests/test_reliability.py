@@ -545,7 +545,8 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: P
         if result["status"] == "diverged":
             assert f"at step {result['diverged_at']} " in run.data.tags["error"]
             # the upload tags the error the job printed, as a job logged in-process is tagged
-            assert f"diverged: {run.data.tags['error']}" in proc.stderr.splitlines()
+            line = f"diverged: {run.info.run_name}: {run.data.tags['error']}"  # job named
+            assert line in proc.stderr.splitlines()
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"results.json", "trajectory.csv", "hydra"} <= artifacts
         history = client.get_metric_history(run.info.run_id, "loss")
