@@ -13,6 +13,7 @@ Imports Optuna's sweeper: read only where the [sweeps] extra is installed.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,10 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig
 
 from runner.search import PLUGIN_MODULE, note_no_best
+
+# Optuna's sweeper's words for a trial that returned None (a skipped or failed job)
+NO_VALUE = "must be float-castable. Got 'None'"
+SWEEPER_LOGGER = "hydra_plugins.hydra_optuna_sweeper._impl"  # named, not imported: Optuna
 
 
 class OptunaSearch(OptunaSweeper):
@@ -38,6 +43,7 @@ class OptunaSearch(OptunaSweeper):
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        logging.getLogger(SWEEPER_LOGGER).addFilter(_said_by_the_job)
         # Optuna's sweeper keeps the trials' returns to itself: they are read on the way
         self.trials = TrialReturns(self.sweeper.launcher)
         self.sweeper.launcher = self.trials
@@ -79,6 +85,14 @@ class TrialReturns:
         return all(
             r.status == JobStatus.COMPLETED and not _is_value(r.return_value) for r in self.returns
         )
+
+
+def _said_by_the_job(record: logging.LogRecord) -> bool:
+    """Drop Optuna's sweeper's two lines about a trial that returned no loss ('Failed
+    experiment: Return value must be float-castable. Got 'None'.', then 'Failed [...]
+    times out of 1 with max_failure_rate=0.0.'): the job said why on its own line
+    (skipped: ..., error: ...), and the search goes on, as the second seems to deny."""
+    return NO_VALUE not in record.getMessage()
 
 
 def _is_value(value: Any) -> bool:

@@ -131,11 +131,13 @@ def test_a_run_builds_its_backend_once_and_a_refusal_names_the_setting_refused(
 )
 def test_a_run_imports_only_its_framework(tmp_path: Path, backend: str, framework: str) -> None:
     # TensorFlow's own import would pull in JAX (tensorflow.lite); the TF backend keeps it
-    # out. An eager torch run never imports Dynamo (~1 s), which only compiling needs.
+    # out. An eager torch run never imports Dynamo (~1 s), which only compiling needs, nor
+    # Optuna (the search's sweeper is registered, not built) or MLflow (its upload does).
     code = (
         "import atexit, json, sys\n"
         "atexit.register(lambda: print('LOADED', json.dumps(sorted(\n"
-        "    m for m in ('tensorflow', 'torch', 'torch._dynamo', 'jax') if m in sys.modules))))\n"
+        "    m for m in ('tensorflow', 'torch', 'torch._dynamo', 'jax', 'optuna', 'mlflow')\n"
+        "    if m in sys.modules))))\n"
         f"sys.argv = ['runner', 'backend={backend}', 'steps=10', 'progress=false']\n"
         "from runner.cli import main\n"
         "main()\n"
