@@ -229,35 +229,39 @@ def test_refused_run_removes_only_the_folders_it_made(tmp_path: Path) -> None:
     assert single_result(tmp_path)["steps"] == 3
 
 
-def test_a_folder_holding_an_earlier_run_or_sweep_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "first", "second", "refusal"),
+    [
+        (
+            "hydra.run.dir", ("steps=11",), ("steps=22",),
+            "holds an earlier run (results.json); a run there would replace its files, "
+            "logged or not; choose a new folder, or leave hydra.run.dir unset (a new folder "
+            "per run)",
+        ),
+        (
+            "hydra.sweep.dir", ("-m", "steps=10,20"), ("-m", "steps=30"),
+            "holds an earlier sweep (the results of 2 jobs); a sweep there would mix its jobs "
+            "with those in its report, exit code and MLflow record; choose a new folder, or "
+            "leave hydra.sweep.dir unset (a new folder per sweep)",
+        ),
+    ],
+    ids=["run", "sweep"],
+)  # fmt: skip
+def test_a_folder_holding_an_earlier_run_or_sweep_is_refused(
+    tmp_path: Path, key: str, first: tuple, second: tuple, refusal: str
+) -> None:
     """hydra.run.dir / hydra.sweep.dir naming a folder used before: the second command
     replaced the first's files (a single run's background upload then logged the second
     run under the first's MLflow run), or mixed its jobs into the earlier sweep's report,
     exit code and MLflow record. Refused in one line, before Hydra writes a file there."""
-    same = tmp_path / "same"
-    args = ("backend=numpy", "tracking=off", f"hydra.run.dir={same}")
-    assert cli(*args, "steps=11", cwd=tmp_path).returncode == 0
-    before = {p: p.read_bytes() for p in same.rglob("*") if p.is_file()}
-    proc = cli(*args, "steps=22", cwd=tmp_path)
+    folder = tmp_path / "used"
+    args = ("backend=numpy", "tracking=off", f"{key}={folder}")
+    assert cli(*first, *args, cwd=tmp_path).returncode == 0
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    proc = cli(*second, *args, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [
-        f"error: hydra.run.dir={same} holds an earlier run (results.json); a run there would "
-        "replace its files, logged or not; choose a new folder, or leave hydra.run.dir "
-        "unset (a new folder per run)"
-    ]
-    assert {p: p.read_bytes() for p in same.rglob("*") if p.is_file()} == before
-    sweep = tmp_path / "sweep"
-    args = ("-m", "backend=numpy", "tracking=off", f"hydra.sweep.dir={sweep}")
-    assert cli(*args, "steps=10,20", cwd=tmp_path).returncode == 0
-    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
-    proc = cli(*args, "steps=30", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [
-        f"error: hydra.sweep.dir={sweep} holds an earlier sweep (the results of 2 jobs); "
-        "a sweep there would mix its jobs with those in its report, exit code and MLflow "
-        "record; choose a new folder, or leave hydra.sweep.dir unset (a new folder per sweep)"
-    ]
-    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+    assert proc.stderr.splitlines() == [f"error: {key}={folder} {refusal}"]
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
 def test_two_sweeps_started_in_one_second_get_two_folders() -> None:
