@@ -49,6 +49,9 @@ from runner.protocol import (
     option_misfit,
     outside_vocabulary,
 )
+from runner.provenance import backend_default
+
+FRAMEWORK = "TensorFlow"
 
 # Quiet TensorFlow's C++ INFO/WARNING logs; must be set before the import.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -56,7 +59,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # here, scikit-learn included), which this backend never uses. With legacy Keras it
 # loads tf_keras's instead, the ones this backend needs anyway; tf.keras is Keras 2
 # then, as in the notebook. A value the user set is kept.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+backend_default(FRAMEWORK, "TF_USE_LEGACY_KERAS", "1")
 
 # Start-up lines TensorFlow writes to fd 2 before its log level applies (absl prints them
 # before InitializeLog), and the cuInit failure every GPU-less machine reports.
@@ -954,7 +957,7 @@ class TensorFlowBackend:
     """TensorFlow GradientTape, with Keras 2's (tf_keras) SGD, Adam, Adagrad and RMSprop."""
 
     name: ClassVar[str] = "tf"
-    framework: ClassVar[str] = "TensorFlow"
+    framework: ClassVar[str] = FRAMEWORK
 
     def versions(self) -> dict[str, str]:
         return {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__}

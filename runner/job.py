@@ -93,7 +93,7 @@ def execute(
         run_uid or new_run_uid(),
         git,
         machine_state(),
-        numerics_environment(),
+        numerics_environment(framework=backend.framework),
     )
     if run.minimize is not None:
         return _minimize(run, run.minimize, backend, identity, output_dir)

@@ -136,14 +136,33 @@ def _first_cpu_block() -> dict[str, str]:
     return fields
 
 
-def numerics_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+# Variables a backend set for its own framework (backend_default), by name: the framework.
+_SET_BY_BACKEND: dict[str, str] = {}
+
+
+def backend_default(framework: str, name: str, value: str) -> None:
+    """os.environ.setdefault, noted as this framework's: a sweep's worker runs jobs of
+    every backend in one process, where the TF backend's TF_USE_LEGACY_KERAS=1 stayed
+    set, and torch, JAX and NumPy jobs after it recorded it (a single run of theirs did
+    not): a run records the variables backends set only where its framework is theirs."""
+    if name not in os.environ:
+        os.environ[name] = value
+        _SET_BY_BACKEND[name] = framework
+
+
+def numerics_environment(
+    environ: Mapping[str, str] | None = None, framework: str | None = None
+) -> dict[str, str]:
     """The numerics-relevant environment variables that are set (ENV_PREFIXES, ENV_NAMES,
-    less _ENV_NOT_NUMERICS), sorted by name; a secret-looking name's value is "***"
-    (runner.masking), and any value has its credentials masked."""
+    less _ENV_NOT_NUMERICS), sorted by name, less those another framework's backend set
+    (backend_default); a secret-looking name's value is "***" (runner.masking), and any
+    value has its credentials masked."""
     environ = os.environ if environ is None else environ
     found = {}
     for name, value in environ.items():
         if not (name.startswith(ENV_PREFIXES) or name in ENV_NAMES):
+            continue
+        if _SET_BY_BACKEND.get(name, framework) != framework:
             continue
         if _ENV_NOT_NUMERICS & set(re.split(r"_+", name.upper())):
             continue

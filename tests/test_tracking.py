@@ -559,6 +559,29 @@ def test_log_batched_logs_past_mlflows_per_request_limits(tmp_path: Path) -> Non
     assert len([k for k in data.tags if k.startswith("t")]) == 150
 
 
+def test_a_sweep_job_records_only_its_own_backends_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep runs its jobs in one process (the basic launcher; a joblib worker runs
+    several): the TF backend's TF_USE_LEGACY_KERAS=1 stayed set, and the NumPy job after
+    it recorded it, which a single NumPy run does not. A variable the user set is every
+    job's."""
+    monkeypatch.delenv("TF_USE_LEGACY_KERAS", raising=False)  # set by this process's TF
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m", "backend=tf,numpy", "steps=3", "tracking=off", f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    found = {
+        path.parent.name: json.loads(path.read_text())["environment"]
+        for path in sweep.glob("*/results.json")
+    }
+    tf, numpy = found["0_tf_manual"], found["1_numpy_manual"]
+    assert tf == {**numpy, "TF_USE_LEGACY_KERAS": "1"}  # the machine's own variables in both
+    assert numpy["OMP_NUM_THREADS"] == "1" and "TF_USE_LEGACY_KERAS" not in numpy
+
+
 def test_a_run_records_its_machine_and_numerics_environment(tmp_path: Path) -> None:
     """What moves the last ulp on another machine with the same code is in results.json
     (`machine`: the CPU and its FMA/AVX features; `environment`: the numerics-relevant
