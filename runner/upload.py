@@ -47,8 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from yaml import YAMLError
+
 from runner.command_line import OneLineParser
-from runner.errors import RunnerError
+from runner.errors import RunnerError, text_lines
 from runner.masking import mask_text, mask_uri
 from runner.naming import run_name
 from runner.results import (
@@ -113,6 +115,7 @@ class Outcome:
     present: int = 0
     skipped: int = 0
     unreached: dict[str, Unreached] = field(default_factory=dict)  # by store URI
+    unreadable: list[Path] = field(default_factory=list)  # skipped: a record not readable
 
     @property
     def not_reached(self) -> int:
@@ -179,9 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     print(outcome.summary("would upload" if args.dry_run else "uploaded"), flush=True)
     for store in outcome.unreached.values():  # after the summary: the last word is the fault
         print(f"error: {store.line()}", file=sys.stderr, flush=True)
+    if outcome.unreadable:  # the rest is recorded; these need a person
+        first = outcome.unreadable[0]
+        print(
+            f"error: {len(outcome.unreadable)} run folder(s) could not be read, the first "
+            f"{first}; fix or remove their results.json / .hydra, then upload them again",
+            file=sys.stderr,
+            flush=True,
+        )
     if args.background:
         print(f"{timestamp()} done in {time.monotonic() - started:.1f} s")
-    return TrackingError.exit_code if outcome.unreached else 0
+    if outcome.unreached:
+        return TrackingError.exit_code
+    return 2 if outcome.unreadable else 0
 
 
 def upload(
@@ -263,14 +276,23 @@ class Uploader:
         fails (a server long gone) holds back its own runs only, tried once, not once
         per run; Outcome.unreached says which, at the end.
         """
-        result = read_record(run_dir)
+        try:
+            result = read_record(run_dir)
+            if not isinstance(result, dict):
+                raise ValueError(f"not a JSON object but {type(result).__name__}")
+            cfg = read_config(run_dir, result)
+        except (OSError, ValueError, YAMLError) as exc:  # one unreadable folder holds no other
+            why = text_lines(str(exc))[0] if text_lines(str(exc)) else type(exc).__name__
+            print(f"skipped {run_dir}: its record cannot be read ({why})", file=self.out)
+            self.outcome.skipped += 1
+            self.outcome.unreadable.append(run_dir)
+            return
         if in_sweep(run_dir):
             self.sweeps.setdefault(read_sweep(run_dir.parent).sweep_id, run_dir.parent)
         if not result.get("run_uid"):
             print(f"skipped {run_dir}: its results.json has no run_uid", file=self.out)
             self.outcome.skipped += 1
             return
-        cfg = read_config(run_dir, result)
         target = _target(run_dir, cfg, self.tracking_uri, self.experiment)
         unreached = self.outcome.unreached.get(target.uri)
         if unreached is not None:

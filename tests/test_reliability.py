@@ -947,6 +947,30 @@ def test_upload_passes_over_mlflow_artifact_copies(tmp_path: Path) -> None:
     assert "mlartifacts" not in first.stdout + again.stdout
 
 
+def test_upload_goes_past_a_folder_whose_record_cannot_be_read(tmp_path: Path) -> None:
+    """A results.json cut short (a full disk, a copy interrupted) or a broken
+    .hydra/config.yaml ended the upload in a traceback, and the folders after it were
+    never uploaded. Each is one skipped line; the rest are logged; the exit code (2) and
+    the last line say that some need a person."""
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "c"):
+        proc = cli(*NUMPY, "tracking=off", f"hydra.run.dir={runs / name}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    cut = runs / "a" / "results.json"
+    cut.write_text(cut.read_text()[:100])
+    (runs / "b" / ".hydra" / "config.yaml").write_text("backend: [\n")
+    proc = upload(str(runs), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"skipped {runs / 'a'}: its record cannot be read (" in proc.stdout
+    assert f"skipped {runs / 'b'}: its record cannot be read (" in proc.stdout
+    assert last_line(proc.stdout) == "uploaded 1, already recorded 0, skipped 2"
+    assert proc.stderr.strip().splitlines() == [
+        f"error: 2 run folder(s) could not be read, the first {runs / 'a'}; fix or remove "
+        "their results.json / .hydra, then upload them again"
+    ]
+
+
 def test_upload_to_their_own_stores_goes_past_one_that_is_away(tmp_path: Path) -> None:
     """Runs made with a server that is gone now, and one with an SQLite store: without
     --tracking-uri the dead server is tried once and reported once, at the end, naming
