@@ -94,6 +94,9 @@ from runner.upload_process import folder_lock, inherit_lock, timestamp
 STATUSES = {"finished": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
 
 
+SWEEP_TAG = "sweep_id"  # a sweep job's tag naming its sweep (runner.tracking.run_tags)
+
+
 @dataclass
 class Unreached:
     """A store that failed, and the run folders it held back (not uploaded)."""
@@ -305,6 +308,19 @@ class Uploader:
                 raise
             self.outcome.unreached[target.uri] = Unreached(exc, [run_dir])
 
+    def _sweep_of(
+        self, run_dir: Path, target: TrackingTarget, client: Any, experiment_id: str
+    ) -> tuple[str, str]:
+        """(sweep_id, parent run id) of a sweep job's folder in this store, its parent
+        made once per sweep and upload."""
+        sweep = read_sweep(run_dir.parent)
+        if (target, sweep.sweep_id) not in self.parents:
+            with folder_lock(run_dir.parent, self.out):  # one parent run per sweep
+                self.parents[target, sweep.sweep_id] = _sweep_parent(
+                    client, experiment_id, run_dir.parent, sweep
+                )
+        return sweep.sweep_id, self.parents[target, sweep.sweep_id]
+
     def _upload(
         self, run_dir: Path, cfg: Mapping[str, Any], result: Mapping[str, Any],
         target: TrackingTarget,
@@ -339,8 +355,16 @@ class Uploader:
         try:
             failed = result.get("status") == "failed"
             held, stale = _existing(client, experiment_id, result["run_uid"], failed)
-            if held:
-                print(f"already recorded {run_dir} (run {held})", file=out)
+            if held is not None:
+                nested = ""
+                if in_sweep(run_dir) and SWEEP_TAG not in held.data.tags and not self.dry_run:
+                    # logged alone first (a copy of the job folder uploaded by itself)
+                    sweep_id, parent = self._sweep_of(run_dir, target, client, experiment_id)
+                    tags = {SWEEP_TAG: sweep_id, "mlflow.parentRunId": parent}
+                    for key, value in tags.items():
+                        retry_locked(lambda k=key, v=value: client.set_tag(held.info.run_id, k, v))
+                    nested = "; nested in its sweep now"
+                print(f"already recorded {run_dir} (run {held.info.run_id}{nested})", file=out)
                 outcome.present += 1
                 return
             if self.dry_run:
@@ -351,14 +375,7 @@ class Uploader:
                 retry_locked(lambda run_id=run_id: client.delete_run(run_id))
             sweep_id = parent = None
             if in_sweep(run_dir):
-                sweep = read_sweep(run_dir.parent)
-                sweep_id = sweep.sweep_id
-                if (target, sweep_id) not in self.parents:
-                    with folder_lock(run_dir.parent, out):  # one parent run per sweep
-                        self.parents[target, sweep_id] = _sweep_parent(
-                            client, experiment_id, run_dir.parent, sweep
-                        )
-                parent = self.parents[target, sweep_id]
+                sweep_id, parent = self._sweep_of(run_dir, target, client, experiment_id)
             live = self.logged_as if self.live else None
             run_id = _upload_one(
                 client, experiment_id, run_dir, cfg, result, sweep_id, parent, live
@@ -410,7 +427,7 @@ def _target(
 
 def _existing(
     client: Any, experiment_id: str, uid: str, failed: bool = False
-) -> tuple[str | None, list[str]]:
+) -> tuple[Any | None, list[str]]:
     """(a complete run with this uid, or None; the ids of incomplete ones).
 
     Complete: ended, and holding its results.json artifact (logged last), or for a job
@@ -431,7 +448,7 @@ def _existing(
         else:
             complete = RESULTS_FILE in {a.path for a in client.list_artifacts(run.info.run_id)}
         if complete and run.info.status != "RUNNING":
-            return run.info.run_id, []
+            return run, []
         stale.append(run.info.run_id)
     return None, stale
 
