@@ -22,13 +22,27 @@ class OneLineParser(argparse.ArgumentParser):
 
 def out_dir_error(path: Path, given: bool) -> str | None:
     """Why the output folder `path` (--out, or the default when not given) cannot be
-    written, or None; nothing is created. Checked before the work starts, so a bad --out
-    costs no store read or benchmark and reads as one line, not mkdir's traceback."""
-    problem = unwritable(path)
-    if problem is None:
-        return None
+    used, or None; nothing is created. Checked before the work starts, so a bad --out
+    costs no store read or benchmark and reads as one line, not mkdir's traceback.
+
+    A folder that already holds files is refused too: a command's files went in beside an
+    earlier one's (a comparison left the last report's stale files next to its own) or
+    over them (a benchmark replaced an earlier benchmark's results)."""
     what = f"--out {path}" if given else f"the default output folder {path}"
-    return f"{what} cannot be written: {problem}; give --out a folder you can write in"
+    if problem := unwritable(path):
+        return f"{what} cannot be written: {problem}; give --out a folder you can write in"
+    if holds_files(path):
+        return f"{what} already holds files; give --out a new folder, or remove that one"
+    return None
+
+
+def holds_files(path: Path) -> bool:
+    """Whether path is a folder with anything in it (a folder it cannot list counts: what
+    it holds cannot be told apart from an earlier command's files)."""
+    try:
+        return path.is_dir() and any(path.iterdir())
+    except OSError:
+        return True
 
 
 def unwritable(path: Path) -> str | None:

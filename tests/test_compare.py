@@ -719,6 +719,7 @@ def test_a_sweep_still_being_logged_is_said(tmp_path: Path) -> None:
     assert client.searches == 2  # the runs (one page), and the sweeps still RUNNING
     logger.add_run(sweep / sorted(jobs)[2])
     logger.close_parents()  # the sweep is logged: nothing to say
+    out = tmp_path / "out-logged"  # a new folder: --out refuses one that holds files
     code, stdout, err = main_in_process("--tracking-uri", uri, "--no-log", "--out", str(out))
     assert code == 0 and err == "", err
     assert "3 matching, 3 rows" in stdout and "warning" not in (out / "comparison.md").read_text()

@@ -11,8 +11,10 @@ persistent compilation caches) are measured with the real CLI in subprocesses.
 - loops:   the hand-written reference loops, the numba floor, NumPy baselines
 - measure: in-process timing (scalar cells, floor, n-dim quadratic)
 - process: subprocess timing (start-up, tracking, sweep, peak RSS, compile cache)
-- report:  target verdicts, results.md, plots
-- run:     command line, outputs, MLflow
+- targets: the targets of issue 7 and their verdicts
+- report:  results.md (with the commit, machine and environment it ran on), plots
+- logged:  the MLflow run (metrics, params, tags as a run's)
+- run:     command line, provenance, outputs
 
 See README "Benchmarks" for the results and how to read them.
 """

@@ -27,6 +27,24 @@ ARRAYS_PER_STEP = 2
 ITEMSIZE = 4
 
 
+# Step counts and dimensions of a full run and of --quick's smoke run.
+EAGER_STEPS, QUICK_EAGER_STEPS = (1_000, 10_000), (100,)
+COMPILED_STEPS, QUICK_COMPILED_STEPS = (1_000, 100_000, 1_000_000), (1_000,)
+DIMS, QUICK_DIMS = (1, 1_000, 100_000, 1_000_000, 10_000_000), (1, 1_000)
+# The n of issue 7's bandwidth and peak-memory targets: at smaller n the fixed costs (a
+# framework's baseline, call overhead, caches) decide both, so neither is judged there.
+TARGET_N = 10_000_000
+DEFAULT_BUDGET_S, QUICK_BUDGET_S = 120.0, 5.0
+# The sections only a fresh process measures (runner.bench.process), as results.md names them.
+PROCESS_SECTIONS = {
+    "tracking": "tracking cost",
+    "startup": "start-up",
+    "memory": "peak memory",
+    "cache": "compile cache",
+    "sweep": "matrix sweep",
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one benchmark run measures; --quick shrinks every count to a smoke test."""
@@ -43,16 +61,15 @@ class Settings:
 
     @property
     def eager_steps(self) -> tuple[int, ...]:
-        return (100,) if self.quick else (1_000, 10_000)
+        return QUICK_EAGER_STEPS if self.quick else EAGER_STEPS
 
     @property
     def compiled_steps(self) -> tuple[int, ...]:
-        return (1_000,) if self.quick else (1_000, 100_000, 1_000_000)
+        return QUICK_COMPILED_STEPS if self.quick else COMPILED_STEPS
 
     @property
     def dims(self) -> tuple[int, ...]:
-        grid = (1, 1_000) if self.quick else (1, 1_000, 100_000, 1_000_000, 10_000_000)
-        return tuple(n for n in grid if n <= self.max_n)
+        return tuple(n for n in (QUICK_DIMS if self.quick else DIMS) if n <= self.max_n)
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,23 @@ def variants(backends: Sequence[str], quick: bool) -> list[Variant]:
                 found += [Variant("tf", mode, legacy_optimizers=True) for mode in MODES[1:]]
                 found.append(Variant("tf", "graph", jit_compile=True, legacy_optimizers=True))
     return found
+
+
+def quick_leaves_out(backends: Sequence[str]) -> str:
+    """What a --quick run of these backends does not measure, in words: its results.md
+    says so in its header, so that a smoke run is never read as a full one."""
+    kept = set(variants(backends, quick=True))
+    missing = [v.label for v in variants(backends, quick=False) if v not in kept]
+    counts = ", ".join(f"{n:,}" for n in (*EAGER_STEPS, *COMPILED_STEPS[1:]))
+    parts = [
+        f"step counts above {max(QUICK_COMPILED_STEPS):,} (eager cells run "
+        f"{QUICK_EAGER_STEPS[0]:,} steps, compiled {QUICK_COMPILED_STEPS[0]:,}; a full run: "
+        f"{counts})",
+        f"n above {max(QUICK_DIMS):,}",
+        *([f"the variants {', '.join(missing)}"] if missing else []),
+        "the subprocess sections (" + ", ".join(PROCESS_SECTIONS.values()) + ")",
+    ]
+    return "; ".join(parts)
 
 
 def spec_for(variant: Variant, steps: int, dim: int | None = None) -> MinimizeSpec:

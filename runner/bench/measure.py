@@ -114,10 +114,13 @@ def scalar_section(
 
 
 def floor_section(settings: Settings) -> dict[str, Any]:
-    """The numba loop at the compiled step counts (and 1e7), best of N: ns per step."""
+    """The numba loop at the compiled step counts (and 1e7), best of N (at least 5: a
+    loop of nanoseconds a step is the most noise-prone figure): ns per step, and every
+    sample."""
     compile_s, run = numba_floor()
     counts = sorted({*settings.compiled_steps, 10_000 if settings.quick else 10_000_000})
     per_steps: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}
     final_x = math.nan
     for steps in counts:
         best = Best()
@@ -126,7 +129,13 @@ def floor_section(settings: Settings) -> dict[str, Any]:
             final_x = run(steps)
             best.add((time.perf_counter() - start) / steps * 1e9)
         per_steps[str(steps)] = best.best
-    return {"compile_s": compile_s, "ns_per_step": per_steps, "final_x": final_x}
+        samples[str(steps)] = best.samples
+    return {
+        "compile_s": compile_s,
+        "ns_per_step": per_steps,
+        "samples_ns": samples,
+        "final_x": final_x,
+    }
 
 
 # --------------------------------------------------------------------------- vectors
@@ -166,7 +175,8 @@ def measure_vector(
 
 
 def measure_numpy(n: int, steps: int, repeats: int) -> dict[str, Any]:
-    """NumPy's in-place update step and its streaming bandwidth, at dimension n."""
+    """NumPy's in-place update step and its streaming bandwidth, at dimension n, best of
+    N (at least 5), with every sample (us per step)."""
     update = numpy_update(n)
     stream_bytes, stream = numpy_stream(n)
     update(1)
@@ -185,6 +195,8 @@ def measure_numpy(n: int, steps: int, repeats: int) -> dict[str, Any]:
         "update_step_us": update_s.best * 1e6,
         "update_gbps": model_bytes(n) / update_s.best / 1e9,
         "stream_gbps": stream_bytes / stream_s.best / 1e9,
+        "update_samples_us": [s * 1e6 for s in update_s.samples],
+        "stream_samples_us": [s * 1e6 for s in stream_s.samples],
     }
 
 

@@ -1,4 +1,5 @@
-"""Turns the measurements into verdicts, a markdown report and two plots.
+"""Turns the measurements and their verdicts (runner.bench.targets) into a markdown
+report and two plots.
 
 Works on the plain results dict (what results.json holds), so a report can be
 re-rendered from a saved run without measuring again.
@@ -8,242 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from runner.bench.cases import FRAMEWORK_MODULE, model_bytes, vector_failure
-from runner.protocol import EAGER_MODES
-
-
-@dataclass(frozen=True)
-class Target:
-    """One target of issue 7, judged from the measurements: met is None if not measured.
-
-    A target that does not apply (a persistent cache for a framework that has none)
-    keeps its measurement for the record and reads "n/a".
-    """
-
-    target: str
-    subject: str
-    measured: str
-    met: bool | None
-    applies: bool = True
-
-    @property
-    def verdict(self) -> str:
-        if not self.applies:
-            return "n/a"
-        return {True: "MET", False: "NOT MET", None: "not measured"}[self.met]
-
-
-def longest(cells: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """Each variant's measured cell with the most steps: the steady state."""
-    found: dict[str, Mapping[str, Any]] = {}
-    for cell in cells:
-        if "ratio" in cell and cell["steps"] >= found.get(cell["label"], {}).get("steps", 0):
-            found[cell["label"]] = cell
-    return found
-
-
-def paired_ratios(cell: Mapping[str, Any]) -> str:
-    """The range of runner / hand-written over the repeats, each repeat's two loops run
-    back to back.
-
-    The verdict's ratio is best over best; the pairs, each run back to back under the
-    same load, show how far this run's machine moved it: a cell that misses 1.05 by
-    less than that spread may meet it in the next run.
-    """
-    runner, hand = cell.get("runner_samples_us", []), cell.get("hand_samples_us", [])
-    pairs = [r / h for r, h in zip(runner, hand, strict=True)]
-    return f"{min(pairs):.3f}-{max(pairs):.3f}" if pairs else "-"
-
-
-def ratio_targets(cells: Sequence[Mapping[str, Any]]) -> list[Target]:
-    return [
-        Target(
-            "runner / hand-written <= 1.05",
-            label,
-            f"{cell['ratio']:.3f} at {cell['steps']:,} steps (repeat pairs {paired_ratios(cell)})",
-            cell["ratio"] <= 1.05,
-        )
-        for label, cell in longest(cells).items()
-    ]
-
-
-def floor_targets(cells: Sequence[Mapping[str, Any]], floor: Mapping[str, Any]) -> list[Target]:
-    """JAX and TF+XLA within 2x of the numba floor at >= 1e6 steps; torch <= 100 ns.
-
-    Judged on each mode's longest measured run; below 1e5 steps a run's fixed cost
-    still shows in its per-step time, so shorter runs are not judged at all.
-    """
-    found = []
-    last = longest(cells)
-    goals = {
-        "jax graph": "2x",
-        "tf graph+xla": "2x",
-        "tf graph+xla+legacy": "2x",
-        "torch graph": "100ns",
-    }
-    for label, goal in goals.items():
-        cell = last.get(label)
-        if cell is None:
-            continue
-        name = (
-            "compiled <= 100 ns/step" if goal == "100ns" else "compiled within 2x of native floor"
-        )
-        steps = cell["steps"]
-        if steps < 100_000:
-            found.append(Target(name, label, f"only {steps:,} steps measured", None))
-            continue
-        ns = cell["runner_step_us"] * 1e3
-        at = f" at {steps:,} steps"
-        if goal == "100ns":
-            found.append(Target(name, label, f"{ns:.1f} ns{at}", ns <= 100))
-            continue
-        floor_ns = floor["ns_per_step"].get(str(steps), math.nan)
-        multiple = ns / floor_ns
-        measured = f"{multiple:.2f}x ({ns:.1f} ns vs {floor_ns:.2f} ns){at}"
-        found.append(Target(name, label, measured, multiple <= 2))
-    return found
-
-
-def eager_targets(cells: Sequence[Mapping[str, Any]]) -> list[Target]:
-    """Eager JAX <= 25 us/step; each eager mode <= 1.5x its framework's fastest idiom."""
-    last = {k: v for k, v in longest(cells).items() if v["mode"] in EAGER_MODES}
-    found = [
-        Target(
-            "eager JAX <= 25 us/step",
-            label,
-            f"{cell['runner_step_us']:.1f} us",
-            cell["runner_step_us"] <= 25,
-        )
-        for label, cell in last.items()
-        if cell["backend"] == "jax"
-    ]
-    for backend in sorted({c["backend"] for c in last.values()}):
-        mine = [c for c in last.values() if c["backend"] == backend]
-        fastest = min(mine, key=lambda c: c["hand_step_us"])
-        for cell in mine:
-            multiple = cell["runner_step_us"] / fastest["hand_step_us"]
-            measured = (
-                f"{multiple:.2f}x of hand {fastest['mode']} ({fastest['hand_step_us']:.1f} us)"
-            )
-            if cell is not fastest:  # what the framework's own idiom for this mode costs
-                own = cell["hand_step_us"] / fastest["hand_step_us"]
-                measured += f"; hand {cell['mode']} itself {own:.2f}x"
-            found.append(
-                Target(
-                    "eager <= 1.5x fastest hand-written eager idiom",
-                    cell["label"],
-                    measured,
-                    multiple <= 1.5,
-                )
-            )
-    return found
-
-
-def process_targets(process: Mapping[str, Any], dims: Sequence[int]) -> list[Target]:
-    found = []
-    tracking = process.get("tracking", {})
-    if "cost_s" in tracking:
-        cost = tracking["cost_s"]
-        measured = f"{cost * 1e3:.0f} ms (background upload)"
-        if "in_process_cost_s" in tracking:
-            measured += f"; in-process {tracking['in_process_cost_s'] * 1e3:.0f} ms"
-        found.append(Target("tracking adds <= 100 ms", "jax 1000 steps", measured, cost <= 0.1))
-    for row in process.get("startup", []):
-        if "run_s" not in row:
-            continue
-        added = row.get("added_by_runner", row["imports"])
-        others = [m for m in added if m not in (FRAMEWORK_MODULE[row["backend"]], "mlflow")]
-        seen = ", ".join(row["imports"]) or "none seen"
-        bare = ", ".join(row.get("framework_imports", [])) or "-"
-        found.append(
-            Target(
-                "a run imports only its framework",
-                row["backend"],
-                f"{seen} (the bare import itself: {bare})",
-                not others,
-            )
-        )
-        found.append(
-            Target(
-                "run wall <= framework import + 1.5 s",
-                row["backend"],
-                f"{row['run_s']:.2f} s vs import {row['import_s']:.2f} s (+{row['extra_s']:.2f})",
-                row["extra_s"] <= 1.5,
-            )
-        )
-    n = max(dims)
-    for row in process.get("memory", []):
-        if "growth_bytes" not in row:
-            continue
-        found.append(
-            Target(
-                f"peak RSS at n={n:.0e} <= 3x bytes(x) + baseline",
-                row["label"],
-                f"+{row['growth_bytes'] / 1e6:.0f} MB = {row['growth_in_x']:.1f}x bytes(x)",
-                row["growth_bytes"] <= 3 * row["x_bytes"],
-            )
-        )
-    for row in process.get("cache", []):
-        if "ratio" not in row:
-            continue
-        tf = row["label"].startswith("tf ")  # TensorFlow has no persistent compile cache
-        found.append(
-            Target(
-                "second compile <= 25% of first (persistent cache)",
-                row["label"],
-                f"{row['ratio']:.0%} ({row['second_compile_s']:.2f} s / "
-                f"{row['first_compile_s']:.2f} s)" + ("; TF has no such cache" if tf else ""),
-                row["ratio"] <= 0.25,
-                applies=not tf,
-            )
-        )
-    return found
-
-
-def bandwidth_targets(vectors: Mapping[str, Any]) -> list[Target]:
-    """At n = 1e7 only (the issue's size); not measured when --max-n is smaller."""
-    stream = {row["n"]: row["stream_gbps"] for row in vectors["numpy"]}
-    if 10_000_000 not in stream:
-        return []
-    found = []
-    for row in vectors["rows"]:
-        if row["n"] != 10_000_000:
-            continue
-        if "gbps" not in row:
-            found.append(
-                Target(
-                    ">= 50% of NumPy bandwidth at n=1e7", row["label"], vector_failure(row), None
-                )
-            )
-            continue
-        share = row["gbps"] / stream[row["n"]]
-        found.append(
-            Target(
-                ">= 50% of NumPy bandwidth at n=1e7",
-                row["label"],
-                f"{share:.0%} ({row['gbps']:.1f} of {stream[row['n']]:.1f} GB/s)",
-                share >= 0.5,
-            )
-        )
-    return found
-
-
-def all_targets(results: Mapping[str, Any]) -> list[Target]:
-    cells = results["scalar"]
-    return [
-        *ratio_targets(cells),
-        *floor_targets(cells, results["floor"]),
-        *eager_targets(cells),
-        *bandwidth_targets(results["vectors"]),
-        *process_targets(results.get("process", {}), results["settings"]["dims"]),
-    ]
-
+from runner.bench.cases import PROCESS_SECTIONS, model_bytes, quick_leaves_out, vector_failure
+from runner.bench.targets import all_targets, longest, paired_ratios
 
 # --------------------------------------------------------------------------- report
 
@@ -258,6 +30,9 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A markdown table; none at all (not a header alone) when there are no rows."""
+    if not rows:
+        return []
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return [*lines, ""]
@@ -281,7 +56,8 @@ def scalar_rows(cells: Sequence[Mapping[str, Any]], floor: Mapping[str, Any]) ->
                 paired_ratios(cell),
                 cell["runner_compile_s"],
                 cell["hand_compile_s"],
-                f"{multiple:,.0f}x" if cell["mode"] == "graph" else "-",
+                # two decimals: the 2x target is read here (1.13x showed as "1x")
+                f"{multiple:,.2f}x" if cell["mode"] == "graph" else "-",
                 f"{cell['runner_x']:.8f}",
             ]
         )
@@ -296,7 +72,7 @@ def vector_rows(vectors: Mapping[str, Any]) -> list[list[Any]]:
             [
                 "numpy update (out=)",
                 f"{row['n']:,}",
-                row["steps"],
+                f"{row['steps']:,}",
                 row["update_step_us"],
                 row["update_gbps"],
                 "-",
@@ -304,7 +80,7 @@ def vector_rows(vectors: Mapping[str, Any]) -> list[list[Any]]:
             ]
         )
     for row in vectors["rows"]:
-        head = [row["label"], f"{row['n']:,}", row["steps"]]
+        head = [row["label"], f"{row['n']:,}", f"{row['steps']:,}"]
         if "gbps" not in row:
             rows.append([*head, "-", "-", "-", vector_failure(row)])
             continue
@@ -315,10 +91,20 @@ def vector_rows(vectors: Mapping[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def process_lines(process: Mapping[str, Any]) -> list[str]:
-    if not process:
-        return ["Skipped (--quick).", ""]
-    lines = ["### Tracking, start-up, sweeps, memory, compile cache", ""]
+def process_lines(results: Mapping[str, Any]) -> list[str]:
+    """The fresh-process section, and what of it this run did not measure and why: a quick
+    run skips it, an interrupted one may stop before it, --no-sweep skips the sweep (a
+    bare "Skipped (--quick)." stood under an interrupted full run too)."""
+    settings, process = results["settings"], results.get("process", {})
+    lines = ["### Fresh processes: tracking, start-up, memory, compile cache, sweep", ""]
+    if settings.get("quick"):
+        return [*lines, f"Skipped (--quick): {', '.join(PROCESS_SECTIONS.values())}.", ""]
+    wanted = [k for k in PROCESS_SECTIONS if k != "sweep" or settings.get("sweep", True)]
+    if missing := [PROCESS_SECTIONS[k] for k in wanted if k not in process]:
+        why = " (the run was interrupted by Ctrl-C first)" if results.get("interrupted") else ""
+        lines += [f"Not measured{why}: {', '.join(missing)}.", ""]
+    if not settings.get("sweep", True):
+        lines += ["Matrix sweep skipped (--no-sweep).", ""]
     tracking = process.get("tracking", {})
     if "cost_s" in tracking:
         lines += [
@@ -401,15 +187,42 @@ def process_lines(process: Mapping[str, Any]) -> list[str]:
     return lines + [f"- error: {e}" for e in errors] + ([""] if errors else [])
 
 
-def markdown(results: Mapping[str, Any]) -> str:
+def header_lines(results: Mapping[str, Any]) -> list[str]:
+    """Which code (the commit the run started at), where (CPU, its features, the
+    numerics-relevant environment) and how (repeats, budget; --quick says what it left
+    out): the provenance python -m runner records for a run, here for the benchmark."""
     machine, settings = results["machine"], results["settings"]
-    floor = results["floor"]
-    lines = [
-        f"# Benchmark {results['started']}",
+    git = results.get("git")
+    commit = "no git commit recorded"
+    if git:
+        commit = f"commit {git['commit'][:7]}" + (" (uncommitted changes)" if git["dirty"] else "")
+    quick = settings.get("quick")
+    features = machine.get("cpu_features")
+    environment = results.get("environment") or {}
+    repeats = settings["repeats"]
+    return [
+        f"# Benchmark {results['started']}, {commit}" + (", quick (smoke) run" if quick else ""),
         "",
+        *(
+            [
+                f"Quick (smoke) run: it leaves out {quick_leaves_out(settings['backends'])}. "
+                "Its counts are too short to judge a target: the verdicts below are smoke "
+                "checks, not results.",
+                "",
+            ]
+            if quick
+            else []
+        ),
         f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; "
         f"load average {machine['load_before']} before, {machine['load_after']} after. "
-        f"Best of {settings['repeats']} repeats, interleaved; float32; CPU.",
+        f"CPU features: {', '.join(features or []) or 'none'}"
+        + (" (unknown)" if features is None else "")
+        + ". Numerics environment: "
+        + (", ".join(f"{k}={v}" for k, v in environment.items()) or "none set")
+        + ".",
+        f"Best of {repeats} repeats, interleaved (the floor and NumPy rows: best of "
+        f"{max(repeats, 5)}); at most {settings.get('budget_s', math.nan):g} s of loops per "
+        "scalar cell (--budget); float32; CPU.",
         f"Versions: {', '.join(f'{k} {v}' for k, v in machine['versions'].items())}.",
         "",
         *(
@@ -417,7 +230,15 @@ def markdown(results: Mapping[str, Any]) -> str:
             if results.get("interrupted")
             else []
         ),
-        "## Targets (issue 7)",
+    ]
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    quick = results["settings"].get("quick")
+    floor = results["floor"]
+    lines = [
+        *header_lines(results),
+        "## Targets (issue 7)" + (": smoke checks only (--quick), not verdicts" if quick else ""),
         "",
         *table(
             ["target", "subject", "measured", "verdict"],
@@ -455,7 +276,7 @@ def markdown(results: Mapping[str, Any]) -> str:
             ["mode", "n", "steps", "us/step", "GB/s (model)", "final state (ms)", "vs NumPy"],
             vector_rows(results["vectors"]),
         ),
-        *process_lines(results.get("process", {})),
+        *process_lines(results),
     ]
     return "\n".join(lines)
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -17,105 +15,40 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from runner.bench.cases import DEFAULT_BACKENDS, Settings, load_average, variants
+from runner.bench.cases import (
+    DEFAULT_BACKENDS,
+    DEFAULT_BUDGET_S,
+    QUICK_BUDGET_S,
+    Settings,
+    load_average,
+    quick_leaves_out,
+    variants,
+)
+from runner.bench.logged import BENCH_EXPERIMENT, bench_target, log_to_mlflow, run_name
 from runner.bench.measure import empty_vectors, floor_section, scalar_section, vector_section
 from runner.bench.process import process_section
-from runner.bench.report import all_targets, longest, markdown, scaling_plot, step_time_plot
+from runner.bench.report import markdown, scaling_plot, step_time_plot
+from runner.bench.targets import all_targets, longest
 from runner.command_line import OneLineParser, out_dir_error
 from runner.errors import ConfigError, MissingFrameworkError
 from runner.plugins import load_backend
 from runner.protocol import Backend
-from runner.tracking_store import (
-    TrackingError,
-    TrackingTarget,
-    check_store,
-    in_command_flags,
-    resolve_target,
-)
-
-
-def metric_name(text: str) -> str:
-    return re.sub(r"[^\w.\-/ ]", "_", text).replace(" ", "_")
-
-
-def bench_metrics(results: Mapping[str, Any]) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    for cell in results["scalar"]:
-        if "ratio" in cell:
-            key = metric_name(f"{cell['label']}.{cell['steps']}")
-            metrics[f"step_us.{key}"] = cell["runner_step_us"]
-            metrics[f"hand_step_us.{key}"] = cell["hand_step_us"]
-            metrics[f"ratio.{key}"] = cell["ratio"]
-            metrics[f"compile_s.{key}"] = cell["runner_compile_s"]
-    for row in results["vectors"]["rows"]:
-        if "gbps" in row:
-            key = metric_name(f"{row['label']}.n{row['n']}")
-            metrics[f"vector_step_us.{key}"] = row["step_us"]
-            metrics[f"vector_gbps.{key}"] = row["gbps"]
-            metrics[f"vector_final_s.{key}"] = row["final_s"]
-    for row in results["vectors"]["numpy"]:
-        metrics[f"numpy_stream_gbps.n{row['n']}"] = row["stream_gbps"]
-    for steps, ns in results["floor"]["ns_per_step"].items():
-        metrics[f"floor_ns.{steps}"] = ns
-    verdicts = [t.verdict for t in all_targets(results)]
-    metrics["targets_met"] = float(verdicts.count("MET"))
-    metrics["targets_not_met"] = float(verdicts.count("NOT MET"))
-    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
-
-
-BENCH_EXPERIMENT = "gradient-runner-bench"
-
-
-def bench_target(uri: str | None) -> TrackingTarget:
-    """The store the bench logs to: --tracking-uri, else the runner's default store."""
-    return resolve_target({"uri": uri, "experiment": BENCH_EXPERIMENT}, Path.cwd())
-
-
-def log_to_mlflow(results: Mapping[str, Any], out: Path, uri: str | None) -> str:
-    """One run named "bench" in experiment gradient-runner-bench; returns its id."""
-    from mlflow.entities import Metric, Param, RunStatus, RunTag
-
-    from runner.tracking import client_for, ensure_experiment, log_batched
-    from runner.tracking_store import retry_locked
-
-    target = bench_target(uri)
-    client = client_for(target)
-    experiment_id = ensure_experiment(client, target)
-    run = retry_locked(
-        lambda: client.create_run(experiment_id, run_name="bench", tags={"runner.kind": "bench"})
-    )
-    run_id = run.info.run_id
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in bench_metrics(results).items()]
-    settings = results["settings"]
-    params = [Param(k, str(v)[:500]) for k, v in settings.items()]
-    params += [Param(f"machine.{k}", str(v)[:500]) for k, v in results["machine"].items()]
-    tags = [
-        RunTag(metric_name(f"target.{t.subject}.{t.target}")[:250], t.verdict)
-        for t in all_targets(results)
-    ]
-    log_batched(client, run_id, metrics=metrics, params=params, tags=tags)
-    client.log_artifacts(run_id, str(out))
-    retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED)))
-    return run_id
-
+from runner.provenance import git_state, machine_state, numerics_environment
+from runner.tracking_store import TrackingError, check_store, in_command_flags
 
 # --------------------------------------------------------------------------- main
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    """Where the benchmark ran: runner.provenance's machine_state (cpu, arch, cpu_features:
+    what a run records, and what its cpu/cpu_features tags come from), the cores, Python
+    and the versions of every package measured."""
     versions = {}
     for name in ("numpy", "tensorflow", "tf_keras", "torch", "jax", "optax", "numba", "mlflow"):
         with contextlib.suppress(PackageNotFoundError):
             versions[name] = version(name)
     return {
-        "cpu": cpu,
+        **machine_state(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -124,14 +57,30 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def bench_environment(loaded: Mapping[str, Backend]) -> dict[str, str]:
+    """The numerics-relevant environment the measured frameworks ran under: each loaded
+    backend's, as its runs record it (numerics_environment: what the user set, and what
+    the backend itself set for its framework, as TF's TF_USE_LEGACY_KERAS=1), together;
+    read once the backends are loaded, as runner.job reads a run's."""
+    found: dict[str, str] = {}
+    for backend in loaded.values():
+        found |= numerics_environment(framework=backend.framework)
+    return dict(sorted(found.items()))
+
+
 def parse_args(argv: Sequence[str] | None) -> Settings:
     parser = OneLineParser(
         prog="python -m runner.bench",
         description="Benchmark every backend x mode against hand-written loops, a native "
         "floor and NumPy, in one process; write results.md, results.json and plots.",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny smoke version (seconds)")
-    parser.add_argument("--out", type=Path, help="output folder (default outputs/bench/<time>)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny smoke version (seconds): short counts, no torch graph, no TF +legacy, no "
+        "subprocess sections; its verdicts are smoke checks",
+    )
+    parser.add_argument("--out", type=Path, help="new output folder (default outputs/bench/<time>)")
     parser.add_argument(
         "--backends",
         default=",".join(DEFAULT_BACKENDS),
@@ -139,13 +88,16 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     )
     parser.add_argument("--repeats", type=int, default=3, help="best of N (N >= 3; default 3)")
     parser.add_argument(
-        "--max-n", type=int, default=10_000_000, help="largest vector dimension (default 1e7)"
+        "--max-n",
+        type=whole_number,
+        default=10_000_000,
+        help="largest vector dimension, e.g. 1000 or 1e6 (default 1e7)",
     )
     parser.add_argument(
         "--budget",
         type=float,
-        default=120.0,
-        help="most loop seconds per scalar cell; longer step counts are skipped (default 120)",
+        help="most loop seconds per scalar cell; longer step counts are skipped "
+        f"(default {DEFAULT_BUDGET_S:g}; with --quick {QUICK_BUDGET_S:g})",
     )
     parser.add_argument("--no-log", action="store_true", help="do not log to MLflow")
     parser.add_argument("--no-sweep", action="store_true", help="skip the matrix sweep")
@@ -153,7 +105,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     args = parser.parse_args(argv)
     if args.repeats < 3:
         parser.error("--repeats must be >= 3: best-of-N needs a few samples to beat noise")
-    backends = tuple(b for b in args.backends.split(",") if b)
+    backends = tuple(dict.fromkeys(b for b in args.backends.split(",") if b))  # each once
     unknown = [b for b in backends if b not in DEFAULT_BACKENDS]
     if unknown or not backends:
         wrong = f"{unknown[0]!r} has no hand-written loops" if unknown else "names no backend"
@@ -162,9 +114,15 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         )
     if args.max_n < 1:
         parser.error(f"--max-n {args.max_n} is not allowed; give a whole number >= 1")
-    if not args.budget > 0:  # also refuses nan
+    if args.budget is not None and not args.budget > 0:  # also refuses nan
         parser.error(f"--budget {args.budget} is not allowed; give seconds > 0")
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    # --quick's own budget only where none was given: an explicit --budget is the user's
+    budget = args.budget
+    if budget is None:
+        budget = QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S
+    # Microseconds: out_dir_error refuses a folder that holds files, so two runs started
+    # in one second must not be given the same default.
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     out = args.out or Path("outputs") / "bench" / stamp
     if problem := out_dir_error(out, given=args.out is not None):  # before any import
         parser.error(problem)
@@ -177,8 +135,19 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         log=not args.no_log,
         tracking_uri=args.tracking_uri,
         sweep=not (args.no_sweep or args.quick),
-        budget_s=5.0 if args.quick else args.budget,
+        budget_s=budget,
     )
+
+
+def whole_number(text: str) -> int:
+    """An int, also as the help and the issue write sizes (1e7): int() refused `1e3`."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)  # a ValueError here is argparse's "invalid whole_number value"
+        if not number.is_integer():
+            raise
+        return int(number)
 
 
 def load_backends(settings: Settings, say: Callable[[str], None]) -> dict[str, Backend]:
@@ -198,15 +167,20 @@ def run_bench(settings: Settings, say: Callable[[str], None] = print) -> dict[st
     (marked `interrupted`) before the KeyboardInterrupt goes on: a full run is 15-20
     minutes, and its first sections are worth keeping.
     """
+    git = git_state()  # the code that runs, as it starts: a commit made later is not it
     started = datetime.now().isoformat(timespec="seconds")
     machine = machine_info()
     say(f"benchmark -> {settings.out} (load {machine['load_before']})")
+    if settings.quick:
+        say(f"quick (smoke) run: it leaves out {quick_leaves_out(settings.backends)}")
     loaded = load_backends(settings, say)
     say("native floor (numba)")
     plain = asdict(settings) | {"out": str(settings.out), "dims": list(settings.dims)}
     results: dict[str, Any] = {
         "started": started,
+        "git": git,
         "machine": machine,
+        "environment": bench_environment(loaded),
         "settings": plain,
         "floor": floor_section(settings),
         "scalar": [],
@@ -275,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"error: {bench_wording(exc)}; the results are in {settings.out}", file=sys.stderr
             )
             return exc.exit_code
-        print(f"logged to MLflow: experiment {BENCH_EXPERIMENT}, run 'bench' ({run_id})")
+        print(
+            f"logged to MLflow: experiment {BENCH_EXPERIMENT}, run '{run_name(results)}' ({run_id})"
+        )
     return 0
 
 
