@@ -1136,3 +1136,248 @@ def test_agreement_figures_are_the_named_pairs(tmp_path: Path) -> None:
     assert found.ulps_f32 == ulps(a.x, b.x, np.float32) == 50
     assert found.abs_diff == abs_diff(a.x, b.x)
     assert "torch" in found.pair
+
+
+# ------------------------------------------------ trajectories compared step by step
+
+# NumPy's RMSprop under TF's conventions, eps inside the root (tf) and outside it
+# (tf_legacy): the runs part at step 1 and meet again by step 12, on one final x.
+PARTED = (
+    "backend=numpy", "backend.convention=tf,tf_legacy", "optimizer=rmsprop",
+    "optimizer.lr=0.1", "steps=20", "record_every=3",
+)  # fmt: skip
+
+
+def ordinal32(value: float) -> int:
+    """A float32's place in the order of float32 values (+0 and -0 alike), counted here
+    from its bits, apart from agreement.ulps: the ulps between two are the difference."""
+    bits = int(np.float32(value).view(np.int32))
+    return bits if bits >= 0 else -(bits & 0x7FFFFFFF)
+
+
+def first_difference(tables: list[list[dict[str, str]]]) -> tuple[int, float, str]:
+    """Two runs' trajectory.csv rows read here: the first step where they differ, the
+    largest difference in float32 ulps, and its column."""
+    first, worst, where = None, 0, ""
+    for a, b in zip(*tables, strict=True):
+        assert a["step"] == b["step"]
+        for column in ("x", "loss", "grad"):
+            if float(a[column]) == float(b[column]):
+                continue
+            first = int(a["step"]) if first is None else first
+            apart = abs(ordinal32(float(a[column])) - ordinal32(float(b[column])))
+            if apart > worst:
+                worst, where = apart, column
+    assert first is not None
+    return first, worst, where
+
+
+@pytest.fixture(scope="module")
+def parted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The PARTED sweep (two NumPy jobs, in-process: seconds), its output, and what its
+    trajectory.csv files say."""
+    root = tmp_path_factory.mktemp("parted")
+    sweep = root / "sweep"
+    code, out, err = finish(
+        start(
+            "runner", "-m", *PARTED, "tracking=off", f"hydra.sweep.dir={sweep}",
+            "progress=false", cwd=root,
+        )
+    )  # fmt: skip
+    assert code == 0, err
+    tables = [read_csv(path) for path in sorted(sweep.glob("*/trajectory.csv"))]
+    first, worst, column = first_difference(tables)
+    cell = f"differ from step {first} (max {worst} ulps, {column}; {len(tables[0])} steps)"
+    return {"root": root, "sweep": sweep, "out": out, "tables": tables, "first": first,
+            "worst": worst, "column": column, "cell": cell}  # fmt: skip
+
+
+def test_trajectories_that_part_and_meet_again_are_told_apart(parted: dict[str, Any]) -> None:
+    """The agreement compared final x only: 0 ulps for runs whose trajectories differ at
+    steps 3 to 9. Its trajectories column says where they part and by how much, as read
+    here from the runs' trajectory.csv files, and the report says what each compares."""
+    tables, first, sweep = parted["tables"], parted["first"], parted["sweep"]
+    assert tables[0][-1] == tables[1][-1] and first > 0  # the same end, parted on the way
+    (found,) = read_csv(sweep / "compare" / "agreement.csv")
+    assert float(found["ulps_float32"]) == 0
+    assert (found["trajectories"], found["first_diff_step"]) == ("differ", str(first))
+    assert float(found["trajectory_ulps"]) == parted["worst"] > 1
+    assert found["trajectory_column"] == parted["column"]
+    assert found["trajectory_steps"] == str(len(tables[0]))
+    assert parted["cell"] in parted["out"]
+    assert "trajectories: at every step all its rows recorded" in parted["out"]
+    markdown = (sweep / "compare" / "comparison.md").read_text()
+    (shown,) = markdown_rows(markdown, "mode")
+    assert shown["trajectories"] == parted["cell"]
+    assert "the last step only" in markdown and "`trajectories` compares" in markdown
+    (saved,) = json.loads((sweep / "compare" / "comparison.json").read_text())["agreement"]
+    assert saved["trajectory"]["first_diff_step"] == first
+    assert saved["trajectory"]["ulps"] == parted["worst"]
+
+
+def test_the_mlflow_report_compares_the_logged_trajectories(
+    parted: dict[str, Any], tmp_path: Path
+) -> None:
+    """From MLflow: the runs' trajectory.csv artifacts, every recorded step; where those
+    are lost, the per-step metrics, which hold every step of a short run. The sweep's
+    report from its parent logged the trajectory agreement it wrote (comparison.json)."""
+    from urllib.parse import urlsplit
+
+    from runner.compare.report import compare
+    from runner.compare.store import open_client
+    from runner.results import TRAJECTORY_FILE
+    from runner.upload import upload
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    upload([parted["sweep"]], uri, EXPERIMENT, out=io.StringIO())
+    client = open_client(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = client.search_runs([experiment], "tags.task = 'minimize'")
+    assert len(runs) == 2
+    for lost in (False, True):
+        if lost:  # the artifact store lost trajectory.csv: the metrics have the steps
+            for run in runs:
+                (Path(urlsplit(run.info.artifact_uri).path) / TRAJECTORY_FILE).unlink()
+        report = compare(uri, EXPERIMENT, out_dir=tmp_path / str(lost), client=client, log=False)
+        (found,) = report.agreement
+        assert found.trajectory is not None and not found.trajectory.logged_only
+        assert (found.trajectory.first_diff_step, found.trajectory.ulps) == (
+            parted["first"],
+            parted["worst"],
+        )
+        (shown,) = markdown_rows((tmp_path / str(lost) / "comparison.md").read_text(), "mode")
+        assert shown["trajectories"] == parted["cell"]
+    (parent,) = client.search_runs([experiment], "tags.`runner.kind` = 'sweep'")
+    logged = client.download_artifacts(parent.info.run_id, "agreement.csv", str(tmp_path))
+    assert read_csv(Path(logged))[0]["first_diff_step"] == str(parted["first"])
+
+
+def test_thinned_metrics_say_their_comparison_covers_the_logged_steps(tmp_path: Path) -> None:
+    """A run of more than 1000 recorded steps logs 1000 of them as metrics: compared from
+    those, a difference at a step left out goes unseen, and the column says `logged steps`."""
+    from urllib.parse import urlsplit
+
+    from runner.compare.report import compare, compare_folder
+    from runner.compare.store import open_client
+    from runner.results import TRAJECTORY_FILE
+    from runner.tracking import thin
+    from runner.upload import upload
+
+    steps = 1500
+    runs = run_folders(
+        tmp_path / "runs",
+        {name: ((f"backend={name}", f"steps={steps}"), 0.0) for name in ("numpy", "jax")},
+    )
+    logged_steps = set(thin(steps + 1).tolist())  # rows are steps 0..1500
+    unlogged = min(set(range(1, steps)) - logged_steps)
+    later = min(s for s in logged_steps if s > unlogged)
+    path = runs / "jax" / TRAJECTORY_FILE
+    table = read_csv(path)
+    for step in (unlogged, later):  # x one float32 ulp up at two steps, one not logged
+        x = np.float32(float(table[step]["x"]))
+        table[step]["x"] = repr(float(np.nextafter(x, np.float32(np.inf))))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(table[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+    folders = compare_folder(runs, EXPERIMENT, tmp_path / "folders")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    upload([runs], uri, EXPERIMENT, out=io.StringIO())
+    client = open_client(uri)
+    for run in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id]):
+        (Path(urlsplit(run.info.artifact_uri).path) / TRAJECTORY_FILE).unlink()
+    from_metrics = compare(uri, EXPERIMENT, out_dir=tmp_path / "store", client=client, log=False)
+    (every,), (logged,) = folders.agreement, from_metrics.agreement
+    assert every.trajectory is not None and logged.trajectory is not None
+    assert (every.trajectory.first_diff_step, every.trajectory.steps) == (unlogged, steps + 1)
+    assert (logged.trajectory.first_diff_step, logged.trajectory.steps) == (later, 1000)
+    assert logged.trajectory.logged_only and not every.trajectory.logged_only
+    (shown,) = markdown_rows((tmp_path / "store" / "comparison.md").read_text(), "mode")
+    assert shown["trajectories"] == f"differ from step {later} (max 1 ulp, x; 1000 logged steps)"
+    (written,) = read_csv(tmp_path / "store" / "agreement.csv")
+    assert written["trajectory_logged_only"] == "true"
+
+
+def test_identical_trajectories_read_identical(tmp_path: Path) -> None:
+    """Runs that computed the same values at every step (float32 and float64 groups)."""
+    from runner.compare.report import compare_folder
+
+    runs = run_folders(
+        tmp_path / "runs",
+        {
+            f"{backend}_{dtype}": ((f"backend={backend}", f"dtype={dtype}"), 0.0)
+            for backend in ("numpy", "jax")
+            for dtype in ("float32", "float64")
+        },
+    )
+    report = compare_folder(runs, EXPERIMENT, tmp_path / "out")
+    assert [a.dtype for a in report.agreement] == ["float32", "float64"]
+    for found in report.agreement:
+        assert found.trajectory is not None
+        assert (found.trajectory.status, found.trajectory.ulps) == ("identical", 0)
+    shown = markdown_rows((tmp_path / "out" / "comparison.md").read_text(), "mode")
+    assert [r["trajectories"] for r in shown] == ["identical (5 steps)"] * 2  # steps 0-4
+    written = read_csv(tmp_path / "out" / "agreement.csv")
+    assert [(r["trajectories"], r["first_diff_step"], r["trajectory_ulps"]) for r in written] == [
+        ("identical", "", "0.0")
+    ] * 2
+
+
+def test_a_row_without_a_trajectory_is_not_recorded(tmp_path: Path) -> None:
+    """A row without trajectory.csv (an older result, a lost file) leaves its group
+    `not recorded`, naming it where others have one: never `identical`."""
+    from runner.compare.report import compare_folder
+    from runner.results import TRAJECTORY_FILE
+
+    runs = run_folders(
+        tmp_path / "runs",
+        {name: ((f"backend={name}",), 0.0) for name in ("numpy", "jax", "torch")},
+    )
+    (runs / "jax" / TRAJECTORY_FILE).unlink()
+    report = compare_folder(runs, EXPERIMENT, tmp_path / "some")
+    (found,) = report.agreement
+    assert found.trajectory is not None and found.trajectory.missing == ["jax"]
+    (shown,) = markdown_rows((tmp_path / "some" / "comparison.md").read_text(), "mode")
+    assert shown["trajectories"] == "not recorded (jax)"
+    (written,) = read_csv(tmp_path / "some" / "agreement.csv")
+    assert (written["trajectories"], written["trajectory_missing"]) == ("not recorded", "jax")
+    assert (written["first_diff_step"], written["trajectory_ulps"]) == ("", "")
+    for name in ("numpy", "torch"):
+        (runs / name / TRAJECTORY_FILE).unlink()
+    compare_folder(runs, EXPERIMENT, tmp_path / "none")
+    (shown,) = markdown_rows((tmp_path / "none" / "comparison.md").read_text(), "mode")
+    assert shown["trajectories"] == "not recorded"
+
+
+def test_trajectories_compare_the_common_steps_bit_for_bit() -> None:
+    """Runs recorded at other steps are compared where both recorded; inf equals inf and
+    NaN NaN, NaN against a number is a difference; ulps are the group's dtype's, and a
+    value finer than it (a vector's final distance, a float64 norm) is a fraction."""
+    from runner.compare.stepwise import step_agreement
+    from runner.compare.trajectories import Trajectory
+
+    def run(steps: list[int], x: list[float]) -> Trajectory:
+        values = np.array(x, np.float64)
+        return Trajectory(np.array(steps), {"x": values, "loss": np.zeros(len(values))})
+
+    f32, up = np.float32, np.nextafter
+    one_up, three_up = float(up(f32(1), f32(2))), float(up(up(up(f32(1), f32(2)), 2), 2))
+    every_3 = run([0, 3, 6, 9, 12], [0.5, 1.0, 1.0, 1.0, 1.0])
+    every_2 = run([0, 2, 4, 6, 8, 10, 12], [0.5, 9.0, one_up, three_up, 7.0, 7.0, 1.0])
+    found = step_agreement([every_3, every_2], ["a", "b"], f32)  # steps 0, 6, 12 in common
+    assert (found.status, found.steps, found.first_diff_step) == ("differ", 3, 6)
+    assert (found.ulps, found.column) == (3, "x")
+
+    inf, nan = float("inf"), float("nan")
+    same = step_agreement([run([0, 1], [inf, nan]), run([0, 1], [inf, nan])], ["a", "b"], f32)
+    assert (same.status, same.ulps) == ("identical", 0)
+    other = step_agreement([run([0, 1], [1.0, nan]), run([0, 1], [1.0, 1.0])], ["a", "b"], f32)
+    assert (other.first_diff_step, other.ulps) == (1, inf)
+
+    below = float(np.nextafter(1.0, 0.0))  # one float64 ulp: 5.6e-9 of a float32 one
+    wide = step_agreement([run([0], [below]), run([0], [1.0])], ["a", "b"], np.float64)
+    assert wide.ulps == 1
+    finer = step_agreement([run([0], [1.0 + 2**-25]), run([0], [1.0])], ["a", "b"], f32)
+    assert finer.ulps == 0.25  # 2^-25 over float32 spacing 2^-23 at 1.0
+    signed = step_agreement([run([0], [-0.0]), run([0], [0.0])], ["a", "b"], f32)
+    assert (signed.status, signed.ulps) == ("differ", 0)

@@ -15,7 +15,9 @@ named with them: `tf+jit_compile`, `numpy+convention=tf`):
 - agreement.csv (and a section of comparison.md): per mode and dtype, the two backends
   whose final x are furthest apart in ulps of the rows' dtype, their largest |dx| and ulps (the
   csv: float32 ulps, and float64 ulps for float64 runs); a row "all" per dtype compares
-  every mode with every other ("across modes" where one backend ran them all);
+  every mode with every other ("across modes" where one backend ran them all); and per
+  such group its trajectories step by step, at every step all its rows recorded
+  (identical, or the first step two rows differ at and the largest difference in ulps);
 - convergence.png (|loss - loss*| against step, from each run's per-step `loss`
   metric) and step_time.png (per-step time, log scale);
 - for derivatives runs (task=derivatives; `--mode derivatives` selects them alone), a
@@ -33,6 +35,8 @@ The package imports no framework; MLflow is imported inside functions.
 - rows:      Row, a results.json as a row, labels, order, relative step time
 - store:     finding the matching runs in an MLflow store, each as a row
 - agreement: cross-backend agreement of final x, in ulps
+- trajectories: each row's recorded trajectory, from its folder or from MLflow
+- stepwise:  a group's trajectories compared step by step, in ulps
 - derivatives: a derivatives run as a row; the backends' agreement per point, in ulps
 - holes:     a sweep's skipped and failed jobs, named, with why
 - output:    tables, comparison.md/.csv/.json, agreement.csv, plots

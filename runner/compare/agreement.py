@@ -3,15 +3,17 @@
 What the report is for: backends that ran one problem the same way should reach the same
 x to a few ulps. Groups are compared like with like (split by problem, steps or device
 where a backend has several rows), and where rows cannot agree exactly (other problems,
-steps, framework defaults or eps forms) the note says why.
+steps, framework defaults or eps forms) the note says why. Final x can agree where the
+runs parted on the way: each group's trajectories are compared step by step too, by a
+function the report gives (stepwise.step_agreement over the rows' trajectories).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +26,12 @@ from runner.compare.rows import (
 )
 from runner.optimizers import CONVENTIONS, eps_form
 
+if TYPE_CHECKING:  # stepwise counts its ulps with ulps() below
+    from runner.compare.stepwise import StepAgreement
+
+    # A group's members, their labels and the rows' dtype: their trajectories' agreement.
+    CompareSteps = Callable[[Sequence[Row], Sequence[str], type[np.floating]], StepAgreement]
+
 ALL_MODES = "all"
 # The "all" group where one backend ran every row: its pair is two of that backend's
 # modes, which says whether the modes agree, not whether the backends do.
@@ -33,7 +41,8 @@ ALL_GROUPS = (ALL_MODES, ACROSS_MODES)
 
 @dataclass
 class Agreement:
-    """The largest difference of final x between the rows of one mode x dtype x optimizer."""
+    """The largest difference of final x between the rows of one mode x dtype x optimizer,
+    and how their trajectories compare step by step (None: not compared)."""
 
     mode: str
     dtype: str
@@ -45,6 +54,7 @@ class Agreement:
     ulps_f64: float | None  # only for float64 runs
     note: str = ""
     setup: str = ""  # the problem, steps, device all compared rows ran, where a group was split
+    trajectory: StepAgreement | None = None
 
 
 def ulps(a: Any, b: Any, dtype: type[np.floating]) -> float:
@@ -78,9 +88,10 @@ def abs_diff(a: Any, b: Any) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
+def agreement_of(rows: Sequence[Row], compare_steps: CompareSteps | None = None) -> list[Agreement]:
     """Per mode x dtype x optimizer, the two backends whose final x are furthest apart in
-    ulps of the rows' dtype: their largest |dx| and their ulps.
+    ulps of the rows' dtype: their largest |dx| and their ulps; and with compare_steps,
+    the group's trajectories compared step by step (Agreement.trajectory).
 
     A group "all" per dtype x optimizer compares every row with every other, across modes;
     where its rows are of one backend it is named "across modes" (ACROSS_MODES), since
@@ -122,18 +133,20 @@ def agreement_of(rows: Sequence[Row]) -> list[Agreement]:
         # largest |dx| and the largest ulps can be different pairs (a vector's small entries).
         own = np.float64 if dtype == "float64" else np.float32
         worst = max(combinations(members, 2), key=lambda p: ulps(p[0].x, p[1].x, own))
+        labels = [label(m) for m in members]
         found.append(
             Agreement(
                 mode=_group_name(mode, members),
                 dtype=dtype,
                 optimizer=optimizer,
-                compared=[label(m) for m in members],
+                compared=labels,
                 pair=(label(worst[0]), label(worst[1])),
                 abs_diff=abs_diff(worst[0].x, worst[1].x),
                 ulps_f32=ulps(worst[0].x, worst[1].x, np.float32),
                 ulps_f64=ulps(worst[0].x, worst[1].x, np.float64) if dtype == "float64" else None,
                 note=_setup_note(members),
                 setup=setup,
+                trajectory=compare_steps(members, labels, own) if compare_steps else None,
             )
         )
     setups = {setup: i for i, setup in enumerate(dict.fromkeys(k[3] for k in groups))}

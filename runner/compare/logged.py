@@ -19,6 +19,7 @@ from runner.compare.agreement import Agreement
 from runner.compare.derivatives import DerivativeRow, PointAgreement
 from runner.compare.output import JSON_FILE
 from runner.compare.rows import Row
+from runner.compare.stepwise import StepAgreement
 from runner.compare.store import COMPARISON_KIND, KIND_TAG, describe_selection
 from runner.sweep_record import REPORT_DIR
 from runner.tracking import log_batched
@@ -109,9 +110,16 @@ def log_sweep_report(
     files = {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
     data = json.loads(files[JSON_FILE].read_text())
     rows = [Row(**row) for row in data["rows"]]
-    agreement = [Agreement(**item) for item in data["agreement"]]
+    agreement = [_agreement(item) for item in data["agreement"]]
     derivatives = [DerivativeRow(**row) for row in data.get("derivatives", [])]
     points = [PointAgreement(**item) for item in data.get("derivative_agreement", [])]
     log_report(
         client, experiment_id, files, agreement, rows, sweep_id, {}, run_id, derivatives, points
     )
+
+
+def _agreement(item: Mapping[str, Any]) -> Agreement:
+    """An Agreement as comparison.json holds it (a report older than its trajectory has
+    none: not compared)."""
+    steps = item.get("trajectory")
+    return Agreement(**{**item, "trajectory": StepAgreement(**steps) if steps else None})

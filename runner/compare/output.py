@@ -12,22 +12,19 @@ import csv
 import io
 import json
 import math
-import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from runner.compare.agreement import ACROSS_MODES, ALL_MODES, Agreement
 from runner.compare.holes import Hole, hole_lines
 from runner.compare.rows import Row, differing_settings, varying_settings
-from runner.compare.store import download_text
-from runner.results import TRAJECTORY_FILE, atomic_write
+from runner.compare.stepwise import DIFFER, IDENTICAL, NOT_RECORDED, StepAgreement
+from runner.compare.trajectories import Trajectory
+from runner.results import atomic_write
 from runner.summary import fmt, step_time_text
-from runner.tracking import read_trajectory
-from runner.tracking_store import retry_locked
+from runner.tracking import MAX_POINTS_PER_METRIC
 
 MARKDOWN_FILE = "comparison.md"
 CSV_FILE = "comparison.csv"
@@ -38,6 +35,7 @@ STEP_TIME_FILE = "step_time.png"
 
 
 ULPS_HEADER = "ulps in dtype"
+TRAJECTORIES_HEADER = "trajectories"
 ROW_HEADERS = [
     "backend",
     "mode",
@@ -61,10 +59,22 @@ AGREEMENT_HEADERS = [
     "largest |dx|",
     "between",
     ULPS_HEADER,
+    TRAJECTORIES_HEADER,
     "note",
 ]
 # Right-aligned: the row table's columns from steps on, and the agreement's figures.
 NUMERIC = {*ROW_HEADERS[ROW_HEADERS.index("steps") :], "largest |dx|", ULPS_HEADER}
+# What comparison.md says the trajectories column compares.
+TRAJECTORIES_TEXT = [
+    "`trajectories` compares the rows' trajectories at every step all of them recorded (x, "
+    "loss and gradient; for a vector problem the distance to x* and the gradient norm): "
+    "`identical` to the bit, or the first step where two rows differ and the largest "
+    "difference over those steps in ulps of the rows' dtype, with the column it is in. "
+    f"`logged steps`: from MLflow's metrics, which keep at most {MAX_POINTS_PER_METRIC} "
+    "steps of a run, so a "
+    "difference at another step goes unseen; `not recorded`: a row has no trajectory "
+    "(named where others have one), and nothing was compared.",
+]
 
 
 def relative_text(value: float) -> str:
@@ -152,8 +162,30 @@ def agreement_cells(item: Agreement) -> list[str]:
         _g(item.abs_diff),
         " vs ".join(item.pair),
         _g(ulps_in_dtype(item), ".4g"),
+        trajectory_text(item),
         item.note,
     ]
+
+
+def trajectory_text(item: Agreement) -> str:
+    """The trajectories cell: `identical (9 steps)`, `differ from step 28 (max 1 ulp, x;
+    9 steps)`, `not recorded (jax manual)`; `logged steps` where MLflow kept only some."""
+    found = _steps(item)
+    if found.status == NOT_RECORDED:
+        some = found.missing and len(found.missing) < len(item.compared)
+        return f"{NOT_RECORDED} ({', '.join(found.missing)})" if some else NOT_RECORDED
+    steps = plural_steps(found.steps, found.logged_only)
+    if found.status == IDENTICAL:
+        return f"{IDENTICAL} ({steps})"
+    if found.status == DIFFER:
+        apart = found.ulps if found.ulps is not None else math.nan
+        size = "non-finite" if math.isinf(apart) else f"{_g(apart, '.4g')} ulp{'s' * (apart != 1)}"
+        return f"{DIFFER} from step {found.first_diff_step} (max {size}, {found.column}; {steps})"
+    return found.status
+
+
+def plural_steps(count: int, logged_only: bool) -> str:
+    return f"{count}{' logged' * logged_only} step{'s' * (count != 1)}"
 
 
 def _compared(item: Agreement) -> str:
@@ -170,13 +202,15 @@ def agreement_title(agreement: Sequence[Agreement]) -> str:
     the rows, e.g. `compare --backend jax`) that backend's modes against each other."""
     across = {a.mode == ACROSS_MODES for a in agreement}
     if across == {True}:
-        return "agreement of final x across modes (one backend: no mode ran on two backends)"
-    if True in across:
-        return (
+        title = "agreement of final x across modes (one backend: no mode ran on two backends)"
+    elif True in across:
+        title = (
             "cross-backend agreement of final x (largest difference per mode; "
             "across modes: one backend's modes)"
         )
-    return "cross-backend agreement of final x (largest difference per mode)"
+    else:
+        title = "cross-backend agreement of final x (largest difference per mode)"
+    return f"{title}; {TRAJECTORIES_HEADER}: at every step all its rows recorded"
 
 
 def ulps_in_dtype(item: Agreement) -> float:
@@ -277,7 +311,10 @@ def write_files(
         "",
         f"Largest difference of final x between backends per mode (`all`: across modes "
         f"too{across}), absolute and in units in the last place of the larger value in the "
-        "rows' dtype (agreement.csv has float32 ulps for every row, float64 ulps for float64).",
+        "rows' dtype (agreement.csv has float32 ulps for every row, float64 ulps for float64): "
+        "the last step only.",
+        "",
+        *TRAJECTORIES_TEXT,
         "",
         markdown_table(*agreement_table(agreement))
         if agreement
@@ -368,8 +405,24 @@ AGREEMENT_CSV = {
     "pair_b": lambda a: a.pair[1],
     "ulps_float32": lambda a: exact_text(a.ulps_f32),
     "ulps_float64": lambda a: exact_text(a.ulps_f64),
+    "trajectories": lambda a: _steps(a).status,
+    "trajectory_steps": lambda a: str(_steps(a).steps),
+    "first_diff_step": lambda a: _text(_steps(a).first_diff_step),
+    "trajectory_ulps": lambda a: exact_text(_steps(a).ulps),
+    "trajectory_column": lambda a: _steps(a).column,
+    "trajectory_logged_only": lambda a: str(_steps(a).logged_only).lower(),
+    "trajectory_missing": lambda a: "; ".join(_steps(a).missing),
     "note": lambda a: a.note,
 }
+
+
+def _steps(item: Agreement) -> StepAgreement:
+    """The group's step-by-step agreement; a group not compared reads `not recorded`."""
+    return item.trajectory or StepAgreement()
+
+
+def _text(value: int | None) -> str:
+    return "" if value is None else str(value)
 
 
 def rows_csv(rows: Sequence[Row]) -> list[list[str]]:
@@ -399,33 +452,8 @@ def _labels(rows: Sequence[Row]) -> list[str]:
     return labels
 
 
-def loss_curve(client: Any, row: Row) -> dict[str, np.ndarray] | None:
-    """The per-step loss from the run's metric history, or from its trajectory.csv."""
-    history = retry_locked(lambda: client.get_metric_history(row.run_id, "loss"))
-    if history:
-        points = sorted((m.step, m.value) for m in history)
-        return {
-            "step": np.array([p[0] for p in points], dtype=np.float64),
-            "loss": np.array([p[1] for p in points], dtype=np.float64),
-        }
-    text = download_text(client, row.run_id, TRAJECTORY_FILE)
-    if text is None:
-        return None
-    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
-        path = Path(tmp) / TRAJECTORY_FILE
-        path.write_text(text)
-        return trajectory_loss(path)
-
-
-def trajectory_loss(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.is_file():
-        return None
-    columns = read_trajectory(path)
-    return {"step": columns["step"], "loss": columns["loss"]}
-
-
 def write_plots(
-    out: Path, rows: Sequence[Row], curve_of: Callable[[Row], dict[str, np.ndarray] | None]
+    out: Path, rows: Sequence[Row], trajectory_of: Callable[[Row], Trajectory | None]
 ) -> dict[str, Path]:
     from runner.plots import convergence_plot, step_time_plot
 
@@ -435,9 +463,10 @@ def write_plots(
     shared = optima.pop() if len(optima) == 1 else None
     labels = _labels(rows)
     for row, label in zip(rows, labels, strict=True):
-        curve = curve_of(row)
-        if curve is None or not len(curve["step"]):
+        trajectory = trajectory_of(row)
+        if trajectory is None or not len(trajectory.steps):
             continue
+        curve = trajectory.curve()
         if shared is None:  # different problems: plot each run's own gap to its optimum
             curve["loss"] = curve["loss"] - row.optimum_loss
         curves[label] = curve

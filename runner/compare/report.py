@@ -15,8 +15,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from runner.compare.agreement import Agreement, agreement_of
 from runner.compare.derivative_tables import (
     derivatives_data,
@@ -33,13 +31,7 @@ from runner.compare.derivatives import (
 )
 from runner.compare.holes import Hole, sweep_holes
 from runner.compare.logged import log_report
-from runner.compare.output import (
-    loss_curve,
-    terminal_text,
-    trajectory_loss,
-    write_files,
-    write_plots,
-)
+from runner.compare.output import terminal_text, write_files, write_plots
 from runner.compare.rows import (
     Row,
     latest_per_key,
@@ -48,6 +40,7 @@ from runner.compare.rows import (
     set_problem_labels,
     set_relative,
 )
+from runner.compare.stepwise import step_agreement
 from runner.compare.store import (
     FILTERS,
     CompareError,
@@ -62,6 +55,12 @@ from runner.compare.store import (
     still_logging,
     sweep_spellings,
     sweeps_still_logging,
+)
+from runner.compare.trajectories import (
+    Trajectory,
+    file_trajectory,
+    logged_trajectory,
+    remembered,
 )
 from runner.masking import mask_uri
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, sweep_failures
@@ -135,7 +134,7 @@ def compare(
         experiment,
         sweep_id,
         Path(out_dir) if out_dir else default_out_dir(),
-        lambda row: loss_curve(client, row),
+        lambda row: logged_trajectory(client, row),
         warnings=[
             still_logging(s) for s in sweeps_still_logging(client, found.experiment_id, runs)
         ],
@@ -196,7 +195,7 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
         experiment,
         sweep_id,
         out_dir,
-        lambda row: trajectory_loss(sweep_dir / row.run_name / TRAJECTORY_FILE),
+        lambda row: file_trajectory(sweep_dir / row.run_name / TRAJECTORY_FILE),
         sweep_holes(sweep_dir),
         derivatives=derivatives,
     )
@@ -221,7 +220,7 @@ def _report(
     experiment: str,
     sweep_id: str | None,
     out: Path,
-    curve_of: Callable[[Row], dict[str, np.ndarray] | None],
+    trajectory_of: Callable[[Row], Trajectory | None],
     holes: Sequence[Hole] = (),
     warnings: Sequence[str] = (),
     derivatives: Sequence[DerivativeRow] = (),
@@ -230,12 +229,19 @@ def _report(
     the `found` runs, whatever they came from; the header says how many were repeats,
     and what the rows may lack (warnings: a sweep still being logged), and a sweep's jobs
     without a row (holes) are listed after the table. Derivatives runs (newest first too)
-    get a table and an agreement of their own, after the minimize runs'."""
+    get a table and an agreement of their own, after the minimize runs'. Each row's
+    trajectory (trajectory_of) is read once, for the step-by-step agreement and the plot."""
     rows = list(latest_per_key(newest_first).values())
     set_problem_labels(rows)
     rows.sort(key=row_order)
     set_relative(rows)
-    agreement = agreement_of(rows)
+    trajectory_of = remembered(trajectory_of)
+    agreement = agreement_of(
+        rows,
+        lambda members, labels, dtype: step_agreement(
+            [trajectory_of(m) for m in members], labels, dtype
+        ),
+    )
     points = list(latest_per_key(derivatives).values())
     set_problem_labels(points, always=("x0",))  # a derivative is at a point: say which
     points.sort(key=derivative_order)
@@ -257,7 +263,7 @@ def _report(
     title = f"{experiment}: {header[1].removeprefix('- runs: ')}"
     shown = derivatives_text(points, point_agreed) if points else []
     text = terminal_text(rows, agreement, title, holes, shown)
-    plots = write_plots(out, rows, curve_of)
+    plots = write_plots(out, rows, trajectory_of)
     files = write_files(
         out,
         rows,

@@ -51,6 +51,7 @@ class Row:
     optimizer_used: dict[str, Any] = field(default_factory=dict)  # results.json's, if any
     device: str = ""
     problem_label: str = ""  # set by _report: the name + the settings that vary among rows
+    record_every: int | None = None  # results.json's: which steps trajectory.csv holds
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -95,6 +96,7 @@ def row_from_result(result: Mapping[str, Any], **common: str) -> Row | None:
         optimum_loss=float(result["optimum"]["loss"]),
         optimizer_used=dict(result.get("optimizer_used") or {}),
         device=device_kind(str(result.get("device", ""))),
+        record_every=result.get("record_every"),
         **common,
     )
 
