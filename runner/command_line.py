@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import NoReturn
 
@@ -18,6 +19,12 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}\n")
+
+
+def default_out_dir(command: str) -> Path:
+    """outputs/<command>/<date>_<time>, to the microsecond: out_dir_error refuses a folder
+    that holds files, so two commands started in one second must not share a default."""
+    return Path("outputs") / command / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
 
 
 def out_dir_error(path: Path, given: bool) -> str | None:

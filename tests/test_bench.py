@@ -555,11 +555,15 @@ def test_an_out_that_holds_files_is_refused_and_left_alone(
 def test_default_out_folders_do_not_collide_within_a_second(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """outputs/bench/<date>_<H-M-S>: two runs in one second shared a folder."""
+    """outputs/bench/<date>_<H-M-S> (and compare's): two runs in one second shared a
+    folder, which --out now refuses once it holds files."""
+    from runner.compare.cli import parse_args as compare_args
+
     monkeypatch.chdir(tmp_path)
-    first, second = parse_args([]).out, parse_args([]).out
-    assert first != second and first.parent == Path("outputs") / "bench"
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}", first.name), first.name
+    for parse, command in ((parse_args, "bench"), (compare_args, "compare")):
+        first, second = parse([]).out, parse([]).out
+        assert first != second and first.parent == Path("outputs") / command
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-\d{6}", first.name), first.name
 
 
 def test_an_unusable_store_is_refused_before_anything_is_measured(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from runner.bench.measure import empty_vectors, floor_section, scalar_section, v
 from runner.bench.process import process_section
 from runner.bench.report import markdown, scaling_plot, step_time_plot
 from runner.bench.targets import all_targets, longest
-from runner.command_line import OneLineParser, out_dir_error
+from runner.command_line import OneLineParser, default_out_dir, out_dir_error
 from runner.errors import ConfigError, MissingFrameworkError
 from runner.plugins import load_backend
 from runner.protocol import Backend
@@ -120,10 +120,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     budget = args.budget
     if budget is None:
         budget = QUICK_BUDGET_S if args.quick else DEFAULT_BUDGET_S
-    # Microseconds: out_dir_error refuses a folder that holds files, so two runs started
-    # in one second must not be given the same default.
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-    out = args.out or Path("outputs") / "bench" / stamp
+    out = args.out or default_out_dir("bench")
     if problem := out_dir_error(out, given=args.out is not None):  # before any import
         parser.error(problem)
     return Settings(

@@ -11,8 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from runner.command_line import OneLineParser, out_dir_error
-from runner.compare.report import compare, default_out_dir
+from runner.command_line import OneLineParser, default_out_dir, out_dir_error
+from runner.compare.report import compare
 from runner.errors import RunnerError
 from runner.tracking_store import DEFAULT_EXPERIMENT, in_command_flags
 
@@ -53,7 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     given = args.out is not None
-    args.out = args.out or default_out_dir()
+    args.out = args.out or default_out_dir("compare")
     if problem := out_dir_error(args.out, given):
         parser.error(problem)
     return args

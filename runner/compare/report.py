@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from runner.command_line import default_out_dir
 from runner.compare.agreement import Agreement, agreement_of
 from runner.compare.derivative_tables import (
     derivatives_data,
@@ -133,7 +134,7 @@ def compare(
         f"{describe_selection(sweep_id, filters)}; {len(runs)} matching",
         experiment,
         sweep_id,
-        Path(out_dir) if out_dir else default_out_dir(),
+        Path(out_dir) if out_dir else default_out_dir("compare"),
         lambda row: logged_trajectory(client, row),
         warnings=[
             still_logging(s) for s in sweeps_still_logging(client, found.experiment_id, runs)
@@ -299,7 +300,3 @@ def _make_out(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CompareError(f"cannot write the report to {out}: {exc.strerror}") from None
-
-
-def default_out_dir() -> Path:
-    return Path("outputs") / "compare" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
