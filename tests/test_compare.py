@@ -725,9 +725,11 @@ def test_a_sweep_still_being_logged_is_said(tmp_path: Path) -> None:
     assert "3 matching, 3 rows" in stdout and "warning" not in (out / "comparison.md").read_text()
 
 
-def test_agreement_notes_differing_problems_as_the_table_does() -> None:
-    """problem.a=1 (results.json's int) and the default 1.0 are one problem in the table;
-    the agreement note said 'problems differ' for them."""
+def test_agreement_compares_rows_of_one_problem_only() -> None:
+    """problem.a=1 (results.json's int) and the default 1.0 are one problem, as in the
+    table (the note said 'problems differ' for them); rows of two problems are not
+    compared at all (a scalar's x against a 5-vector's read 2.1e9 ulps), each problem
+    with the rows of its own."""
     from runner.compare.agreement import agreement_of
     from runner.compare.rows import row_from_result
 
@@ -740,8 +742,10 @@ def test_agreement_notes_differing_problems_as_the_table_does() -> None:
 
     (same,) = agreement_of([row("jax", 1.0), row("torch", 1)])
     assert same.note == ""
-    (other,) = agreement_of([row("jax", 1.0), row("torch", 2)])
-    assert other.note == "problems differ"
+    assert agreement_of([row("jax", 1.0), row("torch", 2)]) == []
+    a2 = [row("jax", 1.0), row("torch", 2), row("tf", 2)]
+    (other,) = agreement_of(a2)
+    assert other.compared == ["torch", "tf"] and other.setup  # named by its problem
 
 
 def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> None:
