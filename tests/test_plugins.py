@@ -238,28 +238,35 @@ def test_a_broken_backend_plugin_fails_its_jobs_in_one_line_and_the_sweep_goes_o
     loading = "its plugin '{}_backend:{}' failed to load: "
     lines = proc.stderr.strip().splitlines()
     busy_line = (
-        "error: backend=busy failed: RuntimeError: abacus device is busy "
+        "error: busy-manual-float32 steps=3: backend=busy failed: RuntimeError: abacus device "
+        "is busy "
         "(HYDRA_FULL_ERROR=1 shows the traceback)"
     )
     assert lines[0] == (
-        "error: backend=noclass: " + loading.format("noclass", "Nope")
+        "error: noclass-manual-float32 steps=3: backend=noclass: "
+        + loading.format("noclass", "Nope")
         + "AttributeError: module 'noclass_backend' has no attribute 'Nope'"
     )  # fmt: skip
     assert lines[1].startswith(
-        "error: backend=syntax: " + loading.format("syntax", "AbacusBackend") + "SyntaxError: "
+        "error: syntax-manual-float32 steps=3: backend=syntax: "
+        + loading.format("syntax", "AbacusBackend")
+        + "SyntaxError: "
     )
     assert lines[2] == (
-        "error: backend=badimport: " + loading.format("badimport", "AbacusBackend")
+        "error: badimport-manual-float32 steps=3: backend=badimport: "
+        + loading.format("badimport", "AbacusBackend")
         + f"ImportError: cannot import name 'Nothing' from 'runner.protocol' "
         f"({ROOT / 'runner' / 'protocol.py'})"
     )  # fmt: skip
     assert lines[3] == (
-        "error: backend=partial: its plugin 'partial_backend:AbacusBackend' lacks "
+        "error: partial-manual-float32 steps=3: backend=partial: its plugin "
+        "'partial_backend:AbacusBackend' lacks "
         "unsupported(), which runner.protocol.Backend requires (all: name, framework, "
         "versions(), resolved_device(), unsupported(), prepare(), derivatives())"
     )
     assert lines[4] == busy_line
-    assert lines[5] == f"error: 5 of 6 jobs failed; the first: {lines[0].removeprefix('error: ')}"
+    first = lines[0].removeprefix("error: noclass-manual-float32 steps=3: ")  # job's name
+    assert lines[5] == f"error: 5 of 6 jobs failed; the first: {first}"
     assert len(lines) == 6 and proc.returncode == 2  # the installation is what is wrong
     failures = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/job_failure.json")}
     assert {k: v["exit_code"] for k, v in failures.items()} == {
@@ -330,5 +337,6 @@ def test_a_backend_declines_derivatives_with_not_implemented_error(tmp_path: Pat
         cwd=tmp_path, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr  # a hole in the matrix, as NumPy's, not a failure
-    assert "skipped: backend=abacus does not implement task=derivatives" in proc.stderr
+    line = "skipped: abacus-derivatives-float32: backend=abacus does not implement task=derivatives"
+    assert line in proc.stderr
     assert "Traceback" not in proc.stderr and not list(sweep.glob("*/job_failure.json"))
