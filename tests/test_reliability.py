@@ -974,8 +974,12 @@ def test_upload_goes_past_a_folder_whose_record_cannot_be_read(tmp_path: Path) -
 def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(tmp_path: Path) -> None:
     """A copy of a sweep job's folder uploaded by itself is a run without a sweep; the
     sweep's own upload then found it recorded and left it so: `tags.sweep_id` and the
-    sweep's report missed that job for good. It is nested under the sweep's parent."""
+    sweep's report missed that job for good. It is nested under the sweep's parent.
+    (Uploads in-process: this process has imported MLflow already.)"""
+    import io
     import shutil
+
+    from runner.upload import upload as upload_in_process
 
     sweep = tmp_path / "sweep"
     proc = cli(
@@ -985,11 +989,16 @@ def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(tmp_path: Path)
     alone = tmp_path / "copy"
     shutil.copytree(sweep / "1_numpy_manual", alone)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    assert upload(str(alone), "--tracking-uri", uri, cwd=tmp_path).returncode == 0
-    proc = upload(str(sweep), "--tracking-uri", uri, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "; nested in its sweep now)" in proc.stdout
-    assert last_line(proc.stdout) == "uploaded 1, already recorded 1, skipped 0"
+
+    def upload_here(path: Path) -> tuple[str, str]:
+        out = io.StringIO()
+        outcome = upload_in_process([path], uri, out=out)
+        return out.getvalue(), outcome.summary()
+
+    assert upload_here(alone)[1] == "uploaded 1, already recorded 0, skipped 0"
+    said, summary = upload_here(sweep)
+    assert "; nested in its sweep now)" in said
+    assert summary == "uploaded 1, already recorded 1, skipped 0"
     runs = all_runs(uri)
     (parent,) = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
     jobs = [r for r in runs if r.data.tags.get("runner.kind") != "sweep"]
@@ -997,9 +1006,8 @@ def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(tmp_path: Path)
     for job in jobs:
         assert job.data.tags["sweep_id"] == str(sweep)
         assert job.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    again = upload(str(sweep), "--tracking-uri", uri, cwd=tmp_path)
-    assert last_line(again.stdout) == "uploaded 0, already recorded 2, skipped 0"
-    assert "nested" not in again.stdout
+    said, summary = upload_here(sweep)
+    assert summary == "uploaded 0, already recorded 2, skipped 0" and "nested" not in said
 
 
 def test_upload_to_their_own_stores_goes_past_one_that_is_away(tmp_path: Path) -> None:
