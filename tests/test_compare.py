@@ -1321,6 +1321,7 @@ def test_identical_trajectories_read_identical(tmp_path: Path) -> None:
         assert (found.trajectory.status, found.trajectory.ulps) == ("identical", 0)
     shown = markdown_rows((tmp_path / "out" / "comparison.md").read_text(), "mode")
     assert [r["trajectories"] for r in shown] == ["identical (5 steps)"] * 2  # steps 0-4
+    assert [r["between"] for r in shown] == ["all equal"] * 2  # it named one pair of them
     written = read_csv(tmp_path / "out" / "agreement.csv")
     assert [(r["trajectories"], r["first_diff_step"], r["trajectory_ulps"]) for r in written] == [
         ("identical", "", "0.0")

@@ -160,7 +160,7 @@ def agreement_cells(item: Agreement) -> list[str]:
         item.optimizer,
         _compared(item),
         _g(item.abs_diff),
-        " vs ".join(item.pair),
+        " vs ".join(item.pair) if item.abs_diff else "all equal",  # no pair is furthest
         _g(ulps_in_dtype(item), ".4g"),
         trajectory_text(item),
         item.note,
