@@ -357,7 +357,7 @@ def test_bad_input_is_one_line_and_exit_2(report: dict) -> None:
     held = ", ".join(sorted(["jax", SECOND]))
     for name, words in (
         ("bad_experiment", ("no-such-experiment", "not found")),
-        ("no_match", ("no finished minimize runs", "backend=no-such-backend", held)),
+        ("no_match", ("no finished minimize or derivatives runs", "backend=no-such-backend", held)),
     ):
         code, out, err = report[name]
         assert code == 2, (name, err)
@@ -953,7 +953,7 @@ def test_a_filter_that_matches_nothing_lists_what_there_is(tmp_path: Path) -> No
     code, _, err = main_in_process("--tracking-uri", uri, "--backend", "keras", "--no-log")
     assert code == 2
     assert err == (
-        "error: no finished minimize runs in experiment 'gradient-runner' match "
+        "error: no finished minimize or derivatives runs in experiment 'gradient-runner' match "
         "backend=keras; backends there: numpy, numpy+convention=tf, tf, tf+jit_compile\n"
     )
     code, _, err = main_in_process(

@@ -225,7 +225,7 @@ def no_match_message(
     """Nothing matched: for each filter given, the values the runs there hold, so a
     mistyped or absent one (`--backend keras`) is told what there is to choose from."""
     message = (
-        f"no finished minimize runs in experiment {experiment!r} match "
+        f"no finished minimize or derivatives runs in experiment {experiment!r} match "
         f"{describe_selection(sweep_id, filters)}"
     )
     given = [name for name, values in filters.items() if values]
