@@ -150,6 +150,14 @@ def backend_default(framework: str, name: str, value: str) -> None:
         _SET_BY_BACKEND[name] = framework
 
 
+def environment_as_given() -> dict[str, str]:
+    """os.environ less what backends set in this process (backend_default): what a child
+    process should start from, as a user's command would (the benchmark's fresh-process
+    runs: a JAX run, or a bare `import tensorflow`, started after the TF backend loaded
+    here inherited its TF_USE_LEGACY_KERAS=1)."""
+    return {k: v for k, v in os.environ.items() if k not in _SET_BY_BACKEND}
+
+
 def numerics_environment(
     environ: Mapping[str, str] | None = None, framework: str | None = None
 ) -> dict[str, str]:

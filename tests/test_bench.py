@@ -623,3 +623,24 @@ def test_a_missing_framework_is_one_line_before_anything_is_measured(tmp_path: P
         "pip install 'gradient-runner[jax]'"
     )
     assert not out.exists()
+
+
+def test_fresh_process_runs_start_without_what_backends_set_here(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bench loads every backend in its own process, then starts fresh-process runs
+    (start-up, a bare `import tensorflow`): they inherited the TF backend's
+    TF_USE_LEGACY_KERAS=1, which a user's command would not have (and which skips Keras 3
+    in the bare import it is compared with). A variable the user set still reaches them."""
+    from runner import provenance
+    from runner.bench.process import child_env
+
+    monkeypatch.delenv("RUNNER_TEST_BACKEND_SET", raising=False)
+    monkeypatch.setenv("RUNNER_TEST_USER_SET", "mine")
+    monkeypatch.setattr(provenance, "_SET_BY_BACKEND", {})
+    provenance.backend_default("Abacus", "RUNNER_TEST_BACKEND_SET", "1")
+    try:
+        env = child_env()
+        assert "RUNNER_TEST_BACKEND_SET" not in env and env["RUNNER_TEST_USER_SET"] == "mine"
+    finally:
+        os.environ.pop("RUNNER_TEST_BACKEND_SET", None)

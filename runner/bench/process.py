@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,12 +20,13 @@ from typing import Any
 
 from runner.bench.cases import FRAMEWORK_MODULE, ITEMSIZE, Best, Settings, Variant, first_line
 from runner.engine import FIRST_CHUNK
+from runner.provenance import environment_as_given
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra or {})}
+    env = {**environment_as_given(), "PYTHONPATH": str(ROOT), **(extra or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     return env
 
