@@ -415,6 +415,7 @@ def create_sweep_parent(
     sweep_dir: Path,
     sweep: SweepInfo,
     extra_tags: Mapping[str, str] | None = None,
+    start_time: int | None = None,
 ) -> str:
     """A new parent run for the sweep (RUNNING), its id: named after the sweep's folder,
     tagged with its sweep_id and command-line overrides (SWEEP_FILE's), and `extra_tags`.
@@ -427,7 +428,9 @@ def create_sweep_parent(
         **(extra_tags or {}),
     }
     run = retry_locked(
-        lambda: client.create_run(experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags)
+        lambda: client.create_run(
+            experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags, start_time=start_time
+        )
     )
     return run.info.run_id
 
@@ -500,7 +503,9 @@ def failed_jobs(sweep_dir: Path) -> int:
     )
 
 
-def end_sweep_parent(client: Any, run_id: str, sweep_dir: Path | None, status: str) -> None:
+def end_sweep_parent(
+    client: Any, run_id: str, sweep_dir: Path | None, status: str, end_time: int | None = None
+) -> None:
     """End the sweep's parent run: FAILED where a job failed (a sweep that ran to its end
     was FINISHED even then; KILLED, an interrupted sweep, stays KILLED), tagged with how
     many failed (FAILED_JOBS_TAG), so the run list tells a sweep with holes from one without.
@@ -510,7 +515,7 @@ def end_sweep_parent(client: Any, run_id: str, sweep_dir: Path | None, status: s
         if failed and status == "FINISHED":
             status = "FAILED"
         retry_locked(lambda: client.set_tag(run_id, FAILED_JOBS_TAG, str(failed)))
-    retry_locked(lambda: client.set_terminated(run_id, status))
+    retry_locked(lambda: client.set_terminated(run_id, status, end_time=end_time))
 
 
 def start_run(

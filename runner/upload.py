@@ -94,7 +94,9 @@ from runner.upload_process import folder_lock, inherit_lock, timestamp
 STATUSES = {"finished": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED", "failed": "FAILED"}
 
 
+UPLOADED_TAG = "runner.uploaded"  # on a sweep parent an upload made (no sweep made one here)
 SWEEP_TAG = "sweep_id"  # a sweep job's tag naming its sweep (runner.tracking.run_tags)
+RECORDS = (f"*/{RESULTS_FILE}", f"*/{JOB_FAILURE_FILE}")  # a sweep's jobs' records
 
 
 @dataclass
@@ -399,13 +401,16 @@ class Uploader:
             client, experiment_id = self.stores[target]
             sweep_dir = self.sweeps.get(sweep_id)
             try:
-                if client.get_run(parent).info.status != "RUNNING":
+                run = client.get_run(parent)
+                if run.info.status != "RUNNING":
                     continue
+                made_here = UPLOADED_TAG in run.data.tags and sweep_dir is not None
+                ended = _sweep_time(sweep_dir, start=False) if made_here else None
                 try:
                     if sweep_dir is not None:
                         log_sweep_report(client, experiment_id, sweep_dir, parent, sweep_id)
                 finally:
-                    end_sweep_parent(client, parent, sweep_dir, status)
+                    end_sweep_parent(client, parent, sweep_dir, status, ended)
             except Exception as exc:
                 raise store_error(target.uri, exc) from None
 
@@ -472,7 +477,21 @@ def _sweep_parent(client: Any, experiment_id: str, sweep_dir: Path, sweep: Sweep
     )
     if found:
         return found[0].info.run_id
-    return create_sweep_parent(client, experiment_id, sweep_dir, sweep, {"runner.uploaded": "true"})
+    started = _sweep_time(sweep_dir, start=True)
+    tags = {UPLOADED_TAG: "true"}
+    return create_sweep_parent(client, experiment_id, sweep_dir, sweep, tags, started)
+
+
+def _sweep_time(sweep_dir: Path, start: bool) -> int | None:
+    """When a sweep ran, from its files, in MLflow's milliseconds: its first job's start
+    (start: the launcher's multirun.yaml and the jobs' configs, the earliest) or its last
+    job's end (their records, the latest). A parent an upload makes started and ended at
+    upload time, after its children, which are timed from their own files."""
+    names = ("multirun.yaml", "*/.hydra/config.yaml") if start else RECORDS
+    times = [path.stat().st_mtime for name in names for path in sweep_dir.glob(name)]
+    if not times:
+        return None
+    return int((min(times) if start else max(times)) * 1000)
 
 
 def _not_found(exc: Exception) -> bool:

@@ -1010,6 +1010,30 @@ def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(tmp_path: Path)
     assert summary == "uploaded 0, already recorded 2, skipped 0" and "nested" not in said
 
 
+def test_an_uploaded_sweeps_parent_spans_its_jobs(tmp_path: Path) -> None:
+    """A sweep recorded later (tracking=off, or its store away): the parent the upload
+    makes started and ended at upload time, after its children, which are timed from their
+    own files. It spans them: from the sweep's start to its last job's end."""
+    import io
+
+    from runner.upload import upload as upload_in_process
+
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m", *NUMPY[:1], "steps=3,4", "tracking=off", f"hydra.sweep.dir={sweep}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    time.sleep(1.1)  # the upload comes later
+    uploaded_at = int(time.time() * 1000)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    upload_in_process([sweep], uri, out=io.StringIO())
+    runs = all_runs(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
+    jobs = [r for r in runs if r.data.tags.get("runner.kind") != "sweep"]
+    assert parent.info.start_time <= min(j.info.start_time for j in jobs)
+    assert parent.info.end_time == max(j.info.end_time for j in jobs) < uploaded_at
+
+
 def test_upload_to_their_own_stores_goes_past_one_that_is_away(tmp_path: Path) -> None:
     """Runs made with a server that is gone now, and one with an SQLite store: without
     --tracking-uri the dead server is tried once and reported once, at the end, naming
