@@ -1,7 +1,7 @@
 """Step-by-step agreement of an agreement group's trajectories, in ulps of the rows' dtype.
 
 Final x alone can hide runs that parted and met again: XLA on and off in TF's graph
-mode differ by a float32 ulp at steps 28, 35 and 42 of an RMSprop run, and end on the
+mode differ by 1-2 float32 ulps at steps 28, 35 and 42 of an RMSprop run, and end on the
 same x. So each group's recorded trajectories (x, loss and gradient per step; a vector
 problem's distance to x* and gradient norm) are compared at the steps every member
 recorded: identical to the bit, or the first step where two members differ and the
