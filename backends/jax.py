@@ -595,8 +595,7 @@ class JaxBackend:
             resolve(name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
         except ConfigError as error:
             return str(error)
-        manual = spec.mode == "manual" or (spec.mode == "graph" and spec.update == "manual")
-        return None if manual else _convention_gap(name)
+        return None if spec.rule == "manual" else _convention_gap(name)
 
     def prepare(self, spec: MinimizeSpec) -> _EagerProgram | _CompiledProgram:
         reason = self.unsupported(spec)
@@ -609,7 +608,7 @@ class JaxBackend:
         x0 = _put(problem.x0_array(), dtype, device)
         lr = _put(spec.optimizer.lr, dtype, device)
         opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
-        update = spec.update if spec.mode == "graph" else spec.mode
+        update = spec.rule
 
         def loss_fn(x: jax.Array) -> jax.Array:
             return problem.loss(x, p, OPS)

@@ -153,7 +153,7 @@ def _convention(spec: MinimizeSpec) -> Convention:
     if not spec.options.get("legacy_optimizers"):
         return plain
     legacy = CONVENTIONS["tf_legacy"]
-    if (spec.update if spec.mode == "graph" else spec.mode) != "manual":
+    if spec.rule != "manual":
         return legacy
     return rule_convention(spec.optimizer, legacy, plain, False)
 
@@ -379,7 +379,7 @@ class _Run:
         self.dtype = _tf_dtype(spec.dtype)
         self.np_dtype = np.dtype(spec.dtype)
         self.vector = problem.dim is not None
-        self.kind = spec.update if spec.mode == "graph" else spec.mode
+        self.kind = spec.rule
         self.keep_x = not self.vector or spec.mode == "graph"  # see loss()
         convention = _convention(spec)
         opt = resolve(spec.optimizer.name, spec.optimizer.lr, spec.optimizer.hyper, convention)

@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -73,8 +73,7 @@ class NewRunFolder(Callback):
         try:
             check_new_run_dir(Path(run_dir).absolute())
         except RunnerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_code)
+            refuse(exc)
         note_new(str(run_dir))
 
 
@@ -83,11 +82,11 @@ class SweepTracking(Callback):
         self.outage: TrackingError | None = None  # the store was away as the sweep started
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            check_new_sweep_dir(Path(config.hydra.sweep.dir).absolute())
+            check_new_sweep_dir(sweep_dir.absolute())
         except RunnerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_code)
+            refuse(exc)
         if "BasicLauncher" not in _launcher(config):  # jobs elsewhere: this process waits
             from runner.plots import preload_while_waiting
 
@@ -95,7 +94,6 @@ class SweepTracking(Callback):
         tracking = _tracking(config)
         if not tracking.get("enabled", True):
             return
-        sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         cwd = Path(config.hydra.runtime.cwd)
         sweep_id = sweep_id_of(sweep_dir)
@@ -116,8 +114,7 @@ class SweepTracking(Callback):
             write_sweep(sweep_dir, SweepInfo(sweep_id, None, "nobody", overrides))
             return
         except RunnerError as exc:  # a bad tracking setting
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_code)
+            refuse(exc)
         start_sweep_parent(
             client, experiment_id, sweep_dir, SweepInfo(sweep_id, None, "jobs", overrides)
         )
@@ -211,6 +208,13 @@ def _log_failed_jobs(sweep_dir: Path, target: Any) -> tuple[int, str] | None:
         later = f"record them later with: python -m runner.upload {sweep_dir}"
         return exc.exit_code, f"the failed jobs are not in MLflow ({exc}); {later}"
     return None
+
+
+def refuse(exc: RunnerError) -> NoReturn:
+    """A setting refused before the run or sweep starts: the one line and its exit code
+    (Hydra would print an exception raised from a callback as a traceback)."""
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(exc.exit_code)
 
 
 def stop_workers(config: DictConfig) -> None:

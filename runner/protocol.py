@@ -64,6 +64,12 @@ class MinimizeSpec:
     device: str = "cpu"
     options: Mapping[str, Any] = field(default_factory=dict)  # backend-specific (jit_compile, ...)
 
+    @property
+    def rule(self) -> str:
+        """How x is updated: graph mode's inner update, else the mode itself (an eager
+        mode is its own update)."""
+        return self.update if self.mode == "graph" else self.mode
+
 
 @dataclass(frozen=True)
 class DerivativesSpec:

@@ -331,6 +331,8 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 JOB_FAILURE_FILE = "job_failure.json"
+# What a run folder holds once its run ended, finished or not: one or the other.
+RECORD_FILES = (RESULTS_FILE, JOB_FAILURE_FILE)
 
 
 def record_job_failure(

@@ -18,16 +18,15 @@ from pathlib import Path
 
 from runner.errors import ConfigError
 from runner.follow import DONE_FILE
-from runner.results import JOB_FAILURE_FILE, RESULTS_FILE
+from runner.results import RECORD_FILES
 from runner.sweep_record import SWEEP_FILE
 
-_RUN_FILES = (RESULTS_FILE, JOB_FAILURE_FILE)  # what a run leaves, finished or not
 _SWEEP_FILES = (SWEEP_FILE, DONE_FILE)  # what a tracked sweep leaves in its folder
 
 
 def check_new_run_dir(run_dir: Path) -> None:
     """Refuse a single run's folder that holds an earlier run's result or failure."""
-    found = [name for name in _RUN_FILES if (run_dir / name).exists()]
+    found = [name for name in RECORD_FILES if (run_dir / name).exists()]
     if found:
         raise ConfigError(
             f"hydra.run.dir={run_dir} holds an earlier run ({found[0]}); a run there "
@@ -38,7 +37,7 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 def check_new_sweep_dir(sweep_dir: Path) -> None:
     """Refuse a sweep folder that holds an earlier sweep's jobs or its MLflow record."""
-    jobs = [job for job in sweep_dir.glob("*") if any((job / name).exists() for name in _RUN_FILES)]
+    jobs = [job for job in sweep_dir.glob("*") if any((job / n).exists() for n in RECORD_FILES)]
     records = [name for name in _SWEEP_FILES if (sweep_dir / name).exists()]
     if jobs or records:
         what = records[0] if not jobs else f"the results of {len(jobs)} jobs"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
-from runner.results import JOB_FAILURE_FILE, RESULTS_FILE
+from runner.results import JOB_FAILURE_FILE, RECORD_FILES, RESULTS_FILE
 from runner.sweep_record import SWEEP_FILE, failure_uid, read_sweep
 
 ARTIFACTS_FOLDER = "artifacts"  # MLflow's copy of a logged run's files: <run id>/artifacts/
@@ -82,7 +82,7 @@ def _results_folders(path: Path) -> list[Path]:
     found = []
     for top, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not _is_artifact_copy(Path(top, d))]
-        if RESULTS_FILE in files or JOB_FAILURE_FILE in files:
+        if any(name in files for name in RECORD_FILES):
             found.append(Path(top))
     return sorted(found)
 

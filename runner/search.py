@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from runner.results import JOB_FAILURE_FILE, RESULTS_FILE
+from runner.summary import plural
 
 # Hydra builds a sweeper only from a class of the hydra_plugins namespace (the name
 # conf/hparams_search gives as hydra.sweeper._target_); runner.search_sweeper's class
@@ -57,9 +58,8 @@ def note_no_best(job_dirs: Iterable[Path], sweep_dir: Path) -> None:
     outcomes = Counter(_outcome(folder) for folder in job_dirs)
     total = sum(outcomes.values())
     counts = ", ".join(f"{outcomes[word]} {word}" for word in OUTCOMES if outcomes[word])
-    trials = "trial" if total == 1 else "trials"
     _no_best.append(
-        f"the search has no best trial: none of its {total} {trials} finished with a loss "
+        f"the search has no best trial: none of its {plural(total, 'trial')} finished with a loss "
         f"({counts}); no {sweep_dir / RESULTS_NAME} is written; the lines above say why"
     )
 

@@ -55,6 +55,7 @@ from runner.masking import mask_text, mask_uri
 from runner.naming import run_name
 from runner.results import (
     JOB_FAILURE_FILE,
+    RECORD_FILES,
     RESULTS_FILE,
     TRAJECTORY_FILE,
     divergence_message,
@@ -96,7 +97,7 @@ STATUSES = {"finished": "FINISHED", "skipped": "FINISHED", "diverged": "FAILED",
 
 UPLOADED_TAG = "runner.uploaded"  # on a sweep parent an upload made (no sweep made one here)
 SWEEP_TAG = "sweep_id"  # a sweep job's tag naming its sweep (runner.tracking.run_tags)
-RECORDS = (f"*/{RESULTS_FILE}", f"*/{JOB_FAILURE_FILE}")  # a sweep's jobs' records
+RECORD_GLOBS = tuple(f"*/{name}" for name in RECORD_FILES)  # a sweep's jobs' records
 
 
 @dataclass
@@ -287,7 +288,7 @@ class Uploader:
                 raise ValueError(f"not a JSON object but {type(result).__name__}")
             cfg = read_config(run_dir, result)
         except (OSError, ValueError, YAMLError) as exc:  # one unreadable folder holds no other
-            why = text_lines(str(exc))[0] if text_lines(str(exc)) else type(exc).__name__
+            why = (text_lines(str(exc)) or [type(exc).__name__])[0]
             print(f"skipped {run_dir}: its record cannot be read ({why})", file=self.out)
             self.outcome.skipped += 1
             self.outcome.unreadable.append(run_dir)
@@ -487,7 +488,7 @@ def _sweep_time(sweep_dir: Path, start: bool) -> int | None:
     (start: the launcher's multirun.yaml and the jobs' configs, the earliest) or its last
     job's end (their records, the latest). A parent an upload makes started and ended at
     upload time, after its children, which are timed from their own files."""
-    names = ("multirun.yaml", "*/.hydra/config.yaml") if start else RECORDS
+    names = ("multirun.yaml", "*/.hydra/config.yaml") if start else RECORD_GLOBS
     times = [path.stat().st_mtime for name in names for path in sweep_dir.glob(name)]
     if not times:
         return None

@@ -181,10 +181,11 @@ def point_agreement(rows: Sequence[DerivativeRow]) -> list[PointAgreement]:
         def label(row: DerivativeRow, devices: bool = devices) -> str:
             return f"{row.backend} {row.device}" if devices else row.backend
 
+        names = quantities(members)
         differences = [
             (apart(a.values[q], b.values[q], a.dtype), a, b, q)
             for a, b in combinations(members, 2)
-            for q in quantities(members)
+            for q in names
             if q in a.values and q in b.values
         ]
         if not differences:  # no value that both rows hold

@@ -22,7 +22,7 @@ from runner.compare.rows import backend_label
 from runner.errors import text_lines
 from runner.masking import mask_text
 from runner.naming import RUN_NAMED, config_kind, job_kind, mode_label, shown_overrides
-from runner.results import JOB_FAILURE_FILE, RESULTS_FILE, job_order
+from runner.results import JOB_FAILURE_FILE, RECORD_FILES, RESULTS_FILE, job_order
 from runner.run_folders import read_overrides
 
 # Overrides the job's name says already (its backend and mode, not its dtype), left out
@@ -76,11 +76,7 @@ def hole_lines(holes: Sequence[Hole]) -> list[str]:
 def sweep_holes(sweep_dir: Path) -> list[Hole]:
     """The sweep's skipped and failed jobs, in job order."""
     folders = sorted(
-        {
-            p.parent
-            for name in (RESULTS_FILE, JOB_FAILURE_FILE)
-            for p in sweep_dir.glob(f"*/{name}")
-        },
+        {p.parent for name in RECORD_FILES for p in sweep_dir.glob(f"*/{name}")},
         key=job_order,
     )
     overrides = {folder: read_overrides(folder) for folder in folders}

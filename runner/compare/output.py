@@ -23,7 +23,7 @@ from runner.compare.rows import Row, differing_settings, varying_settings
 from runner.compare.stepwise import DIFFER, IDENTICAL, NOT_RECORDED, StepAgreement
 from runner.compare.trajectories import Trajectory
 from runner.results import atomic_write
-from runner.summary import fmt, step_time_text
+from runner.summary import fmt, plural, step_time_text
 from runner.tracking import MAX_POINTS_PER_METRIC
 
 MARKDOWN_FILE = "comparison.md"
@@ -174,7 +174,7 @@ def trajectory_text(item: Agreement) -> str:
     if found.status == NOT_RECORDED:
         some = found.missing and len(found.missing) < len(item.compared)
         return f"{NOT_RECORDED} ({', '.join(found.missing)})" if some else NOT_RECORDED
-    steps = plural_steps(found.steps, found.logged_only)
+    steps = plural(found.steps, "logged step" if found.logged_only else "step")
     if found.status == IDENTICAL:
         return f"{IDENTICAL} ({steps})"
     if found.status == DIFFER:
@@ -182,10 +182,6 @@ def trajectory_text(item: Agreement) -> str:
         size = "non-finite" if math.isinf(apart) else f"{_g(apart, '.4g')} ulp{'s' * (apart != 1)}"
         return f"{DIFFER} from step {found.first_diff_step} (max {size}, {found.column}; {steps})"
     return found.status
-
-
-def plural_steps(count: int, logged_only: bool) -> str:
-    return f"{count}{' logged' * logged_only} step{'s' * (count != 1)}"
 
 
 def _compared(item: Agreement) -> str:

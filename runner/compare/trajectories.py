@@ -11,7 +11,7 @@ non-finite value.
 
 from __future__ import annotations
 
-import tempfile
+import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ import numpy as np
 from runner.compare.rows import Row
 from runner.compare.store import download_text
 from runner.results import TRAJECTORY_FILE
-from runner.tracking import MAX_POINTS_PER_METRIC, read_trajectory, thin
+from runner.tracking import MAX_POINTS_PER_METRIC, parse_trajectory, read_trajectory, thin
 from runner.tracking_store import retry_locked
 
 # trajectory.csv is downloaded where the run recorded at most this many rows (~3 MB;
@@ -85,10 +85,7 @@ def logged_trajectory(client: Any, row: Row) -> Trajectory | None:
     if recorded_rows(row) <= CSV_ROWS_LIMIT:
         text = download_text(client, row.run_id, TRAJECTORY_FILE)
         if text is not None:
-            with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
-                path = Path(tmp) / TRAJECTORY_FILE
-                path.write_text(text)
-                return file_trajectory(path)
+            return from_columns(parse_trajectory(io.StringIO(text)))
     return metric_trajectory(client, row)
 
 
