@@ -34,8 +34,10 @@ _no_best: list[str] = []  # this command's search found no best trial: why, in o
 
 
 def register_sweeper() -> None:
-    """Make runner.search_sweeper's class instantiable by Hydra, where Optuna's sweeper is
-    installed (the [sweeps] extra).
+    """Make runner.search_sweeper's class instantiable by Hydra, and the sweeper that
+    `hydra/sweeper=optuna` chooses, where Optuna's sweeper is installed (the [sweeps]
+    extra): Hydra's documented way to search with Optuna gets the same ending as
+    `+hparams_search`.
 
     Hydra finds plugins by scanning the hydra_plugins namespace with pkgutil, which cannot
     list the packages of an editable install (setuptools' import hooks; hydra#3252), so
@@ -45,12 +47,22 @@ def register_sweeper() -> None:
     it; they never build the sweeper."""
     if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
         return
+    from hydra.core.config_store import ConfigStore
     from hydra.core.plugins import Plugins
+    from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 
     from runner import search_sweeper
 
     sys.modules.setdefault(PLUGIN_MODULE, search_sweeper)
     Plugins.instance().register(search_sweeper.OptunaSearch)
+    # Optuna's own config, stored again with this class as its target (Optuna's sweeper
+    # stored it as its module was imported, once, by now: this one stays)
+    ConfigStore.instance().store(
+        group="hydra/sweeper",
+        name="optuna",
+        node=OptunaSweeperConf(_target_=f"{PLUGIN_MODULE}.{search_sweeper.OptunaSearch.__name__}"),
+        provider="gradient_runner",
+    )
 
 
 def note_no_best(job_dirs: Iterable[Path], sweep_dir: Path) -> None:

@@ -1,10 +1,13 @@
-"""The sweeper of `+hparams_search=...`: Optuna's, except when no trial completed.
+"""The sweeper of `+hparams_search=...` and `hydra/sweeper=optuna`: Optuna's, except
+when no trial completed, and writing the sweep's multirun.yaml as Hydra's own does.
 
 Optuna's sweeper runs the trials, then reads its study's best trial, which raises when
 none completed (`No trials are completed yet`): skipped and failed trials return no loss
 (runner.cli), and Optuna counts them as failed trials, not as losses a best lr could be
-picked from. Everything else is Optuna's own: its sampling, its max_failure_rate, its
-optimization_results.yaml whenever a trial completed. Only that last error becomes the
+picked from. Everything else is Optuna's own: its sampling, its
+optimization_results.yaml whenever a trial completed, its max_failure_rate (which stops
+a search only on a job that raised: the runner's jobs end by returning, their failures
+said in their own lines). Only that last error becomes the
 search's result, noted for the command's end (runner.search), so that Hydra goes on to
 on_multirun_end: the report, the MLflow parent run closed, the exit code.
 
@@ -22,7 +25,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from runner.search import PLUGIN_MODULE, note_no_best
 
@@ -49,6 +52,11 @@ class OptunaSearch(OptunaSweeper):
         self.sweeper.launcher = self.trials
 
     def sweep(self, arguments: list[str]) -> None:
+        # the sweep's config, where Hydra's basic sweeper keeps it: what an upload's parent
+        # run is dated by (runner.upload) and a person reads to see what was searched
+        sweep_dir = Path(self.sweeper.sweep_dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.sweeper.config, sweep_dir / "multirun.yaml")
         try:
             return super().sweep(arguments)
         except ValueError:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tests.conftest import ROOT, cli, python_code
 
@@ -512,10 +512,24 @@ def test_optuna_search_whose_every_trial_fails_ends_like_a_failed_sweep(tmp_path
     assert [r.info.status for r in jobs] == ["FAILED", "FAILED"]
 
 
-def test_optuna_search_whose_every_trial_is_skipped_says_it_has_no_best(tmp_path: Path) -> None:
+# the search of conf/hparams_search, and Optuna's sweeper chosen as Hydra's docs choose it
+OPTUNA_AS_DOCUMENTED = ("-m", "hydra/sweeper=optuna", "optimizer.lr=tag(log, interval(0.001, 1))")
+
+
+@pytest.mark.parametrize("chosen", [(), OPTUNA_AS_DOCUMENTED], ids=["hparams_search", "sweeper"])
+def test_optuna_search_whose_every_trial_is_skipped_says_it_has_no_best(
+    tmp_path: Path, chosen: tuple[str, ...]
+) -> None:
     """Skipped trials are results of the sweep, but not a search's: its report lists
-    them, and it exits 2, as a single run of that combination is refused."""
-    proc = lr_search(tmp_path, "backend=numpy", "mode=apply", "hydra.sweeper.n_trials=3", "steps=5")
+    them, and it exits 2, as a single run of that combination is refused. It keeps its
+    config in multirun.yaml, as any sweep does."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    search = (*chosen, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1")
+    if chosen:  # hydra/sweeper=optuna alone: no +hparams_search
+        proc = cli(*search, "backend=numpy", "mode=apply", "steps=5", "tracking=off",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)  # fmt: skip
+    else:
+        proc = lr_search(tmp_path, *search, "backend=numpy", "mode=apply", "steps=5")
     assert proc.returncode == 2, proc.stderr
     line = no_best_line(proc)
     assert line.startswith(f"{NO_BEST}3 trials finished with a loss (3 skipped); no ")
@@ -525,6 +539,9 @@ def test_optuna_search_whose_every_trial_is_skipped_says_it_has_no_best(tmp_path
     # the job's line says why; Optuna's sweeper's two lines on a None return are dropped
     assert "float-castable" not in proc.stdout + proc.stderr
     assert not (tmp_path / "sweep" / "optimization_results.yaml").exists()
+    searched = OmegaConf.load(tmp_path / "sweep" / "multirun.yaml")
+    assert searched.hydra.sweeper._target_ == "hydra_plugins.gradient_runner.OptunaSearch"
+    assert searched.hydra.sweeper.n_trials == 3 and searched.backend.name == "numpy"
 
 
 def test_only_a_search_whose_every_trial_ran_without_a_value_has_no_best() -> None:
