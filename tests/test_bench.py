@@ -19,7 +19,14 @@ from subprocess import CompletedProcess
 
 import pytest
 
-from runner.bench.report import all_targets, longest, process_lines, scalar_rows, vector_rows
+from runner.bench.report import (
+    all_targets,
+    header_lines,
+    longest,
+    process_lines,
+    scalar_rows,
+    vector_rows,
+)
 from runner.bench.run import parse_args
 from tests.conftest import ROOT, free_port, python_code
 
@@ -338,6 +345,8 @@ def test_params_and_target_tags_read_as_typed() -> None:
     assert params["backends"] == "tf,torch,jax"
     assert params["dims"] == "1,1000,100000,1000000,10000000"
     assert params["machine.load_before"] == "0.5,0.4,0.3"
+    header = header_lines(results)
+    assert any("load average 0.50, 0.40, 0.30 before, 0.60, 0.50, 0.40 after." in h for h in header)
     assert params["versions.numpy"] == "2.0" and "machine.versions" not in params
     assert "secret" not in params["tracking_uri"]
     assert "tracking_uri" not in bench_params(results_of())  # not given: no "None"

@@ -181,6 +181,11 @@ def load_average() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def load_text(load: Sequence[float]) -> str:
+    """`1.20, 1.10, 1.00`, as uptime prints it: a list's repr read as code."""
+    return ", ".join(f"{v:.2f}" for v in load)
+
+
 def vector_steps(n: int, quick: bool = False) -> int:
     """About 2e8 coordinate-updates per run (1e5 steps at n <= 2000, 20 at n = 1e7).
 

@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from runner.bench.cases import PROCESS_SECTIONS, model_bytes, quick_leaves_out, vector_failure
+from runner.bench.cases import (
+    PROCESS_SECTIONS,
+    load_text,
+    model_bytes,
+    quick_leaves_out,
+    vector_failure,
+)
 from runner.bench.targets import all_targets, longest, paired_ratios
 
 # --------------------------------------------------------------------------- report
@@ -214,7 +220,8 @@ def header_lines(results: Mapping[str, Any]) -> list[str]:
             else []
         ),
         f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}; "
-        f"load average {machine['load_before']} before, {machine['load_after']} after. "
+        f"load average {load_text(machine['load_before'])} before, "
+        f"{load_text(machine['load_after'])} after. "
         f"CPU features: {', '.join(features or []) or 'none'}"
         + (" (unknown)" if features is None else "")
         + ". Numerics environment: "

@@ -21,6 +21,7 @@ from runner.bench.cases import (
     QUICK_BUDGET_S,
     Settings,
     load_average,
+    load_text,
     quick_leaves_out,
     variants,
 )
@@ -167,7 +168,7 @@ def run_bench(settings: Settings, say: Callable[[str], None] = print) -> dict[st
     git = git_state()  # the code that runs, as it starts: a commit made later is not it
     started = datetime.now().isoformat(timespec="seconds")
     machine = machine_info()
-    say(f"benchmark -> {settings.out} (load {machine['load_before']})")
+    say(f"benchmark -> {settings.out} (load average {load_text(machine['load_before'])})")
     if settings.quick:
         say(f"quick (smoke) run: it leaves out {quick_leaves_out(settings.backends)}")
     loaded = load_backends(settings, say)
