@@ -23,8 +23,8 @@ from runner.reference import rule
 def _convention(spec: MinimizeSpec) -> Convention:
     """The formulas backend.convention names (checked by unsupported()), or the papers'
     where it gives this run's rule nothing of its own (any convention with SGD): that run
-    is numpy's plain row in the comparison, and its record says so. Adam's bias-correction
-    dtype counts below float64 only, where the two ways part."""
+    is numpy's plain row in the comparison, and its record says so. The dtypes of Adam's
+    bias correction and of 1 - beta, 1 - rho count below float64 only, where the ways part."""
     chosen = CONVENTIONS[spec.options.get("convention", "paper")]
     return rule_convention(spec.optimizer, chosen, CONVENTIONS["paper"], spec.dtype != "float64")
 

@@ -306,7 +306,8 @@ class _Manual:
     ) -> None:
         self.opt = opt
         # all it reads of the convention (rule_reads: TF's rule computes Adam's bias
-        # correction in the run's dtype whatever the convention says)
+        # correction in the run's dtype, 1 - beta and 1 - rho in float64, whatever the
+        # convention says)
         self.form = eps_placement(opt.name, float(opt.values.get("momentum") or 0), convention)
         self.name = opt.name
         self.dtype = dtype

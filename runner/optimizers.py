@@ -43,6 +43,12 @@ class Convention:
                      run's dtype, from betas rounded to it ("run dtype": optax, Keras). In
                      float32 the rounded beta2 (0.99900001) moves 1 - beta2**t by ~1e-5
                      relative at t = 50: Adam's x then differs by ~90 ulps after 50 steps.
+    decay_complement: 1 - beta (Adam's moments) and 1 - rho (RMSprop's mean square) in
+                     "float64", rounded once to the run's dtype (Python floats: torch.optim,
+                     optax, Keras 2's optimizers: 0.1f for beta1 0.9), or in the "run dtype"
+                     from the decay rounded to it (Keras 2's legacy fused kernels:
+                     1 - 0.9f = 0.100000024). In float32 Adam's x parts by ~100 ulps
+                     within 200 steps.
     """
 
     name: str
@@ -55,6 +61,7 @@ class Convention:
     rmsprop_eps_form: str  # inside | outside
     rmsprop_momentum_eps_form: str | None = None  # inside | outside | None: as without
     adam_bias_correction: str = "float64"  # float64 | run dtype
+    decay_complement: str = "float64"  # float64 | run dtype
 
     def rmsprop_form(self, momentum: float) -> str:
         """Where RMSprop's eps goes at this momentum."""
@@ -63,17 +70,29 @@ class Convention:
         return self.rmsprop_eps_form
 
 
+# the decays whose complement (Convention.decay_complement) a rule computes, as named
+DECAYS = {"adam": "1 - beta", "rmsprop": "1 - rho"}
+
 CONVENTIONS: dict[str, Convention] = {
     # tf_keras 2.x optimizers (Keras 2): Adam epsilon-hat, eps 1e-7 everywhere.
     "tf": Convention("tf", 1e-7, "raw", 1e-7, "inside", 0.1, 1e-7, "inside", None, "run dtype"),
     # tf_keras.optimizers.legacy (TF <= 2.10's tf.keras optimizers, fused C++ kernels):
     # Adagrad's and momentum-free RMSprop's eps outside the root, RMSprop's with momentum
-    # inside (ResourceApplyRMSProp).
-    # Its fused Adam kernel rounds beta2 to float32 in the moment update as well as in
-    # the bias correction (v += (g*g - v) * (1 - beta2)), and the two roundings cancel:
-    # float32 runs land within a few ulps of the float64 bias correction, not ~90 off.
+    # inside (ResourceApplyRMSProp). Its hyperparameters are float32 variables: Adam's
+    # beta**t (tf.pow of the rounded beta) and every 1 - beta, 1 - rho are float32
+    # arithmetic (ResourceApplyAdam: m += (g - m) * (1 - beta1)).
     "tf_legacy": Convention(
-        "tf_legacy", 1e-7, "raw", 1e-7, "outside", 0.1, 1e-7, "outside", "inside"
+        "tf_legacy",
+        1e-7,
+        "raw",
+        1e-7,
+        "outside",
+        0.1,
+        1e-7,
+        "outside",
+        "inside",
+        adam_bias_correction="run dtype",
+        decay_complement="run dtype",
     ),
     # torch.optim, which follows the papers: eps outside every square root.
     "torch": Convention("torch", 1e-8, "corrected", 1e-10, "outside", 0.0, 1e-8, "outside"),
@@ -173,27 +192,28 @@ def eps_form(name: str, momentum: float, convention: Convention) -> str | None:
 
 
 def rule_reads(
-    optimizer: OptimizerSpec, convention: Convention, bias_correction: bool
+    optimizer: OptimizerSpec, convention: Convention, dtype_details: bool
 ) -> tuple[Any, ...]:
     """All a hand-written rule reads of `convention` for `optimizer`: its settings, the
-    framework's defaults filled in, where eps goes, and (bias_correction: a rule that
-    reads it, below float64, where both ways part) Adam's bias-correction dtype. Two
-    conventions that read alike give one rule, so an option choosing between them
-    changed nothing (backends' options_used)."""
+    framework's defaults filled in, where eps goes, and (dtype_details: a rule that reads
+    them, run below float64, where both ways part) the dtypes of Adam's bias correction
+    and of 1 - beta / 1 - rho. Two conventions that read alike give one rule, so an
+    option choosing between them changed nothing (backends' options_used)."""
     opt = resolve(optimizer.name, optimizer.lr, optimizer.hyper, convention)
     form = eps_placement(opt.name, float(opt.values.get("momentum") or 0), convention)
-    bias = convention.adam_bias_correction if bias_correction and opt.name == "adam" else None
-    return tuple(sorted(opt.values.items())), form, bias
+    bias = convention.adam_bias_correction if dtype_details and opt.name == "adam" else None
+    complement = convention.decay_complement if dtype_details and opt.name in DECAYS else None
+    return tuple(sorted(opt.values.items())), form, bias, complement
 
 
 def rule_convention(
-    optimizer: OptimizerSpec, chosen: Convention, plain: Convention, bias_correction: bool
+    optimizer: OptimizerSpec, chosen: Convention, plain: Convention, dtype_details: bool
 ) -> Convention:
     """`plain` where `chosen` gives `optimizer`'s hand-written rule nothing of its own (see
     rule_reads): the convention a run's record names is then the one its options leave
     out, so two runs of one rule are one row in the comparison."""
-    same = rule_reads(optimizer, chosen, bias_correction) == rule_reads(
-        optimizer, plain, bias_correction
+    same = rule_reads(optimizer, chosen, dtype_details) == rule_reads(
+        optimizer, plain, dtype_details
     )
     return plain if same else chosen
 

@@ -7,6 +7,7 @@ differs from Keras'" can be checked to be exactly the documented difference.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,13 +48,13 @@ def _adam(opt: Resolved, c: Convention) -> Rule:
     lr, b1, b2, eps = opt.lr, opt["beta1"], opt["beta2"], opt["eps"]
 
     def update(x: np.ndarray, g: np.ndarray, s: State, t: int) -> tuple[np.ndarray, State]:
-        m = b1 * s["m"] + (1 - b1) * g
-        v = b2 * s["v"] + (1 - b2) * g * g
+        m = b1 * s["m"] + _complement(b1, x, c) * g
+        v = b2 * s["v"] + _complement(b2, x, c) * g * g
         c1, c2 = _bias_correction(b1, t, x, c), _bias_correction(b2, t, x, c)
         if c.adam_eps_form == "corrected":
             step = lr * (m / c1) / (np.sqrt(v / c2) + eps)
         else:  # Keras' epsilon-hat: the bias correction folded into the step size
-            step = lr * np.sqrt(c2) / c1 * m / (np.sqrt(v) + eps)
+            step = lr * _sqrt(c2) / c1 * m / (np.sqrt(v) + eps)
         return x - step, {"m": m, "v": v}
 
     return Rule(lambda x: {"m": np.zeros_like(x), "v": np.zeros_like(x)}, update)
@@ -65,6 +66,22 @@ def _bias_correction(beta: float, t: int, x: np.ndarray, c: Convention) -> Any:
         return 1 - beta**t
     dtype = np.asarray(x).dtype.type
     return dtype(1) - dtype(beta) ** dtype(t)
+
+
+def _complement(decay: float, x: np.ndarray, c: Convention) -> Any:
+    """1 - decay as the convention computes it: a Python float (rounded once where it
+    meets x), or in x's dtype from the decay rounded to it."""
+    if c.decay_complement == "float64":
+        return 1 - decay
+    dtype = np.asarray(x).dtype.type
+    return dtype(1) - dtype(decay)
+
+
+def _sqrt(value: Any) -> Any:
+    """A square root that keeps a Python float a Python float: np.sqrt makes it a float64
+    scalar, which NumPy 2 does not round to x's dtype, so a float32 step would be taken
+    in float64 and only x rounded back."""
+    return math.sqrt(value) if isinstance(value, float) else np.sqrt(value)
 
 
 def _adagrad(opt: Resolved, c: Convention) -> Rule:
@@ -81,7 +98,7 @@ def _rmsprop(opt: Resolved, c: Convention) -> Rule:
     lr, rho, momentum, eps = opt.lr, opt["rho"], opt["momentum"], opt["eps"]
 
     def update(x: np.ndarray, g: np.ndarray, s: State, t: int) -> tuple[np.ndarray, State]:
-        ms = rho * s["ms"] + (1 - rho) * g * g
+        ms = rho * s["ms"] + _complement(rho, x, c) * g * g
         direction = g / _root(ms, eps, c.rmsprop_form(momentum))
         buf = momentum * s["buf"] + direction if momentum else direction
         return x - lr * buf, {"ms": ms, "buf": buf}

@@ -437,6 +437,49 @@ def test_float32_adam_bias_correction_is_computed_as_keras_does() -> None:
     assert np.float32(by_tf.final_x) == np.float32(0.049693942) == by_numpy.final_x
 
 
+def test_float32_legacy_adam_and_rmsprop_are_float32_arithmetic_throughout() -> None:
+    """Keras 2's legacy Adam keeps its betas in float32 variables, and its fused kernel
+    (ResourceApplyAdam) takes beta**t, 1 - beta**t and 1 - beta in float32: 1 - 0.9f is
+    0.100000024, where the current optimizer's Python 1 - 0.9 rounds to 0.1f. A float32
+    replay of the kernel is TF's x at every step. CONVENTIONS['tf_legacy'] had said its
+    bias correction was float64, and the agreement note blamed that for the 78 ulps
+    between tf and tf+legacy_optimizers after 200 steps."""
+    from tests.specs import notebook_spec
+
+    steps, f = 200, np.float32
+    legacy = {"legacy_optimizers": True}
+    spec = notebook_spec("apply", name="adam", lr=0.001, steps=steps, options=legacy)
+    by_tf = run_minimize(BACKEND, spec).trajectory
+    one, lr, b1, b2, eps = f(1), f(0.001), f(0.9), f(0.999), f(1e-7)
+    x = m = v = f(0)
+    xs = [x]
+    for t in range(1, steps + 1):
+        g = f(2) * x - f(2)  # the notebook's quadratic: a = 1, b = -2
+        alpha = lr * np.sqrt(one - b2 ** f(t)) / (one - b1 ** f(t))
+        m = m + (g - m) * (one - b1)
+        v = v + (g * g - v) * (one - b2)
+        x = x - m * alpha / (np.sqrt(v) + eps)
+        xs.append(x)
+    assert np.array_equal(np.asarray(by_tf.x, np.float32), xs[:steps])
+    assert f(by_tf.final_x) == xs[-1] == f(0.19151859)
+    assert LEGACY.adam_bias_correction == LEGACY.decay_complement == "run dtype"
+    # RMSprop's 1 - rho likewise (with momentum: ResourceApplyRMSProp, eps inside)
+    hyper = {"momentum": 0.5}
+    spec = notebook_spec("apply", name="rmsprop", steps=steps, hyper=hyper, options=legacy)
+    by_tf = run_minimize(BACKEND, spec).trajectory
+    lr, rho, momentum = f(0.01), f(0.9), f(0.5)
+    x = ms = mom = f(0)
+    xs = [x]
+    for _ in range(steps):
+        g = f(2) * x - f(2)
+        ms = ms + (g * g - ms) * (one - rho)
+        mom = mom * momentum + lr * g / np.sqrt(ms + eps)
+        x = x - mom
+        xs.append(x)
+    assert np.array_equal(np.asarray(by_tf.x, np.float32), xs[:steps])
+    assert f(by_tf.final_x) == xs[-1]
+
+
 @pytest.mark.parametrize("mode", ["manual", "graph"])
 def test_results_record_legacy_optimizers_only_where_it_changes_the_rule(mode: str) -> None:
     """The hand-written rule (mode=manual, update=manual) uses no Keras optimizer:

@@ -748,6 +748,38 @@ def test_agreement_compares_rows_of_one_problem_only() -> None:
     assert other.compared == ["torch", "tf"] and other.setup  # named by its problem
 
 
+def test_agreement_note_names_the_arithmetic_that_parts_rows_and_each_row() -> None:
+    """tf against tf+legacy_optimizers (Adam, float32): 1 - beta in float32 parts them;
+    the note had blamed the bias correction, said to be float64 for legacy optimizers (it
+    is float32 there too: test_backend_tf_issue4). And one backend's two rows are named as
+    the table names them ('torch graph/apply', 'torch graph/manual'), not 'torch' twice."""
+    from runner.compare.agreement import agreement_of
+    from runner.compare.rows import row_from_result
+
+    result, _ = sgd_run(composed("backend=jax"))
+    run = {"run_id": "", "run_name": "", "started": ""}
+    adam = {"name": "adam", "lr": 0.001, "beta1": 0.9, "beta2": 0.999, "eps": 1e-07}
+
+    def row(backend: str, convention: str, x: float, **result_keys: Any) -> Any:
+        used = {**adam, "convention": convention}
+        changed = {"backend": backend, "optimizer": adam, "optimizer_used": used, "final_x": x}
+        return row_from_result({**result, **changed, **result_keys}, **run)
+
+    legacy = {"options": {"legacy_optimizers": True}}
+    (tf,) = agreement_of(
+        [row("tf", "tf", 0.19151743), row("tf", "tf_legacy", 0.19151859, **legacy)]
+    )
+    assert tf.note == "1 - beta in float64 (tf), run dtype (tf+legacy_optimizers)"
+    torch = [
+        row("torch", "torch_compiled", 0.1915185, mode="graph", update="apply"),
+        row("torch", "torch", 0.19151856, mode="graph", update="manual"),
+    ]
+    (across,) = agreement_of(torch)
+    assert across.note == (
+        "bias correction in run dtype (torch graph/apply), float64 (torch graph/manual)"
+    )
+
+
 def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> None:
     """Adam under TF's conventions (eps 1e-7, epsilon-hat) against the papers' (1e-8, eps on
     sqrt(v_hat)): the agreement note says so, from results.json and from MLflow's tags."""

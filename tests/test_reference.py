@@ -199,3 +199,21 @@ def test_numpy_backend_matches_the_reference_and_the_notebook() -> None:
             x_star = np.asarray(problem.optimum()[0])
             dist = np.linalg.norm(xs[:100:10] - x_star, axis=1)
             np.testing.assert_allclose(outcome.trajectory.x, dist, rtol=1e-10)
+
+
+@pytest.mark.parametrize("convention", sorted(CONVENTIONS))
+@pytest.mark.parametrize("name", ["sgd", "adam", "adagrad", "rmsprop"])
+def test_a_float32_step_is_float32_arithmetic(name: str, convention: str) -> None:
+    """backend=numpy runs the reference in the run's dtype. Under tf_legacy, Adam's
+    epsilon-hat step took np.sqrt of a Python float, a float64 scalar, which NumPy 2 does
+    not round to float32: the whole step was float64 and only x rounded back (1 ulp off
+    after 200 steps). Every value a float32 step makes stays float32."""
+    from runner.reference import rule
+
+    opt = resolve(name, 0.01, {"momentum": 0.5} if name == "rmsprop" else {}, CONVENTIONS["tf"])
+    update = rule(opt, CONVENTIONS[convention])
+    x = np.array([0.25, -1.5], np.float32)
+    state = update.init(x)
+    for t in (1, 2):
+        x, state = update.update(x, np.float32(2) * x - np.float32(2), state, t)
+        assert x.dtype == np.float32 and all(v.dtype == np.float32 for v in state.values())

@@ -24,7 +24,7 @@ from runner.compare.rows import (
     problem_key,
     varying_settings,
 )
-from runner.optimizers import CONVENTIONS, eps_form
+from runner.optimizers import CONVENTIONS, DECAYS, eps_form
 
 if TYPE_CHECKING:  # stepwise counts its ulps with ulps() below
     from runner.compare.stepwise import StepAgreement
@@ -151,7 +151,7 @@ def agreement_of(rows: Sequence[Row], compare_steps: CompareSteps | None = None)
                 abs_diff=abs_diff(worst[0].x, worst[1].x),
                 ulps_f32=ulps(worst[0].x, worst[1].x, np.float32),
                 ulps_f64=ulps(worst[0].x, worst[1].x, np.float64) if dtype == "float64" else None,
-                note=_setup_note(members),
+                note=_setup_note(members, labels),
                 setup=setup,
                 trajectory=compare_steps(members, labels, own) if compare_steps else None,
             )
@@ -178,35 +178,41 @@ def _group_name(mode: str, members: Sequence[Row]) -> str:
     return mode
 
 
-def _setup_note(members: Sequence[Row]) -> str:
+def _setup_note(members: Sequence[Row], labels: Sequence[str]) -> str:
     """Rows that ran different step counts, or with other framework defaults, are not
     expected to agree (rows of different problems are never grouped: agreement_of)."""
     notes = []
     steps = sorted({m.steps for m in members})
     if len(steps) > 1:
         notes.append("steps differ: " + ", ".join(map(str, steps)))
-    notes += _defaults_differ(members)
+    notes += _defaults_differ(members, labels)
     return "; ".join(notes)
 
 
-def _defaults_differ(members: Sequence[Row]) -> list[str]:
-    """The framework defaults and eps forms the rows ran with, where they differ: what
-    keeps e.g. TF's Adam (eps 1e-7, epsilon-hat) from agreeing with torch's to the ulp."""
-    seen: dict[str, dict[str, list[str]]] = {}  # setting -> value -> backends
-    for row in members:
+def _defaults_differ(members: Sequence[Row], labels: Sequence[str]) -> list[str]:
+    """The framework defaults, eps forms and arithmetic dtypes the rows ran with, where
+    they differ: what keeps e.g. TF's Adam (eps 1e-7, epsilon-hat) from agreeing with
+    torch's to the ulp. Each value names its rows as the table does (labels): one
+    backend's two rows (torch graph/apply, graph/manual) read "torch" twice."""
+    seen: dict[str, dict[str, list[str]]] = {}  # setting -> value -> row labels
+    for row, row_label in zip(members, labels, strict=True):
         used = row.optimizer_used
+        name = str(used.get("name"))
         convention = CONVENTIONS.get(str(used.get("convention")))
         settings = {k: v for k, v in used.items() if k not in ("convention", "name", "lr")}
         if convention is not None:
-            form = eps_form(str(used.get("name")), float(used.get("momentum") or 0), convention)
+            form = eps_form(name, float(used.get("momentum") or 0), convention)
             if form is not None:
                 settings["eps form"] = form
-            if used.get("name") == "adam" and row.dtype != "float64":  # float64: the same
-                settings["bias correction in"] = convention.adam_bias_correction
+            if row.dtype != "float64":  # in float64 both ways are one
+                if name == "adam":
+                    settings["bias correction in"] = convention.adam_bias_correction
+                if name in DECAYS:
+                    settings[f"{DECAYS[name]} in"] = convention.decay_complement
         for key, value in settings.items():
-            backends = seen.setdefault(key, {}).setdefault(str(value), [])
-            if row.backend not in backends:
-                backends.append(row.backend)
+            named = seen.setdefault(key, {}).setdefault(str(value), [])
+            if row_label not in named:
+                named.append(row_label)
     return [
         f"{key} " + ", ".join(f"{value} ({', '.join(b)})" for value, b in values.items())
         for key, values in seen.items()
