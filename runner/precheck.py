@@ -96,9 +96,15 @@ def check_overrides(args: list[str]) -> None:
     plain = [a for a in args if "=" in a and not a.startswith(("-", "hydra")) and "," not in a]
     plain = [a for a in plain if "(" not in a.split("=", 1)[1]]
     check_task_settings(plain)
+    swept = swept_choices(args)
+    check_swept_settings(plain, swept)
+    # each swept group at its first choice (all have the settings given, checked above):
+    # at the group's default, `-m optimizer=adam,rmsprop optimizer.beta1=0.8` was told to
+    # choose optimizer=adam
+    chosen = [f"{group}={values[0]}" for group, values in swept.items()]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose("config", overrides=plain)
+            compose("config", overrides=[*chosen, *plain])
     except (HydraException, OmegaConfBaseException) as exc:
         lines = text_lines(str(exc)) or [str(exc)]
         missing = re.match(r"Could not override '([^']+)'", lines[0])
@@ -115,6 +121,65 @@ def check_overrides(args: list[str]) -> None:
                 f"to add a new key on purpose, write +{key}=..."
             ) from None
         raise RunnerError(lines[0]) from None
+
+
+def swept_choices(args: list[str]) -> dict[str, list[str]]:
+    """The config groups a sweep lists choices of (`optimizer=adam,rmsprop`), in order."""
+    swept = {}
+    for arg in args:
+        match = re.fullmatch(r"(\w+)=([\w\-]+(?:,[\w\-]+)+)", arg)
+        if match and match.group(1) in CHECKED_GROUPS:
+            swept[match.group(1)] = match.group(2).split(",")
+    return swept
+
+
+def check_swept_settings(plain: list[str], swept: Mapping[str, list[str]]) -> None:
+    """A setting that some of a sweep's choices lack (`-m optimizer=adam,rmsprop
+    optimizer.momentum=0`: Adam has none) is refused in one line, before any job: Hydra
+    cannot compose those jobs, and ended the whole sweep in its own multi-line error,
+    exit 1, with an empty sweep folder left behind and no job run."""
+    for arg in plain:
+        group, dot, setting = arg.split("=", 1)[0].partition(".")
+        if not dot or group not in swept or "." in setting:
+            continue
+        known = {value: option_settings(group, value) for value in swept[group]}
+        lacking = [
+            v for v, settings in known.items() if settings is not None and setting not in settings
+        ]
+        if not lacking:
+            continue
+        having = [
+            v for v, settings in known.items() if settings is not None and setting in settings
+        ]
+        key = f"{group}.{setting}"
+        owners = options_with(key) or [f"{group}={v}" for v in having]
+        if not owners:
+            continue  # no choice has it (misspelt?): the composition below says so
+        fix = (
+            f"sweep {group}={','.join(having)} with it and {group}={','.join(lacking)} without it"
+            if having
+            else f"drop {key} or choose {owners[0]}"
+        )
+        raise RunnerError(
+            f"{key} is a setting of {' and '.join(owners)} only, not of {group}={lacking[0]}, "
+            f"which this sweep runs; {fix}"
+        )
+
+
+def option_settings(group: str, value: str) -> set[str] | None:
+    """The settings a config group option has (its yaml's keys, a plugin's fields);
+    None where they cannot be read here (a plugin that fails to load: said elsewhere)."""
+    path = CONFIG_DIR / group / f"{value}.yaml"
+    if path.is_file():
+        return set(OmegaConf.load(path))
+    entries, settings = PLUGIN_GROUPS.get(group, (dict, lambda _entry: {}))
+    entry = entries().get(value)
+    if entry is None:
+        return None
+    try:
+        return {"name", *settings(entry)}
+    except Exception:
+        return None
 
 
 def check_task_settings(plain: list[str]) -> None:

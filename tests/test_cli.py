@@ -160,6 +160,18 @@ BAD_INPUTS = [
     (["tracking.uri="], "tracking.uri='' is not a store MLflow can log to; give sqlite:///"),
     (["task=derivatives", "mode=graph"], "mode=graph does not apply to task=derivatives"),
     (["-m", "tracking.uri=./mlruns"], "tracking.uri='./mlruns' is not a store MLflow can log"),
+    # a setting some of a sweep's choices lack: Hydra's multi-line error, exit 1, an empty
+    # sweep folder and no job run; and at the group's default, "choose optimizer=adam"
+    (
+        ["-m", "optimizer=adam,rmsprop", "optimizer.momentum=0.5"],
+        "optimizer.momentum is a setting of optimizer=rmsprop and optimizer=sgd only, not of "
+        "optimizer=adam, which this sweep runs; sweep optimizer=rmsprop with it and "
+        "optimizer=adam without it",
+    ),
+    (
+        ["-m", "optimizer=adam,adagrad", "optimizer.beta1=0.8"],
+        "optimizer.beta1 is a setting of optimizer=adam only, not of optimizer=adagrad,",
+    ),
     # settings checked in the run's dtype (float32 by default), not only in float64
     (["backend=numpy", "problem.a=1e-320"], "problem.a=1e-320 is 0 in float32 (its smallest"),
     (["backend=numpy", "problem.a=1e40"], "problem.a=1e+40 overflows float32 (largest 3.4e+38)"),
@@ -194,6 +206,8 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert not list((tmp_path / "outputs").glob("**/results.json"))
     if "-m" not in args:  # a refused single run leaves no empty run folder (a sweep's job does)
         assert not list((tmp_path / "outputs").glob("runs/*/*")), "an empty run folder is left"
+    if "which this sweep runs" in message:  # refused before Hydra: no sweep folder either
+        assert not (tmp_path / "outputs" / "multirun").exists()
     assert not list((tmp_path / "outputs").glob("**/upload.log"))
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # nothing logged either
 
