@@ -87,13 +87,16 @@ def _run_minimize(
     start = time.perf_counter()
     try:
         program = backend.prepare(spec)
+        compile_s = time.perf_counter() - start
+        announce("run")
+        if progress is not None:
+            # the bar is made here, untimed (its first build costs ~0.5 ms), and a stop
+            # that the framework's code swallowed while compiling is raised again
+            # (runner.job.request_stop: torch.compile's cleanup drops Ctrl-C)
+            progress(0)
     except KeyboardInterrupt:  # stopped while compiling: the run is on record at step 0
         timings = Timings(time.perf_counter() - start, 0.0, 0)
         return MinimizeOutcome(_initial_state(spec), timings, interrupted=True)
-    compile_s = time.perf_counter() - start
-    announce("run")
-    if progress is not None:
-        progress(0)  # the bar is made here, untimed: its first build costs ~0.5 ms
     start = time.perf_counter()
     with _objects_so_far_frozen():
         if spec.mode == "graph":

@@ -174,6 +174,25 @@ def test_ctrl_c_while_compiling_is_an_interrupted_run_at_step_0(mode: str) -> No
     assert outcome.trajectory.final_x == np.float32(spec.problem.x0)
 
 
+def test_ctrl_c_swallowed_while_compiling_is_an_interrupted_run_at_step_0() -> None:
+    """torch.compile's cleanup code can drop the KeyboardInterrupt of a Ctrl-C ("Exception
+    ignored in ..."): prepare() returns, and the first progress tick raises the stop the
+    handler noted. That stop ended the run with no result ("stopped before a result
+    existed"), nothing saved or logged, where one during prepare() is saved at step 0."""
+    spec = _spec(100, 7)
+    backend = SimpleNamespace(prepare=lambda s: _NumpySgd(s))
+
+    def tick(done: int) -> None:
+        raise KeyboardInterrupt  # the noted stop, raised again (runner.job._check_stop)
+
+    try:
+        outcome = engine.run_minimize(backend, spec, progress=tick)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        pytest.fail("the stop left run_minimize: the run has no result to save")
+    assert outcome.interrupted and outcome.timings.steps_run == 0
+    assert outcome.trajectory.stopped_at == 0 and outcome.trajectory.steps.size == 0
+
+
 class _SlowFinal(_NumpySgd):
     """A program whose final state takes READ_BACK_S to reach the host (n = 1e7 on a GPU)."""
 
