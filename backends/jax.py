@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from runner.errors import ConfigError
+from runner.errors import BadSetting, ConfigError
 from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.problems import compact
 from runner.protocol import (
@@ -594,7 +594,7 @@ class JaxBackend:
         try:
             resolve(name, spec.optimizer.lr, spec.optimizer.hyper, CONVENTION)
         except ConfigError as error:
-            return str(error)
+            return BadSetting(str(error))
         return None if spec.rule == "manual" else _convention_gap(name)
 
     def prepare(self, spec: MinimizeSpec) -> _EagerProgram | _CompiledProgram:

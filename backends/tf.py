@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from runner.errors import ConfigError, not_allowed
+from runner.errors import BadSetting, ConfigError, not_allowed
 from runner.optimizers import (
     CONVENTIONS,
     Convention,
@@ -993,7 +993,7 @@ class TensorFlowBackend:
             opt = spec.optimizer
             resolve(opt.name, opt.lr, opt.hyper, _convention(spec))
         except ConfigError as exc:
-            return str(exc)
+            return BadSetting(str(exc))
         return None
 
     def prepare(self, spec: MinimizeSpec) -> _EagerProgram | _GraphProgram:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from backends.torch_isa import trust_probed_vec_isa
-from runner.errors import ConfigError, UnsupportedError, not_allowed, whole_number
+from runner.errors import BadSetting, ConfigError, UnsupportedError, not_allowed, whole_number
 from runner.optimizers import CONVENTIONS, Convention, Resolved, resolve
 from runner.problems import compact
 from runner.protocol import (
@@ -320,7 +320,7 @@ class TorchBackend:
             for key in ("scan_chunk", "unroll"):
                 whole_number(f"backend.{key}", spec.options.get(key, 1))
         except ConfigError as exc:
-            return str(exc)
+            return BadSetting(str(exc))
         wrapper = spec.options.get("cpp_wrapper", "auto")
         if not (isinstance(wrapper, bool) or wrapper == "auto"):
             return not_allowed("backend.cpp_wrapper", wrapper, ("true", "false", "auto"))

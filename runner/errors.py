@@ -24,6 +24,13 @@ class UnsupportedError(RunnerError):
     """The backend cannot express this combination of mode, update and optimizer."""
 
 
+class BadSetting(str):
+    """A reason a backend's unsupported() gives that is a wrong setting (a value outside
+    what it allows, an option it does not have), not a combination it cannot express: a
+    sweep's job fails on it, as on a wrong core setting, where a combination is skipped
+    (a hole in the matrix, exit 0). Plain str reasons, a plugin's, stay combinations."""
+
+
 class PluginError(RunnerError):
     """An installed plugin is broken: it fails to import, or lacks what its protocol requires."""
 
@@ -63,9 +70,9 @@ def setting(key: str, value: object) -> str:
     return f"{key}={as_typed(value)}"
 
 
-def not_allowed(key: str, value: object, allowed: Iterable[str]) -> str:
+def not_allowed(key: str, value: object, allowed: Iterable[str]) -> BadSetting:
     """The one wording for a setting outside its vocabulary, wherever it is checked."""
-    return f"{setting(key, value)} is not allowed; choose one of: {', '.join(allowed)}"
+    return BadSetting(f"{setting(key, value)} is not allowed; choose one of: {', '.join(allowed)}")
 
 
 def installed_choices(names: Iterable[str]) -> str:

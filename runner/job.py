@@ -16,7 +16,13 @@ from typing import Any
 
 from runner.config import RunConfig
 from runner.engine import run_minimize
-from runner.errors import DivergenceError, UnsupportedError
+from runner.errors import (
+    BadSetting,
+    ConfigError,
+    DivergenceError,
+    RunnerError,
+    UnsupportedError,
+)
 from runner.optimizers import used_record
 from runner.plugins import load_backend
 from runner.protocol import Backend, FollowsConvention, MinimizeSpec, RecordsOptions
@@ -59,13 +65,16 @@ def supported_backend(run: RunConfig) -> Backend:
 _NAMES_ITS_SETTING = re.compile(r"[\w.]+=")
 
 
-def _unsupported(run: RunConfig, spec: MinimizeSpec, reason: str) -> UnsupportedError:
+def _unsupported(run: RunConfig, spec: MinimizeSpec, reason: str) -> RunnerError:
+    """A combination the backend cannot express (UnsupportedError: a sweep's job is
+    skipped), or a wrong setting (BadSetting: ConfigError, its job failed)."""
     asked = f"backend={run.backend}"
     if not _NAMES_ITS_SETTING.match(reason):
         asked += f" mode={spec.mode}" + (
             f" mode.update={spec.update}" if spec.mode == "graph" else ""
         )
-    return UnsupportedError(f"{asked}: {reason}")
+    refusal = ConfigError if isinstance(reason, BadSetting) else UnsupportedError
+    return refusal(f"{asked}: {reason}")
 
 
 def execute(
@@ -119,8 +128,10 @@ def _minimize(
 ) -> dict[str, Any]:
     reason = run.unsupported or backend.unsupported(spec)
     if reason:
-        write_json(output_dir / RESULTS_FILE, skipped_result(spec, identity, reason))
-        raise UnsupportedError(reason) if run.unsupported else _unsupported(run, spec, reason)
+        refusal = UnsupportedError(reason) if run.unsupported else _unsupported(run, spec, reason)
+        if isinstance(refusal, UnsupportedError):  # a hole in the sweep's matrix, recorded
+            write_json(output_dir / RESULTS_FILE, skipped_result(spec, identity, reason))
+        raise refusal
     with _progress(run.progress, spec.steps) as advance:
         outcome = run_minimize(
             backend,

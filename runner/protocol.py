@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from runner.errors import not_allowed, setting
+from runner.errors import BadSetting, not_allowed, setting
 from runner.optimizers import Convention
 from runner.problems import Problem
 
@@ -298,7 +298,7 @@ def option_misfit(
     unknown = sorted(set(spec.options) - set(options))
     if unknown:
         allowed = f"allowed: {', '.join(options)}" if options else "it has none"
-        return f"backend.{unknown[0]} is not an option of this backend; {allowed}"
+        return BadSetting(f"backend.{unknown[0]} is not an option of this backend; {allowed}")
     if spec.mode == "graph":
         return None
     for key in graph_only:

@@ -349,6 +349,24 @@ def test_unsupported_combination_is_skipped_and_the_sweep_goes_on(tmp_path: Path
     assert by_mode["manual"].data.metrics["final_x"] == finished["x"]
 
 
+def test_a_wrong_backend_option_value_fails_its_job_not_skips_it(tmp_path: Path) -> None:
+    """backend.convention=bogus (or backend.unroll=0) is a wrong setting, as it is for a
+    single run (exit 2): its job was 'skipped' as if numpy could not express it, and the
+    sweep exited 0. It fails its job; the others run; the sweep exits 2."""
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m", "backend=numpy", "backend.convention=paper,bogus", "steps=3", "tracking=off",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "backend.convention='bogus' is not allowed; choose one of: " in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("error: 1 of 2 jobs failed; the first: ")
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("skipped")]
+    results = job_results(sweep)
+    assert [r["status"] for r in results.values()] == ["finished"]  # none written skipped
+    assert len(list(sweep.glob("*/job_failure.json"))) == 1  # its record: a failed job
+
+
 def test_matrix_preset_composes_the_twelve_job_matrix(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "runner", "+experiment=matrix", "--cfg", "hydra"],
