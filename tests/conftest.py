@@ -63,6 +63,94 @@ def python_code(
     )
 
 
+def upload_command(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """runner.upload.main(ARGS) in this process, in cwd: what `python -m runner.upload ARGS`
+    returns (its `sys.exit(main())`), as a CompletedProcess: exit code, stdout, stderr.
+
+    For tests of what an upload does, not of its process boundary (the command's own
+    process: tests/test_reliability.py::test_upload_goes_past_a_folder_whose_record_cannot_be_read,
+    tests/test_tracking.py::test_concurrent_uploads_of_the_same_runs_record_each_once): no
+    new interpreter, no second import of MLflow (~2-3 s a call). stderr gets what that
+    process's stderr would: what is printed to sys.stderr (MLflow's own log stream writes
+    there), warnings under Python's default filters, and log records of WARNING and up
+    that reach the root logger.
+    """
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    from runner.upload import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    before = os.getcwd()
+    root.addHandler(handler)
+    try:
+        with (
+            warnings.catch_warnings(record=True) as caught,
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            warnings.simplefilter("default")  # Python's default filters, as a new process has
+            for category in (
+                DeprecationWarning,
+                PendingDeprecationWarning,
+                ImportWarning,
+                ResourceWarning,
+            ):
+                warnings.filterwarnings("ignore", category=category)
+            if cwd is not None:
+                os.chdir(cwd)
+            try:
+                code = main(list(args))
+            except SystemExit as stop:  # refused by the argument parser
+                code = stop.code
+        for warning in caught:
+            err.write(warnings.formatwarning(*(getattr(warning, k) for k in WARNING_FIELDS)))
+    finally:
+        os.chdir(before)
+        root.removeHandler(handler)
+    return subprocess.CompletedProcess(
+        ["runner.upload", *args], code, out.getvalue(), err.getvalue()
+    )
+
+
+WARNING_FIELDS = ("message", "category", "filename", "lineno", "line")
+
+
+@pytest.fixture(scope="session")
+def fresh_store(tmp_path_factory: pytest.TempPathFactory):
+    """fresh_store(PATH) -> its URI: a new, empty MLflow SQLite store at PATH.
+
+    A copy of one store made once a session (per xdist worker) by the runner's own
+    client (runner.tracking.client_for): MLflow's schema set-up (its Alembic migrations,
+    ~1 s a store) runs once, not in every test whose store is only where its runs go.
+    The copy is the store MLflow made: its schema and its Default experiment, no other;
+    each test's experiments are created in it as in a new store. A test about making a
+    store (its folder, its lock file, a dry run that must not make one) makes its own.
+    """
+    import shutil
+
+    from runner.tracking import client_for
+    from runner.tracking_store import resolve_target
+
+    folder = tmp_path_factory.mktemp("store-template")
+    template = folder / "mlflow.db"
+    client = client_for(resolve_target({"uri": f"sqlite:///{template}"}, folder))
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+
+    def new(path: Path) -> str:
+        assert not path.exists(), path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+
+    return new
+
+
 def single_result(cwd: Path) -> dict:
     """The results.json of the one run made in cwd."""
     found = sorted((cwd / "outputs" / "runs").glob("*/*/results.json"))

@@ -1,10 +1,11 @@
 """`python -m runner.compare` against a real SQLite store filled by the real CLI.
 
-Three multiruns fill one store in parallel (one process each): JAX in every eager and
-compiled mode in float32 and float64; a second framework (torch, else tf) in manual
-mode in both dtypes; and JAX manual at lr 0.01 again (a second run of one row key) and
-at lr 10 (diverges). Every number in the report is checked against the runs' own
-results.json files on disk.
+Three multiruns run in parallel (one process each): JAX in every eager and compiled
+mode in float32 and float64; a second framework (torch, else tf) in manual mode in both
+dtypes; and JAX manual at lr 0.01 again (a second run of one row key) and at lr 10
+(diverges). One upload (runner.upload, in this process) records their ten runs in one
+store: what each sweep's logger would, without three more processes importing MLflow.
+Every number in the report is checked against the runs' own results.json files on disk.
 """
 
 from __future__ import annotations
@@ -121,17 +122,20 @@ def is_png(path: Path) -> bool:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def store(tmp_path_factory: pytest.TempPathFactory, fresh_store) -> dict:
     root = tmp_path_factory.mktemp("compare")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = fresh_store(root / "mlflow.db")
     from runner.tracking import client_for, ensure_experiment
     from runner.tracking_store import resolve_target
+    from runner.upload import upload
 
-    # Schema and experiment first, so the parallel processes below never race to make them.
     target = resolve_target({"uri": uri}, root)
     client = client_for(target)
     ensure_experiment(client, target)
-    common = ("steps=50", "progress=false", f"tracking.uri={uri}")
+    # Recorded by one upload once all have ended (below), not by a logger per sweep: the
+    # sweep's logger is tests/test_tracking.py::test_parallel_sweep_records_every_run_once's,
+    # uploads racing on one store test_concurrent_uploads_of_the_same_runs_record_each_once's.
+    common = ("steps=50", "progress=false", "tracking.enabled=false", f"tracking.uri={uri}")
     sweeps = {
         "jax": ("backend=jax", "mode=manual,apply,graph", "dtype=float32,float64"),
         SECOND: (f"backend={SECOND}", "mode=manual", "dtype=float32,float64"),
@@ -144,10 +148,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name, proc in procs.items():
         code, out, err = finish(proc)
         assert code == 0, f"{name}: {out[-2000:]}\n{err[-3000:]}"
-    from runner.upload_process import wait_for_upload
-
-    for name in sweeps:  # each sweep's logger finishes its last runs after the launcher exits
-        wait_for_upload(root / name, 180)
+    assert not list(root.glob("*/upload.log"))  # no sweep started a logger of its own
+    said = io.StringIO()
+    outcome = upload([root / name for name in sweeps], uri, out=said)
+    assert outcome.summary() == "uploaded 10, already recorded 0, skipped 0", said.getvalue()
     results = [
         json.loads(path.read_text())
         for name in sweeps
@@ -583,12 +587,14 @@ def test_rows_order_numbers_as_numbers() -> None:
     assert numbers_in_order("quadratic_form dim=10") > numbers_in_order("quadratic_form dim=9")
 
 
-def test_runs_differing_only_by_an_option_are_rows_of_their_own(tmp_path: Path) -> None:
+def test_runs_differing_only_by_an_option_are_rows_of_their_own(
+    tmp_path: Path, fresh_store
+) -> None:
     from runner.compare.report import compare, compare_folder
     from runner.upload import upload
 
     runs = run_folders(tmp_path / "runs", OPTION_RUNS)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     upload([runs], uri, EXPERIMENT, out=io.StringIO())
     from_store = compare(uri, EXPERIMENT, out_dir=tmp_path / "store", log=False)
     from_folders = compare_folder(runs, EXPERIMENT, tmp_path / "folders")  # a sweep's own
@@ -608,7 +614,9 @@ def test_runs_differing_only_by_an_option_are_rows_of_their_own(tmp_path: Path) 
         assert [(r.backend, r.mode) for r in some.rows] == want
 
 
-def test_the_metrics_fallback_labels_options_from_the_logged_params(tmp_path: Path) -> None:
+def test_the_metrics_fallback_labels_options_from_the_logged_params(
+    tmp_path: Path, fresh_store
+) -> None:
     from urllib.parse import urlsplit
 
     from runner.compare.report import compare
@@ -616,7 +624,7 @@ def test_the_metrics_fallback_labels_options_from_the_logged_params(tmp_path: Pa
     from runner.results import RESULTS_FILE
     from runner.upload import upload
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     upload([run_folders(tmp_path / "runs", OPTION_RUNS)], uri, EXPERIMENT, out=io.StringIO())
     client = open_client(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -637,7 +645,7 @@ def test_the_metrics_fallback_labels_options_from_the_logged_params(tmp_path: Pa
     assert {r.source for r in report.rows} == {"metrics"}
 
 
-def test_a_diverged_run_without_final_loss_metrics_is_compared(tmp_path: Path) -> None:
+def test_a_diverged_run_without_final_loss_metrics_is_compared(tmp_path: Path, fresh_store) -> None:
     """A diverged run logs no final_loss or error_loss (inf would be stored as 1.8e308, a
     finite-looking number): its row reads them from results.json, or, where the artifact
     store lost that, has none (nan), where it read 1.8e308 before."""
@@ -651,7 +659,7 @@ def test_a_diverged_run_without_final_loss_metrics_is_compared(tmp_path: Path) -
     args = ("backend=numpy", "optimizer.lr=1.5", "steps=300", "tracking=off", "progress=false")
     code, _, err = finish(start("runner", *args, cwd=tmp_path))
     assert code == 3, err
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     upload([tmp_path / "outputs" / "runs"], uri, EXPERIMENT, out=io.StringIO())
     client = open_client(uri)
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
@@ -683,7 +691,7 @@ class CountingClient:
         return getattr(self.client, name)
 
 
-def test_a_sweep_still_being_logged_is_said(tmp_path: Path) -> None:
+def test_a_sweep_still_being_logged_is_said(tmp_path: Path, fresh_store) -> None:
     """Compared while its logger is still uploading (its parent run RUNNING), a sweep's
     report may lack its last jobs: one stderr line and a note in the header say so, at the
     cost of one search; it said "2 matching, 2 rows" of the sweep's 3 jobs, no warning."""
@@ -696,7 +704,7 @@ def test_a_sweep_still_being_logged_is_said(tmp_path: Path) -> None:
     sweep = run_folders(tmp_path / "sweep", jobs)
     sweep_id = sweep_id_of(sweep)
     write_sweep(sweep, SweepInfo(sweep_id, None))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     logger = Uploader(uri, EXPERIMENT, out=io.StringIO(), live=True)
     for name in sorted(jobs)[:2]:  # the third job is not logged yet
         logger.add_run(sweep / name)
@@ -780,7 +788,7 @@ def test_agreement_note_names_the_arithmetic_that_parts_rows_and_each_row() -> N
     )
 
 
-def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> None:
+def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path, fresh_store) -> None:
     """Adam under TF's conventions (eps 1e-7, epsilon-hat) against the papers' (1e-8, eps on
     sqrt(v_hat)): the agreement note says so, from results.json and from MLflow's tags."""
     from urllib.parse import urlsplit
@@ -807,7 +815,7 @@ def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path) -> N
     (written,) = read_csv(sweep / "compare" / "agreement.csv")
     assert written["note"] == want
     assert want in out  # the sweep's printed report
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     upload([sweep], uri, EXPERIMENT, out=io.StringIO())
     client = open_client(uri)
     (agreement,) = compare(uri, EXPERIMENT, out_dir=tmp_path / "a", client=client).agreement
@@ -839,7 +847,9 @@ SETUP_ROWS = [  # row_order: problem, steps, then mode and backend
 ]
 
 
-def test_runs_differing_in_steps_or_problem_are_rows_of_their_own(tmp_path: Path) -> None:
+def test_runs_differing_in_steps_or_problem_are_rows_of_their_own(
+    tmp_path: Path, fresh_store
+) -> None:
     """Only repeats of one configuration share a row (the latest run); runs at other steps
     or another x0 were dropped before, leaving one row per backend x mode x optimizer x dtype."""
     from runner.compare.report import compare, compare_folder
@@ -853,7 +863,7 @@ def test_runs_differing_in_steps_or_problem_are_rows_of_their_own(tmp_path: Path
     for age, name in enumerate(reversed(SETUP_RUNS)):  # numpy_older is the oldest
         for path in (runs / name / "results.json", runs / name / ".hydra" / "config.yaml"):
             os.utime(path, (1.7e9 - 60 * age, 1.7e9 - 60 * age))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     upload([runs], uri, EXPERIMENT, out=io.StringIO())
     client = open_client(uri)
     from_store = compare(uri, EXPERIMENT, out_dir=tmp_path / "store", client=client)
@@ -976,11 +986,11 @@ def test_a_missing_store_is_told_apart_from_the_default(tmp_path: Path, monkeypa
     )
 
 
-def test_a_filter_that_matches_nothing_lists_what_there_is(tmp_path: Path) -> None:
+def test_a_filter_that_matches_nothing_lists_what_there_is(tmp_path: Path, fresh_store) -> None:
     """`--backend keras` did not say which backends the store holds."""
     from runner.upload import upload
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     upload([run_folders(tmp_path / "runs", OPTION_RUNS)], uri, EXPERIMENT, out=io.StringIO())
     code, _, err = main_in_process("--tracking-uri", uri, "--backend", "keras", "--no-log")
     assert code == 2
@@ -1252,7 +1262,7 @@ def test_trajectories_that_part_and_meet_again_are_told_apart(parted: dict[str, 
 
 
 def test_the_mlflow_report_compares_the_logged_trajectories(
-    parted: dict[str, Any], tmp_path: Path
+    parted: dict[str, Any], tmp_path: Path, fresh_store
 ) -> None:
     """From MLflow: the runs' trajectory.csv artifacts, every recorded step; where those
     are lost, the per-step metrics, which hold every step of a short run. The sweep's
@@ -1264,7 +1274,7 @@ def test_the_mlflow_report_compares_the_logged_trajectories(
     from runner.results import TRAJECTORY_FILE
     from runner.upload import upload
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     upload([parted["sweep"]], uri, EXPERIMENT, out=io.StringIO())
     client = open_client(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -1288,7 +1298,9 @@ def test_the_mlflow_report_compares_the_logged_trajectories(
     assert read_csv(Path(logged))[0]["first_diff_step"] == str(parted["first"])
 
 
-def test_thinned_metrics_say_their_comparison_covers_the_logged_steps(tmp_path: Path) -> None:
+def test_thinned_metrics_say_their_comparison_covers_the_logged_steps(
+    tmp_path: Path, fresh_store
+) -> None:
     """A run of more than 1000 recorded steps logs 1000 of them as metrics: compared from
     those, a difference at a step left out goes unseen, and the column says `logged steps`."""
     from urllib.parse import urlsplit
@@ -1317,7 +1329,7 @@ def test_thinned_metrics_say_their_comparison_covers_the_logged_steps(tmp_path: 
         writer.writeheader()
         writer.writerows(table)
     folders = compare_folder(runs, EXPERIMENT, tmp_path / "folders")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     upload([runs], uri, EXPERIMENT, out=io.StringIO())
     client = open_client(uri)
     for run in client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id]):

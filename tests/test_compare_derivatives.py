@@ -284,7 +284,7 @@ def test_a_sweep_of_both_tasks_gets_both_sections(tmp_path: Path) -> None:
     assert {"derivatives", "csv", "agreement", "json", "markdown"} <= set(both.files)
 
 
-def test_compare_reads_derivatives_runs_from_mlflow(tmp_path: Path) -> None:
+def test_compare_reads_derivatives_runs_from_mlflow(tmp_path: Path, fresh_store) -> None:
     """`python -m runner.compare` selected tags.task = 'minimize': logged derivatives
     runs were not in its report. Read from results.json, and from the run's metrics
     where the artifact is lost (no analytic values there: no ulps)."""
@@ -299,7 +299,7 @@ def test_compare_reads_derivatives_runs_from_mlflow(tmp_path: Path) -> None:
     derivatives_folder(runs, "jax", "jax", 0.1, "float32")
     derivatives_folder(runs, "torch", "torch", 0.1, "float32", {"dy_dcoef.a": 3})
     run_folders(runs, {"numpy": (("backend=numpy",), 0.0)})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(tmp_path / "mlflow.db")
     upload([runs], uri, EXPERIMENT, out=io.StringIO())
     client = open_client(uri)
     report = compare(uri, EXPERIMENT, out_dir=tmp_path / "all", client=client)

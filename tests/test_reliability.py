@@ -1,6 +1,7 @@
 """Faults, races and bad environments: what the user gets, and that nothing is lost.
 
-Each case is a row of docs/reliability.md. The real CLI runs in a subprocess; the
+Each case is a row of docs/reliability.md. The real CLI runs in a subprocess (an
+upload whose process is not the point runs in this one: conftest.upload_command); the
 tracking stores are real (SQLite files, `mlflow server`, a tiny HTTP server that
 fails on purpose), and so are the signals.
 """
@@ -34,11 +35,13 @@ from tests.conftest import (
     free_port,
     mlflow_server_env,
     single_result,
+    upload_command,
     wait_for_upload,
 )
 from tests.specs import MODE_IDS, MODE_UPDATES
 
 JAX = ("backend=jax",)
+NUMPY_BACKEND = ("backend=numpy",)  # where the framework is incidental: the fastest to import
 
 
 def run_cli(
@@ -248,7 +251,7 @@ def test_random_things_take_a_recorded_seed() -> None:
 def test_corrupt_store_is_one_line_and_keeps_the_results(tmp_path: Path) -> None:
     store = tmp_path / "mlflow.db"
     store.write_bytes(b"this is not SQLite\n" + os.urandom(4096))
-    proc = cli(*JAX, "steps=20", f"tracking.uri=sqlite:///{store}", cwd=tmp_path)
+    proc = cli(*NUMPY_BACKEND, "steps=20", f"tracking.uri=sqlite:///{store}", cwd=tmp_path)
     assert proc.returncode == 4
     line = error_line(proc)
     assert line.startswith(f"error: tracking store sqlite:///{store} is not an SQLite database")
@@ -263,7 +266,7 @@ def test_corrupt_store_is_one_line_and_keeps_the_results(tmp_path: Path) -> None
 def test_store_in_a_folder_that_cannot_be_made(tmp_path: Path) -> None:
     (tmp_path / "file.txt").write_text("not a folder\n")
     store = f"sqlite:///{tmp_path}/file.txt/mlflow.db"
-    proc = cli(*JAX, "steps=20", f"tracking.uri={store}", cwd=tmp_path)
+    proc = cli(*NUMPY_BACKEND, "steps=20", f"tracking.uri={store}", cwd=tmp_path)
     assert proc.returncode == 4
     assert error_line(proc).startswith(
         f"error: tracking store {store} cannot be created ({tmp_path}/file.txt is a file); "
@@ -290,7 +293,7 @@ def test_locked_store_is_reported_after_the_retry_window(tmp_path: Path) -> None
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         start = time.monotonic()
-        proc = cli(*JAX, "steps=20", f"tracking.uri=sqlite:///{store}", cwd=tmp_path)
+        proc = cli(*NUMPY_BACKEND, "steps=20", f"tracking.uri=sqlite:///{store}", cwd=tmp_path)
         elapsed = time.monotonic() - start
     finally:
         holder.kill()
@@ -350,7 +353,7 @@ def failing_server(request: pytest.FixtureRequest) -> Iterator[str]:
 )
 def test_failing_tracking_server(tmp_path: Path, failing_server: str, source: str) -> None:
     start = time.monotonic()
-    proc = cli(*JAX, "steps=20", f"tracking.uri={failing_server}", cwd=tmp_path)
+    proc = cli(*NUMPY_BACKEND, "steps=20", f"tracking.uri={failing_server}", cwd=tmp_path)
     assert proc.returncode == 4
     assert error_line(proc).startswith(
         f"error: tracking server {failing_server} is failing (HTTP 500 from {source}); "
@@ -384,7 +387,7 @@ def test_store_failing_after_the_check_is_reported_in_the_upload_log(
 ) -> None:
     """The background trade-off: the run's check passed and the command succeeded; the
     upload that fails later says so in upload.log, with the command that records it."""
-    proc = cli(*JAX, "steps=20", f"tracking.uri={late_failing_server}", cwd=tmp_path)
+    proc = cli(*NUMPY_BACKEND, "steps=20", f"tracking.uri={late_failing_server}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
     log = wait_for_upload(run_dir)
@@ -447,20 +450,23 @@ def test_sigterm_marks_the_run_killed_and_keeps_the_partial_trajectory(tmp_path:
 
 def test_interrupted_sweep_is_logged_killed(tmp_path: Path) -> None:
     """Ctrl-C in a sweep's second job: the sweep's logger, in its own session, still records
-    both jobs (the first FINISHED, the stopped one KILLED) and closes the parent KILLED."""
+    both jobs (the first FINISHED, the stopped one KILLED) and closes the parent KILLED.
+    The Ctrl-C comes 1 s after the second job says its loop began (its phase line)."""
     sweep = tmp_path / "sweep"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "-m", *JAX, "steps=20,2000000000", "progress=false",
-         f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list(sweep.glob("1_*/.hydra/config.yaml")):
-        time.sleep(0.1)
-    time.sleep(3)  # the second job is in its loop
+    live = LiveRun(tmp_path, "-m", *JAX, "steps=20,2000000000", f"hydra.sweep.dir={sweep}")
+    proc = live.proc
+    deadline = time.monotonic() + 240
+    second = "running 2000000000 steps ..."
+    while time.monotonic() < deadline and not any(line == second for _, line in live.lines):
+        assert proc.poll() is None, live.lines
+        time.sleep(0.05)
+    assert any(line == second for _, line in live.lines), live.lines
+    time.sleep(1.0)  # the second job is in its loop
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    live._reader.join(10)
+    err = "\n".join(line for _, line in live.lines)
+    live.stdout()  # a few lines: read once the run has ended
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     wait_for_upload(sweep)
@@ -480,14 +486,16 @@ def test_interrupted_sweep_is_logged_killed(tmp_path: Path) -> None:
 # --- a tracking server away during a sweep, and the upload command -----------------------
 
 
-def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: Path) -> None:
+def test_sweep_without_its_server_completes_and_uploads_exactly_once(
+    tmp_path: Path, fresh_store
+) -> None:
     from runner.tracking import git_tags
 
     sweep = tmp_path / "sweep"
     away = f"http://127.0.0.1:{free_port()}"
     proc = cli(
         "-m",
-        *JAX,
+        *NUMPY_BACKEND,
         "optimizer.lr=0.01,1.5",
         "steps=200",
         f"tracking.uri={away}",
@@ -505,12 +513,14 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(tmp_path: P
     assert last.endswith(f"record the sweep later with: python -m runner.upload {sweep}")
     assert "lr=0.01" in proc.stdout  # and its report was printed all the same
 
-    store = f"sqlite:///{tmp_path / 'later.db'}"
-    first = upload(str(sweep), "--tracking-uri", store, cwd=tmp_path)
+    store = fresh_store(tmp_path / "later.db")  # uploads in-process: conftest.upload_command
+    first = upload_command(str(sweep), "--tracking-uri", store, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip().splitlines()[-1] == "uploaded 2, already recorded 0, skipped 0"
     assert first.stderr == ""
-    again = upload(str(sweep), str(sweep / "0_jax_manual"), "--tracking-uri", store, cwd=tmp_path)
+    again = upload_command(
+        str(sweep), str(sweep / "0_numpy_manual"), "--tracking-uri", store, cwd=tmp_path
+    )
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip().splitlines()[-1] == "uploaded 0, already recorded 2, skipped 0"
 
@@ -817,7 +827,7 @@ def test_credentials_are_masked_everywhere(tmp_path: Path, mlflow_server: str) -
     uri = f"http://alice:pw-s3cret-1@127.0.0.1:{port}"
     secrets = ("pw-s3cret-1", "tok-s3cret-2", "env-s3cret-3")
     proc = cli(
-        *JAX,
+        *NUMPY_BACKEND,
         "steps=5",
         f"tracking.uri={uri}",
         "tracking.experiment=secrets",
@@ -890,8 +900,8 @@ def test_sweep_with_a_failed_job_finishes_the_others_then_exits_non_zero(tmp_pat
     Divergence is a result of a sweep (an lr search expects some), not a failure."""
     sweep = tmp_path / "sweep"
     proc = cli(
-        "-m", *JAX, "steps=200", "problem.a=1,-1", "optimizer.lr=0.1,1.5", "tracking=off",
-        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+        "-m", *NUMPY_BACKEND, "steps=200", "problem.a=1,-1", "optimizer.lr=0.1,1.5",
+        "tracking=off", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -901,7 +911,7 @@ def test_sweep_with_a_failed_job_finishes_the_others_then_exits_non_zero(tmp_pat
     assert statuses == ["diverged", "finished"]
 
     diverging = cli(
-        "-m", *JAX, "steps=200", "optimizer.lr=0.1,1.5", "tracking=off",
+        "-m", *NUMPY_BACKEND, "steps=200", "optimizer.lr=0.1,1.5", "tracking=off",
         f"hydra.sweep.dir={tmp_path / 'lr'}", cwd=tmp_path,
     )  # fmt: skip
     assert diverging.returncode == 0, diverging.stderr
@@ -922,25 +932,33 @@ def test_upload_passes_over_mlflow_artifact_copies(tmp_path: Path) -> None:
     """The default store keeps a copy of each logged run's files, results.json included,
     under outputs/mlartifacts/<experiment>/<run id>/artifacts/: not a run folder. An
     upload of outputs/ would log every run a second time (from another folder, into a new
-    store there). A run made without .hydra/ (hydra.output_subdir=null) is still one."""
+    store there). A run made without .hydra/ (hydra.output_subdir=null) is still one.
+    (Uploads in-process, conftest.upload_command: the command's process is
+    test_upload_goes_past_a_folder_whose_record_cannot_be_read's.)"""
+    from tests.conftest import run_dirs_in
+
     start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
     start.mkdir()
     elsewhere.mkdir()
-    logged = cli(*NUMPY, cwd=start)  # logged by its background upload: a copy in mlartifacts
+    logged = cli(*NUMPY, "tracking=off", cwd=start)
     assert logged.returncode == 0, logged.stderr
+    (logged_dir,) = run_dirs_in(start)
+    # logged to its own (default) store, as its background upload does: a copy in mlartifacts
+    recorded = upload_command(str(logged_dir), cwd=start)
+    assert recorded.returncode == 0, recorded.stderr
     bare = cli(*NUMPY, "tracking=off", "hydra.output_subdir=null", cwd=start)
     assert bare.returncode == 0, bare.stderr
     outputs = start / "outputs"
     assert len(list((outputs / "mlartifacts").rglob("results.json"))) == 1
 
-    dry = upload(str(outputs), "--dry-run", cwd=elsewhere)
+    dry = upload_command(str(outputs), "--dry-run", cwd=elsewhere)
     assert dry.returncode == 0, dry.stderr
     assert "mlartifacts" not in dry.stdout, dry.stdout
     # the bare run has no .hydra/hydra.yaml naming its start folder: the store here
     assert last_line(dry.stdout) == "would upload 1, already recorded 1, skipped 0"
 
-    first = upload(str(outputs), cwd=start)
-    again = upload(str(outputs), cwd=start)  # the bare run's copy is in mlartifacts now
+    first = upload_command(str(outputs), cwd=start)
+    again = upload_command(str(outputs), cwd=start)  # the bare run's copy is in mlartifacts now
     assert first.returncode == again.returncode == 0, first.stderr + again.stderr
     assert last_line(first.stdout) == "uploaded 1, already recorded 1, skipped 0"
     assert last_line(again.stdout) == "uploaded 0, already recorded 2, skipped 0"
@@ -971,7 +989,9 @@ def test_upload_goes_past_a_folder_whose_record_cannot_be_read(tmp_path: Path) -
     ]
 
 
-def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(tmp_path: Path) -> None:
+def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(
+    tmp_path: Path, fresh_store
+) -> None:
     """A copy of a sweep job's folder uploaded by itself is a run without a sweep; the
     sweep's own upload then found it recorded and left it so: `tags.sweep_id` and the
     sweep's report missed that job for good. It is nested under the sweep's parent.
@@ -988,7 +1008,7 @@ def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     alone = tmp_path / "copy"
     shutil.copytree(sweep / "1_numpy_manual", alone)
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = fresh_store(tmp_path / "m.db")
 
     def upload_here(path: Path) -> tuple[str, str]:
         out = io.StringIO()
@@ -1010,7 +1030,7 @@ def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(tmp_path: Path)
     assert summary == "uploaded 0, already recorded 2, skipped 0" and "nested" not in said
 
 
-def test_an_uploaded_sweeps_parent_spans_its_jobs(tmp_path: Path) -> None:
+def test_an_uploaded_sweeps_parent_spans_its_jobs(tmp_path: Path, fresh_store) -> None:
     """A sweep recorded later (tracking=off, or its store away): the parent the upload
     makes started and ended at upload time, after its children, which are timed from their
     own files. It spans them: from the sweep's start to its last job's end."""
@@ -1025,7 +1045,7 @@ def test_an_uploaded_sweeps_parent_spans_its_jobs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     time.sleep(1.1)  # the upload comes later
     uploaded_at = int(time.time() * 1000)
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = fresh_store(tmp_path / "m.db")
     upload_in_process([sweep], uri, out=io.StringIO())
     runs = all_runs(uri)
     (parent,) = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
@@ -1034,20 +1054,21 @@ def test_an_uploaded_sweeps_parent_spans_its_jobs(tmp_path: Path) -> None:
     assert parent.info.end_time == max(j.info.end_time for j in jobs) < uploaded_at
 
 
-def test_upload_to_their_own_stores_goes_past_one_that_is_away(tmp_path: Path) -> None:
+def test_upload_to_their_own_stores_goes_past_one_that_is_away(tmp_path: Path, fresh_store) -> None:
     """Runs made with a server that is gone now, and one with an SQLite store: without
     --tracking-uri the dead server is tried once and reported once, at the end, naming
-    the runs it held back; the other store's run is uploaded all the same; exit 4."""
+    the runs it held back; the other store's run is uploaded all the same; exit 4.
+    (Uploads in-process, conftest.upload_command.)"""
     from tests.conftest import run_dirs_in
 
     dead = f"http://127.0.0.1:{free_port()}"
-    good = f"sqlite:///{tmp_path / 'good.db'}"
+    good = fresh_store(tmp_path / "good.db")
     for uri in (dead, good, dead):  # run folders sort by their start time
         proc = cli(*NUMPY, "tracking.enabled=false", f"tracking.uri={uri}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
     first_dead, kept, _ = run_dirs_in(tmp_path)
 
-    proc = upload(str(tmp_path / "outputs"), cwd=tmp_path)
+    proc = upload_command(str(tmp_path / "outputs"), cwd=tmp_path)
     assert proc.returncode == 4, proc.stderr
     assert last_line(proc.stdout) == "uploaded 1, already recorded 0, skipped 0, not reached 2"
     assert error_line(proc) == (
@@ -1060,7 +1081,7 @@ def test_upload_to_their_own_stores_goes_past_one_that_is_away(tmp_path: Path) -
     assert run.data.tags["run_uid"] == json.loads((kept / "results.json").read_text())["run_uid"]
 
     # the one store asked for is away: nothing else to try, so it stops at once
-    only = upload(str(tmp_path / "outputs"), "--tracking-uri", dead, cwd=tmp_path)
+    only = upload_command(str(tmp_path / "outputs"), "--tracking-uri", dead, cwd=tmp_path)
     assert only.returncode == 4 and only.stdout == "", only.stdout
     assert error_line(only).endswith("start it or point --tracking-uri elsewhere")
 
@@ -1069,13 +1090,19 @@ def test_upload_of_no_run_folder_is_an_error_but_of_a_recorded_sweep_is_not(
     tmp_path: Path, capsys
 ) -> None:
     """An empty folder, a file, a sweep's compare/: "uploaded 0 ... exit 0" read like
-    success. A sweep whose jobs are all recorded is a success: already recorded 2."""
+    success. A sweep whose jobs are all recorded is a success: already recorded 2.
+    (The sweep is recorded by an upload in this process, not by a logger process.)"""
     from runner.upload import main
 
     sweep = tmp_path / "sweep"
-    proc = cli("-m", *NUMPY, "optimizer.lr=0.1,0.2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = cli(
+        "-m", *NUMPY, "optimizer.lr=0.1,0.2", "tracking=off", f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert (sweep / "compare").is_dir()
+    assert main([str(sweep)]) == 0  # to its own store, the default one
+    assert last_line(capsys.readouterr().out) == "uploaded 2, already recorded 0, skipped 0"
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a folder\n")
     said = {
@@ -1104,17 +1131,20 @@ class _FailsOnTheFirstRun(_Failing):
     )
 
 
-def test_upload_failing_midway_in_its_own_store_is_not_counted_uploaded(tmp_path: Path) -> None:
+def test_upload_failing_midway_in_its_own_store_is_not_counted_uploaded(
+    tmp_path: Path, fresh_store
+) -> None:
     """A run whose store fails as it is logged was not uploaded: counted `not reached`,
-    not both; the run of the other store is uploaded; exit 4."""
+    not both; the run of the other store is uploaded; exit 4. (Uploads in-process,
+    conftest.upload_command.)"""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailsOnTheFirstRun)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     failing = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        for uri in (failing, f"sqlite:///{tmp_path / 'good.db'}"):
+        for uri in (failing, fresh_store(tmp_path / "good.db")):
             proc = cli(*NUMPY, "tracking.enabled=false", f"tracking.uri={uri}", cwd=tmp_path)
             assert proc.returncode == 0, proc.stderr
-        proc = upload(str(tmp_path / "outputs"), cwd=tmp_path)
+        proc = upload_command(str(tmp_path / "outputs"), cwd=tmp_path)
     finally:
         server.shutdown()
         server.server_close()

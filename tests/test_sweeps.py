@@ -19,7 +19,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tests.conftest import ROOT, cli, python_code
+from tests.conftest import ROOT, cli, python_code, upload_command
 
 
 def store(tmp_path: Path) -> str:
@@ -176,13 +176,14 @@ def test_parallel_preset_jobs_in_a_reused_worker_start_clean(tmp_path: Path) -> 
 
 
 def test_submitit_local_sweep_records_both_jobs(tmp_path: Path) -> None:
-    """`hydra/launcher=local`: the SLURM code path (pickled jobs, own processes), no cluster."""
+    """`hydra/launcher=local`: the SLURM code path (pickled jobs, own processes), no cluster.
+    NumPy: each job's process imports its framework, and the launcher is the same for all."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = cli(
         "-m",
         "hydra/launcher=local",
-        "backend=jax",
-        "mode=manual,apply",
+        "backend=numpy",
+        "optimizer.lr=0.01,0.02",
         "steps=20",
         *sweep_args(tmp_path),
         cwd=tmp_path,
@@ -190,16 +191,16 @@ def test_submitit_local_sweep_records_both_jobs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     sweep_dir = tmp_path / "sweep"
     results = job_results(sweep_dir)
-    assert sorted(results) == ["0_jax_manual", "1_jax_apply"]
+    assert sorted(results) == ["0_numpy_manual", "1_numpy_manual"]
     assert {r["status"] for r in results.values()} == {"finished"}
     assert len(list((sweep_dir / ".submitit").glob("*_0_result.pkl"))) == 2, "not run by submitit"
     parent, jobs = sweep_group(store(tmp_path))
     assert parent.info.status == "FINISHED"
-    assert sorted(r.data.tags["mode"] for r in jobs) == ["apply", "manual"]
+    assert sorted(r.data.params["optimizer.lr"] for r in jobs) == ["0.01", "0.02"]
     assert {r.info.status for r in jobs} == {"FINISHED"}
-    by_mode = {"manual": results["0_jax_manual"], "apply": results["1_jax_apply"]}
+    by_lr = {"0.01": results["0_numpy_manual"], "0.02": results["1_numpy_manual"]}
     for run in jobs:
-        assert run.data.metrics["final_x"] == by_mode[run.data.tags["mode"]]["x"]
+        assert run.data.metrics["final_x"] == by_lr[run.data.params["optimizer.lr"]]["x"]
 
 
 def test_a_sweep_without_a_row_still_lists_each_job_and_why(tmp_path: Path) -> None:
@@ -606,12 +607,10 @@ def test_optuna_search_with_some_trials_skipped_picks_its_best_of_the_rest(
 
 
 def upload(*args: str, cwd: Path) -> str:
-    """`python -m runner.upload ARGS`: its last line (the counts)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "runner.upload", *args],
-        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    """`python -m runner.upload ARGS`, run in this process (conftest.upload_command:
+    these tests are about what the upload records, not its process): its last line (the
+    counts)."""
+    proc = upload_command(*args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[-1]
 
@@ -620,7 +619,9 @@ BAD_A = "problem.a=-1.0: a*x^2 + b*x + c has no minimum unless a > 0; give a pos
 GIT_TAG_PREFIXES = ("git_", "mlflow.source.git.")  # runner.tracking.git_tags's
 
 
-def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(tmp_path: Path) -> None:
+def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(
+    tmp_path: Path, fresh_store
+) -> None:
     """The report names the failed job and its error; MLflow holds it as a FAILED run
     with its config, under a FAILED parent that says how many failed (the sweep's
     logger, and a later upload to another store; neither twice). Before, the parent was
@@ -641,7 +642,7 @@ def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(tmp_pa
     assert done == {"status": "FAILED"}  # as its parent ends (it said FINISHED)
     failure = json.loads(next(sweep.glob("*/job_failure.json")).read_text())
     assert ("git" in failure) == (ROOT / ".git").exists()  # the code as the job started
-    for uri in (store(tmp_path), f"sqlite:///{tmp_path / 'later.db'}"):
+    for uri in (store(tmp_path), fresh_store(tmp_path / "later.db")):
         if uri != store(tmp_path):  # the sweep's logger made the first; an upload this one
             assert upload(str(sweep), "--tracking-uri", uri, cwd=tmp_path) == (
                 "uploaded 2, already recorded 0, skipped 0"

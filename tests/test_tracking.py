@@ -31,6 +31,7 @@ from tests.conftest import (
     free_port,
     run_dirs_in,
     single_result,
+    upload_command,
     wait_for_upload,
 )
 
@@ -106,7 +107,7 @@ def test_default_store_records_everything(tmp_path: Path) -> None:
 
 
 def test_diverged_run_is_failed_with_its_trajectory(tmp_path: Path) -> None:
-    proc = cli("backend=jax", "optimizer.lr=1.5", "steps=300", cwd=tmp_path)
+    proc = cli("backend=numpy", "optimizer.lr=1.5", "steps=300", cwd=tmp_path)
     assert proc.returncode == 3
     assert proc.stderr.strip().splitlines()[-1].startswith("error: the loss became inf")
     (run_dir,) = run_dirs_in(tmp_path)
@@ -197,7 +198,7 @@ def test_tracking_server_over_http(tmp_path: Path, mlflow_server: str) -> None:
 def test_unreachable_server_fails_fast_and_keeps_results(tmp_path: Path, background: str) -> None:
     start = time.monotonic()
     proc = cli(
-        "backend=jax",
+        "backend=numpy",
         "steps=50",
         f"tracking.uri=http://127.0.0.1:{free_port()}",
         f"tracking.background={background}",
@@ -222,11 +223,11 @@ def test_concurrent_uploads_of_the_same_runs_record_each_once(tmp_path: Path) ->
     (and the sweep's parent run) once; the second waits for the first's lock."""
     sweep = tmp_path / "sweep"
     proc = cli(
-        "-m", "backend=jax", "steps=20", "optimizer.lr=0.01,0.02,0.03", "tracking=off",
+        "-m", "backend=numpy", "steps=20", "optimizer.lr=0.01,0.02,0.03", "tracking=off",
         f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    single = cli("backend=jax", "steps=20", "tracking=off", cwd=tmp_path)
+    single = cli("backend=numpy", "steps=20", "tracking=off", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
     (run_dir,) = run_dirs_in(tmp_path)
     store = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -270,8 +271,8 @@ def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
         "-m",
         "hydra/launcher=joblib",
         "hydra.launcher.n_jobs=2",
-        "backend=jax",
-        "mode=manual,apply,graph",
+        "backend=numpy",  # the sweep's logging is the same for every backend
+        "optimizer.lr=0.01,0.02,0.03",
         "dtype=float32,float64",
         "steps=100",
         "+hydra.callbacks.probe._target_=tests.test_sweeps.WorkerProbe",
@@ -306,15 +307,6 @@ def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
     assert parents[0].data.metrics["compare.rows"] == 6
 
 
-def upload_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m runner.upload ARGS` run in cwd, as a user types it there."""
-    return subprocess.run(
-        [sys.executable, "-m", "runner.upload", *args],
-        cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 def files_under(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
@@ -326,7 +318,7 @@ def run_with_relative_store(tmp_path: Path) -> tuple[Path, Path, Path]:
     start.mkdir()
     elsewhere.mkdir()
     proc = cli(
-        "backend=jax", "steps=20", "tracking.enabled=false",
+        "backend=numpy", "steps=20", "tracking.enabled=false",
         "tracking.uri=sqlite:///stores/rel.db", cwd=start,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -337,10 +329,11 @@ def run_with_relative_store(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_relative_sqlite_uri_is_the_start_folders_from_any_folder(tmp_path: Path) -> None:
     """tracking.uri=sqlite:///<relative> names a file under the folder the run started
     in (as the default store does): `python -m runner.upload` typed in another folder
-    records the run there, and finds it there again, creating nothing where it runs."""
+    records the run there, and finds it there again, creating nothing where it runs.
+    (The command runs in this process, in elsewhere/: conftest.upload_command.)"""
     start, elsewhere, run_dir = run_with_relative_store(tmp_path)
     store = start / "stores" / "rel.db"
-    up = upload_cli(str(run_dir), cwd=elsewhere)
+    up = upload_command(str(run_dir), cwd=elsewhere)
     assert up.returncode == 0, up.stderr
     assert "uploaded 1, already recorded 0, skipped 0" in up.stdout, up.stdout
     (run,) = runs_of(f"sqlite:///{store}")
@@ -348,7 +341,7 @@ def test_relative_sqlite_uri_is_the_start_folders_from_any_folder(tmp_path: Path
     assert files_under(elsewhere) == set()  # no second store where the command ran
     Path(f"{store}.lock").unlink()  # as a store made by `mlflow server` or MLflow itself
     for args in ([], ["--dry-run"]):
-        again = upload_cli(str(run_dir), *args, cwd=elsewhere)
+        again = upload_command(str(run_dir), *args, cwd=elsewhere)
         assert again.returncode == 0, again.stderr
         assert " 0, already recorded 1, skipped 0" in again.stdout, again.stdout
     assert files_under(elsewhere) == set()
@@ -376,7 +369,8 @@ def test_resolve_target_anchors_only_relative_sqlite_paths(tmp_path: Path) -> No
 
 def test_dry_run_creates_no_store(tmp_path: Path) -> None:
     """--dry-run against a store that is not there: every run would be uploaded, and it
-    says so, but no store (nor its folder or lock file) is created, from any folder."""
+    says so, but no store (nor its folder or lock file) is created, from any folder.
+    (In this process, in each folder: conftest.upload_command.)"""
     start, elsewhere, run_dir = run_with_relative_store(tmp_path)
     before = files_under(tmp_path)
     for cwd, extra in (
@@ -384,7 +378,7 @@ def test_dry_run_creates_no_store(tmp_path: Path) -> None:
         (start, []),
         (elsewhere, ["--tracking-uri", "sqlite:///given/other.db"]),
     ):
-        dry = upload_cli(str(run_dir), "--dry-run", *extra, cwd=cwd)
+        dry = upload_command(str(run_dir), "--dry-run", *extra, cwd=cwd)
         assert dry.returncode == 0, dry.stderr
         assert "(the store does not exist yet: it would be created)" in dry.stdout, dry.stdout
         assert "would upload 1, already recorded 0, skipped 0" in dry.stdout, dry.stdout
@@ -494,7 +488,7 @@ def test_a_commit_made_while_the_run_is_logged_is_not_the_runs(tmp_path: Path) -
     assert single_result(work)["git"] == {"commit": ran_at, "dirty": True}
 
 
-def test_uploads_tag_the_commit_the_run_recorded(tmp_path: Path) -> None:
+def test_uploads_tag_the_commit_the_run_recorded(tmp_path: Path, fresh_store) -> None:
     """Live (a run's background upload, a sweep's logger) or later (runner.upload), a run
     is tagged with the code state its record holds (results.json, or a failed job's
     job_failure.json), never the checkout's at logging time; a record without one (a
@@ -527,7 +521,7 @@ def test_uploads_tag_the_commit_the_run_recorded(tmp_path: Path) -> None:
     tagged = {"git_commit": recorded["commit"], "git_dirty": "true"}
     want = {"with": tagged, "without": {}, "failed": tagged}
     for live in (True, False):
-        uri = f"sqlite:///{tmp_path / f'live_{live}.db'}"
+        uri = fresh_store(tmp_path / f"live_{live}.db")
         upload(list(folders.values()), uri, out=io.StringIO(), live=live)
         tags = {r.data.tags.get("run_uid"): r.data.tags for r in runs_of(uri)}
         for name, uid in uids.items():
@@ -582,7 +576,7 @@ def test_a_sweep_job_records_only_its_own_backends_environment(
     assert numpy["OMP_NUM_THREADS"] == "1" and "TF_USE_LEGACY_KERAS" not in numpy
 
 
-def test_a_run_records_its_machine_and_numerics_environment(tmp_path: Path) -> None:
+def test_a_run_records_its_machine_and_numerics_environment(tmp_path: Path, fresh_store) -> None:
     """What moves the last ulp on another machine with the same code is in results.json
     (`machine`: the CPU and its FMA/AVX features; `environment`: the numerics-relevant
     variables set, a secret-looking one masked) and in the run's MLflow tags."""
@@ -610,7 +604,7 @@ def test_a_run_records_its_machine_and_numerics_environment(tmp_path: Path) -> N
     (run_dir,) = run_dirs_in(tmp_path)
     assert "hunter2" not in (run_dir / "results.json").read_text()
 
-    uri = f"sqlite:///{tmp_path / 'machine.db'}"
+    uri = fresh_store(tmp_path / "machine.db")
     upload([run_dir], uri, out=io.StringIO(), live=True)
     (run,) = runs_of(uri)
     tags = run.data.tags
