@@ -99,7 +99,9 @@ class Span:
     """
 
     steps: np.ndarray  # int64, recorded step indices
-    x: np.ndarray  # x at each recorded step (scalar problems: 1-D)
+    # x at each recorded step: scalar problems 1-D; vectors rows x n, or each row's
+    # ||x - x*|| (1-D), and grad likewise (see EagerProgram)
+    x: np.ndarray
     loss: np.ndarray
     grad: np.ndarray
     stopped_at: int
@@ -129,8 +131,11 @@ class EagerProgram(Protocol):
     step(record) performs update i and returns (loss_i, x_i, grad_i) evaluated at the
     point before the update, as framework values (no host transfer). x_i and grad_i may
     be None when record is False, so that a framework that must copy x to snapshot it
-    only pays for that on recorded steps. Ctrl-C acts between steps: the core holds
-    SIGINT and SIGTERM until step() returns.
+    only pays for that on recorded steps. For a vector problem x_i and grad_i are the
+    vectors, or (cheaper: one number a row to the host) ||x_i - x*|| and ||grad_i||, as
+    the built-in backends give them; trajectory.csv records the norms either way. All
+    values are in the run's dtype (spec.dtype). Ctrl-C acts between steps: the core
+    holds SIGINT and SIGTERM until step() returns.
     """
 
     def step(self, record: bool) -> tuple[Any, Any, Any]: ...

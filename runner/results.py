@@ -309,8 +309,11 @@ def trajectory_rows(spec: MinimizeSpec, outcome: MinimizeOutcome) -> dict[str, n
     The recorded rows' dist is the framework's, from x* in the run's dtype; the final row's
     is taken from that x* too (not the float64 one results.json's error_dist uses), so
     that a float32 column near convergence does not jump by x*'s rounding (~8e-8 at n = 50).
+    A backend that recorded the vectors themselves (rows x n: a plugin's, as its step()
+    returns x) gets the norms taken here; np.append had flattened them into the columns.
     """
     traj = outcome.trajectory
+    xs, grads = np.asarray(traj.x), np.asarray(traj.grad)
     if spec.problem.dim is None:
         names, final_x, final_grad = ("x", "grad"), traj.final_x, traj.final_grad
     else:
@@ -318,11 +321,15 @@ def trajectory_rows(spec: MinimizeSpec, outcome: MinimizeOutcome) -> dict[str, n
         x_star = np.asarray(compact(spec.problem.optimum()[0]), dtype=spec.dtype)
         final_x = norm(traj.final_x, x_star)
         final_grad = norm(traj.final_grad)
+        if xs.ndim == 2:
+            xs = np.array([norm(row, x_star) for row in xs], spec.dtype)
+        if grads.ndim == 2:
+            grads = np.array([norm(row) for row in grads], spec.dtype)
     return {
         "step": np.append(traj.steps, traj.stopped_at),
-        names[0]: np.append(traj.x, final_x),
+        names[0]: np.append(xs, final_x),
         "loss": np.append(traj.loss, traj.final_loss),
-        names[1]: np.append(traj.grad, final_grad),
+        names[1]: np.append(grads, final_grad),
     }
 
 

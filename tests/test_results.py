@@ -253,3 +253,28 @@ def test_machine_and_environment_reach_the_record_and_the_tags() -> None:
     assert tags["env.XLA_FLAGS"] == "--a=1"
     assert tags["env.TF_API_TOKEN"] == "***"
     assert "machine" not in IDENTITY.fields()  # recorded where read (runner.job), not guessed
+
+
+def test_a_plugins_vector_rows_are_recorded_as_their_norms() -> None:
+    """A backend plugin whose step() returns x and grad as vectors (what EagerProgram's
+    docstring says it returns) had them flattened into trajectory.csv's dist and grad_norm
+    columns: dist 0.0 at every row, a negative grad_norm, with no error. The core takes
+    their norms, as the built-in backends hand them over."""
+    problem = Quadratic(a=1.0, b=-2.0, c=0.0, x0=0.0, dim=3)  # x* = 1 in every coordinate
+    spec = MinimizeSpec(
+        problem, OptimizerSpec("sgd", 0.1), "manual", 2, "float32", RecordPlan(2, 1)
+    )
+    x = np.array([[0.0, 0.0, 0.0], [0.2, 0.2, 0.2]], np.float32)
+    grad = 2 * x - 2
+    final = np.full(3, 0.36, np.float32)
+    trajectory = Trajectory(
+        np.arange(2), x, np.array([3.0, 1.92]), grad, final, 1.2288, 2 * final - 2, 2
+    )
+    rows = trajectory_rows(spec, MinimizeOutcome(trajectory, Timings(0.1, 0.2, 2)))
+    np.testing.assert_allclose(
+        rows["dist"], [np.sqrt(3), 0.8 * np.sqrt(3), 0.64 * np.sqrt(3)], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        rows["grad_norm"], [2 * np.sqrt(3), 1.6 * np.sqrt(3), 1.28 * np.sqrt(3)], rtol=1e-6
+    )
+    assert rows["step"].tolist() == [0, 1, 2] and rows["dist"].size == rows["loss"].size == 3
