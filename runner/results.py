@@ -343,16 +343,26 @@ RECORD_FILES = (RESULTS_FILE, JOB_FAILURE_FILE)
 
 
 def record_job_failure(
-    output_dir: Path, exc: Exception, git: Mapping[str, Any] | None = None
+    output_dir: Path,
+    exc: Exception,
+    git: Mapping[str, Any] | None = None,
+    run_uid: str | None = None,
 ) -> None:
     """Leave a sweep job's failure in its folder: the sweep's exit code is made from these.
 
     Hydra's launchers drop a job's return value, so the launching process reads the
     sweep folder instead; that works for every launcher, SLURM included. git: the code
     state as the job started (as results.json holds it), for the FAILED run's git tags.
+    run_uid: a single run's (its background upload logs it FAILED once); a sweep job's
+    is made from the sweep's id and its folder (runner.sweep_record.failure_uid).
     """
     failure = {"exit_code": getattr(exc, "exit_code", 1), "error": str(exc)}
-    write_json(output_dir / JOB_FAILURE_FILE, {**failure, **({"git": dict(git)} if git else {})})
+    extra = {"git": dict(git)} if git else {}
+    write_json(output_dir / JOB_FAILURE_FILE, {**failure, **extra, **_given(run_uid=run_uid)})
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def sweep_failures(sweep_dir: Path) -> list[dict[str, Any]]:

@@ -136,8 +136,7 @@ def read_record(run_dir: Path) -> dict[str, Any]:
     if results.exists() or not (run_dir / JOB_FAILURE_FILE).exists():
         return json.loads(results.read_text())
     failure = json.loads((run_dir / JOB_FAILURE_FILE).read_text())
-    sweep_id = read_sweep(run_dir.parent).sweep_id
-    uid = failure_uid(sweep_id, run_dir.name)
+    uid = failure.get("run_uid") or failure_uid(read_sweep(run_dir.parent).sweep_id, run_dir.name)
     error = str(failure.get("error", ""))
     return {"run_uid": uid, "status": "failed", "error": error, "git": failure.get("git")}
 

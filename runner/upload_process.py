@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.masking import mask_uri
-from runner.results import RESULTS_FILE
+from runner.results import RECORD_FILES
 from runner.tracking_store import TrackingError, TrackingTarget
 
 try:
@@ -80,13 +80,17 @@ def start_background_upload(
 ) -> Path | None:
     """Start `python -m runner.background run_dir` (runner.upload), detached; its log.
 
-    Nothing is started (None) when run_dir holds no results.json of this run (it
-    stopped before a result existed).
+    Nothing is started (None) when run_dir holds no record of this run: no results.json,
+    nor the job_failure.json of a run that failed before one (it stopped before a result
+    existed).
     """
-    try:
-        if json.loads((run_dir / RESULTS_FILE).read_text()).get("run_uid") != run_uid:
-            return None
-    except (OSError, ValueError):
+    for record in RECORD_FILES:
+        try:
+            if json.loads((run_dir / record).read_text()).get("run_uid") == run_uid:
+                break
+        except (OSError, ValueError):
+            continue
+    else:
         return None
     start_logger(run_dir, ["runner.background", f"--after-pid={os.getpid()}"], target, cwd)
     return run_dir / LOG_FILE

@@ -287,6 +287,37 @@ def test_a_broken_backend_plugin_fails_its_jobs_in_one_line_and_the_sweep_goes_o
     assert single.stderr.strip().splitlines()[-1] == busy_line
 
 
+def test_a_single_run_a_plugin_fails_is_logged_failed_by_its_background_upload(
+    tmp_path: Path,
+) -> None:
+    """A plugin that raised mid-run (tracking.background, the default) left no record in
+    its folder (no results.json, no job_failure.json): its upload never started, and the
+    run was in no store, where tracking.background=false logs it FAILED and a sweep's
+    job is logged FAILED too. It is recorded as a sweep job's failure and uploaded."""
+    from mlflow import MlflowClient
+
+    from tests.conftest import run_dirs_in, wait_for_upload
+
+    site = tmp_path / "site"
+    site.mkdir()
+    busy = "raise RuntimeError('abacus device is busy')"
+    install_backend(site, "busy", PLUGIN_SOURCE.replace("return Stepper(spec)", busy))
+    proc = cli("backend=busy", "steps=3", cwd=tmp_path, env={"PYTHONPATH": f"{ROOT}:{site}"})
+    assert proc.returncode == 1, proc.stderr
+    error = "backend=busy failed: RuntimeError: abacus device is busy"
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {error}")
+    (run_dir,) = run_dirs_in(tmp_path)
+    failure = json.loads((run_dir / "job_failure.json").read_text())
+    assert failure["exit_code"] == 1 and failure["error"].startswith(error)
+    assert "uploaded 1, already recorded 0, skipped 0" in wait_for_upload(run_dir)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("gradient-runner").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith(error)
+    assert (
+        run.data.tags["run_uid"] == failure["run_uid"] and run.data.params["backend.name"] == "busy"
+    )
+
+
 BROKEN_PROBLEM = f"[{PROBLEM_GROUP}]\nbroken = broken_problem:Broken\n"
 
 
