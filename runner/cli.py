@@ -179,7 +179,7 @@ def run_job(
     def job() -> dict[str, Any]:
         nonlocal executed
         executed = True
-        return execute(run, output_dir, run_uid, backend, git)
+        return execute(run, output_dir, run_uid, backend, git, record_skip=multirun)
 
     if target is None:  # tracking=off
         return job()
@@ -250,6 +250,8 @@ def run_then_upload(
     try:
         result = job()
     except BaseException as exc:
+        if isinstance(exc, RunnerError) and exc.exit_code == 2:
+            raise  # refused: hydra_main removes its folder, a record in it too
         if isinstance(exc, Exception) and not isinstance(exc, RunnerError):
             error = as_error(exc)
             if error.exit_code != 2:  # exit 2: refused, its folder removed (hydra_main)

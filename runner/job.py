@@ -83,6 +83,7 @@ def execute(
     run_uid: str | None = None,
     backend: Backend | None = None,
     git: Mapping[str, Any] | None = None,
+    record_skip: bool = True,
 ) -> dict[str, Any]:
     """Run the task `run` asks for, write its files to output_dir, return the result.
 
@@ -91,7 +92,9 @@ def execute(
     the run; else the run's is loaded here. git: the code state read as the run started
     (runner.provenance.git_state), kept in results.json for its MLflow tags, as are the
     machine and the numerics-relevant environment, read here once the backend (whose
-    module may set a framework's default) is loaded.
+    module may set a framework's default) is loaded. record_skip: a derivatives job its
+    backend declines is on record (results.json, status skipped) in a sweep; a single
+    run is refused and leaves no folder.
     """
     backend = backend or load_backend(run.backend)
     identity = RunIdentity(
@@ -108,11 +111,17 @@ def execute(
         return _minimize(run, run.minimize, backend, identity, output_dir)
     assert run.derivatives is not None
     try:
-        found = backend.derivatives(run.derivatives)
-    except NotImplementedError as exc:  # a plugin's way to decline, as UnsupportedError is
-        raise UnsupportedError(
-            f"backend={run.backend} does not implement task=derivatives"
-        ) from exc
+        try:
+            found = backend.derivatives(run.derivatives)
+        except NotImplementedError as exc:  # a plugin's way to decline, as UnsupportedError is
+            raise UnsupportedError(
+                f"backend={run.backend} does not implement task=derivatives"
+            ) from exc
+    except UnsupportedError as declined:  # on record, as a minimize job the backend declines
+        if record_skip:
+            skipped = skipped_result(run.derivatives, identity, str(declined))
+            write_json(output_dir / RESULTS_FILE, skipped)
+        raise
     result = derivatives_result(run.derivatives, found, identity)
     write_json(output_dir / RESULTS_FILE, result)
     print(derivatives_summary(result), _files_line(output_dir), sep="\n")

@@ -113,15 +113,16 @@ def _start_not_finite(result: Mapping[str, Any]) -> str:
     )
 
 
-def skipped_result(spec: MinimizeSpec, run: RunIdentity, reason: str) -> dict[str, Any]:
-    """A combination the backend cannot express: on record, so a sweep shows the gap."""
-    return {
-        "task": "minimize",
-        "status": "skipped",
-        "reason": reason,
-        **run.fields(),
-        **_asked(spec),
-    }
+def skipped_result(
+    spec: MinimizeSpec | DerivativesSpec, run: RunIdentity, reason: str
+) -> dict[str, Any]:
+    """A combination the backend cannot express (a task it declines): on record, so a
+    sweep shows the gap."""
+    if isinstance(spec, MinimizeSpec):
+        task, asked = "minimize", _asked(spec)
+    else:
+        task, asked = "derivatives", {"dtype": spec.dtype, "problem": problem_record(spec.problem)}
+    return {"task": task, "status": "skipped", "reason": reason, **run.fields(), **asked}
 
 
 def _asked(spec: MinimizeSpec) -> dict[str, Any]:

@@ -361,12 +361,23 @@ def test_a_backend_declines_derivatives_with_not_implemented_error(tmp_path: Pat
     single = cli("backend=abacus", "task=derivatives", "tracking=off", cwd=tmp_path, env=env)
     assert single.returncode == 2
     assert single.stderr.strip() == "error: backend=abacus does not implement task=derivatives"
+    assert not (tmp_path / "outputs").exists()  # refused: no folder, no record left
     sweep = tmp_path / "sweep"
     proc = cli(
-        "-m", "backend=abacus", "task=derivatives", "tracking=off", f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path, env=env,
+        "-m", "backend=abacus,numpy,jax", "task=derivatives", "tracking=off",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr  # a hole in the matrix, as NumPy's, not a failure
     line = "skipped: abacus-derivatives-float32: backend=abacus does not implement task=derivatives"
     assert line in proc.stderr
     assert "Traceback" not in proc.stderr and not list(sweep.glob("*/job_failure.json"))
+    # on record as a minimize job the backend declines: the report's header and list
+    # counted them nowhere ("1 finished, 1 row"), MLflow had no run of them
+    skipped = json.loads((sweep / "0_abacus_derivatives" / "results.json").read_text())
+    assert (skipped["task"], skipped["status"]) == ("derivatives", "skipped")
+    assert skipped["reason"] == "backend=abacus does not implement task=derivatives"
+    assert f"sweep {sweep}; 1 finished, 2 skipped, 1 row" in proc.stdout
+    assert "skipped: abacus derivatives: backend=abacus does not implement" in proc.stdout
+    assert (
+        "skipped: numpy derivatives: backend=numpy has no automatic differentiation" in proc.stdout
+    )
