@@ -7,6 +7,7 @@ package that declares an entry point in BACKEND_GROUP.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -73,18 +74,25 @@ def load_failure(group: str, name: str, entry_point: EntryPoint, exc: Exception)
 
 
 def members(protocol: type) -> list[str]:
-    """What a Protocol class declares, in its order: attributes as `name`, methods as
-    `name()` (read from the class, so a method added to the protocol is required too)."""
+    """What a Protocol class declares, in its order: attributes (annotated, or properties
+    such as Problem.dim and Problem.coefficients) as `name`, methods as `name()` (read
+    from the class, so a member added to the protocol is required too)."""
+    own = {n: v for n, v in vars(protocol).items() if not n.startswith("_")}
     attributes = [a for a in inspect.get_annotations(protocol) if not a.startswith("_")]
-    methods = [f"{n}()" for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")]
+    attributes += [n for n, v in own.items() if isinstance(v, property)]
+    methods = [f"{n}()" for n, v in own.items() if callable(v)]
     return attributes + methods
 
 
 def missing_members(obj: Any, protocol: type) -> list[str]:
-    """The members of `protocol` that `obj` lacks (a method must be callable)."""
+    """The members of `protocol` that `obj` lacks (a method must be callable). A
+    dataclass's fields count as its attributes, with a default or without one."""
+    fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
     missing = []
     for member in members(protocol):
         value = getattr(obj, member.removesuffix("()"), _ABSENT)
+        if member in fields:
+            continue
         if value is _ABSENT or (member.endswith("()") and not callable(value)):
             missing.append(member)
     return missing

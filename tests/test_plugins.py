@@ -347,9 +347,26 @@ def test_a_broken_problem_plugin_fails_only_the_runs_that_choose_it(tmp_path: Pa
         "backend=numpy", "problem=nograd", "steps=3", "tracking=off", cwd=tmp_path, env=env
     )
     assert partial.returncode == 2
+    every = "name, dim, coefficients, x0_array(), loss(), grad(), optimum()"
     assert partial.stderr.strip() == (
         "error: problem=nograd: its plugin 'nograd_problem:Shifted' lacks grad(), which "
-        "runner.problems.Problem requires (all: name, x0_array(), loss(), grad(), optimum())"
+        f"runner.problems.Problem requires (all: {every})"
+    )
+    # a property of the protocol: it failed in the backend, as `backend=numpy failed:
+    # AttributeError: ... no attribute 'coefficients'`
+    source = PROBLEM_SOURCE.replace("def coefficients(", "def _gone(").replace(
+        '"shifted"', '"nocoef"'
+    )
+    install_plugin(
+        site, "nocoef_problem", source, f"[{PROBLEM_GROUP}]\nnocoef = nocoef_problem:Shifted\n"
+    )
+    lacking = cli(
+        "backend=numpy", "problem=nocoef", "steps=3", "tracking=off", cwd=tmp_path, env=env
+    )
+    assert lacking.returncode == 2
+    assert lacking.stderr.strip() == (
+        "error: problem=nocoef: its plugin 'nocoef_problem:Shifted' lacks coefficients, which "
+        f"runner.problems.Problem requires (all: {every})"
     )
 
 
