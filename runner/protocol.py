@@ -303,7 +303,8 @@ def option_misfit(
     unknown = sorted(set(spec.options) - set(options))
     if unknown:
         allowed = f"allowed: {', '.join(options)}" if options else "it has none"
-        return BadSetting(f"backend.{unknown[0]} is not an option of this backend; {allowed}")
+        given = setting(f"backend.{unknown[0]}", spec.options[unknown[0]])
+        return BadSetting(f"{given} is not an option of this backend; {allowed}")
     if spec.mode == "graph":
         return None
     for key in graph_only:

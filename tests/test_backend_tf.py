@@ -319,7 +319,7 @@ def test_unsupported_names_the_reason() -> None:
         "backend.legacy_optimizers='yes' is not allowed; choose one of: true, false"
     )
     assert BACKEND.unsupported(notebook_spec("apply", options={"xla": True})) == (
-        "backend.xla is not an option of this backend; allowed: jit_compile, legacy_optimizers"
+        "backend.xla=true is not an option of this backend; allowed: jit_compile, legacy_optimizers"
     )
     assert BACKEND.unsupported(notebook_spec("manual", options={"jit_compile": True})) == (
         "backend.jit_compile=true sets mode=graph's compiled loop; mode=manual runs eagerly: "

@@ -465,7 +465,7 @@ def test_cpp_wrapper_auto_is_on_for_the_cpu_only() -> None:
         "choose mode=graph, or leave it out"
     )
     assert BACKEND.unsupported(make_spec(problem, "sgd", lr, {}, "apply", options={"x": 1})) == (
-        "backend.x is not an option of this backend; allowed: scan_chunk, unroll, cpp_wrapper"
+        "backend.x=1 is not an option of this backend; allowed: scan_chunk, unroll, cpp_wrapper"
     )
 
 

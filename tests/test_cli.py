@@ -154,7 +154,8 @@ BAD_INPUTS = [
     (["backend=numpy", "device=gpu", "tracking.background=false"], "NumPy runs on the CPU only"),
     (["device=[1]"], "device=[1] is not allowed; choose one of: cpu, gpu, auto"),
     (["backend=numpy", "mode=apply"], "backend=numpy mode=apply: NumPy has no optimizer objects"),
-    (["backend=numpy", "+backend.foo=1"], "backend.foo is not an option of this backend; allowed"),
+    # the setting first, with its value: the reason blamed the mode (backend=numpy mode=manual:)
+    (["backend=numpy", "+backend.foo=1"], "error: backend=numpy: backend.foo=1 is not an option"),
     (["optimizer.nesterov=null"], "optimizer.nesterov=null is not allowed; give true or false"),
     (["tracking.experiment="], "tracking.experiment='' is not allowed; give an experiment name"),
     (["tracking.uri="], "tracking.uri='' is not a store MLflow can log to; give sqlite:///"),
