@@ -20,12 +20,19 @@ from runner.errors import (
     BadSetting,
     ConfigError,
     DivergenceError,
+    PluginError,
     RunnerError,
     UnsupportedError,
 )
 from runner.optimizers import used_record
 from runner.plugins import load_backend
-from runner.protocol import Backend, FollowsConvention, MinimizeSpec, RecordsOptions
+from runner.protocol import (
+    Backend,
+    Derivatives,
+    FollowsConvention,
+    MinimizeSpec,
+    RecordsOptions,
+)
 from runner.provenance import machine_state, numerics_environment
 from runner.results import (
     RESULTS_FILE,
@@ -122,6 +129,7 @@ def execute(
             skipped = skipped_result(run.derivatives, identity, str(declined))
             write_json(output_dir / RESULTS_FILE, skipped)
         raise
+    _check_coefficients(run.backend, found, run.derivatives.problem.coefficients)
     result = derivatives_result(run.derivatives, found, identity)
     write_json(output_dir / RESULTS_FILE, result)
     print(derivatives_summary(result), _files_line(output_dir), sep="\n")
@@ -159,6 +167,16 @@ def _minimize(
         message = divergence_message(result, output_dir / TRAJECTORY_FILE)
         raise DivergenceError(message, result["diverged_at"])
     return result
+
+
+def _check_coefficients(backend: str, found: Derivatives, coefficients: Mapping) -> None:
+    """dy/d(coefficient) must name the problem's coefficients: another set ended the run in
+    a KeyError from the runner's own comparison with the analytic values."""
+    if set(found.dy_dcoef) != set(coefficients):
+        raise PluginError(
+            f"backend={backend}: derivatives() gave dy_dcoef for {', '.join(found.dy_dcoef)}; "
+            f"the problem's coefficients are {', '.join(coefficients)}"
+        )
 
 
 def _files_line(output_dir: Path) -> str:

@@ -398,3 +398,15 @@ def test_a_backend_declines_derivatives_with_not_implemented_error(tmp_path: Pat
     assert (
         "skipped: numpy derivatives: backend=numpy has no automatic differentiation" in proc.stdout
     )
+    # dy/d(coefficient) for other names than the problem's: a KeyError in the runner's
+    # own comparison with the analytic values (backend=partial failed: KeyError: 'x0')
+    partial = "return Derivatives(4.0, 4.0, {'a': 9.0, 'x0': 1.0}, 2.0, 4.0, 4.0)"
+    source = PLUGIN_SOURCE.replace("raise NotImplementedError", partial)
+    assert source != PLUGIN_SOURCE
+    install_backend(site, "partial", source)
+    other = cli("backend=partial", "task=derivatives", "tracking=off", cwd=tmp_path, env=env)
+    assert other.returncode == 2, other.stderr
+    assert other.stderr.strip() == (
+        "error: backend=partial: derivatives() gave dy_dcoef for a, x0; "
+        "the problem's coefficients are a, b, c"
+    )
