@@ -40,7 +40,7 @@ def load_backend(name: str) -> Backend:
     if name not in found:
         choices = installed_choices(found)
         raise ConfigError(f"backend={name!r} is not installed; choose one of: {choices}")
-    entry_point = found[name]
+    entry_point = sole_entry_point(BACKEND_GROUP, "backend", name)
     try:
         backend = entry_point.load()()
     except ModuleNotFoundError as exc:
@@ -64,6 +64,23 @@ def load_backend(name: str) -> Backend:
             f"which runner.protocol.Backend requires (all: {', '.join(members(Backend))})"
         )
     return backend
+
+
+def sole_entry_point(group: str, kind: str, name: str) -> EntryPoint:
+    """The one plugin installed as `name`. Two packages claiming one name were read in
+    sys.path order, one winning silently, its runs recorded under the name as if they
+    were the other's."""
+    claims = {ep.value: ep for ep in entry_points(group=group, name=name)}
+    if len(claims) > 1:
+        who = ", ".join(
+            f"'{value}' ({ep.dist.name if ep.dist else '?'})"
+            for value, ep in sorted(claims.items())
+        )
+        raise PluginError(
+            f"{kind}={name} is installed by {len(claims)} packages: {who}; uninstall all but one"
+        )
+    (entry_point,) = claims.values()
+    return entry_point
 
 
 def load_failure(group: str, name: str, entry_point: EntryPoint, exc: Exception) -> PluginError:

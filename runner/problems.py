@@ -314,8 +314,11 @@ def build_problem(cfg: Mapping[str, Any]) -> Problem:
     if name not in found:
         choices = installed_choices(found)
         raise ConfigError(f"problem={name!r} is unknown; choose one of: {choices}")
-    cls = found[name].load()
-    _check_protocol(name, found[name].value, cls)
+    from runner.plugins import sole_entry_point  # plugins -> protocol -> problems
+
+    entry_point = sole_entry_point(PROBLEM_GROUP, "problem", name)
+    cls = entry_point.load()
+    _check_protocol(name, entry_point.value, cls)
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - allowed)
     if unknown:

@@ -79,6 +79,29 @@ def install_plugin(
     (dist / "entry_points.txt").write_text(entry_point)
 
 
+def test_a_backend_name_two_packages_install_is_refused(tmp_path: Path) -> None:
+    """Two packages claiming backend=twin: one won in sys.path order, silently, and its
+    runs were recorded as backend=twin, whichever it was."""
+    site = tmp_path / "site"
+    site.mkdir()
+    for module in ("twin_a", "twin_b"):
+        install_plugin(
+            site, module, entry_point=f"[{BACKEND_GROUP}]\ntwin = {module}:AbacusBackend\n"
+        )
+    proc = cli(
+        "backend=twin",
+        "steps=3",
+        "tracking=off",
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{ROOT}:{site}"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "error: backend=twin is installed by 2 packages: 'twin_a:AbacusBackend' (twin-a), "
+        "'twin_b:AbacusBackend' (twin-b); uninstall all but one"
+    )
+
+
 def test_installed_plugin_is_discovered_and_runs(tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
