@@ -305,10 +305,13 @@ class _Manual:
         self, opt: Resolved, convention: Convention, x: tf.Variable, dtype: tf.DType
     ) -> None:
         self.opt = opt
-        # all it reads of the convention (rule_reads: TF's rule computes Adam's bias
-        # correction in the run's dtype, 1 - beta and 1 - rho in float64, whatever the
-        # convention says)
+        # all it reads of the convention: where eps goes, and the dtype of 1 - beta,
+        # 1 - rho (TF's rule computes Adam's bias correction in the run's dtype whatever
+        # the convention says). The legacy convention reaches it only where its rule is
+        # the legacy one (rule_convention: RMSprop without momentum), whose record then
+        # says tf_legacy: 1 - rho in the run's dtype, as that record says.
         self.form = eps_placement(opt.name, float(opt.values.get("momentum") or 0), convention)
+        self.complement_in_dtype = convention.decay_complement == "run dtype"
         self.name = opt.name
         self.dtype = dtype
         self.lr = self._c(opt.lr)
@@ -336,6 +339,10 @@ class _Manual:
         """A hyperparameter (or 1 - one, computed in float64) as a constant of the run dtype."""
         return tf.constant(value, dtype=self.dtype)
 
+    def _complement(self, decay: float) -> tf.Tensor:
+        """1 - decay as the convention computes it (Convention.decay_complement)."""
+        return self._c(1) - self._c(decay) if self.complement_in_dtype else self._c(1 - decay)
+
     def _root(self, accumulated: tf.Tensor, eps: tf.Tensor, form: str) -> tf.Tensor:
         return tf.sqrt(accumulated + eps) if form == "inside" else tf.sqrt(accumulated) + eps
 
@@ -351,8 +358,8 @@ class _Manual:
         elif self.name == "adam":
             b1, b2, eps = opt["beta1"], opt["beta2"], c(opt["eps"])
             t = tf.cast(self.t.assign_add(1), self.dtype)
-            m = s["m"].assign(c(b1) * s["m"] + c(1 - b1) * g)
-            v = s["v"].assign(c(b2) * s["v"] + c(1 - b2) * g * g)
+            m = s["m"].assign(c(b1) * s["m"] + self._complement(b1) * g)
+            v = s["v"].assign(c(b2) * s["v"] + self._complement(b2) * g * g)
             bias1, bias2 = 1 - tf.pow(c(b1), t), 1 - tf.pow(c(b2), t)
             if self.form == "corrected":
                 x.assign_sub(lr * (m / bias1) / (tf.sqrt(v / bias2) + eps))
@@ -363,7 +370,7 @@ class _Manual:
             x.assign_sub(lr * g / self._root(acc, c(opt["eps"]), self.form))
         else:  # rmsprop
             rho = opt["rho"]
-            ms = s["ms"].assign(c(rho) * s["ms"] + c(1 - rho) * g * g)
+            ms = s["ms"].assign(c(rho) * s["ms"] + self._complement(rho) * g * g)
             direction = g / self._root(ms, c(opt["eps"]), self.form)
             if opt["momentum"]:
                 direction = s["buf"].assign(c(opt["momentum"]) * s["buf"] + direction)

@@ -478,6 +478,18 @@ def test_float32_legacy_adam_and_rmsprop_are_float32_arithmetic_throughout() -> 
         xs.append(x)
     assert np.array_equal(np.asarray(by_tf.x, np.float32), xs[:steps])
     assert f(by_tf.final_x) == xs[-1]
+    # the hand-written rule where the legacy convention is its own (RMSprop without
+    # momentum: eps outside the root) is recorded tf_legacy, so it takes 1 - rho in
+    # float32 too; it took it in float64 (0.97674292 after 1000 steps, not 0.97674286)
+    from backends.numpy import NumpyBackend
+
+    spec = notebook_spec("manual", name="rmsprop", lr=0.001, steps=1000, options=legacy)
+    by_tf = run_minimize(BACKEND, spec).trajectory
+    assert BACKEND.convention(spec) is LEGACY
+    numpy_spec = dataclasses.replace(spec, options={"convention": "tf_legacy"})
+    by_numpy = run_minimize(NumpyBackend(), numpy_spec).trajectory
+    assert np.array_equal(by_tf.x, by_numpy.x) and by_tf.final_x == by_numpy.final_x
+    assert by_tf.final_x == f(0.9767428636550903)
 
 
 @pytest.mark.parametrize("mode", ["manual", "graph"])
