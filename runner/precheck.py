@@ -97,7 +97,8 @@ def check_overrides(args: list[str]) -> None:
     plain = [a for a in plain if "(" not in a.split("=", 1)[1]]
     check_task_settings(plain)
     swept = swept_choices(args)
-    check_swept_settings(plain, swept)
+    # a setting swept too (optimizer.momentum=0.5,0.9) counts: Hydra composes each value
+    check_swept_settings([a for a in args if "=" in a and not a.startswith(("-", "hydra"))], swept)
     # each swept group at its first choice (all have the settings given, checked above):
     # at the group's default, `-m optimizer=adam,rmsprop optimizer.beta1=0.8` was told to
     # choose optimizer=adam
@@ -133,12 +134,12 @@ def swept_choices(args: list[str]) -> dict[str, list[str]]:
     return swept
 
 
-def check_swept_settings(plain: list[str], swept: Mapping[str, list[str]]) -> None:
+def check_swept_settings(settings: list[str], swept: Mapping[str, list[str]]) -> None:
     """A setting that some of a sweep's choices lack (`-m optimizer=adam,rmsprop
     optimizer.momentum=0`: Adam has none) is refused in one line, before any job: Hydra
     cannot compose those jobs, and ended the whole sweep in its own multi-line error,
     exit 1, with an empty sweep folder left behind and no job run."""
-    for arg in plain:
+    for arg in settings:
         group, dot, setting = arg.split("=", 1)[0].partition(".")
         if not dot or group not in swept or "." in setting:
             continue

@@ -170,7 +170,7 @@ BAD_INPUTS = [
         "optimizer=adam without it",
     ),
     (
-        ["-m", "optimizer=adam,adagrad", "optimizer.beta1=0.8"],
+        ["-m", "optimizer=adam,adagrad", "optimizer.beta1=0.8,0.9"],  # a setting swept too
         "optimizer.beta1 is a setting of optimizer=adam only, not of optimizer=adagrad,",
     ),
     # settings checked in the run's dtype (float32 by default), not only in float64
@@ -381,3 +381,12 @@ def test_step_times_read_without_an_exponent(step_us: float, text: str) -> None:
     from runner.summary import step_time_text
 
     assert step_time_text(step_us) == text
+
+
+def test_a_sweep_setting_every_swept_choice_has_is_not_refused() -> None:
+    """The override check composed at the group's default (sgd), which lacks eps: `-m
+    optimizer=adam,rmsprop optimizer.eps=1e-6`, a sweep Hydra runs, was refused with
+    'choose optimizer=adagrad to use it'. It composes at the first swept choice."""
+    from runner.precheck import check_overrides
+
+    check_overrides(["-m", "optimizer=adam,rmsprop", "optimizer.eps=1e-6", "backend=numpy"])
