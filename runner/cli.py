@@ -179,7 +179,15 @@ def run_job(
     def job() -> dict[str, Any]:
         nonlocal executed
         executed = True
-        return execute(run, output_dir, run_uid, backend, git, record_skip=multirun)
+        try:
+            return execute(run, output_dir, run_uid, backend, git, record_skip=multirun)
+        except RunnerError:
+            raise
+        except Exception as exc:  # a plugin's or the runner's: on record, as a sweep job's
+            error = unexpected(exc, run.backend)  # is (hydra_main), so it is logged FAILED
+            if not multirun and error.exit_code != 2:  # exit 2: refused, its folder removed
+                record_job_failure(output_dir, error, git, run_uid)
+            raise
 
     if target is None:  # tracking=off
         return job()
@@ -190,9 +198,7 @@ def run_job(
     try:
         if not multirun and logs_in_background(tracking, target):
             check_store(target)  # what MLflow would say at once, said here, before the run
-            return run_then_upload(
-                job, output_dir, run_uid, target, cwd, lambda exc: unexpected(exc, run.backend), git
-            )
+            return run_then_upload(job, output_dir, run_uid, target, cwd)
         client = client_for(target)
         experiment_id = ensure_experiment(client, target)
         overrides = list(hydra_cfg.overrides.task)
@@ -240,22 +246,14 @@ def run_then_upload(
     run_uid: str,
     target: TrackingTarget,
     cwd: Path,
-    as_error: Callable[[Exception], RunnerError],
-    git: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The job, then its background upload, whether it finished, diverged, was stopped or
-    failed: a plugin's (or the runner's) exception is recorded as a sweep job's is
-    (job_failure.json, as_error's words), so the run is logged FAILED, as an in-process
-    run is (tracking.background=false); it was in no store at all."""
+    failed (its job_failure.json: logged FAILED, as in-process)."""
     try:
         result = job()
     except BaseException as exc:
         if isinstance(exc, RunnerError) and exc.exit_code == 2:
             raise  # refused: hydra_main removes its folder, a record in it too
-        if isinstance(exc, Exception) and not isinstance(exc, RunnerError):
-            error = as_error(exc)
-            if error.exit_code != 2:  # exit 2: refused, its folder removed (hydra_main)
-                record_job_failure(output_dir, error, git, run_uid)
         try:
             announce_upload(output_dir, run_uid, target, cwd)
         except TrackingError as exc:  # the job's own error follows: the user reads both

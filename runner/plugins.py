@@ -7,7 +7,6 @@ package that declares an entry point in BACKEND_GROUP.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -102,14 +101,10 @@ def members(protocol: type) -> list[str]:
 
 
 def missing_members(obj: Any, protocol: type) -> list[str]:
-    """The members of `protocol` that `obj` lacks (a method must be callable). A
-    dataclass's fields count as its attributes, with a default or without one."""
-    fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+    """The members of `protocol` that `obj` (an instance) lacks (a method must be callable)."""
     missing = []
     for member in members(protocol):
         value = getattr(obj, member.removesuffix("()"), _ABSENT)
-        if member in fields:
-            continue
         if value is _ABSENT or (member.endswith("()") and not callable(value)):
             missing.append(member)
     return missing

@@ -318,7 +318,6 @@ def build_problem(cfg: Mapping[str, Any]) -> Problem:
 
     entry_point = sole_entry_point(PROBLEM_GROUP, "problem", name)
     cls = entry_point.load()
-    _check_protocol(name, entry_point.value, cls)
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - allowed)
     if unknown:
@@ -328,16 +327,19 @@ def build_problem(cfg: Mapping[str, Any]) -> Problem:
         )
     for key, value in values.items():
         values[key] = _setting(key, value)
-    return cls(**values)
+    problem = cls(**values)
+    _check_protocol(name, entry_point.value, problem)
+    return problem
 
 
-def _check_protocol(name: str, entry_point: str, cls: type) -> None:
+def _check_protocol(name: str, entry_point: str, problem: Problem) -> None:
     """A plugin problem that lacks part of the protocol is named here, before the run: it
-    would fail inside the backend's loop and read as the backend's error."""
+    would fail inside the backend's loop and read as the backend's error. The instance is
+    checked: a property may be set as it is built (__post_init__)."""
     from runner.errors import PluginError
     from runner.plugins import members, missing_members  # plugins -> protocol -> problems
 
-    missing = missing_members(cls, Problem)
+    missing = missing_members(problem, Problem)
     if missing:
         raise PluginError(
             f"problem={name}: its plugin '{entry_point}' lacks {', '.join(missing)}, "

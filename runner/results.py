@@ -349,7 +349,8 @@ def record_job_failure(
     git: Mapping[str, Any] | None = None,
     run_uid: str | None = None,
 ) -> None:
-    """Leave a sweep job's failure in its folder: the sweep's exit code is made from these.
+    """Leave a failure in its run folder, for its MLflow run (FAILED) and, in a sweep, the
+    sweep's exit code, which is made from these.
 
     Hydra's launchers drop a job's return value, so the launching process reads the
     sweep folder instead; that works for every launcher, SLURM included. git: the code

@@ -129,9 +129,10 @@ def in_sweep(run_dir: Path) -> bool:
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
-    """results.json, or for a sweep job that failed before a result, a stand-in made from
-    its job_failure.json: status "failed", its error, failure_uid for its run_uid, and the
-    code state it recorded as it started (git, None if it has none)."""
+    """results.json, or for a run that failed before a result, a stand-in made from its
+    job_failure.json: status "failed", its error, its run_uid (a single run's own; a sweep
+    job's made by failure_uid), and the code state it recorded as it started (git, None
+    if it has none)."""
     results = run_dir / RESULTS_FILE
     if results.exists() or not (run_dir / JOB_FAILURE_FILE).exists():
         return json.loads(results.read_text())

@@ -22,9 +22,9 @@ from pathlib import Path
 from runner.results import JOB_FAILURE_FILE, RESULTS_FILE
 from runner.summary import plural
 
-# Hydra builds a sweeper only from a class of the hydra_plugins namespace (the name
-# conf/hparams_search gives as hydra.sweeper._target_); runner.search_sweeper's class
-# claims this module name and register_sweeper registers it under it.
+# Hydra builds a sweeper only from a class of the hydra_plugins namespace (the target of
+# the `hydra/sweeper=optuna` config register_sweeper stores); runner.search_sweeper's
+# class claims this module name and register_sweeper registers it under it.
 PLUGIN_MODULE = "hydra_plugins.gradient_runner"
 RESULTS_NAME = "optimization_results.yaml"  # Optuna's sweeper writes the best trial here
 NO_BEST_EXIT = 2  # as for a single run refused: the search produced nothing to use

@@ -38,8 +38,8 @@ class OptunaSearch(OptunaSweeper):
     """Optuna's sweeper; a search none of whose trials completed ends like a sweep."""
 
     # Hydra instantiates only plugins named in the hydra_plugins namespace: the class
-    # is registered under this name (runner.search.register_sweeper), which
-    # conf/hparams_search gives as hydra.sweeper._target_.
+    # is registered under this name (runner.search.register_sweeper), which the
+    # `hydra/sweeper=optuna` config it stores gives as hydra.sweeper._target_.
     __module__ = PLUGIN_MODULE
 
     def setup(

@@ -232,6 +232,29 @@ def test_an_installed_problem_plugin_is_a_choice_with_its_settings(tmp_path: Pat
     assert "choose one of: quadratic, quadratic_form, rosenbrock, shifted" in listed.stderr
 
 
+def test_a_problem_that_sets_a_protocol_attribute_as_it_is_built_runs(tmp_path: Path) -> None:
+    """coefficients set in __post_init__, not a property: the protocol check read the class
+    and refused a problem whose every instance has them."""
+    site = tmp_path / "site"
+    site.mkdir()
+    prop = '    @property\n    def coefficients(self):\n        return {"s": float(self.s)}\n'
+    built = (
+        "    def __post_init__(self):\n"
+        '        object.__setattr__(self, "coefficients", {"s": float(self.s)})\n'
+    )
+    source = PROBLEM_SOURCE.replace(prop, built).replace('"shifted"', '"built"')
+    assert source != PROBLEM_SOURCE
+    install_plugin(
+        site, "built_problem", source, f"[{PROBLEM_GROUP}]\nbuilt = built_problem:Shifted\n"
+    )
+    proc = cli(
+        "backend=numpy", "problem=built", "optimizer.lr=0.5", "steps=3", "tracking=off",
+        cwd=tmp_path, env={"PYTHONPATH": f"{ROOT}:{site}"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert single_result(tmp_path)["x"] == 3.0  # lr = 1/2: one step to x* = s
+
+
 def install_backend(site: Path, name: str, source: str, target: str = "AbacusBackend") -> None:
     """A backend plugin `name` in its own module, its entry point naming `target` there."""
     module = f"{name}_backend"
@@ -339,6 +362,15 @@ def test_a_single_run_a_plugin_fails_is_logged_failed_by_its_background_upload(
     assert (
         run.data.tags["run_uid"] == failure["run_uid"] and run.data.params["backend.name"] == "busy"
     )
+    # tracking=off: on record too, for the upload its user runs later
+    off = tmp_path / "off"
+    off.mkdir()
+    proc = cli(
+        "backend=busy", "steps=3", "tracking=off", cwd=off, env={"PYTHONPATH": f"{ROOT}:{site}"}
+    )
+    assert proc.returncode == 1, proc.stderr
+    (off_dir,) = run_dirs_in(off)
+    assert json.loads((off_dir / "job_failure.json").read_text())["error"].startswith(error)
 
 
 BROKEN_PROBLEM = f"[{PROBLEM_GROUP}]\nbroken = broken_problem:Broken\n"
