@@ -35,11 +35,10 @@ def load_backend(name: str) -> Backend:
     A plugin that cannot be imported or built, or that lacks part of the protocol, is
     a PluginError naming it (the installation is wrong), raised before the run starts.
     """
-    found = backend_entry_points()
-    if name not in found:
-        choices = installed_choices(found)
-        raise ConfigError(f"backend={name!r} is not installed; choose one of: {choices}")
     entry_point = sole_entry_point(BACKEND_GROUP, "backend", name)
+    if entry_point is None:
+        choices = installed_choices(backend_entry_points())
+        raise ConfigError(f"backend={name!r} is not installed; choose one of: {choices}")
     try:
         backend = entry_point.load()()
     except ModuleNotFoundError as exc:
@@ -65,10 +64,10 @@ def load_backend(name: str) -> Backend:
     return backend
 
 
-def sole_entry_point(group: str, kind: str, name: str) -> EntryPoint:
-    """The one plugin installed as `name`. Two packages claiming one name were read in
-    sys.path order, one winning silently, its runs recorded under the name as if they
-    were the other's."""
+def sole_entry_point(group: str, kind: str, name: str) -> EntryPoint | None:
+    """The one plugin installed as `name`, None where none is. Two packages claiming one
+    name were read in sys.path order, one winning silently, its runs recorded under the
+    name as if they were the other's."""
     claims = {ep.value: ep for ep in entry_points(group=group, name=name)}
     if len(claims) > 1:
         who = ", ".join(
@@ -78,8 +77,7 @@ def sole_entry_point(group: str, kind: str, name: str) -> EntryPoint:
         raise PluginError(
             f"{kind}={name} is installed by {len(claims)} packages: {who}; uninstall all but one"
         )
-    (entry_point,) = claims.values()
-    return entry_point
+    return next(iter(claims.values()), None)
 
 
 def load_failure(group: str, name: str, entry_point: EntryPoint, exc: Exception) -> PluginError:

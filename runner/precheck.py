@@ -143,15 +143,14 @@ def check_swept_settings(settings: list[str], swept: Mapping[str, list[str]]) ->
         group, dot, setting = arg.split("=", 1)[0].partition(".")
         if not dot or group not in swept or "." in setting:
             continue
-        known = {value: option_settings(group, value) for value in swept[group]}
-        lacking = [
-            v for v, settings in known.items() if settings is not None and setting not in settings
-        ]
+        having: list[str] = []
+        lacking: list[str] = []
+        for value in swept[group]:
+            known = option_settings(group, value)  # None: unknown here, not judged
+            if known is not None:
+                (having if setting in known else lacking).append(value)
         if not lacking:
             continue
-        having = [
-            v for v, settings in known.items() if settings is not None and setting in settings
-        ]
         key = f"{group}.{setting}"
         owners = options_with(key) or [f"{group}={v}" for v in having]
         if not owners:
@@ -201,11 +200,8 @@ def options_with(key: str) -> list[str]:
     group, _, setting = key.partition(".")
     if not setting or "." in setting:
         return []
-    return [
-        f"{group}={path.stem}"
-        for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
-        if setting in OmegaConf.load(path)
-    ]
+    stems = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+    return [f"{group}={stem}" for stem in stems if setting in (option_settings(group, stem) or ())]
 
 
 def problem_defaults(entry_point: Any) -> dict[str, Any]:

@@ -310,13 +310,12 @@ def build_problem(cfg: Mapping[str, Any]) -> Problem:
     """Build a problem from its config group node (name plus its own keys)."""
     values = dict(cfg)
     name = values.pop("name", None)
-    found = problem_classes()
-    if name not in found:
-        choices = installed_choices(found)
-        raise ConfigError(f"problem={name!r} is unknown; choose one of: {choices}")
     from runner.plugins import sole_entry_point  # plugins -> protocol -> problems
 
     entry_point = sole_entry_point(PROBLEM_GROUP, "problem", name)
+    if entry_point is None:
+        choices = installed_choices(problem_classes())
+        raise ConfigError(f"problem={name!r} is unknown; choose one of: {choices}")
     cls = entry_point.load()
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - allowed)

@@ -359,12 +359,9 @@ def record_job_failure(
     is made from the sweep's id and its folder (runner.sweep_record.failure_uid).
     """
     failure = {"exit_code": getattr(exc, "exit_code", 1), "error": str(exc)}
-    extra = {"git": dict(git)} if git else {}
-    write_json(output_dir / JOB_FAILURE_FILE, {**failure, **extra, **_given(run_uid=run_uid)})
-
-
-def _given(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
+    failure |= {"git": dict(git)} if git else {}
+    failure |= {"run_uid": run_uid} if run_uid else {}
+    write_json(output_dir / JOB_FAILURE_FILE, failure)
 
 
 def sweep_failures(sweep_dir: Path) -> list[dict[str, Any]]:

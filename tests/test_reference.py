@@ -165,7 +165,7 @@ def test_unknown_names_say_when_nothing_is_installed(monkeypatch) -> None:
     import runner.problems
 
     for module in (runner.problems, runner.plugins):
-        monkeypatch.setattr(module, "entry_points", lambda group: [])
+        monkeypatch.setattr(module, "entry_points", lambda group, **_: [])
     with pytest.raises(ConfigError, match=r"choose one of: none \(is the project installed"):
         build_problem({"name": "quadratic"})
     with pytest.raises(ConfigError, match=r"choose one of: none \(is the project installed"):
