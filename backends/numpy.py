@@ -106,5 +106,5 @@ class NumpyBackend:
     def derivatives(self, spec: DerivativesSpec) -> Derivatives:
         raise UnsupportedError(
             "backend=numpy has no automatic differentiation; "
-            "task=derivatives needs backend=tf, torch or jax"
+            "task=derivatives needs a backend that has it (tf, torch and jax do)"
         )

@@ -108,7 +108,7 @@ def execute(
         run.backend,
         backend.framework,
         backend.resolved_device(run.device),
-        backend.versions(),
+        _checked_versions(run.backend, backend.versions()),
         run_uid or new_run_uid(),
         git,
         machine_state(),
@@ -177,6 +177,19 @@ def _check_coefficients(backend: str, found: Derivatives, coefficients: Mapping)
             f"backend={backend}: derivatives() gave dy_dcoef for {', '.join(found.dy_dcoef)}; "
             f"the problem's coefficients are {', '.join(coefficients)}"
         )
+
+
+def _checked_versions(backend: str, versions: Mapping[str, Any]) -> dict[str, str]:
+    """versions() must name versions as strings: another value reached results.json as
+    itself and the MLflow tags as its repr ('None'), where a version is what tells two
+    runs' numbers apart."""
+    wrong = {name: v for name, v in versions.items() if not (isinstance(v, str) and v)}
+    if wrong or not all(isinstance(name, str) and name for name in versions):
+        raise PluginError(
+            f"backend={backend}: versions() must map framework names to version strings; "
+            f"it gave {dict(versions)!r}"
+        )
+    return dict(versions)
 
 
 def _files_line(output_dir: Path) -> str:

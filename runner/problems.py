@@ -334,7 +334,8 @@ def build_problem(cfg: Mapping[str, Any]) -> Problem:
 def _check_protocol(name: str, entry_point: str, problem: Problem) -> None:
     """A plugin problem that lacks part of the protocol is named here, before the run: it
     would fail inside the backend's loop and read as the backend's error. The instance is
-    checked: a property may be set as it is built (__post_init__)."""
+    checked: a property may be set as it is built (__post_init__). Its `name` is what the
+    records call it, so it must be the name the user chose it by."""
     from runner.errors import PluginError
     from runner.plugins import members, missing_members  # plugins -> protocol -> problems
 
@@ -343,6 +344,11 @@ def _check_protocol(name: str, entry_point: str, problem: Problem) -> None:
         raise PluginError(
             f"problem={name}: its plugin '{entry_point}' lacks {', '.join(missing)}, "
             f"which runner.problems.Problem requires (all: {', '.join(members(Problem))})"
+        )
+    if problem.name != name:  # results.json, the reports and MLflow name a problem by it
+        raise PluginError(
+            f"problem={name}: its plugin '{entry_point}' calls itself {problem.name!r}; "
+            f"its name must be the one it is installed as, {name!r}"
         )
 
 

@@ -230,6 +230,17 @@ def test_an_installed_problem_plugin_is_a_choice_with_its_settings(tmp_path: Pat
     assert result["x"] == 5.0  # lr = 1/2: one step to x* = s
     listed = cli("problem=nope", cwd=tmp_path, env=env)
     assert "choose one of: quadratic, quadratic_form, rosenbrock, shifted" in listed.stderr
+    # installed under another name than the class gives: its records named a problem
+    # the user never chose (`problem=moved` recorded as "shifted")
+    install_plugin(
+        site, "moved_problem", PROBLEM_SOURCE, f"[{PROBLEM_GROUP}]\nmoved = moved_problem:Shifted\n"
+    )
+    moved = cli("backend=numpy", "problem=moved", "steps=3", "tracking=off", cwd=tmp_path, env=env)
+    assert moved.returncode == 2
+    assert moved.stderr.strip() == (
+        "error: problem=moved: its plugin 'moved_problem:Shifted' calls itself 'shifted'; "
+        "its name must be the one it is installed as, 'moved'"
+    )
 
 
 def test_a_problem_that_sets_a_protocol_attribute_as_it_is_built_runs(tmp_path: Path) -> None:
@@ -464,4 +475,14 @@ def test_a_backend_declines_derivatives_with_not_implemented_error(tmp_path: Pat
     assert other.stderr.strip() == (
         "error: backend=partial: derivatives() gave dy_dcoef for a, x0; "
         "the problem's coefficients are a, b, c"
+    )
+    # a version that is not a string reached the MLflow tags as 'None'
+    unversioned = PLUGIN_SOURCE.replace('{"abacus": "0.1"}', '{"abacus": None}')
+    assert unversioned != PLUGIN_SOURCE
+    install_backend(site, "unversioned", unversioned)
+    none = cli("backend=unversioned", "steps=3", "tracking=off", cwd=tmp_path, env=env)
+    assert none.returncode == 2, none.stderr
+    assert none.stderr.strip() == (
+        "error: backend=unversioned: versions() must map framework names to version strings; "
+        "it gave {'abacus': None}"
     )
