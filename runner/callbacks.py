@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -98,11 +99,12 @@ class SweepTracking(Callback):
         cwd = Path(config.hydra.runtime.cwd)
         sweep_id = sweep_id_of(sweep_dir)
         overrides = " ".join(config.hydra.overrides.task)
+        started = int(time.time() * 1000)
         try:
             target = resolve_target(tracking, cwd)
             if logs_in_background(tracking, target):
                 check_store(target)  # what MLflow would say at once, said before any job
-                write_sweep(sweep_dir, SweepInfo(sweep_id, None, "follower", overrides))
+                write_sweep(sweep_dir, SweepInfo(sweep_id, None, "follower", overrides, started))
                 follow = ["runner.follow", f"--launcher-pid={os.getpid()}"]
                 _LOGGERS[sweep_dir] = start_logger(sweep_dir, follow, target, cwd)
                 return
@@ -111,12 +113,12 @@ class SweepTracking(Callback):
         except TrackingError as exc:
             self.outage = exc
             print(f"error: {exc}; the jobs run and keep their results", file=sys.stderr)
-            write_sweep(sweep_dir, SweepInfo(sweep_id, None, "nobody", overrides))
+            write_sweep(sweep_dir, SweepInfo(sweep_id, None, "nobody", overrides, started))
             return
         except RunnerError as exc:  # a bad tracking setting
             refuse(exc)
         start_sweep_parent(
-            client, experiment_id, sweep_dir, SweepInfo(sweep_id, None, "jobs", overrides)
+            client, experiment_id, sweep_dir, SweepInfo(sweep_id, None, "jobs", overrides, started)
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

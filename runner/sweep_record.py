@@ -28,6 +28,9 @@ class SweepInfo:
     # `python -m runner.follow` for the sweep) or "nobody" (its store was away)
     logged_by: str = "jobs"
     overrides: str = ""  # the sweep's command-line overrides, a tag of its parent run
+    # when the sweep started, in MLflow's ms: its parent's start, which the sweep's logger
+    # (niced, so late under load) made as late as after the last job had ended
+    started_ms: int | None = None
 
 
 def read_sweep(sweep_dir: Path) -> SweepInfo:
@@ -40,6 +43,7 @@ def read_sweep(sweep_dir: Path) -> SweepInfo:
             data.get("parent_run_id"),
             data.get("logged_by", "jobs"),
             data.get("overrides", ""),
+            data.get("started_ms"),
         )
     return SweepInfo(sweep_id_of(sweep_dir), None)
 

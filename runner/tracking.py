@@ -426,7 +426,8 @@ def create_sweep_parent(
     """A new parent run for the sweep (RUNNING), its id: named after the sweep's folder,
     tagged with its sweep_id and command-line overrides (SWEEP_FILE's), and `extra_tags`.
     Made as the sweep starts (start_sweep_parent), or by an upload to a store that has
-    none (runner.upload, extra_tags runner.uploaded)."""
+    none (runner.upload, extra_tags runner.uploaded); it starts at start_time, else when
+    the sweep started (its record's started_ms), else now."""
     tags = {
         "sweep_id": sweep.sweep_id,
         "runner.kind": "sweep",
@@ -435,7 +436,10 @@ def create_sweep_parent(
     }
     run = retry_locked(
         lambda: client.create_run(
-            experiment_id, run_name=f"sweep {sweep_dir.name}", tags=tags, start_time=start_time
+            experiment_id,
+            run_name=f"sweep {sweep_dir.name}",
+            tags=tags,
+            start_time=start_time or sweep.started_ms,
         )
     )
     return run.info.run_id

@@ -478,7 +478,7 @@ def _sweep_parent(client: Any, experiment_id: str, sweep_dir: Path, sweep: Sweep
     )
     if found:
         return found[0].info.run_id
-    started = _sweep_time(sweep_dir, start=True)
+    started = sweep.started_ms or _sweep_time(sweep_dir, start=True)
     tags = {UPLOADED_TAG: "true"}
     return create_sweep_parent(client, experiment_id, sweep_dir, sweep, tags, started)
 

@@ -405,7 +405,7 @@ def test_a_sweep_of_vectors_too_long_to_list_gets_its_report(tmp_path: Path) -> 
         )
     )  # fmt: skip
     assert code == 0 and "error" not in err, err
-    assert "no mode has a finite, listed final x from two backends" in out
+    assert "no mode has finished runs of two backends with a listed final x" in out
     rows = read_csv(sweep / "compare" / "comparison.csv")
     assert sorted(r["backend"] for r in rows) == ["jax", "numpy"]
     assert {r["final_x"] for r in rows} == {""}
@@ -814,7 +814,11 @@ def test_agreement_names_the_framework_defaults_that_differ(tmp_path: Path, fres
     )
     (written,) = read_csv(sweep / "compare" / "agreement.csv")
     assert written["note"] == want
-    assert want in out  # the sweep's printed report
+    # the sweep's printed report: below the table, a difference a line (in the table,
+    # every line was padded to the note's ~200 characters and wrapped)
+    table_row = next(line for line in out.splitlines() if line.startswith("manual  float32"))
+    assert table_row.endswith("  [1]")
+    assert "[1] " + want.replace("; ", "\n    ") in out
     uri = fresh_store(tmp_path / "mlflow.db")
     upload([sweep], uri, EXPERIMENT, out=io.StringIO())
     client = open_client(uri)
@@ -1203,15 +1207,23 @@ def ordinal32(value: float) -> int:
 
 def first_difference(tables: list[list[dict[str, str]]]) -> tuple[int, float, str]:
     """Two runs' trajectory.csv rows read here: the first step where they differ, the
-    largest difference in float32 ulps, and its column."""
-    first, worst, where = None, 0, ""
+    largest difference in float32 ulps (x's counted between them, the loss's and the
+    gradient's in ulps of their column's largest magnitude), and its column."""
+    first, worst, where = None, 0.0, ""
+    scale = {
+        c: max(abs(float(row[c])) for table in tables for row in table) for c in ("loss", "grad")
+    }
     for a, b in zip(*tables, strict=True):
         assert a["step"] == b["step"]
         for column in ("x", "loss", "grad"):
             if float(a[column]) == float(b[column]):
                 continue
             first = int(a["step"]) if first is None else first
-            apart = abs(ordinal32(float(a[column])) - ordinal32(float(b[column])))
+            if column == "x":
+                apart = abs(ordinal32(float(a[column])) - ordinal32(float(b[column])))
+            else:
+                spacing = float(np.spacing(np.float32(scale[column])))
+                apart = abs(float(a[column]) - float(b[column])) / spacing
             if apart > worst:
                 worst, where = apart, column
     assert first is not None
@@ -1430,3 +1442,29 @@ def test_trajectories_compare_the_common_steps_bit_for_bit() -> None:
     assert finer.ulps == 0.25  # 2^-25 over float32 spacing 2^-23 at 1.0
     signed = step_agreement([run([0], [-0.0]), run([0], [0.0])], ["a", "b"], f32)
     assert (signed.status, signed.ulps) == ("differ", 0)
+
+
+def test_trajectories_count_loss_and_gradient_at_their_scale() -> None:
+    """x one ulp apart near x* = 1 gives losses 0 and 2^-24 and gradients 2^-21 apart
+    near 0, where representable values crowd: counted as values between them they read
+    864 million and 524,288 ulps, and the report said the frameworks parted wildly. They
+    are counted in ulps of their column's largest magnitude, so x's 1 ulp is the most."""
+    from runner.compare.stepwise import step_agreement
+    from runner.compare.trajectories import Trajectory
+
+    f32 = np.float32
+    x = f32(0.99999857)
+    below = np.nextafter(x, f32(0))
+
+    def run(last_x: np.float32) -> Trajectory:
+        xs = np.array([0.0, last_x], f32)
+        loss, grad = xs * xs - 2 * xs + 1, 2 * xs - 2  # the notebook's, in float32
+        columns = {"x": xs, "loss": loss, "grad": grad}
+        return Trajectory(np.array([0, 1]), {k: v.astype(np.float64) for k, v in columns.items()})
+
+    found = step_agreement([run(x), run(below)], ["a", "b"], f32)
+    assert (found.status, found.first_diff_step, found.ulps, found.column) == ("differ", 1, 1, "x")
+    near = run(x)
+    near.columns["loss"] = np.array([1.0, 2.0**-24])  # x equal, the loss alone apart
+    loss_only = step_agreement([run(x), near], ["a", "b"], f32)
+    assert (loss_only.ulps, loss_only.column) == (0.5, "loss")  # 2^-24 over 2^-23 at 1.0

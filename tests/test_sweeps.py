@@ -46,6 +46,9 @@ def sweep_group(uri: str, experiment: str = "gradient-runner") -> tuple[Any, lis
     for job in jobs:
         assert job.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert job.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
+        # the parent starts with the sweep: the sweep's logger made it, niced, as late as
+        # after its last job, so it sorted among its own children
+        assert parent.info.start_time <= job.info.start_time
     return parent, jobs
 
 

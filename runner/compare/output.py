@@ -69,7 +69,10 @@ TRAJECTORIES_TEXT = [
     "`trajectories` compares the rows' trajectories at every step all of them recorded (x, "
     "loss and gradient; for a vector problem the distance to x* and the gradient norm): "
     "`identical` to the bit, or the first step where two rows differ and the largest "
-    "difference over those steps in ulps of the rows' dtype, with the column it is in. "
+    "difference over those steps in ulps of the rows' dtype, with the column it is in: x's "
+    "ulps count the representable values between two rows, the other columns' are ulps of "
+    "the column's largest magnitude (they go to 0 at x*, where values crowd: losses of 0 "
+    "and 6e-8, from x one ulp apart, are 864 million values apart). "
     f"`logged steps`: from MLflow's metrics, which keep at most {MAX_POINTS_PER_METRIC} "
     "steps of a run, so a "
     "difference at another step goes unseen; `not recorded`: a row has no trajectory "
@@ -209,6 +212,33 @@ def agreement_title(agreement: Sequence[Agreement]) -> str:
     return f"{title}; {TRAJECTORIES_HEADER}: at every step all its rows recorded"
 
 
+NO_AGREEMENT = (  # the rows agreement.agreement_of leaves out
+    "no mode has finished runs of two backends with a listed final x "
+    "(diverged runs, and vectors too long for results.json to list, are not compared)"
+)
+NOTE_WIDTH = 40  # a longer note is numbered in its cell and written below the table
+
+
+def notes_below(
+    headers: Sequence[str], rows: Sequence[Sequence[str]]
+) -> tuple[list[list[str]], list[str]]:
+    """The terminal's agreement rows with each long note replaced by `[n]`, and the lines
+    `[n] note` for below the table, one difference a line: an Adam group's note on the
+    frameworks' conventions runs to ~350 characters, and every line of the table wrapped."""
+    at = list(headers).index("note")
+    shown, below, marks = [], [], 0
+    for row in rows:
+        cells = list(row)
+        if len(cells[at]) > NOTE_WIDTH:
+            marks += 1
+            mark = f"[{marks}]"
+            first, *rest = cells[at].split("; ")
+            below += [f"{mark} {first}", *(f"{' ' * len(mark)} {part}" for part in rest)]
+            cells[at] = mark
+        shown.append(cells)
+    return shown, below
+
+
 def ulps_in_dtype(item: Agreement) -> float:
     """The ulps of the rows' own dtype: a float64 group's float32 ulps (still in
     agreement.csv) read as if float64 runs agreed only to float32 precision."""
@@ -259,12 +289,11 @@ def terminal_text(
             parts += hole_lines(holes)
             parts.append("")
         if agreement:
-            parts.append(agreement_title(agreement))
-            parts.append(text_table(*agreement_table(agreement)))
+            headers, cells = agreement_table(agreement)
+            cells, notes = notes_below(headers, cells)
+            parts += [agreement_title(agreement), text_table(headers, cells), *notes]
         else:
-            parts.append(
-                "cross-backend agreement: no mode has a finite, listed final x from two backends"
-            )
+            parts.append(f"cross-backend agreement: {NO_AGREEMENT}")
     if derivatives:
         parts += [""] * bool(rows) + list(derivatives)
         if holes and not rows:
@@ -306,15 +335,15 @@ def write_files(
         "## Cross-backend agreement",
         "",
         f"Largest difference of final x between backends per mode (`all`: across modes "
-        f"too{across}), absolute and in units in the last place of the larger value in the "
-        "rows' dtype (agreement.csv has float32 ulps for every row, float64 ulps for float64): "
-        "the last step only.",
+        f"too{across}), absolute and in ulps of the rows' dtype, counted as the representable "
+        "values between them (agreement.csv has float32 ulps for every row, float64 ulps for "
+        "float64): the last step only.",
         "",
         *TRAJECTORIES_TEXT,
         "",
         markdown_table(*agreement_table(agreement))
         if agreement
-        else "No mode has runs from two backends.",
+        else f"{NO_AGREEMENT.capitalize()}.",
         "",
     ]
     md = [

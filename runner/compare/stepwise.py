@@ -5,7 +5,13 @@ mode differ by 1-2 float32 ulps at steps 28, 35 and 42 of an RMSprop run, and en
 same x. So each group's recorded trajectories (x, loss and gradient per step; a vector
 problem's distance to x* and gradient norm) are compared at the steps every member
 recorded: identical to the bit, or the first step where two members differ and the
-largest difference over them in ulps (agreement.ulps).
+largest difference over them in ulps. x is the state: its ulps count the representable
+values between two members (agreement.ulps). The others (loss, gradient, a vector's
+distance and gradient norm) are computed from x and go to 0 at x*, where representable
+values crowd: a loss of 0 against 5.96e-8, what x one ulp apart gives, counted 864
+million of them, and grad, x's 1 ulp doubled, 524,288. So their differences are
+counted in ulps of the column's largest magnitude over the steps compared, the scale
+the run computed them at.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ IDENTICAL = "identical"
 DIFFER = "differ"
 NOT_RECORDED = "not recorded"
 NO_COMMON_STEPS = "no common steps"
+STATE = "x"  # the column counted in representable values; the others at their scale
 
 
 @dataclass
@@ -33,7 +40,7 @@ class StepAgreement:
     status: str = NOT_RECORDED  # identical | differ | not recorded | no common steps
     steps: int = 0  # the steps compared
     first_diff_step: int | None = None
-    ulps: float | None = None  # the largest difference in ulps of the rows' dtype; 0: identical
+    ulps: float | None = None  # the largest difference in ulps of the rows' dtype (see above)
     column: str = ""  # where it is (x, loss, grad; dist, grad_norm for vectors)
     logged_only: bool = False  # over the steps MLflow kept of a longer record
     missing: list[str] = field(default_factory=list)  # the members without a trajectory
@@ -68,7 +75,11 @@ def step_agreement(
         at = int(common[np.argmax(differs)])
         if result.first_diff_step is None or at < result.first_diff_step:
             result.first_diff_step = at
-        apart = _largest_ulps(values[:, differs], dtype)
+        apart = (
+            _largest_ulps(values[:, differs], dtype)
+            if name == STATE
+            else _ulps_at_scale(values[:, differs], _magnitude(values), dtype)
+        )
         if result.status == IDENTICAL or apart > (result.ulps or 0.0):
             result.ulps, result.column = apart, name
         result.status = DIFFER
@@ -100,3 +111,18 @@ def _largest_ulps(values: np.ndarray, dtype: type[np.floating]) -> float:
         finer = values[:, ~exact]
         worst = max(worst, *(ulps(a, b, dtype) for a, b in combinations(finer, 2)))
     return worst
+
+
+def _ulps_at_scale(values: np.ndarray, scale: float, dtype: type[np.floating]) -> float:
+    """The largest difference between two members (rows of values) at any step, in ulps
+    of `scale` (the column's largest magnitude) in dtype; inf where one is not finite."""
+    if not np.all(np.isfinite(values)):
+        return float("inf")
+    spread = float(np.max(values.max(axis=0) - values.min(axis=0)))
+    return spread / float(np.spacing(dtype(scale)))
+
+
+def _magnitude(values: np.ndarray) -> float:
+    """The largest finite |value| (a step where every member is inf still equals)."""
+    finite = np.abs(values[np.isfinite(values)])
+    return float(finite.max(initial=0.0))
