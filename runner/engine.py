@@ -38,19 +38,21 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True)
 class Timings:
-    """compile_s: prepare(); run_s: the steps alone, which step_us divides; final_s: the
+    """compile_s: prepare(); run_s: the steps alone, which step_us divides by the steps
+    the loop executed (steps_timed: past a divergence to its chunk's end, where an eager
+    program records on the device, so not always results.json's steps_run); final_s: the
     final state read back to the host, paid once a run and kept out of the per-step
     figure (at n = 1e7: 0.01-0.14 s on this CPU, ~0.1 s on an H200, where it had been
     most of what a 200-step run reported a step)."""
 
     compile_s: float
     run_s: float
-    steps_run: int
+    steps_timed: int
     final_s: float = 0.0
 
     @property
     def step_us(self) -> float:
-        return self.run_s / max(self.steps_run, 1) * 1e6
+        return self.run_s / max(self.steps_timed, 1) * 1e6
 
 
 @dataclass(frozen=True)

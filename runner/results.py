@@ -69,6 +69,7 @@ def minimize_result(
             "compile_s": outcome.timings.compile_s,
             "run_s": outcome.timings.run_s,
             "step_us": outcome.timings.step_us,
+            "steps_timed": outcome.timings.steps_timed,
             "final_s": outcome.timings.final_s,
         },
     }

@@ -118,6 +118,12 @@ def test_divergence_keeps_what_was_computed(tmp_path: Path) -> None:
             x, k = x - lr * (two * x - two), k + 1
     assert step == k
     assert np.float32(result["x"]) == x  # the state at the step it diverged, not later
+    # JAX's eager loop, which records on the device, sees the divergence as its chunk
+    # ends: step_us is over the steps it executed, which steps_timed says (it was not
+    # recorded, and run_s / steps_run read ~8x step_us)
+    timed = result["timings"]
+    assert timed["steps_timed"] == 500 > result["steps_run"] == step
+    assert timed["step_us"] == timed["run_s"] / timed["steps_timed"] * 1e6
     run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
     rows = read_csv(run_dir / "trajectory.csv")
     assert int(rows[-2]["step"]) == step - 1 and int(rows[-1]["step"]) == step

@@ -169,7 +169,7 @@ def test_ctrl_c_while_compiling_is_an_interrupted_run_at_step_0(mode: str) -> No
     spec = make_spec(Quadratic(), "sgd", 0.1, {}, mode, dtype="float32", steps=100)
     outcome = engine.run_minimize(_StoppedWhileCompiling(), spec)  # type: ignore[arg-type]
     assert outcome.interrupted and np.isfinite(outcome.trajectory.final_loss)
-    assert outcome.timings.steps_run == 0 and outcome.trajectory.stopped_at == 0
+    assert outcome.timings.steps_timed == 0 and outcome.trajectory.stopped_at == 0
     assert outcome.trajectory.steps.size == 0
     assert outcome.trajectory.final_x == np.float32(spec.problem.x0)
 
@@ -189,7 +189,7 @@ def test_ctrl_c_swallowed_while_compiling_is_an_interrupted_run_at_step_0() -> N
         outcome = engine.run_minimize(backend, spec, progress=tick)  # type: ignore[arg-type]
     except KeyboardInterrupt:
         pytest.fail("the stop left run_minimize: the run has no result to save")
-    assert outcome.interrupted and outcome.timings.steps_run == 0
+    assert outcome.interrupted and outcome.timings.steps_timed == 0
     assert outcome.trajectory.stopped_at == 0 and outcome.trajectory.steps.size == 0
 
 
