@@ -1040,12 +1040,13 @@ def test_the_fastest_finished_run_is_the_reference(tmp_path: Path) -> None:
 
 
 def test_the_sweep_report_counts_and_lists_skipped_and_failed_jobs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_store
 ) -> None:
     """'1 finished, 1 skipped, 1 failed, 1 row' for a sweep whose second job was skipped
     (numpy mode=graph) and whose third failed (a bad setting); each is listed after the
     table, with why: only stderr said which job it was, and why. The sweep is named by
-    its MLflow group (sweep_id: the absolute path) though its folder is given relative."""
+    its MLflow group (sweep_id: the absolute path) though its folder is given relative.
+    The report from MLflow lists them too (it said '1 matching, 1 row', nothing more)."""
     from omegaconf import OmegaConf
 
     from runner.compare.report import compare_folder
@@ -1054,7 +1055,7 @@ def test_the_sweep_report_counts_and_lists_skipped_and_failed_jobs(
 
     runs = run_folders(tmp_path / "runs", {"0_ran": (("backend=numpy",), 0.0)})
     skipped = json.loads((runs / "0_ran" / "results.json").read_text())
-    skipped.update(status="skipped", mode="graph", reason="NumPy has no compiler")
+    skipped.update(status="skipped", mode="graph", reason="NumPy has no compiler", run_uid="s")
     (runs / "1_skipped").mkdir()
     (runs / "1_skipped" / "results.json").write_text(json.dumps(skipped))
     failed = runs / "2_failed"  # stopped before a result: its config and its failure
@@ -1081,6 +1082,15 @@ def test_the_sweep_report_counts_and_lists_skipped_and_failed_jobs(
     assert "- failed: jax manual: problem.a=-1.0: a\\*x^2 has no" in markdown
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert [h["status"] for h in saved["skipped_and_failed"]] == ["skipped", "failed"]
+
+    from runner.compare.report import compare
+    from runner.upload import upload
+
+    uri = fresh_store(tmp_path / "mlflow.db")
+    upload([runs], uri, EXPERIMENT, out=io.StringIO())
+    logged = compare(uri, EXPERIMENT, out_dir=tmp_path / "logged", log=False)
+    assert "(no filters); 1 matching, 1 skipped, 1 failed, 1 row" in logged.text
+    assert logged.text.splitlines()[4:7] == ["", *listed]
 
 
 def test_jobs_skipped_for_one_reason_are_one_line(

@@ -9,6 +9,7 @@ all the others, so none of them needs to import it.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,11 +47,13 @@ from runner.compare.store import (
     FILTERS,
     CompareError,
     describe_selection,
+    has_row,
     latest_sweep,
     newest_per_setting,
     no_match_message,
     open_client,
     row_of_run,
+    run_holes,
     search_runs,
     split_values,
     still_logging,
@@ -119,23 +122,29 @@ def compare(
     filters = dict(zip(FILTERS, map(split_values, (backends, modes, dtypes)), strict=True))
     for spelling in sweep_spellings(sweep_id):
         runs = search_runs(client, found.experiment_id, spelling, filters)
-        if runs:
+        compared = [run for run in runs if has_row(run)]
+        if compared:
             sweep_id = spelling
             break
-    if not runs:
+    if not compared:
         raise CompareError(
             no_match_message(client, found.experiment_id, experiment, sweep_id, filters)
         )
-    read = [row_of_run(client, run) for run in newest_per_setting(runs)]
+    read = [row_of_run(client, run) for run in newest_per_setting(compared)]
+    holes = run_holes(runs)
+    without_row = [f"{n} {status}" for status, n in Counter(h.status for h in holes).items()]
     report = _report(
         [row for row in read if isinstance(row, Row)],
-        len(runs),
+        len(compared),
         f"tracking URI: `{mask_uri(uri)}`, experiment `{experiment}`",
-        f"{describe_selection(sweep_id, filters)}; {len(runs)} matching",
+        ", ".join(
+            [f"{describe_selection(sweep_id, filters)}; {len(compared)} matching", *without_row]
+        ),
         experiment,
         sweep_id,
         Path(out_dir) if out_dir else default_out_dir("compare"),
         lambda row: logged_trajectory(client, row),
+        holes,
         warnings=[
             still_logging(s) for s in sweeps_still_logging(client, found.experiment_id, runs)
         ],

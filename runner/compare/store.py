@@ -23,9 +23,10 @@ from runner.compare.derivatives import (
     derivative_row_from_metrics,
     derivative_row_from_result,
 )
+from runner.compare.holes import Hole
 from runner.compare.rows import Row, backend_label, optimizer_label, row_from_result
 from runner.errors import RunnerError
-from runner.naming import job_kind
+from runner.naming import config_kind, job_kind, mode_label
 from runner.results import RESULTS_FILE, device_kind
 from runner.tracking import client_for
 from runner.tracking_store import DEFAULT_EXPERIMENT, TrackingTarget, retry_locked
@@ -90,7 +91,8 @@ def _quoted(value: str) -> str | None:
 def search_runs(
     client: Any, experiment_id: str, sweep_id: str | None, filters: Mapping[str, list[str]]
 ) -> list[Any]:
-    """Matching runs, newest first; the store filters what it can, Python the rest.
+    """Matching runs, newest first, with a row (has_row) or not (a job skipped or failed);
+    the store filters what it can, Python the rest.
 
     MLflow's tag filters have no IN, and `!=` drops runs that lack the tag, so the
     exclusions (comparison and sweep runs), the tasks (minimize and derivatives runs) and
@@ -124,9 +126,7 @@ def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -
     tags = run.data.tags
     if tags.get(KIND_TAG) in (COMPARISON_KIND, SWEEP_KIND) or tags.get("task") not in TASKS:
         return False
-    finished = run.info.status == "FINISHED" and tags.get("status") != "skipped"
-    diverged = run.info.status == "FAILED" and tags.get("status") == "diverged"
-    if not (finished or diverged):
+    if not (has_row(run) or _hole_status(run)):  # still running, interrupted
         return False
     if sweep_id is not None and tags.get("sweep_id") != sweep_id:
         return False
@@ -142,6 +142,56 @@ def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -
         return False
     mode = _mode_of(tags)
     return not filters["mode"] or any(m in (mode, mode.split("/")[0]) for m in filters["mode"])
+
+
+def has_row(run: Any) -> bool:
+    """A finished or diverged run, which the report's tables compare."""
+    tags = run.data.tags
+    finished = run.info.status == "FINISHED" and tags.get("status") != "skipped"
+    return finished or (run.info.status == "FAILED" and tags.get("status") == "diverged")
+
+
+def _hole_status(run: Any) -> str | None:
+    """'skipped' (the backend cannot express it) or 'failed' (an error ended it): a job
+    the report lists below its table, as a sweep's own report does from its folders."""
+    tags, status = run.data.tags, run.info.status
+    if status == "FINISHED" and tags.get("status") == "skipped":
+        return "skipped"
+    if status == "FAILED" and tags.get("status") != "diverged":
+        return "failed"
+    return None
+
+
+def run_holes(runs: Sequence[Any]) -> list[Hole]:
+    """The runs without a row (newest first) as the report's lines below its table, the
+    latest per job, oldest first: named by backend and mode and by the overrides in their
+    run names that not every run shares. The report from MLflow had left them out, where
+    the sweep's own report lists them."""
+    tails = [(run.info.run_name or "").split(" ")[1:] for run in runs]
+    shared = set.intersection(*map(set, tails)) if tails else set()
+    holes: dict[str, Hole] = {}
+    for run, tail in zip(runs, tails, strict=True):
+        status = _hole_status(run)
+        if status is None:
+            continue
+        tags = run.data.tags
+        reason = tags.get("skip_reason" if status == "skipped" else "error") or "(no message)"
+        reason = reason.splitlines()[0]
+        apart = [
+            o for o in tail if o not in shared and not reason.startswith(o.split("=")[0] + "=")
+        ]
+        what = f"{_filter_value(run, 'backend')} {_mode_of(tags) or _asked_mode(run)}"
+        job = " ".join([what, *apart])
+        holes.setdefault(job, Hole(status, job, reason, what, tuple(apart)))
+    return list(reversed(holes.values()))
+
+
+def _asked_mode(run: Any) -> str:
+    """The mode label of a run that failed before a result (no `mode` tag), from its
+    config's params."""
+    params = run.data.params
+    mode = {"name": params.get("mode.name", "?"), "update": params.get("mode.update")}
+    return mode_label(*config_kind({"task": run.data.tags.get("task"), "mode": mode}))
 
 
 def _mode_of(tags: Mapping[str, str]) -> str:
