@@ -226,7 +226,8 @@ class Backend(Protocol):
     framework: ClassVar[str]
 
     def versions(self) -> dict[str, str]:
-        """Framework name -> version, for results.json and MLflow tags."""
+        """Framework name -> version, for results.json and MLflow tags; the framework's
+        own first (its MLflow tag `framework_version`, one key across backends)."""
         ...
 
     def resolved_device(self, requested: str) -> str:

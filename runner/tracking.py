@@ -362,8 +362,11 @@ def result_tags(result: Mapping[str, Any]) -> dict[str, str]:
     }
     if result.get("mode"):
         tags["mode"] = mode_label(result["mode"], result.get("update"))
-    for name, version in result.get("versions", {}).items():
+    versions = result.get("versions", {})
+    for name, version in versions.items():
         tags[f"version.{name}"] = version
+    if versions:  # the backend's first (Backend.versions): one key across backends
+        tags["framework_version"] = next(iter(versions.values()))
     for key, value in result.get("optimizer_used", {}).items():  # the params are as asked
         tags[f"optimizer_used.{key}"] = str(value)
     return {**tags, **machine_tags(result)}

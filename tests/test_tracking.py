@@ -79,7 +79,7 @@ def test_default_store_records_everything(tmp_path: Path) -> None:
     assert params["mode.update"] == "apply" and params["steps"] == "300"
     tags = run.data.tags
     assert tags["backend"] == "jax" and tags["framework"] == "JAX"
-    assert tags["version.jax"] == result["versions"]["jax"]
+    assert tags["version.jax"] == tags["framework_version"] == result["versions"]["jax"]
     assert tags["device"] == result["device"] == "cpu" and tags["device_name"] == "cpu:0"
     assert tags["python"] == result["versions"]["python"]
     assert "problem.b=-3" in tags["overrides"] and tags["platform"]
