@@ -315,13 +315,17 @@ class Uploader:
         self, run_dir: Path, target: TrackingTarget, client: Any, experiment_id: str
     ) -> tuple[str, str]:
         """(sweep_id, parent run id) of a sweep job's folder in this store, its parent
-        made once per sweep and upload."""
+        made once per sweep and upload, under the sweep folder's lock; a store error is
+        a TrackingError."""
         sweep = read_sweep(run_dir.parent)
         if (target, sweep.sweep_id) not in self.parents:
             with folder_lock(run_dir.parent, self.out):  # one parent run per sweep
-                self.parents[target, sweep.sweep_id] = _sweep_parent(
-                    client, experiment_id, run_dir.parent, sweep
-                )
+                try:
+                    self.parents[target, sweep.sweep_id] = _sweep_parent(
+                        client, experiment_id, run_dir.parent, sweep
+                    )
+                except Exception as exc:
+                    raise store_error(target.uri, exc) from None
         return sweep.sweep_id, self.parents[target, sweep.sweep_id]
 
     def _upload(
@@ -329,6 +333,12 @@ class Uploader:
         target: TrackingTarget,
     ) -> None:  # fmt: skip
         client, experiment_id = self.store(target)
+        if in_sweep(run_dir) and not self.dry_run:
+            # the sweep folder's lock before the job's, in the order the sweep's logger
+            # (runner.follow, which holds the sweep's all its life) takes them: taken the
+            # other way round, an upload during a sweep and its logger waited on each
+            # other for ever
+            self._sweep_of(run_dir, target, client, experiment_id)
         # check, then log: one upload of a folder at a time (a dry run writes no lock file)
         with contextlib.nullcontext() if self.dry_run else folder_lock(run_dir, self.out):
             self._upload_locked(run_dir, cfg, result, target, client, experiment_id)

@@ -265,6 +265,50 @@ def test_concurrent_uploads_of_the_same_runs_record_each_once(tmp_path: Path) ->
     }
 
 
+def test_an_upload_takes_a_sweeps_lock_before_its_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_store
+) -> None:
+    """The sweep's logger (runner.follow) holds the sweep folder's lock all its life and
+    takes each job's; an upload of the sweep took a job's lock, then the sweep's, and the
+    two waited on each other for ever (a user review, seen in /proc/locks). The locks the
+    upload takes, the real ones, are recorded: none is the sweep's while a job's is held."""
+    import contextlib
+    import io
+
+    import runner.upload
+    from runner.upload_process import folder_lock
+
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m", "backend=numpy", "steps=5", "optimizer.lr=0.01,0.02", "tracking=off",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    held: list[Path] = []
+    taken: list[tuple[Path, list[Path]]] = []
+
+    @contextlib.contextmanager
+    def recorded(folder: Path, out=None):
+        taken.append((folder, list(held)))
+        with folder_lock(folder, out):
+            held.append(folder)
+            try:
+                yield
+            finally:
+                held.remove(folder)
+
+    monkeypatch.setattr(runner.upload, "folder_lock", recorded)
+    uri = fresh_store(tmp_path / "mlflow.db")
+    outcome = runner.upload.upload([sweep], uri, "gradient-runner", out=io.StringIO())
+    assert outcome.uploaded == 2
+    assert [folder for folder, _ in taken if folder == sweep] == [sweep]  # once, as the first
+    assert all(not during for folder, during in taken if folder == sweep), taken
+    assert {folder for folder, _ in taken} == {
+        sweep,
+        *(p.parent for p in sweep.glob("*/results.json")),
+    }
+
+
 def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     proc = cli(
