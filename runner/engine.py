@@ -8,6 +8,7 @@ the CPU, where a value costs no device sync, may hand over host numbers at once)
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import signal
 import threading
@@ -53,6 +54,16 @@ class Timings:
     @property
     def step_us(self) -> float:
         return self.run_s / max(self.steps_timed, 1) * 1e6
+
+
+class StepsFailed(Exception):
+    """A program's step (or compiled chunk) raised mid-run, __cause__: the rows recorded
+    before it (steps, x, loss, grad; Span's), for the run's trajectory.csv. They were
+    lost with the exception, where Ctrl-C and a divergence keep theirs."""
+
+    def __init__(self, rows: dict[str, np.ndarray]) -> None:
+        super().__init__(f"{rows['steps'].size} rows recorded before the error")
+        self.rows = rows
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,8 @@ def _run_minimize(
         else:
             loop = _run_eager(program, spec, progress)  # type: ignore[arg-type]
     run_s = time.perf_counter() - start
+    if loop.failure is not None:  # the program's state is unknown: its rows are what is sure
+        raise StepsFailed(_joined_rows(loop.spans)) from loop.failure
     trajectory = _final_trajectory(program, loop)
     final_s = time.perf_counter() - start - run_s
     announce("done")
@@ -140,13 +153,14 @@ def _objects_so_far_frozen() -> Iterator[None]:
 @dataclass(frozen=True)
 class _Loop:
     """What a run's loop leaves: its rows, the step it stopped at (a diverged run's first
-    non-finite loss), the steps it executed (an eager run goes on to its chunk's end), and
-    whether a signal ended it."""
+    non-finite loss), the steps it executed (an eager run goes on to its chunk's end),
+    whether a signal ended it, and the exception that did."""
 
     spans: list[Span]
     stopped_at: int
     executed: int
     interrupted: bool
+    failure: Exception | None = None  # what a program's step or chunk raised
 
 
 def _state_at_divergence(backend: Backend, spec: MinimizeSpec, found: Trajectory) -> Trajectory:
@@ -210,6 +224,8 @@ def _run_compiled(
                 length = _next_chunk(length, elapsed, align)
     except KeyboardInterrupt:
         return _Loop(spans, done, done, interrupted=True)
+    except Exception as exc:  # the chunks before it are kept
+        return _Loop(spans, done, done, interrupted=False, failure=exc)
     return _Loop(spans, done, done, interrupted=False)
 
 
@@ -312,6 +328,7 @@ def _run_eager(
     step, total = source.step, spec.steps
     diverged: tuple[int, int] | None = None  # (step of the first non-finite loss, steps run)
     interrupted = False
+    failure: Exception | None = None
     try:
         # A signal during a step takes effect once it returns: no step is cut in two
         # (its update made, its row not taken), and a step may give its buffers to a call.
@@ -337,9 +354,14 @@ def _run_eager(
         interrupted = True
         if diverged is None:
             drain(check=False)
+    except Exception as exc:  # a step raised: the steps before it are drained and kept
+        failure = exc
+        if diverged is None:
+            with contextlib.suppress(Exception):  # the framework may be past handing them
+                drain(check=True)
     if diverged is not None:
-        return _Loop(chunks, diverged[0], diverged[1], interrupted)
-    return _Loop(chunks, drained, drained, interrupted)
+        return _Loop(chunks, diverged[0], diverged[1], interrupted, failure)
+    return _Loop(chunks, drained, drained, interrupted, failure)
 
 
 class _HostRecorder:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.config import RunConfig
-from runner.engine import run_minimize
+from runner.engine import StepsFailed, run_minimize
 from runner.errors import (
     BadSetting,
     ConfigError,
@@ -42,6 +42,7 @@ from runner.results import (
     divergence_message,
     minimize_result,
     new_run_uid,
+    recorded_rows,
     skipped_result,
     trajectory_rows,
     write_json,
@@ -149,13 +150,21 @@ def _minimize(
         if isinstance(refusal, UnsupportedError):  # a hole in the sweep's matrix, recorded
             write_json(output_dir / RESULTS_FILE, skipped_result(spec, identity, reason))
         raise refusal
-    with _progress(run.progress, spec.steps) as advance:
-        outcome = run_minimize(
-            backend,
-            spec,
-            on_phase=_phase_printer(run.progress, spec.mode == "graph", spec.steps),
-            progress=advance,
-        )
+    try:
+        with _progress(run.progress, spec.steps) as advance:
+            outcome = run_minimize(
+                backend,
+                spec,
+                on_phase=_phase_printer(run.progress, spec.mode == "graph", spec.steps),
+                progress=advance,
+            )
+    except StepsFailed as failed:  # the run fails as it would have; its rows are kept
+        rows = recorded_rows(spec, failed.rows)
+        write_trajectory(output_dir / TRAJECTORY_FILE, rows)
+        kept = plural(len(rows["step"]), "recorded step")
+        print(f"kept      {kept} before the error in {output_dir / TRAJECTORY_FILE}")
+        assert failed.__cause__ is not None
+        raise failed.__cause__ from None
     options = backend.options_used(spec) if isinstance(backend, RecordsOptions) else None
     result = minimize_result(spec, outcome, identity, _optimizer_used(backend, spec), options)
     write_trajectory(output_dir / TRAJECTORY_FILE, trajectory_rows(spec, outcome))

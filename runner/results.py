@@ -315,24 +315,39 @@ def trajectory_rows(spec: MinimizeSpec, outcome: MinimizeOutcome) -> dict[str, n
     returns x) gets the norms taken here; np.append had flattened them into the columns.
     """
     traj = outcome.trajectory
-    xs, grads = np.asarray(traj.x), np.asarray(traj.grad)
+    rows = recorded_rows(
+        spec, {"steps": traj.steps, "x": traj.x, "loss": traj.loss, "grad": traj.grad}
+    )
     if spec.problem.dim is None:
-        names, final_x, final_grad = ("x", "grad"), traj.final_x, traj.final_grad
+        final_x, final_grad = traj.final_x, traj.final_grad
     else:
-        names = ("dist", "grad_norm")
-        x_star = np.asarray(compact(spec.problem.optimum()[0]), dtype=spec.dtype)
-        final_x = norm(traj.final_x, x_star)
-        final_grad = norm(traj.final_grad)
+        final_x, final_grad = norm(traj.final_x, _x_star(spec)), norm(traj.final_grad)
+    final = dict(zip(rows, (traj.stopped_at, final_x, traj.final_loss, final_grad), strict=True))
+    return {name: np.append(column, final[name]) for name, column in rows.items()}
+
+
+def recorded_rows(spec: MinimizeSpec, rows: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A loop's recorded rows (Span's steps, x, loss, grad) as trajectory.csv's columns,
+    without the final state: trajectory_rows', and a run's whose step raised (its final
+    state is not known)."""
+    xs, grads = np.asarray(rows["x"]), np.asarray(rows["grad"])
+    names = ("x", "grad") if spec.problem.dim is None else ("dist", "grad_norm")
+    if spec.problem.dim is not None:
         if xs.ndim == 2:
-            xs = np.array([norm(row, x_star) for row in xs], spec.dtype)
+            xs = np.array([norm(row, _x_star(spec)) for row in xs], spec.dtype)
         if grads.ndim == 2:
             grads = np.array([norm(row) for row in grads], spec.dtype)
     return {
-        "step": np.append(traj.steps, traj.stopped_at),
-        names[0]: np.append(xs, final_x),
-        "loss": np.append(traj.loss, traj.final_loss),
-        names[1]: np.append(grads, final_grad),
+        "step": np.asarray(rows["steps"]),
+        names[0]: xs,
+        "loss": np.asarray(rows["loss"]),
+        names[1]: grads,
     }
+
+
+def _x_star(spec: MinimizeSpec) -> np.ndarray:
+    """x* in the run's dtype, which the recorded rows' distances are taken from."""
+    return np.asarray(compact(spec.problem.optimum()[0]), dtype=spec.dtype)
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -193,6 +193,31 @@ def test_ctrl_c_swallowed_while_compiling_is_an_interrupted_run_at_step_0() -> N
     assert outcome.trajectory.stopped_at == 0 and outcome.trajectory.steps.size == 0
 
 
+class _FailsInChunk(_NumpySgd):
+    """A program whose second advance() raises, as a framework out of memory would."""
+
+    def advance(self, stop: int) -> Span:
+        if len(self.stops) == 1:
+            raise MemoryError("out of device memory")
+        return super().advance(stop)
+
+
+def test_a_chunk_that_raises_keeps_the_rows_of_the_chunks_before_it() -> None:
+    """The error still ends the run (the job fails as before), but with the rows the
+    chunks before it recorded, which the run's trajectory.csv keeps (they were lost)."""
+    spec = _spec(1000, 7)  # a first chunk of 100 steps, the rest in a second
+    backend = SimpleNamespace(prepare=lambda s: _FailsInChunk(s))
+    whole = engine.run_minimize(SimpleNamespace(prepare=lambda s: _NumpySgd(s)), spec)  # type: ignore[arg-type]
+    with pytest.raises(engine.StepsFailed) as failed:
+        engine.run_minimize(backend, spec)  # type: ignore[arg-type]
+    assert isinstance(failed.value.__cause__, MemoryError)
+    rows = failed.value.rows
+    kept = rows["steps"].size
+    assert 0 < kept < whole.trajectory.steps.size
+    np.testing.assert_array_equal(rows["steps"], whole.trajectory.steps[:kept])
+    np.testing.assert_array_equal(rows["x"], whole.trajectory.x[:kept])
+
+
 class _SlowFinal(_NumpySgd):
     """A program whose final state takes READ_BACK_S to reach the host (n = 1e7 on a GPU)."""
 

@@ -436,6 +436,47 @@ def test_a_broken_problem_plugin_fails_only_the_runs_that_choose_it(tmp_path: Pa
     )
 
 
+def test_a_step_that_raises_mid_run_keeps_the_steps_before_it(tmp_path: Path) -> None:
+    """A plugin's step raising at step 5 of 8 (a framework's out-of-memory at step 10^6)
+    threw away every step computed before it: the folder held job_failure.json alone.
+    The run still fails as before, in one line, exit 1; trajectory.csv keeps steps 0-4,
+    the same rows a run that stops there on its own records."""
+    import csv
+
+    site = tmp_path / "site"
+    site.mkdir()
+    old_step = "    def step(self, record):\n"
+    raising = (
+        old_step
+        + "        self.taken = getattr(self, 'taken', 0) + 1\n"
+        + "        if self.taken == 6:\n"
+        + "            raise MemoryError('abacus ran out of beads')\n"
+    )
+    source = PLUGIN_SOURCE.replace(old_step, raising)
+    assert source != PLUGIN_SOURCE
+    install_backend(site, "fragile", source)
+    install_plugin(site)  # abacus, the same plugin whose step does not raise
+    env = {"PYTHONPATH": f"{ROOT}:{site}"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    proc = cli("backend=fragile", "steps=8", "tracking=off", cwd=tmp_path / "a", env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "error: backend=fragile failed: MemoryError: abacus ran out of beads "
+        "(HYDRA_FULL_ERROR=1 shows the traceback)"
+    )
+    (run_dir,) = (tmp_path / "a" / "outputs" / "runs").glob("*/*")
+    assert (run_dir / "job_failure.json").exists() and not (run_dir / "results.json").exists()
+    assert "kept      5 recorded steps before the error" in proc.stdout
+    with (run_dir / "trajectory.csv").open() as f:
+        kept = list(csv.DictReader(f))
+    whole = cli("backend=abacus", "steps=5", "tracking=off", cwd=tmp_path / "b", env=env)
+    assert whole.returncode == 0, whole.stderr
+    with next((tmp_path / "b" / "outputs" / "runs").glob("*/*/trajectory.csv")).open() as f:
+        expected = list(csv.DictReader(f))[:-1]  # less the final state's row
+    assert kept == expected and [row["step"] for row in kept] == ["0", "1", "2", "3", "4"]
+
+
 def test_a_backend_declines_derivatives_with_not_implemented_error(tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
