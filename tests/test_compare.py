@@ -906,6 +906,26 @@ def test_runs_differing_in_steps_or_problem_are_rows_of_their_own(
     assert "agreement_abs/float32/manual/quadratic x0_0 steps_8" in logged  # one per setup
 
 
+def test_rows_of_other_step_counts_are_never_compared(tmp_path: Path) -> None:
+    """jax and numpy at 4 steps, torch at 8, one row each: the group was not split (no
+    backend had two rows) and its headline was torch's 8-step x against a 4-step one,
+    noted `steps differ`, where the same report split such rows elsewhere."""
+    from runner.compare.report import compare_folder
+
+    runs = run_folders(
+        tmp_path / "runs",
+        {
+            "jax": (("backend=jax", "steps=4"), 2.0**-24),
+            "numpy": (("backend=numpy", "steps=4"), 0.0),
+            "torch": (("backend=torch", "steps=8"), 0.0),
+        },
+    )
+    report = compare_folder(runs, EXPERIMENT, tmp_path / "out")
+    assert [(a.mode, a.setup, a.compared, a.note) for a in report.agreement] == [
+        ("manual", "steps=4", ["jax", "numpy"], "")
+    ]
+
+
 def test_a_sweep_over_problems_keeps_every_problem(tmp_path: Path) -> None:
     """`problem=quadratic_form,rosenbrock` showed the last problem's row only."""
     sweep = tmp_path / "sweep"

@@ -366,6 +366,9 @@ def test_a_wrong_backend_option_value_fails_its_job_not_skips_it(tmp_path: Path)
     assert "backend.convention='bogus' is not allowed; choose one of: " in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith("error: 1 of 2 jobs failed; the first: ")
     assert not [line for line in proc.stdout.splitlines() if line.startswith("skipped")]
+    # the report's line: the backend's label says the option, not again as a setting
+    (failed,) = [line for line in proc.stdout.splitlines() if line.startswith("failed")]
+    assert failed.startswith("failed: numpy+convention=bogus manual: backend=numpy: "), failed
     results = job_results(sweep)
     assert [r["status"] for r in results.values()] == ["finished"]  # none written skipped
     assert len(list(sweep.glob("*/job_failure.json"))) == 1  # its record: a failed job
@@ -467,16 +470,21 @@ def test_sweep_against_a_real_mlflow_server(tmp_path: Path, mlflow_server: str) 
     assert not list(tmp_path.rglob("*.db"))  # nothing went to a local store
 
 
-def test_missing_sweep_plugin_names_the_extra(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "args",
+    [["-m", "hydra/launcher=parallel"], ["+experiment=matrix_parallel"]],  # the preset's was
+    ids=["launcher", "preset"],  # "Could not load 'hydra/launcher/joblib'"
+)
+def test_missing_sweep_plugin_names_the_extra(tmp_path: Path, args: list[str]) -> None:
     code = (
         "import sys; sys.modules['hydra_plugins.hydra_joblib_launcher'] = None; "
-        "sys.argv = ['runner', '-m', 'hydra/launcher=parallel', 'backend=jax', 'tracking=off']; "
+        f"sys.argv = ['runner', *{args!r}, 'backend=jax', 'tracking=off']; "
         "from runner.cli import main; main()"
     )
     proc = python_code(code, tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
-        "error: hydra/launcher=parallel needs the Hydra plugin 'hydra_joblib_launcher', "
+        f"error: {args[-1]} needs the Hydra plugin 'hydra_joblib_launcher', "
         "which is not installed; pip install 'gradient-runner[sweeps]'"
     )
     assert not (tmp_path / "outputs").exists()

@@ -11,7 +11,7 @@ the matrix can be read off the report (and off comparison.md on the sweep's pare
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,13 +85,23 @@ def sweep_holes(sweep_dir: Path) -> list[Hole]:
     for folder in folders:
         found = _why(folder)
         if found is not None:
-            apart = shown_overrides((o for o in overrides[folder] if o not in shared), NAMED)
-            # a setting the reason names first is said there, with its value as read
-            apart = [o for o in apart if not found[1].startswith(o.split("=")[0] + "=")]
+            shown = shown_overrides((o for o in overrides[folder] if o not in shared), NAMED)
+            apart = said_apart(shown, found[1])
             what = _what(folder)
             job = " ".join([what, *apart])
             holes.append(Hole(found[0], job, found[1], what, tuple(apart)))
     return holes
+
+
+def said_apart(overrides: Iterable[str], reason: str) -> list[str]:
+    """The overrides a job's line adds to its backend and mode: not a backend option,
+    which the backend's label says (`numpy+convention=bogus`), nor the setting its
+    reason starts with, said there with its value as read."""
+    return [
+        o
+        for o in overrides
+        if not o.startswith("backend.") and not reason.startswith(o.split("=")[0] + "=")
+    ]
 
 
 def _why(folder: Path) -> tuple[str, str] | None:

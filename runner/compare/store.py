@@ -23,7 +23,7 @@ from runner.compare.derivatives import (
     derivative_row_from_metrics,
     derivative_row_from_result,
 )
-from runner.compare.holes import Hole
+from runner.compare.holes import Hole, said_apart
 from runner.compare.rows import Row, backend_label, optimizer_label, row_from_result
 from runner.errors import RunnerError
 from runner.naming import config_kind, job_kind, mode_label
@@ -177,9 +177,7 @@ def run_holes(runs: Sequence[Any]) -> list[Hole]:
         tags = run.data.tags
         reason = tags.get("skip_reason" if status == "skipped" else "error") or "(no message)"
         reason = reason.splitlines()[0]
-        apart = [
-            o for o in tail if o not in shared and not reason.startswith(o.split("=")[0] + "=")
-        ]
+        apart = said_apart((o for o in tail if o not in shared), reason)
         what = f"{_filter_value(run, 'backend')} {_mode_of(tags) or _asked_mode(run)}"
         job = " ".join([what, *apart])
         holes.setdefault(job, Hole(status, job, reason, what, tuple(apart)))
