@@ -528,7 +528,7 @@ def end_sweep_parent(
         if failed and status == "FINISHED":
             status = "FAILED"
         retry_locked(lambda: client.set_tag(run_id, FAILED_JOBS_TAG, str(failed)))
-    retry_locked(lambda: client.set_terminated(run_id, status, end_time=end_time))
+    set_terminated(client, run_id, status, end_time)
 
 
 def start_run(
@@ -580,7 +580,22 @@ def finish_run(
     except Exception as exc:
         problem = exc
     try:
-        retry_locked(lambda: client.set_terminated(run_id, status, end_time=end_time))
+        set_terminated(client, run_id, status, end_time)
     except Exception as exc:
         problem = problem or exc
     return problem
+
+
+def set_terminated(client: Any, run_id: str, status: str, end_time: int | None = None) -> None:
+    """End the run. MLflow prints a "View run" link per run ended in an HTTP store, to
+    stdout, between the runner's own lines (which name the run's files and upload)."""
+    name = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    before = os.environ.get(name)
+    os.environ[name] = "true"
+    try:
+        retry_locked(lambda: client.set_terminated(run_id, status, end_time=end_time))
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before

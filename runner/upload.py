@@ -41,8 +41,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -557,15 +556,9 @@ def _upload_one(
         end_tags["error"] = mask_text(message)[:5000]
     elif status != "finished":
         end_tags["error"] = "interrupted"
-    with _no_run_links():
-        problem = finish_run(
-            client,
-            run_id,
-            run_dir,
-            _status(result),
-            end_tags,
-            end_time=int(record.stat().st_mtime * 1000),
-        )
+    problem = finish_run(
+        client, run_id, run_dir, _status(result), end_tags, int(record.stat().st_mtime * 1000)
+    )
     if problem is not None:
         raise problem
     return run_id
@@ -581,21 +574,6 @@ def upload_failed_jobs(sweep_dir: Path, target: TrackingTarget) -> None:
     for folder in job_failures(sweep_dir):
         if not (folder / RESULTS_FILE).exists():
             uploader.add_run(folder)  # one store, given: its failure is raised at once
-
-
-@contextmanager
-def _no_run_links() -> Iterator[None]:
-    """MLflow prints a "View run" link per run for HTTP stores; the upload prints its own."""
-    name = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
-    before = os.environ.get(name)
-    os.environ[name] = "true"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 if __name__ == "__main__":

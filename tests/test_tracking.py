@@ -309,6 +309,22 @@ def test_an_upload_takes_a_sweeps_lock_before_its_jobs(
     }
 
 
+def test_an_in_process_run_on_a_server_prints_no_mlflow_links(
+    tmp_path: Path, mlflow_server: str
+) -> None:
+    """MLflow prints "View run ..." and "View experiment ..." to stdout as a run in an HTTP
+    store ends, between the runner's own lines; the upload kept them out, the in-process
+    run and its sweep's parent did not (a user review)."""
+    proc = cli(
+        "-m", "backend=numpy", "steps=5", "optimizer.lr=0.01,0.02", f"tracking.uri={mlflow_server}",
+        "tracking.background=false", "tracking.experiment=no-links",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "View run" not in proc.stdout + proc.stderr
+    assert "View experiment" not in proc.stdout + proc.stderr
+
+
 def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     proc = cli(

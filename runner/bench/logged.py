@@ -19,7 +19,7 @@ from typing import Any
 
 from runner.bench.targets import all_targets
 from runner.masking import mask_uri
-from runner.tracking import KEY_LIMIT, PARAM_VALUE_LIMIT, git_tags, machine_tags
+from runner.tracking import KEY_LIMIT, PARAM_VALUE_LIMIT, git_tags, machine_tags, set_terminated
 from runner.tracking_store import TrackingTarget, resolve_target
 
 BENCH_EXPERIMENT = "gradient-runner-bench"
@@ -156,5 +156,5 @@ def log_to_mlflow(results: Mapping[str, Any], out: Path, uri: str | None) -> str
     tags = [RunTag(k, v) for k, v in bench_tags(results).items()]
     log_batched(client, run_id, metrics=metrics, params=params, tags=tags)
     client.log_artifacts(run_id, str(out))
-    retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED)))
+    set_terminated(client, run_id, RunStatus.to_string(RunStatus.FINISHED))
     return run_id

@@ -22,7 +22,7 @@ from runner.compare.rows import Row
 from runner.compare.stepwise import StepAgreement
 from runner.compare.store import COMPARISON_KIND, KIND_TAG, describe_selection
 from runner.sweep_record import REPORT_DIR
-from runner.tracking import log_batched
+from runner.tracking import log_batched, set_terminated
 from runner.tracking_store import retry_locked
 
 
@@ -87,7 +87,7 @@ def log_report(
         status = RunStatus.FINISHED
     finally:
         if log_to_run_id is None:
-            retry_locked(lambda: client.set_terminated(run_id, RunStatus.to_string(status)))
+            set_terminated(client, run_id, RunStatus.to_string(status))
     return run_id
 
 
