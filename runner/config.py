@@ -16,7 +16,7 @@ from typing import Any
 
 from runner.errors import ConfigError, flag, not_allowed, setting, whole_number
 from runner.optimizers import validate_hyper
-from runner.problem_limits import check_in_dtype, check_lr_in_dtype
+from runner.problem_limits import check_in_dtype, check_optimizer_in_dtype
 from runner.problems import Problem, build_problem
 from runner.protocol import (
     DTYPES,
@@ -78,10 +78,13 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         "progress": flag("progress", cfg.get("progress", True)),
     }
     if task == "derivatives":
-        if problem.name != "quadratic" or problem.dim is not None:
+        # each says only what the command set: problem=rosenbrock has a dim no one gave
+        scalar = "task=derivatives evaluates the notebook's scalar problem=quadratic"
+        if problem.name != "quadratic":
+            raise ConfigError(f"{scalar}, not problem={problem.name}; choose problem=quadratic")
+        if problem.dim is not None:
             raise ConfigError(
-                "task=derivatives evaluates the notebook's scalar problem=quadratic; "
-                "drop problem.dim and choose problem=quadratic"
+                f"{scalar}, not a vector (problem.dim={problem.dim}); drop problem.dim"
             )
         return RunConfig(**common, derivatives=DerivativesSpec(problem, dtype, device))
     spec = _minimize_spec(cfg, backend, problem, dtype, device)
@@ -118,7 +121,7 @@ def _minimize_spec(
     if mode_name == "graph":
         update = _choice("mode.update", update, GRAPH_UPDATES)
     optimizer = _optimizer(_node("optimizer", cfg))
-    check_lr_in_dtype(optimizer.lr, dtype)
+    check_optimizer_in_dtype(optimizer, dtype)
     return MinimizeSpec(
         problem=problem,
         optimizer=optimizer,

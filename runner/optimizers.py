@@ -26,6 +26,8 @@ HYPERPARAMETERS: dict[str, dict[str, Any]] = {
     "adagrad": {"initial_accumulator": None, "eps": None},
     "rmsprop": {"rho": 0.9, "momentum": 0.0, "eps": None},
 }
+# The decays, in [0, 1): 1 lets the average never forget (and Adam's bias correction 0/0).
+UNIT_INTERVAL = ("momentum", "beta1", "beta2", "rho")
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ def _check(name: str, key: str, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"{where} is not allowed; give a finite number")
-    if key in ("momentum", "beta1", "beta2", "rho") and not 0 <= value < 1:
+    if key in UNIT_INTERVAL and not 0 <= value < 1:
         raise ConfigError(f"{where} is not allowed; give a number in [0, 1)")
     if key == "eps" and value <= 0:
         raise ConfigError(f"{where} is not allowed; give a number > 0 (or null: the default)")

@@ -19,8 +19,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from runner.command_line import unwritable
-from runner.config import CONFIG_DIR, MINIMIZE_ONLY
-from runner.errors import RunnerError, text_lines
+from runner.config import CONFIG_DIR, MINIMIZE_ONLY, TASKS
+from runner.errors import RunnerError, setting, text_lines
 from runner.plugins import backend_entry_points
 from runner.problems import problem_classes
 
@@ -43,11 +43,34 @@ def check_group_choices(args: list[str]) -> None:
         options = group_options(group)
         for value in values.split(","):
             if value not in options:
-                article = "an" if group[0] in "aeiou" else "a"  # an optimizer choice
-                raise RunnerError(
-                    f"{group}={value} is not {article} {group} choice; "
-                    f"choose one of: {', '.join(options)}"
-                )
+                raise not_a_choice(f"{group}={value}", group, options)
+
+
+def not_a_choice(typed: str, group: str, options: list[str]) -> RunnerError:
+    """The one wording for a config group choice that does not exist."""
+    return RunnerError(
+        f"{typed} is not {_a(group)} {group} choice; choose one of: {', '.join(options)}"
+    )
+
+
+def check_deleted_groups(args: list[str]) -> None:
+    """`~backend` (or `~backend=tf`) leaves the run without what every run needs: the run
+    folder's name interpolates backend.name, mode.name and task (Hydra's traceback), and
+    a run without an optimizer or problem was refused without naming the choices."""
+    for arg in args:
+        match = re.fullmatch(r"~(\w+)(=.*)?", arg)
+        if not match or match.group(1) not in (*CHECKED_GROUPS, "task"):
+            continue
+        name = match.group(1)
+        options = group_options(name) if name in CHECKED_GROUPS else list(TASKS)
+        raise RunnerError(
+            f"{arg} leaves the run without {_a(name)} {name}; choose one of: {', '.join(options)}"
+        )
+
+
+def _a(word: str) -> str:
+    """The article before `word`: an optimizer, a backend."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 SLURM_LAUNCHERS = ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm")
@@ -55,6 +78,7 @@ SLURM_LAUNCHERS = ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm")
 SWEEP_PLUGINS = {
     "hydra/launcher=joblib": "hydra_plugins.hydra_joblib_launcher",
     "hydra/launcher=parallel": "hydra_plugins.hydra_joblib_launcher",
+    "+experiment=matrix_parallel": "hydra_plugins.hydra_joblib_launcher",  # the preset's
     "hydra/launcher=submitit_local": "hydra_plugins.hydra_submitit_launcher",
     "hydra/launcher=submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
     "hydra/launcher=local": "hydra_plugins.hydra_submitit_launcher",
@@ -86,16 +110,19 @@ def check_sweep_plugins(args: list[str]) -> None:
 def check_overrides(args: list[str]) -> None:
     """Compose the config once with the plain overrides: Hydra's errors become one line.
 
-    Sweep lists and Hydra's own settings are left to Hydra; this catches the common
-    slips (a misspelt key, a value of the wrong shape) before any job starts.
+    Sweep lists are left to Hydra; this catches the common slips (a misspelt key, a value
+    of the wrong shape, an unknown choice of any group, Hydra's own included, an
+    interpolation that cannot resolve) before any job starts.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    plain = [a for a in args if "=" in a and not a.startswith(("-", "hydra")) and "," not in a]
+    plain = [a for a in args if "=" in a and not a.startswith("-") and "," not in a]
     plain = [a for a in plain if "(" not in a.split("=", 1)[1]]
-    check_task_settings(plain)
+    # `~optimizer` has no "=": a deletion is a setting of the task too
+    check_task_settings([*plain, *(a for a in args if a.startswith("~") and "=" not in a)])
+    check_deleted_groups(args)
     swept = swept_choices(args)
     # a setting swept too (optimizer.momentum=0.5,0.9) counts: Hydra composes each value
     check_swept_settings([a for a in args if "=" in a and not a.startswith(("-", "hydra"))], swept)
@@ -105,23 +132,79 @@ def check_overrides(args: list[str]) -> None:
     chosen = [f"{group}={values[0]}" for group, values in swept.items()]
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose("config", overrides=[*chosen, *plain])
+            cfg = compose("config", overrides=[*chosen, *plain])
     except (HydraException, OmegaConfBaseException) as exc:
-        lines = text_lines(str(exc)) or [str(exc)]
-        missing = re.match(r"Could not override '([^']+)'", lines[0])
-        if missing and "not in struct" in str(exc.__cause__):
-            key = missing.group(1)
-            owners = options_with(key)
-            if owners:  # a real setting of another choice: +key would be silently ignored
-                raise RunnerError(
-                    f"{key} is a setting of {' and '.join(owners)} only; "
-                    f"choose {owners[0]} to use it"
-                ) from None
+        raise composition_error(exc, plain) from None
+    check_interpolations(cfg, plain)
+
+
+def composition_error(exc: Exception, plain: list[str]) -> RunnerError:
+    """Hydra's composition error as one line naming what is allowed, where it can tell."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError
+
+    lines = text_lines(str(exc)) or [str(exc)]
+    if isinstance(exc, MissingConfigException) and exc.options:
+        # `mode=`, `+experiment=bogus`, `hydra/launcher=bogus`, as typed (a choice that a
+        # preset's defaults name, e.g. a launcher of a missing plugin, is not the user's)
+        group, _, value = (exc.missing_cfg_file or "").rpartition("/")
+        typed = next((a for a in plain if a.lstrip("+") == f"{group}={value}"), None)
+        if typed:
+            return not_a_choice(typed if value else f"{typed}''", group, exc.options)
+    unlisted = re.match(r"Could not override '(\w+)'\. No match in the defaults list", lines[0])
+    typed = next((a for a in plain if unlisted and a.startswith(f"{unlisted.group(1)}=")), None)
+    if unlisted and typed:  # `experiment=matrix`: a group the defaults choose nothing of
+        group = unlisted.group(1)
+        return RunnerError(
+            f"{typed} overrides {_a(group)} {group} the config does not choose; "
+            f"add one with +{typed}"
+        )
+    missing = re.match(r"Could not override '([^']+)'", lines[0])
+    key, cause = missing.group(1) if missing else "", exc.__cause__
+    if missing and "not in struct" in str(cause):
+        owners = options_with(key)
+        if owners:  # a real setting of another choice: +key would be silently ignored
+            return RunnerError(
+                f"{key} is a setting of {' and '.join(owners)} only; choose {owners[0]} to use it"
+            )
+        return RunnerError(
+            f"{key} is not a setting of this config (misspelt?); "
+            f"to add a new key on purpose, write +{key}=..."
+        )
+    node_type = getattr(cause, "object_type", None)
+    if missing and isinstance(cause, ConfigAttributeError) and dataclasses.is_dataclass(node_type):
+        # Hydra's own nodes (hydra.launcher.n_job=2) are typed: +key would not add one
+        names = sorted(f.name for f in dataclasses.fields(node_type) if f.name[0] != "_")
+        parent = key.rpartition(".")[0]
+        allowed = f"choose one of: {', '.join(names)}" if names else f"{parent} has none here"
+        return RunnerError(f"{key} is not a setting of {parent} (misspelt?); {allowed}")
+    # e.g. a value Hydra's typed nodes cannot hold (hydra.job.chdir=maybe): the reason follows
+    cause_lines = text_lines(str(cause)) if cause else []
+    return RunnerError(": ".join([lines[0].rstrip("."), *cause_lines[:1]]))
+
+
+def check_interpolations(cfg: Any, plain: list[str]) -> None:
+    """A value given as an interpolation must resolve: `steps=${oc.env:NOPE}` failed only
+    as the run resolved its config, reported as the backend's failure (exit 1). Hydra's
+    own values (`${hydra:...}`, `${hydra.run.dir}`) are set only as the job starts: left."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    for arg in plain:
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+")
+        if "${" not in value or "hydra" in value or key.startswith(("~", "hydra")):
+            continue
+        try:
+            node = OmegaConf.select(cfg, key)
+            if OmegaConf.is_config(node):
+                OmegaConf.to_container(node, resolve=True)
+        except OmegaConfBaseException as exc:
+            reason = (text_lines(str(exc)) or [type(exc).__name__])[0]
+            reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", reason).strip('"')
             raise RunnerError(
-                f"{key} is not a setting of this config (misspelt?); "
-                f"to add a new key on purpose, write +{key}=..."
+                f"{setting(key, value)} cannot be resolved: {reason}; "
+                f"give {key} a value, or an interpolation that resolves"
             ) from None
-        raise RunnerError(lines[0]) from None
 
 
 def swept_choices(args: list[str]) -> dict[str, list[str]]:

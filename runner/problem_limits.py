@@ -1,4 +1,4 @@
-"""What a run's dtype can hold of a problem and its lr, checked before the run.
+"""What a run's dtype can hold of a problem and its optimizer, checked before the run.
 
 Settings are read in float64 (Python's floats), but a backend computes with them
 rounded to the run's dtype: in float32 `problem.a=1e40` is inf and `problem.a=1e-320`
@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 from runner.errors import ConfigError, setting
+from runner.optimizers import UNIT_INTERVAL
 from runner.problems import Problem, compact, largest_text, shown
+from runner.protocol import OptimizerSpec
 
 
 def check_in_dtype(problem: Problem, dtype: str, minimize: bool = True) -> None:
@@ -35,10 +37,24 @@ def check_in_dtype(problem: Problem, dtype: str, minimize: bool = True) -> None:
         _check_optimum(problem, dtype)
 
 
-def check_lr_in_dtype(lr: float, dtype: str) -> None:
-    """The lr as the run's dtype holds it: `optimizer.lr=1e-50` is 0 in float32 (x never
-    moved, silently) and `1e39` inf (reported as a divergence blamed on the lr)."""
-    _check_value(setting("optimizer.lr", lr), "optimizer.lr", lr, dtype, positive=True)
+def check_optimizer_in_dtype(optimizer: OptimizerSpec, dtype: str) -> None:
+    """The optimizer's numbers as the run's dtype holds them. `optimizer.lr=1e-50` is 0 in
+    float32 (x never moved, silently), `1e39` inf (a divergence blamed on the lr); an eps
+    of 0 there divides 0 by 0 at the optimum (a NaN blamed on the lr), and an eps or
+    initial_accumulator that overflows makes every step 0. A decay (beta, rho, momentum)
+    in [0, 1) may be 0, but not 1: 0.99999999 is 1 in float32, where Adam's bias
+    correction 1 - beta2**t is 0 and x never moved."""
+    for key, value in {"lr": optimizer.lr, **optimizer.hyper}.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue  # nesterov; None: the framework's default
+        subject = setting(f"optimizer.{key}", value)
+        _check_value(subject, f"optimizer.{key}", value, dtype, positive=key in ("lr", "eps"))
+        if key in UNIT_INTERVAL and _rounded(value, dtype) == 1:
+            below_one = np.nextafter(np.asarray(1, dtype=dtype), 0)
+            raise ConfigError(
+                f"{subject} is 1 in {dtype} (its largest number below 1 is {below_one:.8g}); "
+                f"give a smaller optimizer.{key}{wider_dtype(dtype)}"
+            )
 
 
 def _check_value(subject: str, key: str, value: Any, dtype: str, positive: bool) -> None:

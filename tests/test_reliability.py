@@ -32,6 +32,7 @@ from tests.conftest import (
     ROOT,
     LiveRun,
     cli,
+    ctrl_c,
     free_port,
     mlflow_server_env,
     single_result,
@@ -133,6 +134,58 @@ MORE_BAD_INPUTS = [
     (
         ["backend=numpy", f"problem.a=1{'0' * 400}"],  # an int: math.isfinite raised
         f"problem.a=1{'0' * 400} overflows float64 (largest 1.8e+308); give a smaller number",
+    ),
+    # a required group deleted: Hydra's traceback (the run folder's name reads backend.name),
+    # or `optimizer=None is not a config group choice` without the choices
+    (["~backend"], "~backend leaves the run without a backend; choose one of: jax, numpy, tf"),
+    (["~optimizer"], "~optimizer leaves the run without an optimizer; choose one of: adagrad,"),
+    (["~task"], "~task leaves the run without a task; choose one of: minimize, derivatives"),
+    (["task=derivatives", "~optimizer"], "~optimizer does not apply to task=derivatives"),
+    # the optimizer's numbers in the run's dtype: eps 0 in float32 was a NaN blamed on the lr
+    (
+        ["backend=numpy", "optimizer=adagrad", "optimizer.eps=1e-50"],
+        "optimizer.eps=1e-50 is 0 in float32 (its smallest positive number is 1.4e-45); "
+        "give a larger optimizer.eps, or dtype=float64",
+    ),
+    (
+        ["backend=numpy", "optimizer=adagrad", "optimizer.initial_accumulator=1e39"],
+        "optimizer.initial_accumulator=1e+39 overflows float32 (largest 3.4e+38)",
+    ),
+    (  # x never moved: 1 - beta2**t is 0 in float32 (optax, Keras)
+        ["backend=numpy", "optimizer=adam", "optimizer.beta2=0.99999999"],
+        "optimizer.beta2=0.99999999 is 1 in float32 (its largest number below 1 is 0.99999994)",
+    ),
+    (  # it said "drop problem.dim", which was never given
+        ["task=derivatives", "problem=rosenbrock"],
+        "task=derivatives evaluates the notebook's scalar problem=quadratic, not "
+        "problem=rosenbrock; choose problem=quadratic",
+    ),
+    (
+        ["task=derivatives", "problem.dim=3"],
+        "task=derivatives evaluates the notebook's scalar problem=quadratic, not a vector "
+        "(problem.dim=3); drop problem.dim",
+    ),
+    # choices of the groups the first check does not know, listed as for backend=keras
+    (
+        ["+experiment=bogus"],
+        "+experiment=bogus is not an experiment choice; choose one of: matrix, matrix_parallel",
+    ),
+    (["mode="], "mode='' is not a mode choice; choose one of: apply, graph, manual, minimize"),
+    (
+        ["experiment=matrix"],
+        "experiment=matrix overrides an experiment the config does not choose; "
+        "add one with +experiment=matrix",
+    ),
+    (["hydra/launcher=bogus"], "hydra/launcher=bogus is not a hydra/launcher choice; choose one"),
+    (
+        ["hydra.launcher.n_job=2"],
+        "hydra.launcher.n_job is not a setting of hydra.launcher (misspelt?); ",
+    ),
+    # failed as the run resolved its config, exit 1, blamed on the backend
+    (
+        ["backend=numpy", "steps=${oc.env:RUNNER_UNSET_FOR_TESTS}"],
+        "steps='${oc.env:RUNNER_UNSET_FOR_TESTS}' cannot be resolved: Environment variable "
+        "'RUNNER_UNSET_FOR_TESTS' not found; give steps a value",
     ),
 ]
 
@@ -563,6 +616,29 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(
         losses = np.genfromtxt(sweep / name / "trajectory.csv", delimiter=",", names=True)["loss"]
         assert len(history) == np.isfinite(losses).sum()
     assert_nothing_half_written(sweep)
+
+
+def test_ctrl_c_while_an_upload_waits_for_a_folder_is_one_line(tmp_path: Path, fresh_store) -> None:
+    """Ctrl-C while `python -m runner.upload` waits for a run folder another upload holds
+    was a traceback through folder_lock; the run's files stay as they were, and the same
+    command, given again, uploads it (as its line says)."""
+    from runner.upload_process import folder_lock
+
+    assert cli(*NUMPY_BACKEND, "steps=20", "tracking=off", cwd=tmp_path).returncode == 0
+    (run_dir,) = (tmp_path / "outputs" / "runs").glob("*/*")
+    kept = ("results.json", "trajectory.csv")
+    before = [(run_dir / name).read_bytes() for name in kept]
+    store = fresh_store(tmp_path / "later.db")
+    args = ["-m", "runner.upload", str(run_dir), "--tracking-uri", store]
+    with folder_lock(run_dir):  # another upload of the folder, still running
+        proc = ctrl_c(args, tmp_path, lambda lines: lines[-1].startswith("waiting for another"))
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == (
+        "interrupted: what was uploaded is recorded; the same command uploads the rest\n"
+    )
+    assert [(run_dir / name).read_bytes() for name in kept] == before
+    again = upload_command(str(run_dir), "--tracking-uri", store, cwd=tmp_path)
+    assert again.stdout.splitlines()[-1] == "uploaded 1, already recorded 0, skipped 0"
 
 
 def test_upload_of_a_missing_folder_is_one_line(tmp_path: Path, capsys) -> None:
