@@ -1,3 +1,4 @@
-from runner.cli import main
+from runner.interrupts import run_command
 
-main()
+# Imported inside run_command's catch: Ctrl-C while Hydra imports (~1 s) is one line too.
+run_command("runner.cli")

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.config import CONFIG_DIR, build_run_config
 from runner.errors import DivergenceError, RunFailed, RunnerError, UnsupportedError
+from runner.interrupts import Terminated, stopped
 from runner.job import execute, request_stop, stop_requested, supported_backend
 from runner.masking import mask_uri
 from runner.naming import job_kind, run_name
@@ -116,12 +117,10 @@ def hydra_main(cfg: DictConfig) -> Any:
             record_job_failure(Path(hydra_cfg.runtime.output_dir), exc, git)
         return None  # Optuna's sweeper marks the trial failed and carries on
     except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated) or isinstance(stop_requested(), Terminated)
-        word = "terminated" if terminated else "interrupted"
+        noted = stop_requested()  # a SIGTERM whose own exception was lost is still one
         saved = (Path(hydra_cfg.runtime.output_dir) / RESULTS_FILE).exists()
         what = "what was computed is saved" if saved else "stopped before a result existed"
-        print(f"{word}: {what}", file=sys.stderr)
-        sys.exit(143 if terminated else 130)
+        sys.exit(stopped(noted if isinstance(noted, Terminated) else stop, what))
     return result.get("loss")
 
 
@@ -285,10 +284,6 @@ def report(exc: RunnerError, kind: str = "error") -> None:
     print(f"{kind}: {exc}", file=sys.stderr, flush=True)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, delivered like Ctrl-C so the same clean-up saves the partial run."""
-
-
 def _raise_stop(signum: int, frame: Any) -> None:
     """SIGTERM and SIGINT raise in the main thread, and are noted in case that is lost."""
     stop = Terminated("terminated") if signum == signal.SIGTERM else KeyboardInterrupt()
@@ -317,6 +312,8 @@ def main() -> None:
     # Alembic logs a "setup plugin" line per module as it is imported: seven lines of noise.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     use_compile_caches(Path.cwd() / "outputs" / "cache")
+    # A stop outside a job's own handling (hydra_main: the checks below, Hydra's set-up, a
+    # parallel sweep's launcher waiting in joblib) goes up to runner.interrupts.run_command.
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:

@@ -34,6 +34,12 @@ its first instant until it exits, writing to `<run dir>/upload.log`.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m runner.upload`: its imports (~0.4 s) and main()
+    # run inside the command's Ctrl-C handling, as the module runner.upload
+    from runner.interrupts import run_command
+
+    run_command("runner.upload", "what was uploaded is recorded; the same command uploads the rest")
+
 import argparse
 import contextlib
 import io
@@ -574,7 +580,3 @@ def upload_failed_jobs(sweep_dir: Path, target: TrackingTarget) -> None:
     for folder in job_failures(sweep_dir):
         if not (folder / RESULTS_FILE).exists():
             uploader.add_run(folder)  # one store, given: its failure is raised at once
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -288,3 +292,65 @@ class LiveRun:
     def stdout(self) -> str:
         assert self.proc.stdout is not None
         return self.proc.stdout.read()
+
+
+IMPORT_TIME = "import time:"  # the lines `python -X importtime` writes to stderr
+
+
+def imported(module: str) -> Callable[[list[str]], bool]:
+    """ready for ctrl_c: `module`'s import has just ended (its `-X importtime` line), the
+    command is still importing what comes after it: a point inside a window that prints
+    nothing of its own."""
+    return lambda lines: lines[-1].startswith(IMPORT_TIME) and lines[-1].endswith(f" {module}")
+
+
+def ctrl_c(
+    args: Sequence[str], cwd: Path, ready: Callable[[list[str]], bool], timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """`python -X importtime ARGS` in cwd, stopped as Ctrl-C in a terminal stops it: SIGINT
+    to its process group (a sweep's workers too) once `ready(lines)` holds for the lines it
+    has printed so far (stdout and stderr, in the order read; see `imported`). Returns its
+    exit code and output, the import-time lines left out of stderr; the test fails if the
+    command ended before it was ready."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, which the signal goes to
+    )
+    lines: list[str] = []
+    streams: dict[str, list[str]] = {"out": [], "err": []}
+    sent = threading.Event()
+    lock = threading.Lock()
+
+    def read(stream: Any, into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+            with lock:
+                lines.append(line.rstrip("\n"))
+                if not sent.is_set() and ready(lines):
+                    sent.set()
+                    with contextlib.suppress(ProcessLookupError):  # it has just ended
+                        os.killpg(proc.pid, signal.SIGINT)
+
+    readers = [
+        threading.Thread(target=read, args=(proc.stdout, streams["out"]), daemon=True),
+        threading.Thread(target=read, args=(proc.stderr, streams["err"]), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        proc.wait(timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # what is left of its group, if any
+            os.killpg(proc.pid, signal.SIGKILL)
+    for reader in readers:
+        reader.join(10)
+    err = "".join(line for line in streams["err"] if not line.startswith(IMPORT_TIME))
+    assert sent.is_set(), f"it ended before it was ready:\n{''.join(streams['out'])}\n{err}"
+    return subprocess.CompletedProcess(args, proc.returncode, "".join(streams["out"]), err)

@@ -28,7 +28,7 @@ from runner.bench.report import (
     vector_rows,
 )
 from runner.bench.run import parse_args
-from tests.conftest import ROOT, free_port, python_code
+from tests.conftest import ROOT, ctrl_c, free_port, imported, python_code
 
 # One worker runs the quick benchmark (the module's fixture) for every test of it.
 pytestmark = [pytest.mark.timeout(180), pytest.mark.xdist_group("bench-quick")]
@@ -615,6 +615,17 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path: Path) -> None:
     assert results["floor"]["ns_per_step"] and results["scalar"][0]["label"] == "jax manual"
     assert "**Interrupted** (Ctrl-C)" in (out / "results.md").read_text()
     assert (out / "step_time.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_ctrl_c_before_anything_is_measured_is_one_line(tmp_path: Path) -> None:
+    """Ctrl-C while the benchmark imports, before main() and its own handling, was a
+    traceback through the import."""
+    out = tmp_path / "bench"
+    args = ["-m", "runner.bench", "--quick", "--backends", "jax", "--no-log", "--out", str(out)]
+    proc = ctrl_c(args, tmp_path, imported("numpy"))
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "interrupted: nothing was measured (not logged to MLflow)\n"
+    assert not out.exists()
 
 
 def test_a_missing_framework_is_one_line_before_anything_is_measured(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from runner.summary import fmt
-from tests.conftest import cli, python_code, single_result, wait_for_upload
+from tests.conftest import cli, ctrl_c, imported, python_code, single_result, wait_for_upload
 
 NOTEBOOK_X = np.float32(0.99999857)
 
@@ -396,3 +396,42 @@ def test_a_sweep_setting_every_swept_choice_has_is_not_refused() -> None:
     from runner.precheck import check_overrides
 
     check_overrides(["-m", "optimizer=adam,rmsprop", "optimizer.eps=1e-6", "backend=numpy"])
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "hydra",  # runner.cli's imports: no handler yet
+        "runner.follow",  # runner.callbacks, as Hydra sets the run up: no job yet
+    ],
+)
+def test_ctrl_c_before_the_job_starts_is_one_line(tmp_path: Path, point: str) -> None:
+    """Ctrl-C in the first second (`timeout -s INT 1 python -m runner`) was a traceback:
+    through an import before main() installed its handlers, or from its handler while
+    main() checked the settings or Hydra set the run up, before the job's own handling."""
+    # A run that cannot end first: under load the signal can land later than the import
+    # line read (the reader lags the pipe), in the job, which says it in its own words.
+    args = ["-m", "runner", "backend=numpy", "steps=2000000000", "tracking=off"]
+    proc = ctrl_c(args, tmp_path, imported(point))
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.startswith("interrupted") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_ctrl_c_in_a_parallel_sweep_is_one_line_and_keeps_the_finished_jobs(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C in a joblib sweep, once job 0 has its results and job 1 is in its loop: the
+    launcher printed a 45-line traceback (joblib's _retrieve, then runner.cli._raise_stop)."""
+    sweep = tmp_path / "sweep"
+    finished = sweep / "0_numpy_manual" / "results.json"
+
+    def ready(lines: list[str]) -> bool:
+        return "running 2000000000 steps ..." in lines and finished.exists()
+
+    args = ["-m", "runner", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
+    args += ["backend=numpy", "steps=20,2000000000", "tracking=off", f"hydra.sweep.dir={sweep}"]
+    proc = ctrl_c([*args, "progress=true"], tmp_path, ready)  # progress: the phase line
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == "interrupted"
+    assert json.loads(finished.read_text())["status"] == "finished"

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from runner.compare.rows import optimizer_label
-from tests.conftest import ROOT, cli, free_port
+from tests.conftest import ROOT, cli, ctrl_c, free_port, imported
 
 # One worker builds the module's store (a ~30 s fixture) and runs every test of it.
 pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("compare-store")]
@@ -953,6 +953,20 @@ def test_an_unreachable_server_is_one_line_in_compares_own_flags() -> None:
         f"error: tracking server {away} is unreachable (ConnectionRefusedError); "
         "start it or point --tracking-uri elsewhere\n"
     )
+
+
+def test_ctrl_c_is_one_line_and_leaves_the_store_as_it_was(tmp_path: Path, fresh_store) -> None:
+    """Ctrl-C while compare opens the store (MLflow's SQLAlchemy store imports for ~2 s)
+    was a traceback ending in SQLAlchemy's KeyboardInterrupt."""
+    db = tmp_path / "mlflow.db"
+    uri = fresh_store(db)
+    before = db.read_bytes()
+    out = tmp_path / "report"
+    args = ["-m", "runner.compare", "--tracking-uri", uri, "--out", str(out), "--no-log"]
+    proc = ctrl_c(args, tmp_path, imported("sqlalchemy"))
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "interrupted\n"
+    assert db.read_bytes() == before and not out.exists()
 
 
 def test_sweep_is_found_however_its_folder_is_spelt(store: dict, monkeypatch) -> None:

@@ -1,5 +1,3 @@
-import sys
+from runner.interrupts import run_command
 
-from runner.compare.cli import main
-
-sys.exit(main())
+run_command("runner.compare.cli")

@@ -1,0 +1,50 @@
+"""Ctrl-C and SIGTERM in the runner's commands: one line and an exit code, no traceback.
+
+Every command (`python -m runner`, runner.compare, runner.upload, runner.bench) starts
+through run_command, which imports the command's module and runs its main() inside one
+`except KeyboardInterrupt`: a Ctrl-C while the module imports (Hydra, MLflow, a
+framework: seconds), while main() checks its arguments, or anywhere its own handling
+does not reach, ends the command as its own handling does. This module imports nothing
+heavy, so that the window before that `try` is as short as Python's own start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+from typing import NoReturn
+
+INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command Ctrl-C stopped
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered like Ctrl-C so the same clean-up saves the partial run
+    (runner.cli installs the handler that raises it)."""
+
+
+def stopped(stop: KeyboardInterrupt, what: str | None = None) -> int:
+    """Say on stderr that the command was stopped (`interrupted: <what>`, `terminated`
+    for SIGTERM), in one line; its exit code, 130 or 143."""
+    terminated = isinstance(stop, Terminated)
+    word = "terminated" if terminated else "interrupted"
+    print(f"{word}: {what}" if what else word, file=sys.stderr, flush=True)
+    return TERMINATED if terminated else INTERRUPTED
+
+
+def run_command(module: str, what: str | None = None) -> NoReturn:
+    """`python -m <module>`: import it, run its main() and exit with what it returns.
+
+    A Ctrl-C that main() does not handle itself is stopped(stop, what): `what` says
+    what is left of the work (or None: the bare word). A second Ctrl-C (or SIGTERM)
+    while the command exits ends it at once, silently, instead of printing a
+    traceback over that line.
+    """
+    try:
+        code = importlib.import_module(module).main()
+    except KeyboardInterrupt as stop:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        code = stopped(stop, what)
+    sys.exit(code)
