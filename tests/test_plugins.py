@@ -505,25 +505,29 @@ def test_a_backend_declines_derivatives_with_not_implemented_error(tmp_path: Pat
     assert (
         "skipped: numpy derivatives: backend=numpy has no automatic differentiation" in proc.stdout
     )
-    # dy/d(coefficient) for other names than the problem's: a KeyError in the runner's
-    # own comparison with the analytic values (backend=partial failed: KeyError: 'x0')
-    partial = "return Derivatives(4.0, 4.0, {'a': 9.0, 'x0': 1.0}, 2.0, 4.0, 4.0)"
-    source = PLUGIN_SOURCE.replace("raise NotImplementedError", partial)
-    assert source != PLUGIN_SOURCE
-    install_backend(site, "partial", source)
-    other = cli("backend=partial", "task=derivatives", "tracking=off", cwd=tmp_path, env=env)
-    assert other.returncode == 2, other.stderr
-    assert other.stderr.strip() == (
-        "error: backend=partial: derivatives() gave dy_dcoef for a, x0; "
-        "the problem's coefficients are a, b, c"
-    )
-    # a version that is not a string reached the MLflow tags as 'None'
-    unversioned = PLUGIN_SOURCE.replace('{"abacus": "0.1"}', '{"abacus": None}')
-    assert unversioned != PLUGIN_SOURCE
-    install_backend(site, "unversioned", unversioned)
-    none = cli("backend=unversioned", "steps=3", "tracking=off", cwd=tmp_path, env=env)
-    assert none.returncode == 2, none.stderr
-    assert none.stderr.strip() == (
-        "error: backend=unversioned: versions() must map framework names to version strings; "
-        "it gave {'abacus': None}"
-    )
+    # plugins whose answers the runner cannot use, each refused in one line (exit 2)
+    misfits = [
+        (  # dy/d(coefficient) for other names than the problem's: a KeyError in the
+            # runner's own comparison with the analytic values
+            "partial",
+            (
+                "raise NotImplementedError",
+                "return Derivatives(4.0, 4.0, {'a': 9.0, 'x0': 1.0}, 2.0, 4.0, 4.0)",
+            ),
+            "task=derivatives",
+            "derivatives() gave dy_dcoef for a, x0; the problem's coefficients are a, b, c",
+        ),
+        (  # a version that is not a string reached the MLflow tags as 'None'
+            "unversioned",
+            ('{"abacus": "0.1"}', '{"abacus": None}'),
+            "steps=3",
+            "versions() must map framework names to version strings; it gave {'abacus': None}",
+        ),
+    ]
+    for name, (old, new), setting, message in misfits:
+        source = PLUGIN_SOURCE.replace(old, new)
+        assert source != PLUGIN_SOURCE
+        install_backend(site, name, source)
+        refused = cli(f"backend={name}", setting, "tracking=off", cwd=tmp_path, env=env)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.strip() == f"error: backend={name}: {message}"
