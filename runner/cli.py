@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import re
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,27 @@ def register_plugins(args: Iterable[str] = ()) -> None:
 def hydra_main(cfg: DictConfig) -> Any:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    with _worker_signals(multirun and multiprocessing.parent_process() is not None):
+        return _job(cfg, hydra_cfg, multirun)
+
+
+@contextmanager
+def _worker_signals(worker: bool) -> Iterator[None]:
+    """In a launcher's worker process (joblib's), Ctrl-C stops the job it runs, and is
+    ignored between jobs: the launcher stops the sweep, and a worker idle in joblib's
+    loop printed multiprocessing's KeyboardInterrupt traceback over the sweep's lines."""
+    if worker:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if worker:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> Any:
+    """The job hydra_main runs: its result's loss (Optuna's objective), inf for a
+    diverged sweep job, None for one that failed or was skipped."""
     try:
         git = git_state()  # the code that runs, as it starts: a commit made later is not it
         try:
