@@ -47,13 +47,13 @@ from runner.compare.store import (
     FILTERS,
     CompareError,
     describe_selection,
-    has_row,
     latest_sweep,
     newest_per_setting,
     no_match_message,
     open_client,
     row_of_run,
     run_holes,
+    run_kind,
     search_runs,
     split_values,
     still_logging,
@@ -122,7 +122,7 @@ def compare(
     filters = dict(zip(FILTERS, map(split_values, (backends, modes, dtypes)), strict=True))
     for spelling in sweep_spellings(sweep_id):
         runs = search_runs(client, found.experiment_id, spelling, filters)
-        compared = [run for run in runs if has_row(run)]
+        compared = [run for run in runs if run_kind(run) == "row"]
         if compared:
             sweep_id = spelling
             break

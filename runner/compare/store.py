@@ -91,7 +91,7 @@ def _quoted(value: str) -> str | None:
 def search_runs(
     client: Any, experiment_id: str, sweep_id: str | None, filters: Mapping[str, list[str]]
 ) -> list[Any]:
-    """Matching runs, newest first, with a row (has_row) or not (a job skipped or failed);
+    """Matching runs, newest first, with a row or not (a job skipped or failed: run_kind);
     the store filters what it can, Python the rest.
 
     MLflow's tag filters have no IN, and `!=` drops runs that lack the tag, so the
@@ -126,7 +126,7 @@ def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -
     tags = run.data.tags
     if tags.get(KIND_TAG) in (COMPARISON_KIND, SWEEP_KIND) or tags.get("task") not in TASKS:
         return False
-    if not (has_row(run) or _hole_status(run)):  # still running, interrupted
+    if run_kind(run) is None:
         return False
     if sweep_id is not None and tags.get("sweep_id") != sweep_id:
         return False
@@ -144,21 +144,16 @@ def _matches(run: Any, sweep_id: str | None, filters: Mapping[str, list[str]]) -
     return not filters["mode"] or any(m in (mode, mode.split("/")[0]) for m in filters["mode"])
 
 
-def has_row(run: Any) -> bool:
-    """A finished or diverged run, which the report's tables compare."""
-    tags = run.data.tags
-    finished = run.info.status == "FINISHED" and tags.get("status") != "skipped"
-    return finished or (run.info.status == "FAILED" and tags.get("status") == "diverged")
-
-
-def _hole_status(run: Any) -> str | None:
-    """'skipped' (the backend cannot express it) or 'failed' (an error ended it): a job
-    the report lists below its table, as a sweep's own report does from its folders."""
+def run_kind(run: Any) -> str | None:
+    """'row' (finished or diverged: the tables compare it), 'skipped' (the backend cannot
+    express it) or 'failed' (an error ended it: with skipped, a job the report lists below
+    its table, as a sweep's own report does from its folders); None while it runs, or
+    where a signal stopped it."""
     tags, status = run.data.tags, run.info.status
-    if status == "FINISHED" and tags.get("status") == "skipped":
-        return "skipped"
-    if status == "FAILED" and tags.get("status") != "diverged":
-        return "failed"
+    if status == "FINISHED":
+        return "skipped" if tags.get("status") == "skipped" else "row"
+    if status == "FAILED":
+        return "row" if tags.get("status") == "diverged" else "failed"
     return None
 
 
@@ -171,8 +166,8 @@ def run_holes(runs: Sequence[Any]) -> list[Hole]:
     shared = set.intersection(*map(set, tails)) if tails else set()
     holes: dict[str, Hole] = {}
     for run, tail in zip(runs, tails, strict=True):
-        status = _hole_status(run)
-        if status is None:
+        status = run_kind(run)
+        if status in (None, "row"):
             continue
         tags = run.data.tags
         reason = tags.get("skip_reason" if status == "skipped" else "error") or "(no message)"
