@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from importlib.metadata import EntryPoint, entry_points
+from importlib.util import find_spec
 from typing import Any
 
 from runner.errors import (
@@ -23,6 +24,16 @@ from runner.protocol import Backend
 
 BACKEND_GROUP = "gradient_runner.backends"
 BUILTIN_EXTRAS = {"tf": "tf", "torch": "torch", "jax": "jax"}
+
+
+def importable(module: str) -> bool:
+    """Whether `module` is installed, without importing it. find_spec of a submodule
+    imports its parent and raises where that is missing: `hydra_plugins`, a namespace
+    only the [sweeps] extra's packages create, is absent from an install without it."""
+    try:
+        return find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def backend_entry_points() -> dict[str, EntryPoint]:

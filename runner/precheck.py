@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from runner.command_line import unwritable
 from runner.config import CONFIG_DIR, MINIMIZE_ONLY, TASKS
 from runner.errors import RunnerError, setting, text_lines
-from runner.plugins import backend_entry_points
+from runner.plugins import backend_entry_points, importable
 from runner.problems import problem_classes
 
 CHECKED_GROUPS = ("backend", "mode", "problem", "optimizer", "tracking")
@@ -90,11 +90,9 @@ SWEEP_PLUGINS = {
 
 def check_sweep_plugins(args: list[str]) -> None:
     """A launcher or sweeper from a missing extra: name the extra, not Hydra's search path."""
-    from importlib.util import find_spec
-
     for arg in args:
         module = SWEEP_PLUGINS.get(arg)
-        if module and find_spec(module) is None:
+        if module and not importable(module):
             raise RunnerError(
                 f"{arg} needs the Hydra plugin '{module.split('.')[-1]}', which is not "
                 "installed; pip install 'gradient-runner[sweeps]'"

@@ -12,13 +12,13 @@ Nothing here imports Optuna: the CLI reads this module on every command.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from runner.plugins import importable
 from runner.results import JOB_FAILURE_FILE, RESULTS_FILE
 from runner.summary import plural
 
@@ -45,7 +45,7 @@ def register_sweeper() -> None:
     module is importable under the name it claims, whence Hydra imports the class: this
     works however the project is installed. Workers of a parallel sweep rescan, without
     it; they never build the sweeper."""
-    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+    if not importable("hydra_plugins.hydra_optuna_sweeper"):
         return
     from hydra.core.config_store import ConfigStore
     from hydra.core.plugins import Plugins

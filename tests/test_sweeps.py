@@ -475,24 +475,42 @@ def test_sweep_against_a_real_mlflow_server(tmp_path: Path, mlflow_server: str) 
     assert not list(tmp_path.rglob("*.db"))  # nothing went to a local store
 
 
+def _without(module: str, *args: str) -> str:
+    """`python -c` code: the runner's CLI with ARGS where `module` is not installed."""
+    return (
+        f"import sys; sys.modules[{module!r}] = None; "
+        f"sys.argv = ['runner', *{list(args)!r}, 'tracking=off']; "
+        "from runner.cli import main; main()"
+    )
+
+
+# hydra_plugins: an install without the [sweeps] extra, which alone creates that namespace
+# (every run printed a ModuleNotFoundError traceback, from the Optuna sweeper's probe)
+MISSING = ["hydra_plugins.hydra_joblib_launcher", "hydra_plugins"]
+
+
+@pytest.mark.parametrize("missing", MISSING)
 @pytest.mark.parametrize(
     "args",
     [["-m", "hydra/launcher=parallel"], ["+experiment=matrix_parallel"]],  # the preset's was
     ids=["launcher", "preset"],  # "Could not load 'hydra/launcher/joblib'"
 )
-def test_missing_sweep_plugin_names_the_extra(tmp_path: Path, args: list[str]) -> None:
-    code = (
-        "import sys; sys.modules['hydra_plugins.hydra_joblib_launcher'] = None; "
-        f"sys.argv = ['runner', *{args!r}, 'backend=jax', 'tracking=off']; "
-        "from runner.cli import main; main()"
-    )
-    proc = python_code(code, tmp_path)
+def test_missing_sweep_plugin_names_the_extra(
+    tmp_path: Path, args: list[str], missing: str
+) -> None:
+    proc = python_code(_without(missing, *args, "backend=jax"), tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (
         f"error: {args[-1]} needs the Hydra plugin 'hydra_joblib_launcher', "
         "which is not installed; pip install 'gradient-runner[sweeps]'"
     )
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_run_needs_no_sweep_plugin(tmp_path: Path) -> None:
+    proc = python_code(_without("hydra_plugins", "backend=numpy", "steps=5"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "running 5 steps ...\n" and "result    x = " in proc.stdout
 
 
 def test_optuna_search_goes_on_past_a_diverged_trial(tmp_path: Path) -> None:
