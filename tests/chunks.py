@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 from runner import engine
@@ -58,3 +59,33 @@ def same_trajectory(a: Trajectory, b: Trajectory) -> bool:
         and np.array_equal(a.final_loss, b.final_loss, equal_nan=True)
         and a.stopped_at == b.stopped_at
     )
+
+
+def assert_rows_kept_when_a_step_raises(backend: Any, spec: MinimizeSpec, at: int) -> None:
+    """An eager program of `backend` whose step `at` raises (a framework out of memory
+    mid-chunk) fails the run with engine.StepsFailed holding the rows of steps 0..at-1,
+    the whole run's own: on a GPU they wait on the device until the chunk ends."""
+    import numpy as np
+    import pytest
+
+    def prepare(s: MinimizeSpec) -> Any:
+        program = backend.prepare(s)
+        real, taken = program.step, []
+
+        def step(record: bool) -> Any:
+            if len(taken) == at:
+                raise MemoryError("out of device memory")
+            taken.append(record)
+            return real(record)
+
+        program.step = step
+        return program
+
+    with pytest.raises(engine.StepsFailed) as failed:
+        engine.run_minimize(SimpleNamespace(prepare=prepare), spec)  # type: ignore[arg-type]
+    assert isinstance(failed.value.__cause__, MemoryError)
+    whole = engine.run_minimize(backend, spec).trajectory
+    rows = failed.value.rows
+    np.testing.assert_array_equal(rows["steps"], np.arange(0, at, spec.record.every))
+    for name in ("x", "loss", "grad"):
+        np.testing.assert_array_equal(rows[name], getattr(whole, name)[: rows["steps"].size])

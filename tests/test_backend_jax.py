@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ from runner.protocol import (  # noqa: E402
     OptimizerSpec,
     RecordPlan,
 )
-from tests.chunks import compiled_loop  # noqa: E402
+from tests.chunks import assert_rows_kept_when_a_step_raises, compiled_loop  # noqa: E402
 from tests.specs import MODE_IDS, MODE_UPDATES, notebook_spec  # noqa: E402
 
 # float32 stall points at the defaults: the notebook rounds lr*g before subtracting;
@@ -97,6 +99,18 @@ def test_eager_rows_span_several_chunk_buffers(backend, mode):
     np.testing.assert_allclose(traj.grad, problem.grad(traj.x), rtol=1e-15, atol=1e-15)
     loss = problem.loss(traj.x, problem.coefficients)
     np.testing.assert_allclose(traj.loss, loss, rtol=1e-15, atol=1e-15)
+
+
+_GPU = any(d.platform == "gpu" for d in jax.devices())
+DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(not _GPU, reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["manual", "apply", "minimize"])
+def test_a_step_that_raises_keeps_the_rows_before_it(backend, mode, device):
+    assert_rows_kept_when_a_step_raises(
+        backend, dataclasses.replace(spec_for(mode, steps=20, every=2), device=device), at=7
+    )
 
 
 @pytest.mark.parametrize(("mode", "update"), MODE_UPDATES, ids=MODE_IDS)
@@ -270,8 +284,7 @@ def test_unsupported_and_devices(backend):
         backend.prepare(spec_for("manual", hyper={"nesterov": True}))
 
     assert backend.resolved_device("cpu") == "cpu:0"
-    has_gpu = any(d.platform == "gpu" for d in jax.devices())
-    if has_gpu:
+    if _GPU:
         assert backend.resolved_device("auto") == backend.resolved_device("gpu") != "cpu:0"
     else:
         assert backend.resolved_device("auto") == "cpu:0"

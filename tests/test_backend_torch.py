@@ -25,10 +25,18 @@ from runner.protocol import (  # noqa: E402
     RecordPlan,
 )
 from runner.reference import run as reference_run  # noqa: E402
-from tests.chunks import run_compiled, same_trajectory  # noqa: E402
+from tests.chunks import (  # noqa: E402
+    assert_rows_kept_when_a_step_raises,
+    run_compiled,
+    same_trajectory,
+)
 from tests.specs import notebook_spec  # noqa: E402
 
 EAGER = ["manual", "apply", "minimize"]
+DEVICES = [
+    "cpu",
+    pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
 UPDATES = ["apply", "minimize", "manual"]
 
 # float32 stall points at the defaults: the notebook rounds lr*g before subtracting
@@ -229,15 +237,15 @@ def test_manual_steps_keep_no_autograd_history(backend, name):
     assert not any(s.requires_grad for s in program._state)
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", EAGER)
+def test_a_step_that_raises_keeps_the_rows_before_it(backend, mode, device):
+    assert_rows_kept_when_a_step_raises(
+        backend, dataclasses.replace(spec_for(mode, steps=20, every=2), device=device), at=7
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", EAGER)
 def test_eager_step_values_and_snapshots(backend, mode, device):
     """On the CPU a step's values are Python floats at once (nothing held for the chunk's
