@@ -31,6 +31,7 @@ from runner.interrupts import Terminated, stopped
 from runner.job import execute, request_stop, stop_requested, supported_backend
 from runner.masking import mask_uri
 from runner.naming import job_kind, run_name
+from runner.plugins import importable
 from runner.precheck import (
     PLUGIN_GROUPS,
     check_group_choices,
@@ -41,7 +42,7 @@ from runner.precheck import (
 from runner.provenance import git_state
 from runner.results import RESULTS_FILE, new_run_uid, record_job_failure
 from runner.search import end_search, register_sweeper
-from runner.sweep_record import read_sweep
+from runner.sweep_record import NOT_STARTED, STOPPING_FILE, read_sweep
 from runner.tracking import (
     client_for,
     config_params,
@@ -89,27 +90,49 @@ def register_plugins(args: Iterable[str] = ()) -> None:
 def hydra_main(cfg: DictConfig) -> Any:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    with _worker_signals(multirun and multiprocessing.parent_process() is not None):
-        return _job(cfg, hydra_cfg, multirun)
+    worker = multirun and multiprocessing.parent_process() is not None
+    if worker and _sweep_stopping(Path(hydra_cfg.sweep.dir)):
+        discard_run_folder(hydra_cfg, made_by_hydra=True)
+        return NOT_STARTED
+    with _worker_signals(worker):
+        return _job(cfg, hydra_cfg, multirun, worker)
+
+
+def _sweep_stopping(sweep_dir: Path) -> bool:
+    """A queued job of a parallel sweep that was stopped (runner.joblib_launcher): this
+    worker's own job was, or the launcher marked the sweep."""
+    return stop_requested() is not None or (sweep_dir / STOPPING_FILE).exists()
 
 
 @contextmanager
 def _worker_signals(worker: bool) -> Iterator[None]:
-    """In a launcher's worker process (joblib's), Ctrl-C stops the job it runs, and is
-    ignored between jobs: the launcher stops the sweep, and a worker idle in joblib's
-    loop printed multiprocessing's KeyboardInterrupt traceback over the sweep's lines."""
-    if worker:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    """In a launcher's worker process (joblib's), Ctrl-C or SIGTERM stops the job it
+    runs, once: the launcher passes the terminal's Ctrl-C on to its workers, and a second
+    signal would stop the job again while it saves what it computed. Between jobs Ctrl-C
+    is ignored: the launcher stops the sweep, and a worker idle in joblib's loop printed
+    multiprocessing's KeyboardInterrupt traceback over the sweep's lines."""
+    if not worker:
+        yield
+        return
+    previous_term = signal.signal(signal.SIGTERM, _stop_once)
+    signal.signal(signal.SIGINT, _stop_once)
     try:
         yield
     finally:
-        if worker:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
-def _job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> Any:
+def _stop_once(signum: int, frame: Any) -> None:
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_IGN)
+    _raise_stop(signum, frame)
+
+
+def _job(cfg: DictConfig, hydra_cfg: Any, multirun: bool, worker: bool) -> Any:
     """The job hydra_main runs: its result's loss (Optuna's objective), inf for a
-    diverged sweep job, None for one that failed or was skipped."""
+    diverged sweep job, None for one that failed, was skipped, or was stopped in a
+    launcher's worker (whose launcher waits for it, runner.joblib_launcher)."""
     try:
         git = git_state()  # the code that runs, as it starts: a commit made later is not it
         try:
@@ -143,7 +166,12 @@ def _job(cfg: DictConfig, hydra_cfg: Any, multirun: bool) -> Any:
         noted = stop_requested()  # a SIGTERM whose own exception was lost is still one
         saved = (Path(hydra_cfg.runtime.output_dir) / RESULTS_FILE).exists()
         what = "what was computed is saved" if saved else "stopped before a result existed"
-        sys.exit(stopped(noted if isinstance(noted, Terminated) else stop, what))
+        if multirun:  # a parallel sweep's lines come in any order
+            what = f"{_job_name(cfg, hydra_cfg)}: {what}"
+        code = stopped(noted if isinstance(noted, Terminated) else stop, what)
+        if worker:
+            return None
+        sys.exit(code)
     return result.get("loss")
 
 
@@ -156,11 +184,15 @@ def _job_name(cfg: DictConfig, hydra_cfg: Any) -> str:
         return Path(hydra_cfg.runtime.output_dir).name
 
 
-def discard_run_folder(hydra_cfg: Any) -> None:
+def discard_run_folder(hydra_cfg: Any, made_by_hydra: bool = False) -> None:
     """Remove the folder Hydra made for this run if it still holds only Hydra's files and
-    an empty log (runner.unused_folder): a refused command leaves no empty run behind."""
+    an empty log (runner.unused_folder): a refused command leaves no empty run behind,
+    nor a stopped sweep a job it never ran (made_by_hydra: a sweep job's own folder,
+    which Hydra made in this process, where a single run's were noted before)."""
     log_name = f"{hydra_cfg.job.name}.log"  # Hydra's job_logging file
-    remove_unused(Path(hydra_cfg.runtime.output_dir), hydra_cfg.output_subdir, log_name)
+    remove_unused(
+        Path(hydra_cfg.runtime.output_dir), hydra_cfg.output_subdir, log_name, made_by_hydra
+    )
 
 
 def unexpected(exc: Exception, backend: str | None) -> RunnerError:
@@ -349,6 +381,10 @@ def main() -> None:
         report(exc)
         sys.exit(exc.exit_code)
     register_sweeper()  # +hparams_search's sweeper (runner.search_sweeper)
+    if importable("hydra_plugins.hydra_joblib_launcher"):  # hydra/launcher=parallel's
+        from runner.joblib_launcher import register_launcher
+
+        register_launcher()
     try:
         hydra_main()
     except SystemExit as stop:  # e.g. a sweep whose jobs failed (callbacks.SweepTracking)

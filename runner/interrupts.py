@@ -37,7 +37,8 @@ def run_command(module: str, what: str | None = None) -> NoReturn:
     """`python -m <module>`: import it, run its main() and exit with what it returns.
 
     A Ctrl-C that main() does not handle itself is stopped(stop, what): `what` says
-    what is left of the work (or None: the bare word). A second Ctrl-C (or SIGTERM)
+    what is left of the work (or None: the bare word); a stop raised with its own
+    `what` attribute says that instead. A second Ctrl-C (or SIGTERM)
     while the command exits ends it at once, silently, instead of printing a
     traceback over that line.
     """
@@ -46,5 +47,5 @@ def run_command(module: str, what: str | None = None) -> NoReturn:
     except KeyboardInterrupt as stop:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
-        code = stopped(stop, what)
+        code = stopped(stop, getattr(stop, "what", what))
     sys.exit(code)

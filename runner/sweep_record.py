@@ -18,6 +18,10 @@ from runner.results import atomic_write
 
 SWEEP_FILE = "mlflow_sweep.json"
 REPORT_DIR = "compare"  # the comparison report of its jobs a sweep makes as it ends
+# a parallel sweep's launcher was stopped and waits for its running jobs to save: a queued
+# job that a worker starts now does not run (runner.joblib_launcher)
+STOPPING_FILE = ".stopping"
+NOT_STARTED = "not started"  # what such a job returns to the launcher
 
 
 @dataclass(frozen=True)

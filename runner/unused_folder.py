@@ -35,14 +35,19 @@ def note_new(run_dir: str) -> None:
         _NEW[missing[0]] = missing
 
 
-def remove_unused(run_dir: Path, output_subdir: str | None, log_name: str) -> bool:
+def remove_unused(
+    run_dir: Path, output_subdir: str | None, log_name: str, made_by_hydra: bool = False
+) -> bool:
     """Remove run_dir, and the parents made for it, if this command created them and they
     hold only Hydra's files (in `output_subdir`) and an empty `log_name`; True if it did.
+    made_by_hydra: run_dir alone is known to be new (a sweep job's folder, made by Hydra
+    in this process), its parents are not.
 
     Best effort: a folder that cannot be removed is left as it is (the refusal the user
     reads matters more), and a parent that gained other entries meanwhile stays.
     """
-    made = _NEW.get(Path(os.path.abspath(run_dir)))
+    folder = Path(os.path.abspath(run_dir))
+    made = [folder] if made_by_hydra else _NEW.get(folder)
     if not made or not made[0].is_dir() or not _as_hydra_left_it(made[0], output_subdir, log_name):
         return False
     hydra = made[0] / output_subdir if output_subdir else None

@@ -6,12 +6,14 @@ import csv
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from runner.summary import fmt
+from runner.sweep_record import STOPPING_FILE
 from tests.conftest import cli, ctrl_c, imported, python_code, single_result, wait_for_upload
 
 NOTEBOOK_X = np.float32(0.99999857)
@@ -435,3 +437,32 @@ def test_ctrl_c_in_a_parallel_sweep_is_one_line_and_keeps_the_finished_jobs(
     assert "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1] == "interrupted"
     assert json.loads(finished.read_text())["status"] == "finished"
+
+
+def test_ctrl_c_in_a_parallel_sweep_waits_for_its_running_jobs_to_save(tmp_path: Path) -> None:
+    """joblib killed its workers as soon as the launcher stopped, so a job still writing
+    its partial result lost it (under load: no results.json, a .results.json.* temp file).
+    Two long jobs with a second of rows each to write, and a third queued behind them: the
+    two keep their interrupted results, the third never starts."""
+    sweep = tmp_path / "sweep"
+    long_jobs = ("2000000000", "2000000001")
+
+    def ready(lines: list[str]) -> bool:
+        if not all(f"running {steps} steps ..." in lines for steps in long_jobs):
+            return False
+        time.sleep(1.5)  # rows enough that writing them takes longer than a kill
+        return True
+
+    args = ["-m", "runner", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
+    args += ["backend=numpy", f"steps={','.join(long_jobs)},20", "record_every=1", "tracking=off"]
+    proc = ctrl_c([*args, f"hydra.sweep.dir={sweep}", "progress=true"], tmp_path, ready)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == "interrupted: 1 job not started", proc.stderr
+    for job in ("0_numpy_manual", "1_numpy_manual"):
+        result = json.loads((sweep / job / "results.json").read_text())
+        assert result["status"] == "interrupted" and result["steps_run"] > 1000, result
+        with (sweep / job / "trajectory.csv").open() as f:
+            assert sum(1 for _ in f) == result["steps_run"] + 2  # the header, steps 0..steps_run
+    assert not (sweep / "2_numpy_manual").exists()
+    assert not (sweep / STOPPING_FILE).exists()

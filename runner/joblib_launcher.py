@@ -1,0 +1,104 @@
+"""`hydra/launcher=parallel`: Hydra's joblib launcher, which Ctrl-C stops without losing a job.
+
+Hydra's launcher waits in joblib's Parallel; a Ctrl-C there raised in the launcher at
+once, and joblib killed its workers, the jobs still writing their partial results among
+them (seen under load: no results.json, a `.results.json.*` temp file). This launcher
+takes the first Ctrl-C (or SIGTERM) as a request: it marks the sweep as stopping
+(STOPPING_FILE: a queued job a worker starts now does not run), passes SIGINT on to its
+workers (a terminal sends it to them as well; a job takes one stop, runner.cli), waits
+for the running jobs to save what they computed, then raises the stop. A second Ctrl-C
+raises at once, as before: a user who will not wait is not made to.
+
+Imports Hydra's joblib launcher: read only where the [sweeps] extra is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+
+from runner.interrupts import Terminated
+from runner.sweep_record import NOT_STARTED, STOPPING_FILE
+
+# Hydra instantiates only plugins named in the hydra_plugins namespace: the class is
+# registered under this name (register_launcher), which conf/hydra/launcher/parallel.yaml
+# gives as its _target_ ("joblib" in it: runner.callbacks tells a joblib sweep by it).
+PLUGIN_MODULE = "hydra_plugins.gradient_runner_joblib"
+
+
+class StoppableJoblibLauncher(JoblibLauncher):
+    __module__ = PLUGIN_MODULE
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        assert self.config is not None
+        stopping = Path(str(self.config.hydra.sweep.dir)) / STOPPING_FILE
+        caught: list[int] = []
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def stop_after_the_running_jobs(signum: int, frame: Any) -> None:
+            if caught:  # a second stop: at once, the running jobs with it
+                handler = previous[signum]
+                if callable(handler):
+                    handler(signum, frame)
+                raise KeyboardInterrupt
+            caught.append(signum)
+            stopping.parent.mkdir(parents=True, exist_ok=True)
+            stopping.touch()
+            _signal_workers(signal.SIGINT)
+
+        for signum in previous:
+            signal.signal(signum, stop_after_the_running_jobs)
+        try:
+            runs = super().launch(job_overrides, initial_job_idx)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            stopping.unlink(missing_ok=True)
+        if not caught:
+            return runs
+        stop = Terminated("terminated") if caught[0] == signal.SIGTERM else KeyboardInterrupt()
+        left = sum(1 for run in runs if _returned(run) == NOT_STARTED)
+        if left:  # said by runner.interrupts.run_command, the command's last line
+            stop.what = f"{left} job{'s' if left != 1 else ''} not started"  # type: ignore[attr-defined]
+        raise stop
+
+
+def _returned(run: JobReturn) -> Any:
+    """A job's return value; None for one that raised (its status FAILED)."""
+    with contextlib.suppress(Exception):
+        return run.return_value
+    return None
+
+
+def _signal_workers(signum: int) -> None:
+    """Send signum to the loky workers this process started (a worker between jobs
+    ignores it; one in a job stops it and saves)."""
+    import multiprocessing
+
+    from joblib.externals.loky.backend.process import LokyProcess
+
+    for child in multiprocessing.active_children():
+        if isinstance(child, LokyProcess) and child.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signum)
+
+
+def register_launcher() -> None:
+    """Make the class instantiable by Hydra under PLUGIN_MODULE (Plugins.register, as
+    runner.search registers its sweeper; Hydra's scan of hydra_plugins cannot see an
+    editable install's packages)."""
+    import sys
+
+    from hydra.core.plugins import Plugins
+
+    sys.modules.setdefault(PLUGIN_MODULE, sys.modules[__name__])
+    Plugins.instance().register(StoppableJoblibLauncher)
