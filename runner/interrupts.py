@@ -33,6 +33,12 @@ def stopped(stop: KeyboardInterrupt, what: str | None = None) -> int:
     return TERMINATED if terminated else INTERRUPTED
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler's or `kill`'s) ends a command as Ctrl-C does, where its
+    default ended it silently, mid-write, with exit 143 and no word of what was kept."""
+    raise Terminated("terminated")
+
+
 def run_command(module: str, what: str | None = None) -> NoReturn:
     """`python -m <module>`: import it, run its main() and exit with what it returns.
 
@@ -42,6 +48,7 @@ def run_command(module: str, what: str | None = None) -> NoReturn:
     while the command exits ends it at once, silently, instead of printing a
     traceback over that line.
     """
+    signal.signal(signal.SIGTERM, _terminate)  # a command's own handlers may replace it
     try:
         code = importlib.import_module(module).main()
     except KeyboardInterrupt as stop:

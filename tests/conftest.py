@@ -305,13 +305,17 @@ def imported(module: str) -> Callable[[list[str]], bool]:
 
 
 def ctrl_c(
-    args: Sequence[str], cwd: Path, ready: Callable[[list[str]], bool], timeout: float = 120
+    args: Sequence[str],
+    cwd: Path,
+    ready: Callable[[list[str]], bool],
+    timeout: float = 120,
+    signum: int = signal.SIGINT,
 ) -> subprocess.CompletedProcess:
     """`python -X importtime ARGS` in cwd, stopped as Ctrl-C in a terminal stops it: SIGINT
-    to its process group (a sweep's workers too) once `ready(lines)` holds for the lines it
-    has printed so far (stdout and stderr, in the order read; see `imported`). Returns its
-    exit code and output, the import-time lines left out of stderr; the test fails if the
-    command ended before it was ready."""
+    (or signum) to its process group (a sweep's workers too) once `ready(lines)` holds for
+    the lines it has printed so far (stdout and stderr, in the order read; see `imported`).
+    Returns its exit code and output, the import-time lines left out of stderr; the test
+    fails if the command ended before it was ready."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.Popen(
@@ -336,7 +340,7 @@ def ctrl_c(
                 if not sent.is_set() and ready(lines):
                     sent.set()
                     with contextlib.suppress(ProcessLookupError):  # it has just ended
-                        os.killpg(proc.pid, signal.SIGINT)
+                        os.killpg(proc.pid, signum)
 
     readers = [
         threading.Thread(target=read, args=(proc.stdout, streams["out"]), daemon=True),

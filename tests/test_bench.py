@@ -590,8 +590,14 @@ def test_an_unusable_store_is_refused_before_anything_is_measured(tmp_path: Path
     assert not out.exists()
 
 
-def test_ctrl_c_keeps_what_was_measured(tmp_path: Path) -> None:
-    """SIGINT once the first scalar cell is printed: that cell and the floor are written."""
+@pytest.mark.parametrize(
+    ("signum", "code", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_keeps_what_was_measured(tmp_path: Path, signum: int, code: int, word: str) -> None:
+    """SIGINT once the first scalar cell is printed: that cell and the floor are written.
+    SIGTERM the same (it ended the benchmark silently, measured cells unwritten)."""
     out = tmp_path / "bench"
     args = ["--quick", "--backends", "jax", "--no-log", "--out", str(out)]
     proc = subprocess.Popen(
@@ -605,11 +611,11 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path: Path) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         if "jax manual" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signum)
             break
     _rest, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert err.strip() == f"interrupted: what was measured is in {out} (not logged to MLflow)"
+    assert proc.returncode == code, err
+    assert err.strip() == f"{word}: what was measured is in {out} (not logged to MLflow)"
     results = json.loads((out / "results.json").read_text())
     assert results["interrupted"] is True
     assert results["floor"]["ns_per_step"] and results["scalar"][0]["label"] == "jax manual"

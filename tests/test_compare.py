@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -955,17 +956,24 @@ def test_an_unreachable_server_is_one_line_in_compares_own_flags() -> None:
     )
 
 
-def test_ctrl_c_is_one_line_and_leaves_the_store_as_it_was(tmp_path: Path, fresh_store) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code", "word"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_is_one_line_and_leaves_the_store_as_it_was(
+    tmp_path: Path, fresh_store, signum: int, code: int, word: str
+) -> None:
     """Ctrl-C while compare opens the store (MLflow's SQLAlchemy store imports for ~2 s)
-    was a traceback ending in SQLAlchemy's KeyboardInterrupt."""
+    was a traceback ending in SQLAlchemy's KeyboardInterrupt; SIGTERM ended it silently."""
     db = tmp_path / "mlflow.db"
     uri = fresh_store(db)
     before = db.read_bytes()
     out = tmp_path / "report"
     args = ["-m", "runner.compare", "--tracking-uri", uri, "--out", str(out), "--no-log"]
-    proc = ctrl_c(args, tmp_path, imported("sqlalchemy"))
-    assert proc.returncode == 130, proc.stderr
-    assert proc.stderr == "interrupted\n"
+    proc = ctrl_c(args, tmp_path, imported("sqlalchemy"), signum=signum)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr == f"{word}\n"
     assert db.read_bytes() == before and not out.exists()
 
 

@@ -32,6 +32,7 @@ from runner.bench.report import markdown, scaling_plot, step_time_plot
 from runner.bench.targets import all_targets, longest
 from runner.command_line import OneLineParser, default_out_dir, out_dir_error
 from runner.errors import ConfigError, MissingFrameworkError
+from runner.interrupts import stopped
 from runner.plugins import load_backend
 from runner.protocol import Backend
 from runner.provenance import git_state, machine_state, numerics_environment
@@ -231,12 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, MissingFrameworkError, TrackingError) as exc:  # nothing measured yet
         print(f"error: {bench_wording(exc)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (runner.interrupts)
         written = settings.out / "results.json"  # by this run, not one before it in --out
         kept = written.exists() and written.stat().st_mtime >= began
         where = f"what was measured is in {settings.out}" if kept else "nothing was measured"
-        print(f"\ninterrupted: {where} (not logged to MLflow)", file=sys.stderr)
-        return 130
+        print(file=sys.stderr)  # below the progress line the stop cut
+        return stopped(stop, f"{where} (not logged to MLflow)")
     print(f"\nwrote {settings.out}/results.md, results.json, step_time.png, n_scaling.png\n")
     print((settings.out / "results.md").read_text())
     if settings.log:
