@@ -227,8 +227,10 @@ def test_rows_are_the_latest_runs_results(store: dict, report: dict) -> None:
         assert same(float(row["final_loss"]), result["loss"])
         assert same(float(row["error_x"]), result["error"]["x"])
         assert same(float(row["error_loss"]), result["error"]["loss"])
-        for name in ("compile_s", "run_s", "step_us"):
-            assert float(row[name]) == result["timings"][name]
+        timings = result["timings"]
+        for name in ("compile_s", "run_s", "step_us", "final_s"):
+            assert float(row[name]) == timings[name]
+        assert float(row["total_s"]) == timings["compile_s"] + timings["run_s"] + timings["final_s"]
     assert not by_key
     diverged = [r for r in rows if r["status"] == "diverged"]
     assert [(r["backend"], r["optimizer"]) for r in diverged] == [("jax", "sgd lr=10")]
@@ -255,6 +257,7 @@ def test_rows_are_the_latest_runs_results(store: dict, report: dict) -> None:
             assert cells["status"] == "DIVERGED"
             assert cells["steps"] == f"{row['steps_run']}/{row['steps']}"
         assert (cells["vs fastest"] == "1.0x") == (float(row["relative_step_time"]) == 1.0)
+        assert cells["total s"] == f"{float(row['total_s']):.3f}"
     # The terminal table is printed, and the agreement section is in the markdown.
     assert "vs fastest" in report["stdout"] and "1.0x" in report["stdout"]
     assert "## Cross-backend agreement" in markdown and "(convergence.png)" in markdown

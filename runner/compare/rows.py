@@ -52,6 +52,15 @@ class Row:
     device: str = ""
     problem_label: str = ""  # set by _report: the name + the settings that vary among rows
     record_every: int | None = None  # results.json's: which steps trajectory.csv holds
+    # the final state's read-back to the host; 0 for runs from before it was timed apart,
+    # whose run_s holds it
+    final_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        """The run as the runner timed it: compile, loop and read-back (not the process's
+        start and imports): what a short run costs, where compile_s can outweigh the loop."""
+        return self.compile_s + self.run_s + self.final_s
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -91,6 +100,7 @@ def row_from_result(result: Mapping[str, Any], **common: str) -> Row | None:
         compile_s=float(timings["compile_s"]),
         run_s=float(timings["run_s"]),
         step_us=float(timings["step_us"]),
+        final_s=float(timings.get("final_s", 0.0)),
         relative=math.nan,
         problem=dict(result.get("problem", {})),
         optimum_loss=float(result["optimum"]["loss"]),

@@ -345,6 +345,7 @@ def row_of_run(client: Any, run: Any) -> Row | DerivativeRow:
         compile_s=metrics.get("compile_s", math.nan),
         run_s=metrics.get("run_s", math.nan),
         step_us=metrics.get("step_us", math.nan),
+        final_s=metrics.get("final_s", 0.0),
         relative=math.nan,
         problem=_problem(params),
         optimum_loss=optimum,
