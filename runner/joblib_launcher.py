@@ -57,6 +57,7 @@ class StoppableJoblibLauncher(JoblibLauncher):
 
         for signum in previous:
             signal.signal(signum, stop_after_the_running_jobs)
+        self.joblib["initializer"] = IgnoreCtrlC()
         try:
             runs = super().launch(job_overrides, initial_job_idx)
         finally:
@@ -70,6 +71,19 @@ class StoppableJoblibLauncher(JoblibLauncher):
         if left:  # said by runner.interrupts.run_command, the command's last line
             stop.what = f"{left} job{'s' if left != 1 else ''} not started"  # type: ignore[attr-defined]
         raise stop
+
+
+class IgnoreCtrlC:
+    """Each worker's initializer: a new worker ignores Ctrl-C until a job sets its own
+    handler (runner.cli._worker_signals). One that had not run a job yet printed
+    multiprocessing's KeyboardInterrupt traceback over the sweep's lines. A class for
+    its name in Hydra's `Joblib.Parallel(...)` line, where a function prints an address."""
+
+    def __call__(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __repr__(self) -> str:
+        return "IgnoreCtrlC"
 
 
 def _returned(run: JobReturn) -> Any:

@@ -439,6 +439,25 @@ def test_ctrl_c_in_a_parallel_sweep_is_one_line_and_keeps_the_finished_jobs(
     assert json.loads(finished.read_text())["status"] == "finished"
 
 
+def test_ctrl_c_in_a_parallel_sweep_with_an_idle_worker_is_one_line(tmp_path: Path) -> None:
+    """One job on two workers: the worker that never ran a job printed multiprocessing's
+    KeyboardInterrupt traceback (its Ctrl-C was ignored only after a first job)."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "runner", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
+    args += ["backend=numpy", "steps=2000000000", "tracking=off", f"hydra.sweep.dir={sweep}"]
+
+    def ready(lines: list[str]) -> bool:
+        return "running 2000000000 steps ..." in lines
+
+    proc = ctrl_c([*args, "progress=true"], tmp_path, ready)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "running 2000000000 steps ...",
+        "interrupted: numpy-manual-float32 steps=2000000000: what was computed is saved",
+        "interrupted",
+    ], proc.stderr
+
+
 def test_ctrl_c_in_a_parallel_sweep_waits_for_its_running_jobs_to_save(tmp_path: Path) -> None:
     """joblib killed its workers as soon as the launcher stopped, so a job still writing
     its partial result lost it (under load: no results.json, a .results.json.* temp file).
