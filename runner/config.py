@@ -60,14 +60,17 @@ class RunConfig:
     # Why the run cannot be what it asks, though each setting is valid: skipped in a
     # sweep (its report lists the hole), refused before the backend loads in a single run.
     unsupported: str | None = None
+    # device as the command typed it: a backend knows cpu, gpu and auto, not their
+    # aliases, and its refusal of device=gpu would name a value nobody typed (job.py).
+    device_typed: str | None = None
 
 
 def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     """Validate a resolved config (plain dicts) and build the spec for its task."""
     task = _choice("task", cfg.get("task"), TASKS)
     dtype = _choice("dtype", cfg.get("dtype"), DTYPES)
-    device = cfg.get("device")
-    device = DEVICE_ALIASES.get(device, device) if isinstance(device, str) else device
+    typed = cfg.get("device")
+    device = DEVICE_ALIASES.get(typed, typed) if isinstance(typed, str) else typed
     device = _choice("device", device, DEVICES)
     backend = _node("backend", cfg)
     problem = build_problem(_node("problem", cfg))
@@ -75,6 +78,7 @@ def build_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     common = {
         "backend": str(backend.get("name")),
         "device": device,
+        "device_typed": typed,
         "progress": flag("progress", cfg.get("progress", True)),
     }
     if task == "derivatives":

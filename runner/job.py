@@ -60,12 +60,24 @@ def supported_backend(run: RunConfig) -> Backend:
     if run.unsupported:  # no framework needed to say so
         raise UnsupportedError(run.unsupported)
     backend = load_backend(run.backend)
-    backend.resolved_device(run.device)  # device=gpu where there is none: refused here too
+    resolved_device(backend, run)  # device=gpu where there is none: refused here too
     if run.minimize is not None:
         reason = backend.unsupported(run.minimize)
         if reason:
             raise _unsupported(run, run.minimize, reason)
     return backend
+
+
+def resolved_device(backend: Backend, run: RunConfig) -> str:
+    """backend.resolved_device, whose refusal names the device as typed: the backend is
+    given device=gpu for device=cuda, and the user would read of a value never typed."""
+    try:
+        return backend.resolved_device(run.device)
+    except ConfigError as refusal:
+        if run.device_typed in (None, run.device):
+            raise
+        typed = str(refusal).replace(f"device={run.device}:", f"device={run.device_typed}:")
+        raise ConfigError(typed) from refusal
 
 
 # A reason that starts by naming a setting ("optimizer=adam: ...", "backend.unroll=0
@@ -108,7 +120,7 @@ def execute(
     identity = RunIdentity(
         run.backend,
         backend.framework,
-        backend.resolved_device(run.device),
+        resolved_device(backend, run),
         _checked_versions(run.backend, backend.versions()),
         run_uid or new_run_uid(),
         git,

@@ -53,18 +53,30 @@ def not_a_choice(typed: str, group: str, options: list[str]) -> RunnerError:
     )
 
 
+# The settings of conf/config.yaml no run goes without (progress has a default in the
+# code, record_every may be null).
+REQUIRED_SETTINGS = ("steps", "dtype", "device")
+
+
 def check_deleted_groups(args: list[str]) -> None:
-    """`~backend` (or `~backend=tf`) leaves the run without what every run needs: the run
-    folder's name interpolates backend.name, mode.name and task (Hydra's traceback), and
-    a run without an optimizer or problem was refused without naming the choices."""
+    """`~backend` (or `~backend=tf`, `~backend.name`, `~steps`) leaves the run without
+    what every run needs: the run folder's name interpolates backend.name, mode.name and
+    task (Hydra's traceback), a run without an optimizer or problem was refused without
+    naming the choices, and one without steps as `steps=null`, a value nobody typed."""
     for arg in args:
-        match = re.fullmatch(r"~(\w+)(=.*)?", arg)
-        if not match or match.group(1) not in (*CHECKED_GROUPS, "task"):
+        match = re.fullmatch(r"~([\w.]+)(=.*)?", arg)
+        key = match.group(1) if match else ""
+        group = key.removesuffix(".name") if options_with(key) else key
+        if group in (*CHECKED_GROUPS, "task"):
+            options = group_options(group) if group in CHECKED_GROUPS else list(TASKS)
+            needed, instead = f"{_a(group)} {group}", f"choose one of: {', '.join(options)}"
+        elif key in REQUIRED_SETTINGS:
+            default = OmegaConf.load(CONFIG_DIR / "config.yaml")[key]
+            needed, instead = key, f"drop {arg} to run with {key}={default} (the default)"
+        else:
             continue
-        name = match.group(1)
-        options = group_options(name) if name in CHECKED_GROUPS else list(TASKS)
         raise RunnerError(
-            f"{arg} leaves the run without {_a(name)} {name}; choose one of: {', '.join(options)}"
+            f"{arg} leaves the run without {needed}, which every run needs; {instead}"
         )
 
 

@@ -124,7 +124,9 @@ class Unreached:
 class Outcome:
     uploaded: int = 0
     present: int = 0
-    skipped: int = 0
+    # folders passed over, their record unreadable or without a run_uid: counted as
+    # "unreadable", as "skipped" read as a sweep's skipped jobs, which are uploaded
+    unread: int = 0
     unreached: dict[str, Unreached] = field(default_factory=dict)  # by store URI
     unreadable: list[Path] = field(default_factory=list)  # skipped: a record not readable
 
@@ -135,7 +137,7 @@ class Outcome:
     def summary(self, verb: str = "uploaded") -> str:
         """The last line; `not reached` only when a store failed, so scripts reading the
         usual three counts see the same line as before."""
-        line = f"{verb} {self.uploaded}, already recorded {self.present}, skipped {self.skipped}"
+        line = f"{verb} {self.uploaded}, already recorded {self.present}, unreadable {self.unread}"
         return line + (f", not reached {self.not_reached}" if self.unreached else "")
 
 
@@ -295,14 +297,14 @@ class Uploader:
         except (OSError, ValueError, YAMLError) as exc:  # one unreadable folder holds no other
             why = (text_lines(str(exc)) or [type(exc).__name__])[0]
             print(f"skipped {run_dir}: its record cannot be read ({why})", file=self.out)
-            self.outcome.skipped += 1
+            self.outcome.unread += 1
             self.outcome.unreadable.append(run_dir)
             return
         if in_sweep(run_dir):
             self.sweeps.setdefault(read_sweep(run_dir.parent).sweep_id, run_dir.parent)
         if not result.get("run_uid"):
             print(f"skipped {run_dir}: its results.json has no run_uid", file=self.out)
-            self.outcome.skipped += 1
+            self.outcome.unread += 1
             return
         target = _target(run_dir, cfg, self.tracking_uri, self.experiment)
         unreached = self.outcome.unreached.get(target.uri)

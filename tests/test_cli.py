@@ -157,7 +157,7 @@ BAD_INPUTS = [
     (["problem=quadratic_form", "problem.seed=-1"], "problem.seed=-1 is not allowed; give a whole"),
     (["dtype=float16"], "dtype='float16' is not allowed; choose one of: float32, float64"),
     (["mode=graph", "mode.update=sgd"], "mode.update='sgd' is not allowed; choose one of"),
-    (["backend=numpy", "device=cuda"], "device=gpu: NumPy runs on the CPU only"),  # an alias
+    (["backend=numpy", "device=cuda"], "device=cuda: NumPy runs on the CPU only"),  # as typed
     # refused before MLflow's run opens: it was logged as a FAILED run
     (["backend=numpy", "device=gpu", "tracking.background=false"], "NumPy runs on the CPU only"),
     (["device=[1]"], "device=[1] is not allowed; choose one of: cpu, gpu, auto"),

@@ -152,7 +152,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, fresh_store) -> dict:
     assert not list(root.glob("*/upload.log"))  # no sweep started a logger of its own
     said = io.StringIO()
     outcome = upload([root / name for name in sweeps], uri, out=said)
-    assert outcome.summary() == "uploaded 10, already recorded 0, skipped 0", said.getvalue()
+    assert outcome.summary() == "uploaded 10, already recorded 0, unreadable 0", said.getvalue()
     results = [
         json.loads(path.read_text())
         for name in sweeps

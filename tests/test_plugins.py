@@ -366,7 +366,7 @@ def test_a_single_run_a_plugin_fails_is_logged_failed_by_its_background_upload(
     (run_dir,) = run_dirs_in(tmp_path)
     failure = json.loads((run_dir / "job_failure.json").read_text())
     assert failure["exit_code"] == 1 and failure["error"].startswith(error)
-    assert "uploaded 1, already recorded 0, skipped 0" in wait_for_upload(run_dir)
+    assert "uploaded 1, already recorded 0, unreadable 0" in wait_for_upload(run_dir)
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("gradient-runner").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["error"].startswith(error)

@@ -137,9 +137,22 @@ MORE_BAD_INPUTS = [
     ),
     # a required group deleted: Hydra's traceback (the run folder's name reads backend.name),
     # or `optimizer=None is not a config group choice` without the choices
-    (["~backend"], "~backend leaves the run without a backend; choose one of: jax, numpy, tf"),
-    (["~optimizer"], "~optimizer leaves the run without an optimizer; choose one of: adagrad,"),
-    (["~task"], "~task leaves the run without a task; choose one of: minimize, derivatives"),
+    (["~backend"], "~backend leaves the run without a backend, which every run needs; choose"),
+    (["~optimizer"], "~optimizer leaves the run without an optimizer, which every run needs"),
+    (["~task"], "~task leaves the run without a task, which every run needs; choose one of: m"),
+    # ... or its name (Hydra's traceback), or a required setting (`steps=null is not allowed`)
+    (
+        ["~backend.name"],
+        "~backend.name leaves the run without a backend, which every run needs; choose one "
+        "of: jax, numpy, tf, torch",
+    ),
+    (["~mode.name"], "~mode.name leaves the run without a mode, which every run needs; choose"),
+    (["~steps"], "~steps leaves the run without steps, which every run needs; drop ~steps"),
+    (
+        ["-m", "backend=numpy", "~steps"],
+        "~steps leaves the run without steps, which every run needs; drop ~steps to run with "
+        "steps=1000 (the default)",
+    ),
     (["task=derivatives", "~optimizer"], "~optimizer does not apply to task=derivatives"),
     # the optimizer's numbers in the run's dtype: eps 0 in float32 was a NaN blamed on the lr
     (
@@ -201,6 +214,22 @@ def test_more_bad_input_is_one_line(tmp_path: Path, args: list[str], message: st
     assert not list(tmp_path.rglob("results.json"))
     if "-m" not in args:  # nor an empty run folder
         assert not list(tmp_path.glob("outputs/runs/*/*"))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "jax", "tf"])
+def test_a_device_alias_is_refused_as_typed(tmp_path: Path, backend: str) -> None:
+    """device=cuda reaches a backend as device=gpu, and its refusal named device=gpu, a
+    value the command never typed. Where the framework sees a GPU, the run uses it."""
+    proc = cli(f"backend={backend}", "device=cuda", "steps=10", "tracking=off", cwd=tmp_path)
+    if proc.returncode == 0:
+        assert backend != "numpy" and single_result(tmp_path)["device"] == "gpu:0"
+        return
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == error_line(proc)
+    runs_on = "runs on the CPU only" if backend == "numpy" else "sees no GPU on this machine"
+    assert re.fullmatch(
+        rf"error: device=cuda: \w+ {runs_on}; use device=cpu or .*auto", proc.stderr.strip()
+    )
 
 
 @pytest.mark.parametrize(
@@ -569,13 +598,13 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(
     store = fresh_store(tmp_path / "later.db")  # uploads in-process: conftest.upload_command
     first = upload_command(str(sweep), "--tracking-uri", store, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip().splitlines()[-1] == "uploaded 2, already recorded 0, skipped 0"
+    assert first.stdout.strip().splitlines()[-1] == "uploaded 2, already recorded 0, unreadable 0"
     assert first.stderr == ""
     again = upload_command(
         str(sweep), str(sweep / "0_numpy_manual"), "--tracking-uri", store, cwd=tmp_path
     )
     assert again.returncode == 0, again.stderr
-    assert again.stdout.strip().splitlines()[-1] == "uploaded 0, already recorded 2, skipped 0"
+    assert again.stdout.strip().splitlines()[-1] == "uploaded 0, already recorded 2, unreadable 0"
 
     runs = all_runs(store)
     parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
@@ -638,7 +667,7 @@ def test_ctrl_c_while_an_upload_waits_for_a_folder_is_one_line(tmp_path: Path, f
     )
     assert [(run_dir / name).read_bytes() for name in kept] == before
     again = upload_command(str(run_dir), "--tracking-uri", store, cwd=tmp_path)
-    assert again.stdout.splitlines()[-1] == "uploaded 1, already recorded 0, skipped 0"
+    assert again.stdout.splitlines()[-1] == "uploaded 1, already recorded 0, unreadable 0"
 
 
 def test_upload_of_a_missing_folder_is_one_line(tmp_path: Path, capsys) -> None:
@@ -744,9 +773,9 @@ def test_server_crash_mid_sweep_then_upload_to_the_restarted_server(tmp_path: Pa
         stop_server(restarted)
     assert first.returncode == 0, first.stderr
     uploaded, recorded = map(int, re.findall(r"\d+", first.stdout.strip().splitlines()[-1])[:2])
-    assert first.stdout.strip().splitlines()[-1].endswith(", skipped 0")
+    assert first.stdout.strip().splitlines()[-1].endswith(", unreadable 0")
     assert uploaded >= 1 and uploaded + recorded == 3
-    assert again.stdout.strip().splitlines()[-1] == "uploaded 0, already recorded 3, skipped 0"
+    assert again.stdout.strip().splitlines()[-1] == "uploaded 0, already recorded 3, unreadable 0"
     jobs = [r for r in runs if r.data.tags.get("runner.kind") != "sweep"]
     parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
     assert sorted(r.data.tags["run_uid"] for r in jobs) == sorted(r["run_uid"] for r in results)
@@ -1031,13 +1060,13 @@ def test_upload_passes_over_mlflow_artifact_copies(tmp_path: Path) -> None:
     assert dry.returncode == 0, dry.stderr
     assert "mlartifacts" not in dry.stdout, dry.stdout
     # the bare run has no .hydra/hydra.yaml naming its start folder: the store here
-    assert last_line(dry.stdout) == "would upload 1, already recorded 1, skipped 0"
+    assert last_line(dry.stdout) == "would upload 1, already recorded 1, unreadable 0"
 
     first = upload_command(str(outputs), cwd=start)
     again = upload_command(str(outputs), cwd=start)  # the bare run's copy is in mlartifacts now
     assert first.returncode == again.returncode == 0, first.stderr + again.stderr
-    assert last_line(first.stdout) == "uploaded 1, already recorded 1, skipped 0"
-    assert last_line(again.stdout) == "uploaded 0, already recorded 2, skipped 0"
+    assert last_line(first.stdout) == "uploaded 1, already recorded 1, unreadable 0"
+    assert last_line(again.stdout) == "uploaded 0, already recorded 2, unreadable 0"
     assert "mlartifacts" not in first.stdout + again.stdout
 
 
@@ -1058,7 +1087,7 @@ def test_upload_goes_past_a_folder_whose_record_cannot_be_read(tmp_path: Path) -
     assert "Traceback" not in proc.stderr
     assert f"skipped {runs / 'a'}: its record cannot be read (" in proc.stdout
     assert f"skipped {runs / 'b'}: its record cannot be read (" in proc.stdout
-    assert last_line(proc.stdout) == "uploaded 1, already recorded 0, skipped 2"
+    assert last_line(proc.stdout) == "uploaded 1, already recorded 0, unreadable 2"
     assert proc.stderr.strip().splitlines() == [
         f"error: 2 run folder(s) could not be read, the first {runs / 'a'}; fix or remove "
         "their results.json / .hydra, then upload them again"
@@ -1091,10 +1120,10 @@ def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(
         outcome = upload_in_process([path], uri, out=out)
         return out.getvalue(), outcome.summary()
 
-    assert upload_here(alone)[1] == "uploaded 1, already recorded 0, skipped 0"
+    assert upload_here(alone)[1] == "uploaded 1, already recorded 0, unreadable 0"
     said, summary = upload_here(sweep)
     assert "; nested in its sweep now)" in said
-    assert summary == "uploaded 1, already recorded 1, skipped 0"
+    assert summary == "uploaded 1, already recorded 1, unreadable 0"
     runs = all_runs(uri)
     (parent,) = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
     jobs = [r for r in runs if r.data.tags.get("runner.kind") != "sweep"]
@@ -1103,7 +1132,7 @@ def test_a_job_uploaded_alone_first_is_nested_in_its_sweep_later(
         assert job.data.tags["sweep_id"] == str(sweep)
         assert job.data.tags["mlflow.parentRunId"] == parent.info.run_id
     said, summary = upload_here(sweep)
-    assert summary == "uploaded 0, already recorded 2, skipped 0" and "nested" not in said
+    assert summary == "uploaded 0, already recorded 2, unreadable 0" and "nested" not in said
 
 
 def test_an_uploaded_sweeps_parent_spans_its_jobs(tmp_path: Path, fresh_store) -> None:
@@ -1146,7 +1175,7 @@ def test_upload_to_their_own_stores_goes_past_one_that_is_away(tmp_path: Path, f
 
     proc = upload_command(str(tmp_path / "outputs"), cwd=tmp_path)
     assert proc.returncode == 4, proc.stderr
-    assert last_line(proc.stdout) == "uploaded 1, already recorded 0, skipped 0, not reached 2"
+    assert last_line(proc.stdout) == "uploaded 1, already recorded 0, unreadable 0, not reached 2"
     assert error_line(proc) == (
         f"error: tracking server {dead} is unreachable (ConnectionRefusedError); start it or "
         f"point --tracking-uri elsewhere; its 2 runs were not uploaded: {first_dead} and 1 more"
@@ -1178,7 +1207,7 @@ def test_upload_of_no_run_folder_is_an_error_but_of_a_recorded_sweep_is_not(
     assert proc.returncode == 0, proc.stderr
     assert (sweep / "compare").is_dir()
     assert main([str(sweep)]) == 0  # to its own store, the default one
-    assert last_line(capsys.readouterr().out) == "uploaded 2, already recorded 0, skipped 0"
+    assert last_line(capsys.readouterr().out) == "uploaded 2, already recorded 0, unreadable 0"
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("not a folder\n")
     said = {
@@ -1193,7 +1222,7 @@ def test_upload_of_no_run_folder_is_an_error_but_of_a_recorded_sweep_is_not(
     assert "uploaded" not in capsys.readouterr().out
 
     assert main([str(sweep)]) == 0
-    assert last_line(capsys.readouterr().out) == "uploaded 0, already recorded 2, skipped 0"
+    assert last_line(capsys.readouterr().out) == "uploaded 0, already recorded 2, unreadable 0"
 
 
 class _FailsOnTheFirstRun(_Failing):
@@ -1225,7 +1254,7 @@ def test_upload_failing_midway_in_its_own_store_is_not_counted_uploaded(
         server.shutdown()
         server.server_close()
     assert proc.returncode == 4, proc.stderr
-    assert last_line(proc.stdout) == "uploaded 1, already recorded 0, skipped 0, not reached 1"
+    assert last_line(proc.stdout) == "uploaded 1, already recorded 0, unreadable 0, not reached 1"
     assert error_line(proc).startswith(
         f"error: tracking server {failing} is failing (HTTP 500 from /api/2.0/mlflow/runs/create)"
     )

@@ -679,7 +679,7 @@ def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(
     for uri in (store(tmp_path), fresh_store(tmp_path / "later.db")):
         if uri != store(tmp_path):  # the sweep's logger made the first; an upload this one
             assert upload(str(sweep), "--tracking-uri", uri, cwd=tmp_path) == (
-                "uploaded 2, already recorded 0, skipped 0"
+                "uploaded 2, already recorded 0, unreadable 0"
             )
         parent, jobs = sweep_group(uri)
         assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "1"
@@ -694,7 +694,7 @@ def test_a_job_that_failed_before_a_result_is_in_the_report_and_in_mlflow(
         git = {k: v for k, v in failed.data.tags.items() if k.startswith(GIT_TAG_PREFIXES)}
         assert git == git_tags(failure.get("git"))
         assert upload(str(sweep), "--tracking-uri", uri, cwd=tmp_path) == (
-            "uploaded 0, already recorded 2, skipped 0"
+            "uploaded 0, already recorded 2, unreadable 0"
         )
 
 
@@ -719,5 +719,5 @@ def test_in_process_jobs_record_each_failed_job_once(tmp_path: Path) -> None:
     assert by_job["1", "gpu"].data.tags["error"].startswith("device=gpu: NumPy runs on the CPU")
     assert by_job["-1", "gpu"].data.tags["error"] == BAD_A
     assert upload(str(tmp_path / "sweep"), cwd=tmp_path) == (
-        "uploaded 0, already recorded 4, skipped 0"
+        "uploaded 0, already recorded 4, unreadable 0"
     )

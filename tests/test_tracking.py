@@ -65,7 +65,7 @@ def test_default_store_records_everything(tmp_path: Path) -> None:
     assert f"MLflow: logging this run to {uri} (experiment gradient-runner) in the " in proc.stdout
     assert f"its log: {run_dir / 'upload.log'}" in proc.stdout
     log = wait_for_upload(run_dir)
-    assert "uploaded 1, already recorded 0, skipped 0" in log and "done in" in log, log
+    assert "uploaded 1, already recorded 0, unreadable 0" in log and "done in" in log, log
     result = single_result(tmp_path)
     (run,) = runs_of(uri)
     client = MlflowClient(tracking_uri=uri)
@@ -347,7 +347,7 @@ def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
     assert len(probes) == 6 and {p["mlflow_imported"] for p in probes} == {False}
     assert "MLflow: logging this sweep to sqlite:///" in proc.stdout
     log = (sweep / "upload.log").read_text()
-    assert log.count("uploaded ") == 7 and "uploaded 6, already recorded 0, skipped 0" in log
+    assert log.count("uploaded ") == 7 and "uploaded 6, already recorded 0, unreadable 0" in log
     runs = runs_of(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
     jobs = [r for r in runs if r.data.tags.get("runner.kind") is None]
     parents = [r for r in runs if r.data.tags.get("runner.kind") == "sweep"]
@@ -395,7 +395,7 @@ def test_relative_sqlite_uri_is_the_start_folders_from_any_folder(tmp_path: Path
     store = start / "stores" / "rel.db"
     up = upload_command(str(run_dir), cwd=elsewhere)
     assert up.returncode == 0, up.stderr
-    assert "uploaded 1, already recorded 0, skipped 0" in up.stdout, up.stdout
+    assert "uploaded 1, already recorded 0, unreadable 0" in up.stdout, up.stdout
     (run,) = runs_of(f"sqlite:///{store}")
     assert run.data.tags["run_uid"] == single_result(start)["run_uid"]
     assert files_under(elsewhere) == set()  # no second store where the command ran
@@ -403,7 +403,7 @@ def test_relative_sqlite_uri_is_the_start_folders_from_any_folder(tmp_path: Path
     for args in ([], ["--dry-run"]):
         again = upload_command(str(run_dir), *args, cwd=elsewhere)
         assert again.returncode == 0, again.stderr
-        assert " 0, already recorded 1, skipped 0" in again.stdout, again.stdout
+        assert " 0, already recorded 1, unreadable 0" in again.stdout, again.stdout
     assert files_under(elsewhere) == set()
     assert not Path(f"{store}.lock").exists()  # opening a store that exists adds no lock file
     # and the run's artifacts went beside its store too
@@ -441,7 +441,7 @@ def test_dry_run_creates_no_store(tmp_path: Path) -> None:
         dry = upload_command(str(run_dir), "--dry-run", *extra, cwd=cwd)
         assert dry.returncode == 0, dry.stderr
         assert "(the store does not exist yet: it would be created)" in dry.stdout, dry.stdout
-        assert "would upload 1, already recorded 0, skipped 0" in dry.stdout, dry.stdout
+        assert "would upload 1, already recorded 0, unreadable 0" in dry.stdout, dry.stdout
     assert files_under(tmp_path) == before
     assert f"to sqlite:///{elsewhere / 'given' / 'other.db'} (" in dry.stdout  # the caller's
 
