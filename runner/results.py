@@ -310,7 +310,8 @@ def trajectory_rows(spec: MinimizeSpec, outcome: MinimizeOutcome) -> dict[str, n
 
     The recorded rows' dist is the framework's, from x* in the run's dtype; the final row's
     is taken from that x* too (not the float64 one results.json's error_dist uses), so
-    that a float32 column near convergence does not jump by x*'s rounding (~8e-8 at n = 50).
+    that a float32 column near convergence does not jump by x*'s rounding (~8e-8 at n = 50),
+    and its norms are rounded to the dtype (a float32 run's last row was float64).
     A backend that recorded the vectors themselves (rows x n: a plugin's, as its step()
     returns x) gets the norms taken here; np.append had flattened them into the columns.
     """
@@ -320,8 +321,9 @@ def trajectory_rows(spec: MinimizeSpec, outcome: MinimizeOutcome) -> dict[str, n
     )
     if spec.problem.dim is None:
         final_x, final_grad = traj.final_x, traj.final_grad
-    else:
-        final_x, final_grad = norm(traj.final_x, _x_star(spec)), norm(traj.final_grad)
+    else:  # rounded to the run's dtype, as the rows above it are: a float32 column stays so
+        dtype = np.dtype(spec.dtype).type
+        final_x, final_grad = dtype(norm(traj.final_x, _x_star(spec))), dtype(norm(traj.final_grad))
     final = dict(zip(rows, (traj.stopped_at, final_x, traj.final_loss, final_grad), strict=True))
     return {name: np.append(column, final[name]) for name, column in rows.items()}
 

@@ -112,6 +112,23 @@ def test_the_final_rows_dist_is_from_x_star_in_the_runs_dtype() -> None:
     assert minimize_result(spec, outcome, IDENTITY)["error"]["dist"] > 0  # from the exact x*
 
 
+def test_a_float32_vector_runs_final_row_is_float32() -> None:
+    """The final row's norms were float64 (host norms of the float32 state) under 100
+    float32 rows from the framework; a review found no float32 run's last row a float32."""
+    problem = Quadratic(a=1.0, b=0.0, c=0.0, x0=0.0, dim=3)  # x* = 0
+    spec = MinimizeSpec(
+        problem, OptimizerSpec("sgd", 0.1), "manual", 5, "float32", RecordPlan(5, 1)
+    )
+    rows = np.zeros(5, np.float32)
+    x = np.array([0.1, 0.2, 0.3], np.float32)
+    trajectory = Trajectory(np.arange(5), rows, rows, rows, x, 0.07, 2 * x, 5)
+    columns = trajectory_rows(spec, MinimizeOutcome(trajectory, Timings(0.1, 0.2, 5)))
+    for name, vector in (("dist", x), ("grad_norm", 2 * x)):
+        exact = np.linalg.norm(vector.astype(np.float64))
+        assert np.float32(exact) != exact  # the float64 norm is no float32
+        assert columns[name][-1] == np.float32(exact)
+
+
 def test_results_say_which_backend_options_the_run_had() -> None:
     # backend.jit_compile=true (XLA) and the like change what a run measures: results.json
     # records them after the run's identity, as JSON whatever types they came in.
