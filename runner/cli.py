@@ -38,6 +38,7 @@ from runner.precheck import (
     check_output_dir,
     check_overrides,
     check_sweep_plugins,
+    set_in_every_swept_choice,
 )
 from runner.provenance import git_state
 from runner.results import RESULTS_FILE, new_run_uid, record_job_failure
@@ -380,6 +381,7 @@ def main() -> None:
     except RunnerError as exc:
         report(exc)
         sys.exit(exc.exit_code)
+    sys.argv[1:] = set_in_every_swept_choice(sys.argv[1:])  # Hydra reads them from sys.argv
     register_sweeper()  # +hparams_search's sweeper (runner.search_sweeper)
     if importable("hydra_plugins.hydra_joblib_launcher"):  # hydra/launcher=parallel's
         from runner.joblib_launcher import register_launcher

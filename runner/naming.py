@@ -53,7 +53,9 @@ def shown_overrides(overrides: Iterable[str], named: Collection[str] = RUN_NAMED
         root = key.split(".", 1)[0].split("/", 1)[0]
         return key not in named and root not in NOT_COMPUTED and not is_secret_key(key)
 
-    return [o for o in overrides if shown(o)]
+    # `++key=value` as key=value: what the run computed with (runner.precheck gives a
+    # setting every swept choice has so)
+    return [o.removeprefix("++") for o in overrides if shown(o)]
 
 
 def run_name(cfg: Mapping[str, Any], overrides: Iterable[str] = ()) -> str:

@@ -259,6 +259,37 @@ def check_swept_settings(settings: list[str], swept: Mapping[str, list[str]]) ->
         )
 
 
+def set_in_every_swept_choice(args: list[str]) -> list[str]:
+    """args, with a setting that every swept choice of its group has and the group's
+    default lacks given as `++group.key=value`.
+
+    Hydra composes a sweep's base config at the group's default, before any job: `-m
+    optimizer=adagrad,rmsprop optimizer.eps=1e-3` failed in Hydra's multi-line error
+    (SGD has no eps), though every job it names has one. `++` sets the key where it
+    exists and adds it where it does not; each job's config is the same as with the
+    plain override, which its name shows (runner.naming)."""
+    if not {"-m", "--multirun"} & set(args):
+        return args
+    swept = swept_choices(args)
+    defaults = _default_choices()
+    given = []
+    for arg in args:
+        group, dot, setting = arg.split("=", 1)[0].partition(".")
+        if dot and group in swept and group in defaults and "." not in setting:
+            choices = [option_settings(group, value) for value in swept[group]]
+            in_default = option_settings(group, defaults[group]) or {setting}
+            if setting not in in_default and all(c and setting in c for c in choices):
+                arg = f"++{arg}"
+        given.append(arg)
+    return given
+
+
+def _default_choices() -> dict[str, str]:
+    """conf/config.yaml's defaults list as {group: option}."""
+    defaults = OmegaConf.load(CONFIG_DIR / "config.yaml").get("defaults", [])
+    return {k: str(v) for item in defaults if isinstance(item, Mapping) for k, v in item.items()}
+
+
 def option_settings(group: str, value: str) -> set[str] | None:
     """The settings a config group option has (its yaml's keys, a plugin's fields);
     None where they cannot be read here (a plugin that fails to load: said elsewhere)."""

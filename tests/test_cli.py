@@ -393,8 +393,9 @@ def test_step_times_read_without_an_exponent(step_us: float, text: str) -> None:
 
 def test_a_sweep_setting_every_swept_choice_has_is_not_refused() -> None:
     """The override check composed at the group's default (sgd), which lacks eps: `-m
-    optimizer=adam,rmsprop optimizer.eps=1e-6`, a sweep Hydra runs, was refused with
-    'choose optimizer=adagrad to use it'. It composes at the first swept choice."""
+    optimizer=adam,rmsprop optimizer.eps=1e-6` was refused with 'choose optimizer=adagrad
+    to use it'. It composes at the first swept choice (and Hydra's sweep gets the setting
+    as ++optimizer.eps: test_sweeps)."""
     from runner.precheck import check_overrides
 
     check_overrides(["-m", "optimizer=adam,rmsprop", "optimizer.eps=1e-6", "backend=numpy"])

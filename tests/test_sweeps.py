@@ -211,6 +211,22 @@ def test_submitit_local_sweep_records_both_jobs(tmp_path: Path) -> None:
         assert run.data.metrics["final_x"] == by_lr[run.data.params["optimizer.lr"]]["x"]
 
 
+def test_a_setting_every_swept_choice_has_is_set_though_the_default_lacks_it(
+    tmp_path: Path,
+) -> None:
+    """Hydra composes a sweep's base config at the group's default: `-m
+    optimizer=adagrad,rmsprop optimizer.eps=0.001` ended in its multi-line error, exit 1,
+    no job run, SGD having no eps (a numerics review). Each job now runs with the eps."""
+    from runner.naming import shown_overrides
+
+    args = ["-m", "backend=numpy", "optimizer=adagrad,rmsprop", "optimizer.eps=0.001"]
+    proc = cli(*args, "steps=5", "tracking=off", *sweep_args(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    used = [r["optimizer"] for _, r in sorted(job_results(tmp_path / "sweep").items())]
+    assert [(o["name"], o["eps"]) for o in used] == [("adagrad", 0.001), ("rmsprop", 0.001)]
+    assert shown_overrides(["++optimizer.eps=0.001"]) == ["optimizer.eps=0.001"]  # its name
+
+
 def test_a_sweep_without_a_row_still_lists_each_job_and_why(tmp_path: Path) -> None:
     """Every job skipped or failed: no table to compare, but the lines a report lists
     below its table are printed all the same (they were on stderr only, among the jobs')."""
