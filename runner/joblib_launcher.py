@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
 from runner.interrupts import Terminated
 from runner.sweep_record import NOT_STARTED, STOPPING_FILE
+
+RESEND_S = 1.0  # how often a stopped sweep's launcher signals its workers again
 
 # Hydra instantiates only plugins named in the hydra_plugins namespace: the class is
 # registered under this name (register_launcher), which conf/hydra/launcher/parallel.yaml
@@ -42,6 +45,7 @@ class StoppableJoblibLauncher(JoblibLauncher):
         assert self.config is not None
         stopping = Path(str(self.config.hydra.sweep.dir)) / STOPPING_FILE
         caught: list[int] = []
+        done = threading.Event()  # the launch is over: no worker is signalled after it
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
         def stop_after_the_running_jobs(signum: int, frame: Any) -> None:
@@ -53,7 +57,7 @@ class StoppableJoblibLauncher(JoblibLauncher):
             caught.append(signum)
             stopping.parent.mkdir(parents=True, exist_ok=True)
             stopping.touch()
-            _signal_workers(signal.SIGINT)
+            threading.Thread(target=_stop_workers, args=(_worker_pids(), done), daemon=True).start()
 
         for signum in previous:
             signal.signal(signum, stop_after_the_running_jobs)
@@ -61,6 +65,7 @@ class StoppableJoblibLauncher(JoblibLauncher):
         try:
             runs = super().launch(job_overrides, initial_job_idx)
         finally:
+            done.set()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             stopping.unlink(missing_ok=True)
@@ -93,17 +98,27 @@ def _returned(run: JobReturn) -> Any:
     return None
 
 
-def _signal_workers(signum: int) -> None:
-    """Send signum to the loky workers this process started (a worker between jobs
-    ignores it; one in a job stops it and saves)."""
+def _worker_pids() -> list[int]:
+    """The loky workers this process started."""
     import multiprocessing
 
     from joblib.externals.loky.backend.process import LokyProcess
 
-    for child in multiprocessing.active_children():
-        if isinstance(child, LokyProcess) and child.pid is not None:
+    children = multiprocessing.active_children()
+    return [c.pid for c in children if isinstance(c, LokyProcess) and c.pid is not None]
+
+
+def _stop_workers(pids: list[int], done: threading.Event) -> None:
+    """SIGINT to the workers now and every RESEND_S until the launch is over: a worker
+    between jobs ignores it, one in a job stops it and saves (a job takes one stop), and
+    one that began a job just as the sweep was marked stopping, past its check of the
+    mark, is stopped too instead of running to its end while the launcher waits."""
+    while True:
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signum)
+                os.kill(pid, signal.SIGINT)
+        if done.wait(RESEND_S):
+            return
 
 
 def register_launcher() -> None:
