@@ -25,6 +25,7 @@ from typing import Any
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
+from runner.callbacks import stop_workers
 from runner.interrupts import Terminated
 from runner.sweep_record import NOT_STARTED, STOPPING_FILE
 
@@ -71,6 +72,9 @@ class StoppableJoblibLauncher(JoblibLauncher):
             stopping.unlink(missing_ok=True)
         if not caught:
             return runs
+        # every job has returned: the idle workers go now, as at a sweep's end (the
+        # command exits through its stop, not through the callback that stops them there)
+        stop_workers(self.config)
         stop = Terminated("terminated") if caught[0] == signal.SIGTERM else KeyboardInterrupt()
         left = sum(1 for run in runs if _returned(run) == NOT_STARTED)
         if left:  # said by runner.interrupts.run_command, the command's last line
