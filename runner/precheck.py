@@ -71,7 +71,7 @@ def check_deleted_groups(args: list[str]) -> None:
             options = group_options(group) if group in CHECKED_GROUPS else list(TASKS)
             needed, instead = f"{_a(group)} {group}", f"choose one of: {', '.join(options)}"
         elif key in REQUIRED_SETTINGS:
-            default = OmegaConf.load(CONFIG_DIR / "config.yaml")[key]
+            default = _base_config()[key]
             needed, instead = key, f"drop {arg} to run with {key}={default} (the default)"
         else:
             continue
@@ -286,8 +286,13 @@ def set_in_every_swept_choice(args: list[str]) -> list[str]:
 
 def _default_choices() -> dict[str, str]:
     """conf/config.yaml's defaults list as {group: option}."""
-    defaults = OmegaConf.load(CONFIG_DIR / "config.yaml").get("defaults", [])
+    defaults = _base_config().get("defaults", [])
     return {k: str(v) for item in defaults if isinstance(item, Mapping) for k, v in item.items()}
+
+
+def _base_config() -> Any:
+    """conf/config.yaml as written: its defaults list and settings, unresolved."""
+    return OmegaConf.load(CONFIG_DIR / "config.yaml")
 
 
 def option_settings(group: str, value: str) -> set[str] | None:

@@ -321,9 +321,9 @@ def trajectory_rows(spec: MinimizeSpec, outcome: MinimizeOutcome) -> dict[str, n
     )
     if spec.problem.dim is None:
         final_x, final_grad = traj.final_x, traj.final_grad
-    else:  # rounded to the run's dtype, as the rows above it are: a float32 column stays so
-        dtype = np.dtype(spec.dtype).type
-        final_x, final_grad = dtype(norm(traj.final_x, _x_star(spec))), dtype(norm(traj.final_grad))
+    else:
+        final_x = _norm_in_dtype(spec, traj.final_x, _x_star(spec))
+        final_grad = _norm_in_dtype(spec, traj.final_grad)
     final = dict(zip(rows, (traj.stopped_at, final_x, traj.final_loss, final_grad), strict=True))
     return {name: np.append(column, final[name]) for name, column in rows.items()}
 
@@ -336,15 +336,21 @@ def recorded_rows(spec: MinimizeSpec, rows: Mapping[str, Any]) -> dict[str, np.n
     names = ("x", "grad") if spec.problem.dim is None else ("dist", "grad_norm")
     if spec.problem.dim is not None:
         if xs.ndim == 2:
-            xs = np.array([norm(row, _x_star(spec)) for row in xs], spec.dtype)
+            xs = np.array([_norm_in_dtype(spec, row, _x_star(spec)) for row in xs])
         if grads.ndim == 2:
-            grads = np.array([norm(row) for row in grads], spec.dtype)
+            grads = np.array([_norm_in_dtype(spec, row) for row in grads])
     return {
         "step": np.asarray(rows["steps"]),
         names[0]: xs,
         "loss": np.asarray(rows["loss"]),
         names[1]: grads,
     }
+
+
+def _norm_in_dtype(spec: MinimizeSpec, value: Any, target: Any = 0.0) -> np.generic:
+    """||value - target|| taken here, in float64, rounded to the run's dtype: a row the
+    framework did not give stays in the column's dtype (a float32 run's last row was not)."""
+    return np.dtype(spec.dtype).type(norm(value, target))
 
 
 def _x_star(spec: MinimizeSpec) -> np.ndarray:
