@@ -146,6 +146,34 @@ def check_overrides(args: list[str]) -> None:
     except (HydraException, OmegaConfBaseException) as exc:
         raise composition_error(exc, plain) from None
     check_interpolations(cfg, plain)
+    check_deleted_settings(cfg, args)
+
+
+def check_deleted_settings(cfg: Any, args: list[str]) -> None:
+    """`~key` of a key the composed config lacks, or holds as null, is refused in one line.
+
+    Hydra deletes only a value: it ended such a run in its two-line 'Could not delete from
+    config' error (`~record_every`, null by default; `~tracking.name`, never a setting).
+    Hydra's own keys and the groups (check_deleted_groups) are left to it."""
+    absent = object()
+    for arg in args:
+        match = re.fullmatch(r"~([\w.]+)(=.*)?", arg)
+        if not match or match.group(1).startswith("hydra"):
+            continue
+        key = match.group(1)
+        value = OmegaConf.select(cfg, key, default=absent)
+        if value is None:
+            raise RunnerError(
+                f"{arg}: {key} is null already, so there is nothing to delete; drop {arg}"
+            )
+        if value is absent:
+            owners = options_with(key)
+            where = (
+                f"a setting of {' and '.join(owners)} only, which this run does not choose"
+                if owners
+                else "not a setting of this config (misspelt?)"
+            )
+            raise RunnerError(f"{arg}: {key} is {where}; drop {arg}")
 
 
 def composition_error(exc: Exception, plain: list[str]) -> RunnerError:

@@ -154,6 +154,19 @@ MORE_BAD_INPUTS = [
         "steps=1000 (the default)",
     ),
     (["task=derivatives", "~optimizer"], "~optimizer does not apply to task=derivatives"),
+    # a key null or absent: Hydra's two-line 'Could not delete from config' error, exit 1
+    (
+        ["~record_every"],
+        "~record_every: record_every is null already, so there is nothing to delete; drop ",
+    ),
+    (
+        ["~tracking.name"],
+        "~tracking.name: tracking.name is not a setting of this config (misspelt?); drop ",
+    ),
+    (
+        ["backend=numpy", "~backend.jit_compile"],
+        "~backend.jit_compile: backend.jit_compile is a setting of backend=tf only, which ",
+    ),
     # the optimizer's numbers in the run's dtype: eps 0 in float32 was a NaN blamed on the lr
     (
         ["backend=numpy", "optimizer=adagrad", "optimizer.eps=1e-50"],
