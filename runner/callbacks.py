@@ -112,7 +112,7 @@ class SweepTracking(Callback):
             experiment_id = ensure_experiment(client, target)
         except TrackingError as exc:
             self.outage = exc
-            print(f"error: {exc}; the jobs run and keep their results", file=sys.stderr)
+            print(f"warning: {exc}; the jobs run and keep their results", file=sys.stderr)
             write_sweep(sweep_dir, SweepInfo(sweep_id, None, "nobody", overrides, started))
             return
         except RunnerError as exc:  # a bad tracking setting
