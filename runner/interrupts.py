@@ -55,4 +55,20 @@ def run_command(module: str, what: str | None = None) -> NoReturn:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
         code = stopped(stop, getattr(stop, "what", what))
+    if code in (INTERRUPTED, TERMINATED):
+        _forget_escaped_interrupt()
     sys.exit(code)
+
+
+def _forget_escaped_interrupt() -> None:
+    """Keep the exit code of a stop that was handled.
+
+    A Ctrl-C that passes out of an `exec` of a string (dataclasses build their methods so,
+    while Hydra's structured configs import) sets CPython's _Py_UnhandledKeyboardInterrupt,
+    even once caught; `python -m` then ends the process by SIGINT (-2 to a parent) instead
+    of with sys.exit's 130. Measured: 3 of 40 Ctrl-Cs 0.2-0.4 s into `python -m runner`."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(AttributeError, ValueError):  # not CPython, or no such flag
+        ctypes.c_int.in_dll(ctypes.pythonapi, "_Py_UnhandledKeyboardInterrupt").value = 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 
 from runner.summary import fmt
 from runner.sweep_record import STOPPING_FILE
-from tests.conftest import cli, ctrl_c, imported, python_code, single_result, wait_for_upload
+from tests.conftest import ROOT, cli, ctrl_c, imported, python_code, single_result, wait_for_upload
 
 NOTEBOOK_X = np.float32(0.99999857)
 
@@ -418,6 +421,25 @@ def test_ctrl_c_before_the_job_starts_is_one_line(tmp_path: Path, point: str) ->
     proc = ctrl_c(args, tmp_path, imported(point))
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.startswith("interrupted") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_ctrl_c_out_of_an_exec_keeps_the_exit_code(tmp_path: Path) -> None:
+    """A Ctrl-C raised inside an `exec` of a string, as dataclasses build their methods
+    while Hydra's configs import, left CPython's 'unhandled KeyboardInterrupt' flag set
+    although run_command caught it: `python -m` then ended the process by SIGINT (-2),
+    after it had printed `interrupted` (test_ctrl_c_before_the_job_starts_is_one_line,
+    flaky under load)."""
+    package = tmp_path / "stopped_in_exec"
+    package.mkdir()
+    (package / "__main__.py").write_text(
+        "from runner.interrupts import run_command\nrun_command('stopped_in_exec.command')\n"
+    )
+    (package / "command.py").write_text("def main():\n    exec('raise KeyboardInterrupt')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stopped_in_exec"], env=env, capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stderr) == (130, "interrupted\n")
 
 
 def test_ctrl_c_in_a_parallel_sweep_is_one_line_and_keeps_the_finished_jobs(
