@@ -423,21 +423,30 @@ def test_ctrl_c_before_the_job_starts_is_one_line(tmp_path: Path, point: str) ->
     assert proc.stderr.startswith("interrupted") and proc.stderr.count("\n") == 1, proc.stderr
 
 
-def test_ctrl_c_out_of_an_exec_keeps_the_exit_code(tmp_path: Path) -> None:
-    """A Ctrl-C raised inside an `exec` of a string, as dataclasses build their methods
-    while Hydra's configs import, left CPython's 'unhandled KeyboardInterrupt' flag set
-    although run_command caught it: `python -m` then ended the process by SIGINT (-2),
-    after it had printed `interrupted` (test_ctrl_c_before_the_job_starts_is_one_line,
-    flaky under load)."""
-    package = tmp_path / "stopped_in_exec"
+@pytest.mark.parametrize(
+    "stopped_in",
+    [
+        # CPython's 'unhandled KeyboardInterrupt' flag stayed set although run_command
+        # caught the stop: `python -m` then ended the process by SIGINT (-2), after it had
+        # printed `interrupted` (dataclasses exec their methods as Hydra's configs import;
+        # test_ctrl_c_before_the_job_starts_is_one_line, flaky under load)
+        "exec('raise KeyboardInterrupt')",
+        # clean-up that the stop cut short raised over it (OmegaConf, building Hydra's
+        # configs): a traceback, exit 1
+        "try:\n        raise KeyboardInterrupt\n    finally:\n        None.tidy()",
+    ],
+    ids=["an-exec", "failed-clean-up"],
+)
+def test_ctrl_c_deep_in_a_library_is_one_line(tmp_path: Path, stopped_in: str) -> None:
+    package = tmp_path / "stopped"
     package.mkdir()
     (package / "__main__.py").write_text(
-        "from runner.interrupts import run_command\nrun_command('stopped_in_exec.command')\n"
+        "from runner.interrupts import run_command\nrun_command('stopped.command')\n"
     )
-    (package / "command.py").write_text("def main():\n    exec('raise KeyboardInterrupt')\n")
+    (package / "command.py").write_text(f"def main():\n    {stopped_in}\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
     proc = subprocess.run(
-        [sys.executable, "-m", "stopped_in_exec"], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "stopped"], env=env, capture_output=True, text=True
     )
     assert (proc.returncode, proc.stderr) == (130, "interrupted\n")
 
