@@ -7,6 +7,7 @@ conftest.wait_for_upload, which returns when the uploader has exited.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -365,6 +366,17 @@ def test_parallel_sweep_records_every_run_once(tmp_path: Path) -> None:
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"comparison.md", "comparison.json", "convergence.png"} <= artifacts
     assert parents[0].data.metrics["compare.rows"] == 6
+    # each row names its run, in the folder and on the parent, though the report was made
+    # before the runs were in MLflow (its run_id column was empty)
+    run_ids = {r.data.tags["run_uid"]: r.info.run_id for r in jobs}
+    folders = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+    expected = {name: run_ids[result["run_uid"]] for name, result in folders.items()}
+    logged = client.download_artifacts(parents[0].info.run_id, "comparison.csv", str(tmp_path))
+    for table in (sweep / "compare" / "comparison.csv", Path(logged)):
+        with table.open() as lines:
+            assert {row["run_name"]: row["run_id"] for row in csv.DictReader(lines)} == expected
+    report = json.loads((sweep / "compare" / "comparison.json").read_text())
+    assert {row["run_name"]: row["run_id"] for row in report["rows"]} == expected
 
 
 def files_under(folder: Path) -> set[Path]:

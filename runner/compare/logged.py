@@ -8,19 +8,29 @@ comparison.json written then. MLflow is imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from runner.compare.agreement import Agreement
+from runner.compare.derivative_tables import DERIVATIVES_FILE, write_derivatives_csv
 from runner.compare.derivatives import DerivativeRow, PointAgreement
-from runner.compare.output import JSON_FILE
+from runner.compare.output import CSV_FILE, JSON_FILE, csv_text, rows_csv
 from runner.compare.rows import Row
 from runner.compare.stepwise import StepAgreement
-from runner.compare.store import COMPARISON_KIND, KIND_TAG, describe_selection
+from runner.compare.store import (
+    COMPARISON_KIND,
+    FILTERS,
+    KIND_TAG,
+    describe_selection,
+    search_runs,
+)
+from runner.results import RESULTS_FILE, atomic_write
 from runner.sweep_record import REPORT_DIR
 from runner.tracking import log_batched, set_terminated
 from runner.tracking_store import retry_locked
@@ -103,19 +113,57 @@ def log_sweep_report(
     client: Any, experiment_id: str, sweep_dir: Path, run_id: str, sweep_id: str
 ) -> None:
     """Log the report the sweep made as it ended (its folder REPORT_DIR; comparison.json
-    holds the rows and agreement) to run_id, its parent; nothing when it made none."""
+    holds the rows and agreement) to run_id, its parent, each row's run id filled in, in
+    the folder too; nothing when it made none."""
     folder = sweep_dir / REPORT_DIR
     if not (folder / JSON_FILE).is_file():
         return
-    files = {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
-    data = json.loads(files[JSON_FILE].read_text())
+    data = json.loads((folder / JSON_FILE).read_text())
     rows = [Row(**row) for row in data["rows"]]
     agreement = [_agreement(item) for item in data["agreement"]]
     derivatives = [DerivativeRow(**row) for row in data.get("derivatives", [])]
     points = [PointAgreement(**item) for item in data.get("derivative_agreement", [])]
+    ids = _run_ids(client, experiment_id, sweep_dir, sweep_id)
+    if ids:
+        rows = [replace(row, run_id=ids.get(row.run_name, row.run_id)) for row in rows]
+        derivatives = [replace(d, run_id=ids.get(d.run_name, d.run_id)) for d in derivatives]
+        _write_run_ids(folder, data, rows, derivatives)
+    files = {path.name: path for path in sorted(folder.iterdir()) if path.is_file()}
     log_report(
         client, experiment_id, files, agreement, rows, sweep_id, {}, run_id, derivatives, points
     )
+
+
+def _run_ids(client: Any, experiment_id: str, sweep_dir: Path, sweep_id: str) -> dict[str, str]:
+    """{job folder name: its run id in this store}, matched by each folder's run_uid.
+
+    The sweep's report is made as the sweep ends, from its folders, before its runs are
+    all in MLflow: its run_id column was empty, and a reader of comparison.csv could not
+    open a row's run."""
+    folders = {}
+    for path in sweep_dir.glob(f"*/{RESULTS_FILE}"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            folders[json.loads(path.read_text()).get("run_uid")] = path.parent.name
+    runs = search_runs(client, experiment_id, sweep_id, {name: [] for name in FILTERS})
+    return {
+        folders[uid]: run.info.run_id
+        for run in runs
+        if (uid := run.data.tags.get("run_uid")) in folders
+    }
+
+
+def _write_run_ids(
+    folder: Path, data: dict[str, Any], rows: Sequence[Row], derivatives: Sequence[DerivativeRow]
+) -> None:
+    """The report's files that name runs, rewritten with their run ids."""
+    data["rows"] = [asdict(row) for row in rows]
+    if "derivatives" in data:
+        data["derivatives"] = [asdict(row) for row in derivatives]
+    atomic_write(folder / JSON_FILE, json.dumps(data, indent=2) + "\n")
+    if (folder / CSV_FILE).is_file():
+        atomic_write(folder / CSV_FILE, csv_text(rows_csv(rows)))
+    if (folder / DERIVATIVES_FILE).is_file():
+        write_derivatives_csv(folder, derivatives)
 
 
 def _agreement(item: Mapping[str, Any]) -> Agreement:
