@@ -634,6 +634,10 @@ def test_sweep_without_its_server_completes_and_uploads_exactly_once(
     assert len(jobs) == 2
     by_uid = {r.data.tags["run_uid"]: r for r in jobs}
     assert set(by_uid) == {r["run_uid"] for r in results.values()}
+    report = json.loads((sweep / "compare" / "comparison.json").read_text())
+    assert {row["run_name"]: row["run_id"] for row in report["rows"]} == {
+        name: by_uid[result["run_uid"]].info.run_id for name, result in results.items()
+    }  # filled in by the upload, which attached the report
     client = MlflowClient(store)
     for name, result in results.items():
         run = by_uid[result["run_uid"]]
