@@ -26,9 +26,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import CONFIG_DIR, build_run_config
+from runner.console import say
 from runner.errors import DivergenceError, RunFailed, RunnerError, UnsupportedError
-from runner.interrupts import Terminated, stopped
-from runner.job import execute, request_stop, stop_requested, supported_backend
+from runner.interrupts import Terminated, raise_stop, stop_requested, stopped
+from runner.job import execute, supported_backend
 from runner.masking import mask_uri
 from runner.naming import job_kind, run_name
 from runner.plugins import importable
@@ -127,7 +128,7 @@ def _worker_signals(worker: bool) -> Iterator[None]:
 def _stop_once(signum: int, frame: Any) -> None:
     for each in (signal.SIGINT, signal.SIGTERM):
         signal.signal(each, signal.SIG_IGN)
-    _raise_stop(signum, frame)
+    raise_stop(signum, frame)
 
 
 def _job(cfg: DictConfig, hydra_cfg: Any, multirun: bool, worker: bool) -> Any:
@@ -276,7 +277,7 @@ def run_job(
     except TrackingError as outage:  # the store failed: the run's files are what counts
         unrecorded = not_recorded(outage, output_dir)
         if not executed:  # said now, not only after what may be hours of running
-            print(f"warning: {outage}; the run goes on and keeps its files", file=sys.stderr)
+            say(f"warning: {outage}; the run goes on and keeps its files", err=True)
             try:
                 job()
             except BaseException:
@@ -337,14 +338,7 @@ def report(exc: RunnerError, kind: str = "error") -> None:
     """One line on stderr; with HYDRA_FULL_ERROR=1 the traceback comes first, as in Hydra."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1" and sys.exc_info()[1] is exc:
         traceback.print_exc()
-    print(f"{kind}: {exc}", file=sys.stderr, flush=True)
-
-
-def _raise_stop(signum: int, frame: Any) -> None:
-    """SIGTERM and SIGINT raise in the main thread, and are noted in case that is lost."""
-    stop = Terminated("terminated") if signum == signal.SIGTERM else KeyboardInterrupt()
-    request_stop(stop)
-    raise stop
+    say(f"{kind}: {exc}", err=True)
 
 
 def use_compile_caches(root: Path) -> None:
@@ -369,9 +363,8 @@ def main() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     use_compile_caches(Path.cwd() / "outputs" / "cache")
     # A stop outside a job's own handling (hydra_main: the checks below, Hydra's set-up, a
-    # parallel sweep's launcher waiting in joblib) goes up to runner.interrupts.run_command.
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
+    # parallel sweep's launcher waiting in joblib) goes up to runner.interrupts.run_command,
+    # whose handler (raise_stop) raises it.
     try:
         check_group_choices(sys.argv[1:])
         check_sweep_plugins(sys.argv[1:])

@@ -105,7 +105,7 @@ def _run_minimize(
         if progress is not None:
             # the bar is made here, untimed (its first build costs ~0.5 ms), and a stop
             # that the framework's code swallowed while compiling is raised again
-            # (runner.job.request_stop: torch.compile's cleanup drops Ctrl-C)
+            # (runner.interrupts.raise_stop: torch.compile's cleanup drops Ctrl-C)
             progress(0)
     except KeyboardInterrupt:  # stopped while compiling: the run is on record at step 0
         timings = Timings(time.perf_counter() - start, 0.0, 0)

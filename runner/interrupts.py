@@ -15,6 +15,8 @@ import signal
 import sys
 from typing import NoReturn
 
+from runner.console import say
+
 INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command Ctrl-C stopped
 TERMINATED = 143  # 128 + SIGTERM
 
@@ -29,14 +31,38 @@ def stopped(stop: KeyboardInterrupt, what: str | None = None) -> int:
     for SIGTERM), in one line; its exit code, 130 or 143."""
     terminated = isinstance(stop, Terminated)
     word = "terminated" if terminated else "interrupted"
-    print(f"{word}: {what}" if what else word, file=sys.stderr, flush=True)
+    say(f"{word}: {what}" if what else word, err=True)
     return TERMINATED if terminated else INTERRUPTED
 
 
-def _terminate(signum: int, frame: object) -> None:
-    """SIGTERM (a scheduler's or `kill`'s) ends a command as Ctrl-C does, where its
-    default ended it silently, mid-write, with exit 143 and no word of what was kept."""
-    raise Terminated("terminated")
+_STOPS: list[KeyboardInterrupt] = []
+
+
+def raise_stop(signum: int, frame: object) -> None:
+    """The handler of SIGINT and SIGTERM in the main thread: raise the stop, and note it.
+
+    SIGTERM (a scheduler's or `kill`'s) ends a command as Ctrl-C does, where its default
+    ended it silently, mid-write, with exit 143 and no word of what was kept. The note is
+    for a stop that is lost: Python drops an exception raised while a garbage-collection
+    callback runs (it prints "Exception ignored in ..."), and a library's bare `except:`
+    swallows it (torch.compile's clean-up does); raise_if_stopped raises it again.
+    """
+    stop = Terminated("terminated") if signum == signal.SIGTERM else KeyboardInterrupt()
+    _STOPS.append(stop)
+    raise stop
+
+
+def stop_requested() -> KeyboardInterrupt | None:
+    """The last stop raise_stop noted in this process, lost or not."""
+    return _STOPS[-1] if _STOPS else None
+
+
+def raise_if_stopped() -> None:
+    """Raise again a stop that was requested, lost or not (the engine's progress tick,
+    every chunk; run_command, once the command's module is imported)."""
+    stop = stop_requested()
+    if stop is not None:
+        raise type(stop)(*stop.args)
 
 
 def run_command(module: str, what: str | None = None) -> NoReturn:
@@ -48,9 +74,12 @@ def run_command(module: str, what: str | None = None) -> NoReturn:
     while the command exits ends it at once, silently, instead of printing a
     traceback over that line.
     """
-    signal.signal(signal.SIGTERM, _terminate)  # a command's own handlers may replace it
+    for signum in (signal.SIGINT, signal.SIGTERM):  # a command's own handlers may replace it
+        signal.signal(signum, raise_stop)
     try:
-        code = importlib.import_module(module).main()
+        command = importlib.import_module(module)
+        raise_if_stopped()  # a Ctrl-C that the imports swallowed: main() would run on
+        code = command.main()
     except (KeyboardInterrupt, Exception) as exc:
         stop = _stop_behind(exc)
         if stop is None:

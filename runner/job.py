@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.config import RunConfig
+from runner.console import say
 from runner.engine import StepsFailed, run_minimize
 from runner.errors import (
     BadSetting,
@@ -24,6 +25,7 @@ from runner.errors import (
     RunnerError,
     UnsupportedError,
 )
+from runner.interrupts import raise_if_stopped
 from runner.optimizers import used_record
 from runner.plugins import load_backend
 from runner.protocol import (
@@ -145,7 +147,7 @@ def execute(
     _check_coefficients(run.backend, found, run.derivatives.problem.coefficients)
     result = derivatives_result(run.derivatives, found, identity)
     write_json(output_dir / RESULTS_FILE, result)
-    print(derivatives_summary(result), _files_line(output_dir), sep="\n")
+    say(derivatives_summary(result), _files_line(output_dir))
     return result
 
 
@@ -174,14 +176,14 @@ def _minimize(
         rows = recorded_rows(spec, failed.rows)
         write_trajectory(output_dir / TRAJECTORY_FILE, rows)
         kept = plural(len(rows["step"]), "recorded step")
-        print(f"kept      {kept} before the error in {output_dir / TRAJECTORY_FILE}")
+        say(f"kept      {kept} before the error in {output_dir / TRAJECTORY_FILE}")
         assert failed.__cause__ is not None
         raise failed.__cause__ from None
     options = backend.options_used(spec) if isinstance(backend, RecordsOptions) else None
     result = minimize_result(spec, outcome, identity, _optimizer_used(backend, spec), options)
     write_trajectory(output_dir / TRAJECTORY_FILE, trajectory_rows(spec, outcome))
     write_json(output_dir / RESULTS_FILE, result)
-    print(minimize_summary(result), _files_line(output_dir), sep="\n")
+    say(minimize_summary(result), _files_line(output_dir))
     if outcome.interrupted:
         raise KeyboardInterrupt
     if result["status"] == "diverged":
@@ -227,30 +229,6 @@ def _optimizer_used(backend: Backend, spec: MinimizeSpec) -> dict[str, Any] | No
     return used_record(opt.name, opt.lr, opt.hyper, backend.convention(spec))
 
 
-_STOPS: list[KeyboardInterrupt] = []
-
-
-def request_stop(stop: KeyboardInterrupt) -> None:
-    """Note a stop (Ctrl-C, SIGTERM) that a signal handler is about to raise.
-
-    Python drops an exception raised while a garbage-collection callback runs (it
-    prints "Exception ignored in ..."), so a handler's exception can be lost; the
-    engine's progress tick (every chunk, in every mode) checks this note and raises the
-    stop again.
-    """
-    _STOPS.append(stop)
-
-
-def stop_requested() -> KeyboardInterrupt | None:
-    return _STOPS[-1] if _STOPS else None
-
-
-def _check_stop() -> None:
-    stop = stop_requested()
-    if stop is not None:
-        raise type(stop)(*stop.args)
-
-
 @contextmanager
 def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     """A progress bar on stderr; silent when stderr is not a terminal.
@@ -259,14 +237,14 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     was lost. The bar appears at the first tick, after prepare() and its phase lines.
     """
     if not enabled:
-        yield lambda done: _check_stop()
+        yield lambda done: raise_if_stopped()
         return
     from tqdm import tqdm
 
     bars: list[tqdm] = []
 
     def advance(done: int) -> None:
-        _check_stop()
+        raise_if_stopped()
         if not bars:
             # A thread lock, not tqdm's default multiprocessing one: that is a POSIX
             # semaphore, which a joblib worker stopped at the sweep's end leaves behind,
@@ -297,6 +275,6 @@ def _phase_printer(enabled: bool, compiled: bool, steps: int) -> Callable[[str],
 
     def announce(phase: str) -> None:
         if phase in messages:
-            print(messages[phase], file=sys.stderr, flush=True)
+            say(messages[phase], err=True)
 
     return announce

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from runner.config import MINIMIZE_ONLY
+from runner.console import say
 from runner.errors import RunnerError, UnsupportedError, setting
 from runner.masking import is_secret_key, mask_text, mask_uri
 from runner.naming import mode_label
@@ -495,7 +495,7 @@ def tracked_run(
             outage = store_error(uri, problem)
             if not job_failed:
                 raise outage
-            print(f"error: {outage}", file=sys.stderr, flush=True)
+            say(f"error: {outage}", err=True)
 
 
 def _failed_job_identity(tags: Mapping[str, str], run_dir: Path) -> dict[str, str]:

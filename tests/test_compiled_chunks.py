@@ -183,7 +183,7 @@ def test_ctrl_c_swallowed_while_compiling_is_an_interrupted_run_at_step_0() -> N
     backend = SimpleNamespace(prepare=lambda s: _NumpySgd(s))
 
     def tick(done: int) -> None:
-        raise KeyboardInterrupt  # the noted stop, raised again (runner.job._check_stop)
+        raise KeyboardInterrupt  # the noted stop, raised again (runner.interrupts.raise_if_stopped)
 
     try:
         outcome = engine.run_minimize(backend, spec, progress=tick)  # type: ignore[arg-type]
