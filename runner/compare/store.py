@@ -376,7 +376,14 @@ def _logged_options(params: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+# config_params logs str(value): a boolean or null setting comes back as 'False', 'None'
+_LOGGED_AS = {"True": True, "False": False, "None": None}
+
+
 def _number(text: Any) -> Any:
+    """A logged param or tag as the value it was: a label compares it with its default."""
+    if isinstance(text, str) and text in _LOGGED_AS:
+        return _LOGGED_AS[text]
     try:
         return float(text)
     except (TypeError, ValueError):
