@@ -123,6 +123,15 @@ def started_in(run_dir: Path) -> Path:
     return Path.cwd()
 
 
+def run_started(run_dir: Path, record: Path) -> float:
+    """When the run started (seconds since the epoch): Hydra writes .hydra/config.yaml as
+    the job starts; without it, when record was written. The MLflow run's start time and
+    a sweep report's `started` column both read it (the report had results.json's time,
+    the run's end, where compare's report from MLflow had its start)."""
+    config = run_dir / ".hydra" / "config.yaml"
+    return (config if config.is_file() else record).stat().st_mtime
+
+
 def in_sweep(run_dir: Path) -> bool:
     parent = run_dir.parent
     return (parent / SWEEP_FILE).is_file() or (parent / "multirun.yaml").is_file()

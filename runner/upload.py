@@ -72,6 +72,7 @@ from runner.run_folders import (
     read_overrides,
     read_record,
     run_folders,
+    run_started,
     started_in,
 )
 from runner.sweep_record import SweepInfo, read_sweep
@@ -540,9 +541,7 @@ def _upload_one(
     tags = run_tags(cfg, read_overrides(run_dir), sweep_id, result.get("git"))
     tags["run_uid"] = result["run_uid"]
     tags["runner.logged" if live else "runner.uploaded_from"] = live or str(run_dir)
-    config = run_dir / ".hydra" / "config.yaml"
     record = run_dir / (JOB_FAILURE_FILE if result.get("status") == "failed" else RESULTS_FILE)
-    started = config if config.is_file() else record
     run_id = start_run(
         client,
         experiment_id,
@@ -550,7 +549,7 @@ def _upload_one(
         config_params(cfg),
         tags,
         parent_run_id,
-        start_time=int(started.stat().st_mtime * 1000),
+        start_time=int(run_started(run_dir, record) * 1000),
     )
     status = result.get("status")
     end_tags = {}

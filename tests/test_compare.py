@@ -618,6 +618,28 @@ def test_runs_differing_only_by_an_option_are_rows_of_their_own(
         assert [(r.backend, r.mode) for r in some.rows] == want
 
 
+def test_started_is_when_the_run_started_in_both_reports(tmp_path: Path, fresh_store) -> None:
+    """A sweep's own report took results.json's time, the run's end, for `started`, where
+    compare's report from MLflow has the run's start (Hydra's .hydra/config.yaml)."""
+    from datetime import datetime
+
+    from runner.compare.report import compare, compare_folder
+    from runner.upload import upload
+
+    runs = run_folders(tmp_path / "runs", OPTION_RUNS)
+    began = 1_700_000_000
+    for folder in runs.iterdir():
+        os.utime(folder / ".hydra" / "config.yaml", (began, began))
+        os.utime(folder / "results.json", (began + 90, began + 90))
+    from_folders = compare_folder(runs, EXPERIMENT, tmp_path / "folders")
+    start = datetime.fromtimestamp(began).isoformat(timespec="seconds")
+    assert {row.started for row in from_folders.rows} == {start}
+    uri = fresh_store(tmp_path / "mlflow.db")
+    upload([runs], uri, EXPERIMENT, out=io.StringIO())
+    from_store = compare(uri, EXPERIMENT, out_dir=tmp_path / "store", log=False)
+    assert {row.started for row in from_store.rows} == {start}
+
+
 def test_the_metrics_fallback_labels_options_from_the_logged_params(
     tmp_path: Path, fresh_store
 ) -> None:

@@ -68,6 +68,7 @@ from runner.compare.trajectories import (
 )
 from runner.masking import mask_uri
 from runner.results import RESULTS_FILE, TRAJECTORY_FILE, sweep_failures
+from runner.run_folders import run_started
 from runner.summary import plural
 from runner.sweep_record import sweep_id_of
 from runner.tracking_store import DEFAULT_EXPERIMENT, resolve_target
@@ -185,7 +186,8 @@ def compare_folder(sweep_dir: Path, experiment: str, out_dir: Path) -> Report:
         if result.get("status") not in ("finished", "diverged"):
             not_compared.append(str(result.get("status")))  # skipped, interrupted
             continue
-        started = datetime.fromtimestamp(written[path]).isoformat(timespec="seconds")
+        began = run_started(path.parent, path)
+        started = datetime.fromtimestamp(began).isoformat(timespec="seconds")
         common = {"run_id": "", "run_name": path.parent.name, "started": started}
         row = row_from_result(result, **common)
         if row is not None:
