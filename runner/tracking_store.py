@@ -116,7 +116,14 @@ def store_exists(target: TrackingTarget) -> bool:
     asks this first and opens nothing that is not there.
     """
     path = sqlite_path(target.uri)
-    return path is None or path.is_file()
+    return path is None or is_sqlite_store(path)
+
+
+def is_sqlite_store(path: Path) -> bool:
+    """A file that can hold a store: an empty one (0 bytes) is no store yet, and opening it
+    writes MLflow's tables and a Default experiment into it (compare, and upload
+    --dry-run, did so to a file the user only named)."""
+    return path.is_file() and path.stat().st_size > 0
 
 
 def in_command_flags(message: str, uri_flag: str = "--tracking-uri", off: str | None = None) -> str:

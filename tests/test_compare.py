@@ -1059,6 +1059,14 @@ def test_a_missing_store_is_told_apart_from_the_default(tmp_path: Path, monkeypa
         "outputs/mlflow.db under the current folder); run from the folder the runs were "
         "started in, or give --tracking-uri\n"
     )
+    # an empty file is no store (MLflow wrote its tables into it), a folder is none either
+    (tmp_path / "empty.db").touch()
+    (tmp_path / "folder.db").mkdir()
+    for name, what in (("empty.db", "an empty file"), ("folder.db", "a folder")):
+        code, _, err = main_in_process("--tracking-uri", f"sqlite:///{name}", "--no-log")
+        assert code == 2
+        assert err.startswith(f"error: no MLflow store at {tmp_path / name} ({what}); check")
+    assert (tmp_path / "empty.db").stat().st_size == 0
 
 
 def test_a_filter_that_matches_nothing_lists_what_there_is(tmp_path: Path, fresh_store) -> None:

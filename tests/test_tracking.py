@@ -456,6 +456,11 @@ def test_dry_run_creates_no_store(tmp_path: Path) -> None:
         assert "would upload 1, already recorded 0, unreadable 0" in dry.stdout, dry.stdout
     assert files_under(tmp_path) == before
     assert f"to sqlite:///{elsewhere / 'given' / 'other.db'} (" in dry.stdout  # the caller's
+    empty = elsewhere / "empty.db"  # no store yet: MLflow wrote its tables into it
+    empty.touch()
+    dry = upload_command(str(run_dir), "--dry-run", f"--tracking-uri=sqlite:///{empty}")
+    assert "(the store does not exist yet: it would be created)" in dry.stdout, dry.stdout
+    assert empty.stat().st_size == 0
 
 
 def test_secrets_are_masked() -> None:

@@ -29,7 +29,12 @@ from runner.errors import RunnerError
 from runner.naming import config_kind, job_kind, mode_label
 from runner.results import RESULTS_FILE, device_kind
 from runner.tracking import client_for
-from runner.tracking_store import DEFAULT_EXPERIMENT, TrackingTarget, retry_locked
+from runner.tracking_store import (
+    DEFAULT_EXPERIMENT,
+    TrackingTarget,
+    is_sqlite_store,
+    retry_locked,
+)
 
 KIND_TAG = "runner.kind"
 COMPARISON_KIND = "comparison"
@@ -51,21 +56,22 @@ def open_client(uri: str, default: bool = False) -> Any:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
-        if not path.is_file():
+        if not is_sqlite_store(path):  # MlflowClient would write a new store into it
             raise CompareError(_no_store(path, default))
     return client_for(TrackingTarget(uri, DEFAULT_EXPERIMENT, None))
 
 
 def _no_store(path: Path, default: bool) -> str:
+    what = ", a folder" if path.is_dir() else ", an empty file" if path.is_file() else ""
     if default:
         return (
             f"no MLflow store at {path} (the default store, outputs/mlflow.db under the "
-            "current folder); run from the folder the runs were started in, or give "
+            f"current folder{what}); run from the folder the runs were started in, or give "
             "--tracking-uri"
         )
     return (
-        f"no MLflow store at {path}; check the path in --tracking-uri, or omit "
-        "--tracking-uri to read the default store outputs/mlflow.db"
+        f"no MLflow store at {path}{f' ({what[2:]})' if what else ''}; check the path in "
+        "--tracking-uri, or omit --tracking-uri to read the default store outputs/mlflow.db"
     )
 
 
