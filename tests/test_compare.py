@@ -727,7 +727,9 @@ def test_a_sweep_still_being_logged_is_said(tmp_path: Path, fresh_store) -> None
     cost of one search; it said "2 matching, 2 rows" of the sweep's 3 jobs, no warning."""
     from runner.compare.report import compare
     from runner.compare.store import open_client
-    from runner.sweep_record import SweepInfo, sweep_id_of, write_sweep
+    from runner.sweep_record import SweepInfo, read_sweep, sweep_id_of, write_sweep
+    from runner.tracking import start_sweep_parent
+    from runner.tracking_store import resolve_target
     from runner.upload import Uploader
 
     jobs = {f"{i}_job": ((f"optimizer.lr={lr}",), 0.0) for i, lr in enumerate((0.01, 0.1, 0.2))}
@@ -735,14 +737,24 @@ def test_a_sweep_still_being_logged_is_said(tmp_path: Path, fresh_store) -> None
     sweep_id = sweep_id_of(sweep)
     write_sweep(sweep, SweepInfo(sweep_id, None))
     uri = fresh_store(tmp_path / "mlflow.db")
-    logger = Uploader(uri, EXPERIMENT, out=io.StringIO(), live=True)
-    for name in sorted(jobs)[:2]:  # the third job is not logged yet
-        logger.add_run(sweep / name)
     warning = (
         f"sweep {sweep_id} is still being logged (its parent run is RUNNING): the report "
-        f"may lack its last jobs; if the sweep has ended, `python -m runner.upload {sweep_id}` "
-        "records them"
+        "may lack its last jobs; if its logger has stopped (upload.log in the sweep's folder "
+        f"does not end in `done`), `python -m runner.upload {sweep_id}` records them"
     )
+    # its logger made the parent run and has logged no job yet: the sweep was said to
+    # have no runs, and a report of the whole experiment left it out, unwarned
+    logger = Uploader(uri, EXPERIMENT, out=io.StringIO(), live=True)
+    target = resolve_target({"uri": uri, "experiment": EXPERIMENT}, tmp_path)
+    start_sweep_parent(*logger.store(target), sweep, read_sweep(sweep))  # as runner.follow
+    code, _, err = main_in_process("--tracking-uri", uri, "--sweep", sweep_id, "--no-log")
+    assert code == 2
+    assert err == (
+        f"error: no finished minimize or derivatives runs in experiment '{EXPERIMENT}' match "
+        f"sweep={sweep_id}; {warning}\n"
+    )
+    for name in sorted(jobs)[:2]:  # the third job is not logged yet
+        logger.add_run(sweep / name)
     for selection in ((), ("--sweep", sweep_id)):
         out = tmp_path / f"out{len(selection)}"
         code, stdout, err = main_in_process(

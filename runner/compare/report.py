@@ -127,10 +127,10 @@ def compare(
         if compared:
             sweep_id = spelling
             break
+    logging = sweeps_still_logging(client, found.experiment_id, sweep_id)
     if not compared:
-        raise CompareError(
-            no_match_message(client, found.experiment_id, experiment, sweep_id, filters)
-        )
+        message = no_match_message(client, found.experiment_id, experiment, sweep_id, filters)
+        raise CompareError("; ".join([message, *map(still_logging, logging)]))
     read = [row_of_run(client, run) for run in newest_per_setting(compared)]
     holes = run_holes(runs)
     without_row = [f"{n} {status}" for status, n in Counter(h.status for h in holes).items()]
@@ -146,9 +146,7 @@ def compare(
         Path(out_dir) if out_dir else default_out_dir("compare"),
         lambda row: logged_trajectory(client, row),
         holes,
-        warnings=[
-            still_logging(s) for s in sweeps_still_logging(client, found.experiment_id, runs)
-        ],
+        warnings=[still_logging(s) for s in logging],
         derivatives=[row for row in read if isinstance(row, DerivativeRow)],
     )
     if log:

@@ -229,14 +229,12 @@ def latest_sweep(client: Any, experiment_id: str, experiment: str) -> str:
     return page[0].data.tags["sweep_id"]
 
 
-def sweeps_still_logging(client: Any, experiment_id: str, runs: Sequence[Any]) -> list[str]:
-    """The sweeps among `runs` whose parent run is still RUNNING: its logger (runner.follow,
-    which logs the last jobs after a parallel sweep's command returned) or its in-process
-    jobs may not have logged every job yet, so a report of them may lack rows, silently.
-    One search, and none when no run of a sweep is among them."""
-    sweep_ids = {run.data.tags.get("sweep_id") for run in runs} - {None}
-    if not sweep_ids:
-        return []
+def sweeps_still_logging(client: Any, experiment_id: str, sweep_id: str | None) -> list[str]:
+    """The selected sweep (each spelling of it), or any sweep when none is selected, whose
+    parent run is still RUNNING: its logger (runner.follow, which logs the last jobs after
+    a parallel sweep's command returned) or its in-process jobs may not have logged every
+    job yet, so a report may lack its rows, silently. Asked of the parents, not of the
+    matched runs: a sweep whose logger had not logged a job yet was missing unwarned."""
     running = retry_locked(
         lambda: client.search_runs(
             [experiment_id],
@@ -244,17 +242,20 @@ def sweeps_still_logging(client: Any, experiment_id: str, runs: Sequence[Any]) -
             max_results=1000,
         )
     )
-    return sorted(sweep_ids & {run.data.tags.get("sweep_id") for run in running})
+    sweeps = {run.data.tags.get("sweep_id") for run in running} - {None}
+    selected = sweep_spellings(sweep_id)
+    return sorted(s for s in sweeps if sweep_id is None or s in selected)
 
 
 def still_logging(sweep_id: str) -> str:
     """The warning for such a sweep: stderr's line and the report header's note. A parent
     stays RUNNING too when the sweep's logger was killed or its store was away: the
-    upload command then records the rest (the sweep's id is its folder)."""
+    upload command then records the rest (the sweep's id is its folder); while the logger
+    lives, that command waits for it."""
     return (
         f"sweep {sweep_id} is still being logged (its parent run is RUNNING): the report may "
-        f"lack its last jobs; if the sweep has ended, `python -m runner.upload {sweep_id}` "
-        "records them"
+        f"lack its last jobs; if its logger has stopped (upload.log in the sweep's folder "
+        f"does not end in `done`), `python -m runner.upload {sweep_id}` records them"
     )
 
 
