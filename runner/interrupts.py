@@ -47,9 +47,14 @@ def raise_stop(signum: int, frame: object) -> None:
     callback runs (it prints "Exception ignored in ..."), and a library's bare `except:`
     swallows it (torch.compile's clean-up does); raise_if_stopped raises it again.
     """
-    stop = Terminated("terminated") if signum == signal.SIGTERM else KeyboardInterrupt()
+    stop = stop_for(signum)
     _STOPS.append(stop)
     raise stop
+
+
+def stop_for(signum: int) -> KeyboardInterrupt:
+    """The stop a signal stands for: Terminated for SIGTERM, else a Ctrl-C."""
+    return Terminated("terminated") if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def stop_requested() -> KeyboardInterrupt | None:

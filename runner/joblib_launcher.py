@@ -26,7 +26,7 @@ from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
 from runner.callbacks import stop_workers
-from runner.interrupts import Terminated
+from runner.interrupts import stop_for
 from runner.sweep_record import NOT_STARTED, STOPPING_FILE
 
 RESEND_S = 1.0  # how often a stopped sweep's launcher signals its workers again
@@ -75,7 +75,7 @@ class StoppableJoblibLauncher(JoblibLauncher):
         # every job has returned: the idle workers go now, as at a sweep's end (the
         # command exits through its stop, not through the callback that stops them there)
         stop_workers(self.config)
-        stop = Terminated("terminated") if caught[0] == signal.SIGTERM else KeyboardInterrupt()
+        stop = stop_for(caught[0])
         left = sum(1 for run in runs if _returned(run) == NOT_STARTED)
         if left:  # said by runner.interrupts.run_command, the command's last line
             stop.what = f"{left} job{'s' if left != 1 else ''} not started"  # type: ignore[attr-defined]

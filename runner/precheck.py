@@ -64,8 +64,7 @@ def check_deleted_groups(args: list[str]) -> None:
     task (Hydra's traceback), a run without an optimizer or problem was refused without
     naming the choices, and one without steps as `steps=null`, a value nobody typed."""
     for arg in args:
-        match = re.fullmatch(r"~([\w.]+)(=.*)?", arg)
-        key = match.group(1) if match else ""
+        key = deleted_key(arg) or ""
         group = key.removesuffix(".name") if options_with(key) else key
         if group in (*CHECKED_GROUPS, "task"):
             options = group_options(group) if group in CHECKED_GROUPS else list(TASKS)
@@ -78,6 +77,12 @@ def check_deleted_groups(args: list[str]) -> None:
         raise RunnerError(
             f"{arg} leaves the run without {needed}, which every run needs; {instead}"
         )
+
+
+def deleted_key(arg: str) -> str | None:
+    """The key `~key` or `~key=value` deletes; None for any other argument."""
+    match = re.fullmatch(r"~([\w.]+)(=.*)?", arg)
+    return match.group(1) if match else None
 
 
 def _a(word: str) -> str:
@@ -157,10 +162,9 @@ def check_deleted_settings(cfg: Any, args: list[str]) -> None:
     Hydra's own keys and the groups (check_deleted_groups) are left to it."""
     absent = object()
     for arg in args:
-        match = re.fullmatch(r"~([\w.]+)(=.*)?", arg)
-        if not match or match.group(1).startswith("hydra"):
+        key = deleted_key(arg)
+        if key is None or key.startswith("hydra"):
             continue
-        key = match.group(1)
         value = OmegaConf.select(cfg, key, default=absent)
         if value is None:
             raise RunnerError(

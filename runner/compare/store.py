@@ -62,15 +62,15 @@ def open_client(uri: str, default: bool = False) -> Any:
 
 
 def _no_store(path: Path, default: bool) -> str:
-    what = ", a folder" if path.is_dir() else ", an empty file" if path.is_file() else ""
+    found = ["a folder"] if path.is_dir() else ["an empty file"] if path.is_file() else []
     if default:
+        where = ", ".join(["the default store, outputs/mlflow.db under the current folder", *found])
         return (
-            f"no MLflow store at {path} (the default store, outputs/mlflow.db under the "
-            f"current folder{what}); run from the folder the runs were started in, or give "
-            "--tracking-uri"
+            f"no MLflow store at {path} ({where}); run from the folder the runs were started "
+            "in, or give --tracking-uri"
         )
     return (
-        f"no MLflow store at {path}{f' ({what[2:]})' if what else ''}; check the path in "
+        f"no MLflow store at {path}{''.join(f' ({f})' for f in found)}; check the path in "
         "--tracking-uri, or omit --tracking-uri to read the default store outputs/mlflow.db"
     )
 
